@@ -18,4 +18,6 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The end-to-end tests run the real binaries; build them first.
+cargo build --workspace --bins --locked
 exec cargo test --workspace --locked "$@"

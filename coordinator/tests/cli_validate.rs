@@ -1,5 +1,7 @@
 //! `flotilla validate` as an operator runs it: real files, real exit codes.
 
+#![allow(clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,7 +39,11 @@ fn rejected(name: &str, body: &[u8], expect: &str) {
     let f = write(dir.path(), name, body);
     let run = validate(&[&f]);
     assert_eq!(run.code, 1, "{name}: {}", run.stdout);
-    assert!(run.stdout.contains(expect), "{name}: expected {expect:?} in {}", run.stdout);
+    assert!(
+        run.stdout.contains(expect),
+        "{name}: expected {expect:?} in {}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -46,7 +52,11 @@ fn accepts_a_good_domain() {
     let f = write(dir.path(), "web01.xml", GOOD_DOMAIN.as_bytes());
     let run = validate(&[&f]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(run.stdout.contains("web01.xml: ok (domain web01)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("web01.xml: ok (domain web01)"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -72,7 +82,11 @@ fn bad_unit_is_named() {
 #[test]
 fn short_uuid_is_rejected() {
     let body = GOOD_DOMAIN.replace("c7a5fdbd-edaf-9455-926a-d65c16db1809", "c7a5fdbd-edaf");
-    rejected("uuid.xml", body.as_bytes(), "uuid.xml:3:3: error: /domain/uuid: malformed uuid element");
+    rejected(
+        "uuid.xml",
+        body.as_bytes(),
+        "uuid.xml:3:3: error: /domain/uuid: malformed uuid element",
+    );
 }
 
 #[test]
@@ -93,17 +107,31 @@ fn conflicting_listen_addresses_are_rejected() {
 fn entity_bomb_is_refused_without_expansion() {
     let mut body = String::from("<?xml version='1.0'?>\n<!DOCTYPE lolz [\n <!ENTITY lol 'lol'>\n");
     for i in 1..10 {
-        let prev = if i == 1 { "lol".to_string() } else { format!("lol{}", i - 1) };
-        body.push_str(&format!(" <!ENTITY lol{i} '{}'>\n", format!("&{prev};").repeat(10)));
+        let prev = if i == 1 {
+            "lol".to_string()
+        } else {
+            format!("lol{}", i - 1)
+        };
+        body.push_str(&format!(
+            " <!ENTITY lol{i} '{}'>\n",
+            format!("&{prev};").repeat(10)
+        ));
     }
     body.push_str("]>\n<domain type='kvm'><name>&lol9;</name></domain>\n");
-    rejected("bomb.xml", body.as_bytes(), "bomb.xml:2:1: error: /: DOCTYPE declarations are not accepted");
+    rejected(
+        "bomb.xml",
+        body.as_bytes(),
+        "bomb.xml:2:1: error: /: DOCTYPE declarations are not accepted",
+    );
 }
 
 #[test]
 fn two_mebibyte_file_is_refused() {
     let mut body = GOOD_DOMAIN.replace("</domain>", "");
-    body.push_str(&format!("<description>{}</description></domain>", "x".repeat(2 << 20)));
+    body.push_str(&format!(
+        "<description>{}</description></domain>",
+        "x".repeat(2 << 20)
+    ));
     rejected("big.xml", body.as_bytes(), "over the limit of 1048576");
 }
 
@@ -111,9 +139,22 @@ fn two_mebibyte_file_is_refused() {
 fn one_bad_file_fails_the_run_but_all_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = write(dir.path(), "good.xml", GOOD_DOMAIN.as_bytes());
-    let bad = write(dir.path(), "bad.xml", b"<network><name>x</name><forward mode='warp'/></network>");
+    let bad = write(
+        dir.path(),
+        "bad.xml",
+        b"<network><name>x</name><forward mode='warp'/></network>",
+    );
     let run = validate(&[&good, &bad]);
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("good.xml: ok (domain web01)"), "{}", run.stdout);
-    assert!(run.stdout.contains("bad.xml:1:24: error: /network/forward: invalid attribute 'mode' 'warp'"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("good.xml: ok (domain web01)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("bad.xml:1:24: error: /network/forward: invalid attribute 'mode' 'warp'"),
+        "{}",
+        run.stdout
+    );
 }

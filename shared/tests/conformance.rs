@@ -76,9 +76,9 @@ fn libvirt_conformance_corpus() {
                     failures.push(format!("{file}: rejected for the wrong reason: {e}"));
                 }
             }
-            (Ok(_), Some((_, reason))) => {
-                failures.push(format!("{file}: accepted, but libvirt rejects it: {reason}"))
-            }
+            (Ok(_), Some((_, reason))) => failures.push(format!(
+                "{file}: accepted, but libvirt rejects it: {reason}"
+            )),
             (Err(e), None) => failures.push(format!("{file}: {e}")),
             (Ok(doc), None) => match round_trip(file, doc) {
                 Ok(()) => ok += 1,

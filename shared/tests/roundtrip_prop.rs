@@ -23,7 +23,10 @@ fn listen(first_is_socket_ok: bool) -> impl Strategy<Value = Listen> {
     let kind = prop_oneof![
         proptest::option::of("(1?[0-9]{1,2}\\.){3}[0-9]{1,2}")
             .prop_map(|address| ListenKind::Address { address }),
-        (word(), proptest::option::of("198\\.18\\.[0-9]{1,2}\\.[0-9]{1,2}"))
+        (
+            word(),
+            proptest::option::of("198\\.18\\.[0-9]{1,2}\\.[0-9]{1,2}")
+        )
             .prop_map(|(network, address)| ListenKind::Network { network, address }),
         Just(ListenKind::None),
         proptest::option::of("/run/[a-z]{1,8}\\.sock")
@@ -31,7 +34,8 @@ fn listen(first_is_socket_ok: bool) -> impl Strategy<Value = Listen> {
     ];
     (kind, any::<bool>(), any::<bool>())
         .prop_map(|(kind, from_config, auto_generated)| {
-            let from_config = from_config && matches!(kind, ListenKind::Address { address: Some(_) });
+            let from_config =
+                from_config && matches!(kind, ListenKind::Address { address: Some(_) });
             Listen {
                 kind,
                 from_config,
@@ -111,8 +115,11 @@ fn disk() -> impl Strategy<Value = Disk> {
 }
 
 fn interface() -> impl Strategy<Value = Interface> {
-    (word(), proptest::option::of("52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}")).prop_map(
-        |(network, mac)| Interface {
+    (
+        word(),
+        proptest::option::of("52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}"),
+    )
+        .prop_map(|(network, mac)| Interface {
             if_type: "network".into(),
             mac,
             mac_extra: Extra::default(),
@@ -124,8 +131,7 @@ fn interface() -> impl Strategy<Value = Interface> {
             model: Some("virtio".into()),
             model_extra: Extra::default(),
             extra: Extra::default(),
-        },
-    )
+        })
 }
 
 prop_compose! {

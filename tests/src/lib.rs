@@ -1,1 +1,386 @@
-//! End-to-end test harness.
+//! End-to-end test harness: namespace hosts, agents, and real console clients.
+//!
+//! A [`Netns`] is a Linux network namespace the test creates and always
+//! removes: dropping it kills every process inside (agents and QEMU) and
+//! deletes it, even when the test panics. Addresses come from 198.18.0.0/15
+//! and exist only inside the test's namespaces. A test that wants to reach a
+//! console "from outside" puts a client namespace on the host's bridge or
+//! uplink and connects from a thread that has joined that namespace.
+
+// A harness for tests: failing loudly on any setup error is the point.
+#![allow(clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip ARGS`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace owned by the test.
+pub struct Netns {
+    /// Its name, unique per process and call.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace whose name starts with `label`, with loopback up.
+    pub fn new(label: &str) -> Netns {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("flt-{label}-{}-{n}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut v = vec!["-n", &self.name];
+        v.extend_from_slice(args);
+        ip(&v);
+    }
+
+    /// Adds a bridge with `cidr` (e.g. `198.18.1.1/24`), up.
+    pub fn bridge(&self, dev: &str, cidr: Option<&str>) {
+        self.ip(&["link", "add", dev, "type", "bridge"]);
+        if let Some(c) = cidr {
+            self.ip(&["addr", "add", c, "dev", dev]);
+        }
+        self.ip(&["link", "set", dev, "up"]);
+    }
+
+    /// Connects `self` to `client` with a veth pair: `dev` here, `peer` there.
+    ///
+    /// `dev` gets `cidr` if given (an uplink NIC); with `master` it is enslaved
+    /// to that bridge instead. The peer gets `peer_cidr`.
+    pub fn veth_to(
+        &self,
+        dev: &str,
+        cidr: Option<&str>,
+        master: Option<&str>,
+        client: &Netns,
+        peer: &str,
+        peer_cidr: &str,
+    ) {
+        self.ip(&[
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &client.name,
+        ]);
+        if let Some(c) = cidr {
+            self.ip(&["addr", "add", c, "dev", dev]);
+        }
+        if let Some(m) = master {
+            self.ip(&["link", "set", dev, "master", m]);
+        }
+        self.ip(&["link", "set", dev, "up"]);
+        client.ip(&["addr", "add", peer_cidr, "dev", peer]);
+        client.ip(&["link", "set", peer, "up"]);
+    }
+
+    /// Runs `f` on a thread that has joined this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// A command that runs inside this namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Pids of processes in this namespace.
+    pub fn pids(&self) -> Vec<i32> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .expect("ip netns pids");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill everything inside (agents, QEMU), then remove the namespace.
+        for _ in 0..50 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The directory holding the workspace's built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/test-xxxx → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, which must have been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; deploy/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch directory with a networks dir and a state dir for one agent.
+pub struct AgentDirs {
+    /// Holds everything; removed on drop.
+    pub root: tempfile::TempDir,
+}
+
+impl AgentDirs {
+    /// New empty directories.
+    pub fn new() -> AgentDirs {
+        let root = tempfile::Builder::new()
+            .prefix("flt-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        std::fs::create_dir_all(root.path().join("nets")).expect("nets");
+        std::fs::create_dir_all(root.path().join("state")).expect("state");
+        AgentDirs { root }
+    }
+
+    /// The networks directory.
+    pub fn nets(&self) -> PathBuf {
+        self.root.path().join("nets")
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> PathBuf {
+        self.root.path().join("state")
+    }
+
+    /// Writes network XML `xml` as `nets/NAME.xml`.
+    pub fn network(&self, name: &str, xml: &str) {
+        std::fs::write(self.nets().join(format!("{name}.xml")), xml).expect("write network");
+    }
+
+    /// Writes a file under the root and returns its path.
+    pub fn file(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.root.path().join(name);
+        std::fs::write(&p, body).expect("write file");
+        p
+    }
+}
+
+impl Default for AgentDirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `flotilla-agent` arguments for a host in `ns` using `dirs`.
+pub fn agent_command(ns: &Netns, host: &str, dirs: &AgentDirs) -> Command {
+    let mut c = ns.command(&bin("flotilla-agent"));
+    c.arg("--name")
+        .arg(host)
+        .arg("--networks-dir")
+        .arg(dirs.nets())
+        .arg("--state-dir")
+        .arg(dirs.state());
+    c
+}
+
+/// Runs a command to completion and returns its output.
+pub fn output(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("run command")
+}
+
+/// A running agent daemon; killed with SIGKILL on drop.
+pub struct AgentDaemon {
+    /// The `ip netns exec` child.
+    pub child: Child,
+}
+
+impl AgentDaemon {
+    /// Starts the daemon and waits for its control socket.
+    pub fn start(ns: &Netns, host: &str, dirs: &AgentDirs, extra: &[&str]) -> AgentDaemon {
+        let log =
+            std::fs::File::create(dirs.root.path().join(format!("agent-{host}.log"))).expect("log");
+        let mut c = agent_command(ns, host, dirs);
+        c.args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = c.spawn().expect("spawn agent");
+        let daemon = AgentDaemon { child };
+        let sock = dirs.state().join("agent.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The socket is bound before re-attach finishes; ask until the agent answers.
+        while Instant::now() < deadline {
+            if sock.exists() {
+                let mut ctl = agent_command(ns, host, dirs);
+                ctl.args(["ctl", "list"]);
+                if output(ctl).status.success() {
+                    return daemon;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent {host} did not come up");
+    }
+
+    /// Kills the daemon with SIGKILL (the `ip netns exec` wrapper execs, so this is the agent).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Reads the 12-byte RFB banner from a VNC server.
+pub fn rfb_banner(addr: IpAddr, port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut b = [0u8; 12];
+    s.read_exact(&mut b)?;
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+/// RFB handshake up to the server's security types (3.8): returns them.
+pub fn rfb_security_types(addr: IpAddr, port: u16) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut b = [0u8; 12];
+    s.read_exact(&mut b)?;
+    s.write_all(b"RFB 003.008\n")?;
+    let mut n = [0u8; 1];
+    s.read_exact(&mut n)?;
+    let mut types = vec![0u8; n[0] as usize];
+    s.read_exact(&mut types)?;
+    Ok(types)
+}
+
+/// SPICE link handshake for the main channel: true when the server answers `REDQ`.
+pub fn spice_link(addr: IpAddr, port: u16) -> std::io::Result<bool> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut msg = Vec::new();
+    msg.extend_from_slice(b"REDQ");
+    msg.extend_from_slice(&2u32.to_le_bytes()); // major
+    msg.extend_from_slice(&2u32.to_le_bytes()); // minor
+    msg.extend_from_slice(&18u32.to_le_bytes()); // size of SpiceLinkMess
+    msg.extend_from_slice(&0u32.to_le_bytes()); // connection_id
+    msg.push(1); // channel_type: main
+    msg.push(0); // channel_id
+    msg.extend_from_slice(&0u32.to_le_bytes()); // num_common_caps
+    msg.extend_from_slice(&0u32.to_le_bytes()); // num_channel_caps
+    msg.extend_from_slice(&18u32.to_le_bytes()); // caps_offset
+    s.write_all(&msg)?;
+    let mut hdr = [0u8; 16];
+    s.read_exact(&mut hdr)?;
+    Ok(&hdr[..4] == b"REDQ")
+}
+
+/// True when nothing accepts TCP connections at `addr:port`.
+pub fn refused(addr: IpAddr, port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(1)).is_err()
+}
+
+/// Pids of QEMU processes whose command line carries `-uuid UUID`.
+pub fn qemu_pids_for(uuid: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A diskless test domain with the given `<devices>` content.
+pub fn domain_xml(name: &str, uuid: &str, devices: &str) -> String {
+    format!(
+        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  \
+         <memory unit='MiB'>64</memory>\n  <vcpu>1</vcpu>\n  \
+         <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  \
+         <devices>\n    {devices}\n  </devices>\n</domain>\n"
+    )
+}
+
+/// A fresh random UUID string for a test VM.
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::str::FromStr;
 
-use super::error::{ParseError, Reason};
+use super::error::{InvalidValue, ParseError, Reason};
 use super::tree::{Element, Node};
 
 /// What a typed element did not interpret: kept verbatim, written back last.
@@ -116,11 +116,11 @@ impl<'a> Cursor<'a> {
 
     /// An "invalid value" error for attribute or element `what`.
     pub fn invalid(&self, what: &str, value: &str, expected: &str) -> ParseError {
-        self.error(Reason::InvalidValue {
+        self.error(Reason::InvalidValue(Box::new(InvalidValue {
             what: what.to_string(),
             value: value.to_string(),
             expected: expected.to_string(),
-        })
+        })))
     }
 
     /// Takes attribute `key`.

@@ -7,7 +7,7 @@
 use uuid::Uuid;
 
 use super::cursor::{Cursor, Extra, ReadContext};
-use super::error::{ParseError, Reason};
+use super::error::{InvalidValue, ParseError, Reason};
 use super::graphics::{Graphics, GraphicsProtocol, ListenKind};
 use super::tree::{parse_document, Element};
 use super::units::parse_kib;
@@ -660,7 +660,11 @@ fn read_domain(mut c: Cursor<'_>) -> Result<Domain, ParseError> {
         None => return Err(c.error(Reason::MissingElement("os"))),
     };
     let features = c.child("features").map(|mut f| {
-        let items = f.all_children().iter().map(|k| k.element().clone()).collect();
+        let items = f
+            .all_children()
+            .iter()
+            .map(|k| k.element().clone())
+            .collect();
         let _ = f.finish();
         items
     });
@@ -734,7 +738,7 @@ fn read_memory(mut m: Cursor<'_>) -> Result<Memory, ParseError> {
     let unit = m.attr("unit");
     let value = m.text();
     let kib = parse_kib(&value, unit).map_err(|e| {
-        m.error(Reason::InvalidValue {
+        m.error(Reason::InvalidValue(Box::new(InvalidValue {
             what: format!("<{}>", m.name()),
             value: match unit {
                 Some(u) => format!("{value} {u}"),
@@ -743,7 +747,7 @@ fn read_memory(mut m: Cursor<'_>) -> Result<Memory, ParseError> {
             expected: format!(
                 "a size with a libvirt unit (b, KB, KiB, MB, MiB, GB, GiB, TB, TiB, …): {e}"
             ),
-        })
+        })))
     })?;
     Ok(Memory {
         kib,
@@ -829,7 +833,11 @@ fn read_disk(mut c: Cursor<'_>) -> Result<Disk, ParseError> {
         None => (None, None, Extra::default()),
     };
     let (source_file, source_dev, source_extra) = match c.child("source") {
-        Some(mut s) => (s.attr_string("file"), s.attr_string("dev"), Some(s.finish())),
+        Some(mut s) => (
+            s.attr_string("file"),
+            s.attr_string("dev"),
+            Some(s.finish()),
+        ),
         None => (None, None, None),
     };
     let (target_dev, target_bus, target_extra) = match c.child("target") {
@@ -968,7 +976,9 @@ mod tests {
         let text = MINIMAL.replace("<uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>", "");
         let d = parse(&text).expect("valid").model;
         assert!(!d.uuid.is_nil());
-        let again = parse(&d.to_xml(XmlFlavor::Inactive)).expect("reparse").model;
+        let again = parse(&d.to_xml(XmlFlavor::Inactive))
+            .expect("reparse")
+            .model;
         assert_eq!(again.uuid, d.uuid);
     }
 
@@ -997,7 +1007,10 @@ mod tests {
         assert_eq!(e.reason, Reason::MissingElement("memory"));
         let text = MINIMAL.replace("</os>", "</os><on_crash>explode</on_crash>");
         let e = parse(&text).expect_err("bad action");
-        assert!(e.to_string().contains("invalid <on_crash> 'explode'"), "{e}");
+        assert!(
+            e.to_string().contains("invalid <on_crash> 'explode'"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1023,7 +1036,10 @@ mod tests {
         );
         let d = parse(&text).expect("valid").model;
         let xml = d.to_xml(XmlFlavor::Inactive);
-        assert!(xml.contains("<backend model=\"random\">/dev/urandom</backend>"), "{xml}");
+        assert!(
+            xml.contains("<backend model=\"random\">/dev/urandom</backend>"),
+            "{xml}"
+        );
         assert!(xml.contains("slot=\"0x05\""), "{xml}");
         assert_eq!(parse(&xml).expect("reparse").model, d);
     }

@@ -75,15 +75,8 @@ pub enum Reason {
     #[error("missing required attribute '{0}'")]
     MissingAttribute(&'static str),
     /// An attribute or element value does not parse.
-    #[error("invalid {what} '{value}': expected {expected}")]
-    InvalidValue {
-        /// The attribute or element named.
-        what: String,
-        /// The value found.
-        value: String,
-        /// What would have been accepted.
-        expected: String,
-    },
+    #[error("{0}")]
+    InvalidValue(Box<InvalidValue>),
     /// A libvirt consistency rule is broken; the message is libvirt's where it has one.
     #[error("{0}")]
     Rule(String),
@@ -93,4 +86,16 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.line, self.col)
     }
+}
+
+/// A value that does not parse, and what would have been accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} '{value}': expected {expected}")]
+pub struct InvalidValue {
+    /// The attribute or element named.
+    pub what: String,
+    /// The value found.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: String,
 }

@@ -518,8 +518,14 @@ mod tests {
         assert!(live.contains("address=\"198.18.0.1\""), "{live}");
         for flavor in [XmlFlavor::Inactive, XmlFlavor::Migratable] {
             let xml = g.to_element(flavor).to_xml_string();
-            assert!(!xml.contains("198.18.0.1"), "{flavor:?} leaks the address: {xml}");
-            assert!(!xml.contains("listen=\""), "{flavor:?} leaks legacy listen=: {xml}");
+            assert!(
+                !xml.contains("198.18.0.1"),
+                "{flavor:?} leaks the address: {xml}"
+            );
+            assert!(
+                !xml.contains("listen=\""),
+                "{flavor:?} leaks legacy listen=: {xml}"
+            );
             assert!(xml.contains("port=\"-1\""), "{flavor:?}: {xml}");
             assert!(xml.contains("network=\"public\""), "{flavor:?}: {xml}");
         }
@@ -548,9 +554,14 @@ mod tests {
                 socket: Some("/run/s.sock".into())
             }
         );
-        let xml = only_graphics(&d).to_element(XmlFlavor::Live).to_xml_string();
+        let xml = only_graphics(&d)
+            .to_element(XmlFlavor::Live)
+            .to_xml_string();
         assert!(xml.contains("socket=\"/run/s.sock\""), "{xml}");
-        assert!(!xml.contains("autoport"), "socket displays have no port: {xml}");
+        assert!(
+            !xml.contains("autoport"),
+            "socket displays have no port: {xml}"
+        );
     }
 
     #[test]

@@ -45,17 +45,19 @@ pub struct ParsedDocument<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnyDocument {
     /// `<domain>`.
-    Domain(ParsedDocument<Domain>),
+    Domain(Box<ParsedDocument<Domain>>),
     /// `<network>`.
-    Network(ParsedDocument<Network>),
+    Network(Box<ParsedDocument<Network>>),
 }
 
 /// Parses `text` as a domain or a network, by its root element.
 pub fn parse_any(source: &str, text: &str) -> Result<AnyDocument, ParseError> {
     let root = tree::parse_document(source, text)?;
     match root.name.as_str() {
-        "domain" => Domain::from_element(source, &root).map(AnyDocument::Domain),
-        "network" => Network::from_element(source, &root).map(AnyDocument::Network),
+        "domain" => Domain::from_element(source, &root).map(|d| AnyDocument::Domain(Box::new(d))),
+        "network" => {
+            Network::from_element(source, &root).map(|n| AnyDocument::Network(Box::new(n)))
+        }
         other => Err(ParseError {
             source_name: source.to_string(),
             pos: root.pos,

@@ -231,7 +231,10 @@ fn read_network(mut c: Cursor<'_>) -> Result<Network, ParseError> {
         }
         None => None,
     };
-    let forward = c.child("forward").map(|f| read_forward(f, &name)).transpose()?;
+    let forward = c
+        .child("forward")
+        .map(|f| read_forward(f, &name))
+        .transpose()?;
     let (bridge_name, bridge_extra) = match c.child("bridge") {
         Some(mut b) => (b.attr_string("name"), Some(b.finish())),
         None => (None, None),
@@ -273,7 +276,9 @@ fn validate(net: &Network) -> Result<(), Reason> {
             net.name
         )));
     }
-    if f.mode == ForwardMode::Bridge && net.bridge_name.is_some() && net.first_forward_dev().is_some()
+    if f.mode == ForwardMode::Bridge
+        && net.bridge_name.is_some()
+        && net.first_forward_dev().is_some()
     {
         return Err(Reason::Rule(format!(
             "A network with forward mode='bridge' can specify a bridge name or a forward dev, \
@@ -337,7 +342,9 @@ fn read_forward(mut f: Cursor<'_>, net_name: &str) -> Result<Forward, ParseError
 }
 
 fn read_ip(mut c: Cursor<'_>, net_name: &str) -> Result<IpDef, ParseError> {
-    let family = c.enum_attr("family", &["ipv4", "ipv6"])?.map(str::to_string);
+    let family = c
+        .enum_attr("family", &["ipv4", "ipv6"])?
+        .map(str::to_string);
     let address = c.parsed_attr::<IpAddr>("address", "an IPv4 or IPv6 address")?;
     let prefix = c.parsed_attr::<u8>("prefix", "a prefix length")?;
     let netmask = c.parsed_attr::<Ipv4Addr>("netmask", "an IPv4 netmask")?;
@@ -347,7 +354,10 @@ fn read_ip(mut c: Cursor<'_>, net_name: &str) -> Result<IpDef, ParseError> {
         ))));
     }
     if let (Some(addr), Some(fam)) = (address, family.as_deref()) {
-        let ok = matches!((addr, fam), (IpAddr::V4(_), "ipv4") | (IpAddr::V6(_), "ipv6"));
+        let ok = matches!(
+            (addr, fam),
+            (IpAddr::V4(_), "ipv4") | (IpAddr::V6(_), "ipv6")
+        );
         if !ok {
             return Err(c.error(Reason::Rule(format!(
                 "family '{fam}' specified for address {addr} of the other family \

@@ -332,13 +332,14 @@ fn element_from_start(start: &BytesStart<'_>, pos: Position) -> Result<Element, 
     for attr in start.attributes() {
         let attr = attr.map_err(|e| Reason::Malformed(e.to_string()))?;
         let key = attr.key.as_ref().to_string();
-        let value = attr.normalized_value(XmlVersion::Implicit1_0).map_err(|e| match e {
-            quick_xml::Error::Escape(quick_xml::escape::EscapeError::UnrecognizedEntity(
-                _,
-                name,
-            )) => Reason::UnknownEntity(name),
-            other => Reason::Malformed(other.to_string()),
-        })?;
+        let value =
+            attr.normalized_value(XmlVersion::Implicit1_0)
+                .map_err(|e| match e {
+                    quick_xml::Error::Escape(
+                        quick_xml::escape::EscapeError::UnrecognizedEntity(_, name),
+                    ) => Reason::UnknownEntity(name),
+                    other => Reason::Malformed(other.to_string()),
+                })?;
         attrs.push((key, value.into_owned()));
     }
     Ok(Element {

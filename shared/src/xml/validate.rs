@@ -60,7 +60,10 @@ mod tests {
 
     #[test]
     fn error_line_has_file_line_col_path_reason() {
-        let v = validate_document("d.xml", "<domain type='kvm'>\n<name>x</name>\n<memory unit='parsec'>1</memory></domain>");
+        let v = validate_document(
+            "d.xml",
+            "<domain type='kvm'>\n<name>x</name>\n<memory unit='parsec'>1</memory></domain>",
+        );
         assert!(!v.ok);
         assert!(
             v.lines[0].starts_with("d.xml:3:1: error: /domain/memory: invalid <memory>"),

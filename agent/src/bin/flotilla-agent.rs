@@ -1,0 +1,381 @@
+//! `flotilla-agent`: the per-host daemon, a one-shot local start, and a local control client.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_agent::argv::{Accel, QemuHost};
+use flotilla_agent::console::{ConsoleAuth, ConsoleSettings};
+use flotilla_agent::control::{self, Request, Response};
+use flotilla_agent::host_actor::{AgentSettings, HostAgent};
+use flotilla_agent::host_networks::HostNetworks;
+use flotilla_agent::qemu_process::StartTimeouts;
+
+/// Flotilla host agent: owns this host's networks and QEMU processes.
+///
+/// Examples:
+///   flotilla-agent --name host-a --networks-dir /etc/flotilla/networks --state-dir /var/lib/flotilla
+///   flotilla-agent --networks-dir N --state-dir S --once-start web01.xml
+///   flotilla-agent --state-dir S ctl list
+#[derive(Parser)]
+#[command(name = "flotilla-agent", version, verbatim_doc_comment)]
+struct Cli {
+    /// This host's name (default: the kernel hostname).
+    #[arg(long, env = "FLOTILLA_HOST")]
+    name: Option<String>,
+    /// Directory of libvirt network XML files defining this host's networks.
+    #[arg(long, default_value = "/etc/flotilla/networks")]
+    networks_dir: PathBuf,
+    /// Directory for VM state and the control socket.
+    #[arg(long, default_value = "/var/lib/flotilla")]
+    state_dir: PathBuf,
+    /// What to do with a console on a non-loopback address with no password.
+    #[arg(long, value_enum, default_value = "warn")]
+    console_auth: AuthPolicy,
+    /// Listen address for VNC consoles that name none (libvirt's vnc_listen).
+    #[arg(long, default_value = "127.0.0.1")]
+    vnc_listen: String,
+    /// Listen address for SPICE consoles that name none (libvirt's spice_listen).
+    #[arg(long, default_value = "127.0.0.1")]
+    spice_listen: String,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    emulator: PathBuf,
+    /// Accelerator: kvm when /dev/kvm works, else tcg.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// Start one VM on this host without a coordinator, print its live XML and console, and exit.
+    #[arg(long, value_name = "FILE")]
+    once_start: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthPolicy {
+    Warn,
+    Require,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Talk to the running agent on this host through its control socket.
+    Ctl {
+        #[command(subcommand)]
+        verb: Ctl,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Ctl {
+    /// Start a VM from domain XML.  Example: ctl start web01.xml
+    Start { file: PathBuf },
+    /// ACPI shutdown, escalating to quit.  Example: ctl shutdown web01 --timeout 30
+    Shutdown {
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Kill a VM.  Example: ctl destroy web01
+    Destroy { name: String },
+    /// Running VMs.  Example: ctl list
+    List,
+    /// Console URIs.  Example: ctl domdisplay web01
+    Domdisplay { name: String },
+    /// Live XML.  Example: ctl dumpxml web01
+    Dumpxml { name: String },
+    /// Networks and their current addresses.  Example: ctl net-list
+    NetList,
+    /// Re-read the networks directory (as SIGHUP does).  Example: ctl reload
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flotilla-agent: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(Command::Ctl { verb, json }) = &cli.command {
+        let sys = System::new();
+        return sys.block_on(ctl(&cli.state_dir, verb, *json));
+    }
+    let settings = settings(&cli)?;
+    let networks = HostNetworks::load(&settings.networks_dir)?;
+    for p in &networks.problems {
+        tracing::warn!("{p}");
+    }
+    std::fs::create_dir_all(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            settings.state_dir.display()
+        )
+    })?;
+    let sys = System::new();
+    if let Some(file) = &cli.once_start {
+        return sys.block_on(once_start(settings, networks, file));
+    }
+    sys.block_on(daemon(settings, networks))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
+    let host = match &cli.name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("cannot read the hostname; pass --name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let accel = match cli.accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => {
+            let usable = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok();
+            if usable {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }
+        }
+    };
+    Ok(AgentSettings {
+        networks_dir: cli.networks_dir.clone(),
+        state_dir: cli.state_dir.clone(),
+        console: ConsoleSettings {
+            host,
+            vnc_listen: cli.vnc_listen.clone(),
+            spice_listen: cli.spice_listen.clone(),
+            console_auth: match cli.console_auth {
+                AuthPolicy::Warn => ConsoleAuth::Warn,
+                AuthPolicy::Require => ConsoleAuth::Require,
+            },
+        },
+        qemu: QemuHost {
+            emulator: find_program(&cli.emulator)?,
+            accel,
+        },
+        timeouts: StartTimeouts::default(),
+    })
+}
+
+fn find_program(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.components().count() > 1 {
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(p))
+        .find(|c| c.is_file())
+        .with_context(|| {
+            format!(
+                "{} not found in PATH (install qemu-system-x86)",
+                p.display()
+            )
+        })
+}
+
+async fn daemon(settings: AgentSettings, networks: HostNetworks) -> anyhow::Result<()> {
+    let state_dir = settings.state_dir.clone();
+    tracing::info!(host = %settings.console.host, accel = settings.qemu.accel.as_str(),
+        networks = networks.networks.len(), "agent starting");
+    let agent = HostAgent::new(settings, networks, true).start();
+    let recipient = agent.clone().recipient();
+    let server_dir = state_dir.clone();
+    let server = actix::spawn(async move { control::serve(&server_dir, recipient).await });
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                if let Ok(Response::Done(msg) | Response::Error(msg)) = agent.send(Request::ReloadNetworks).await {
+                    tracing::info!("SIGHUP: {msg}");
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    // VMs keep running: the agent's exit is not the guests' business.
+    server.abort();
+    let _ = std::fs::remove_file(control::socket_path(&state_dir));
+    tracing::info!("agent stopping; VMs keep running");
+    Ok(())
+}
+
+async fn once_start(
+    settings: AgentSettings,
+    networks: HostNetworks,
+    file: &Path,
+) -> anyhow::Result<ExitCode> {
+    let xml =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let request = Request::Start {
+        xml,
+        source: file.display().to_string(),
+    };
+    // A running agent owns this host's VMs and ports: let it do the start.
+    let response =
+        match control::call(&settings.state_dir, &request, Duration::from_secs(120)).await {
+            Ok(r) => r,
+            Err(control::ControlError::Connect { .. }) => {
+                let agent = HostAgent::new(settings, networks, false).start();
+                agent.send(request).await.context("agent actor stopped")?
+            }
+            Err(e) => return Err(e.into()),
+        };
+    match response {
+        Response::Started {
+            vm,
+            live_xml,
+            warnings,
+        } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{live_xml}");
+            for c in vm.consoles {
+                println!("console: {}", c.uri);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Error(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        other => bail!("unexpected response {other:?}"),
+    }
+}
+
+async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCode> {
+    let request = match verb {
+        Ctl::Start { file } => Request::Start {
+            xml: std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+            source: file.display().to_string(),
+        },
+        Ctl::Shutdown { name, timeout } => Request::Shutdown {
+            name: name.clone(),
+            timeout_secs: *timeout,
+        },
+        Ctl::Destroy { name } => Request::Destroy { name: name.clone() },
+        Ctl::List => Request::List,
+        Ctl::Domdisplay { name } => Request::DomDisplay { name: name.clone() },
+        Ctl::Dumpxml { name } => Request::DumpXml { name: name.clone() },
+        Ctl::NetList => Request::NetList,
+        Ctl::Reload => Request::ReloadNetworks,
+    };
+    let response = control::call(state_dir, &request, Duration::from_secs(300)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(match response {
+            Response::Error(_) => ExitCode::from(1),
+            _ => ExitCode::SUCCESS,
+        });
+    }
+    match response {
+        Response::Started { vm, warnings, .. } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("Domain '{}' started (pid {})", vm.name, vm.pid);
+            for c in vm.consoles {
+                println!("console: {}", c.uri);
+            }
+        }
+        Response::Done(msg) => println!("{msg}"),
+        Response::Vms(vms) => {
+            println!("{:<20} {:<10} {:>8}  CONSOLES", "NAME", "STATE", "PID");
+            for v in vms {
+                let uris: Vec<_> = v.consoles.iter().map(|c| c.uri.as_str()).collect();
+                println!(
+                    "{:<20} {:<10} {:>8}  {}",
+                    v.name,
+                    v.state,
+                    v.pid,
+                    uris.join(" ")
+                );
+            }
+        }
+        Response::Consoles(cs) => {
+            for c in cs {
+                let note = if c.authenticated {
+                    ""
+                } else {
+                    "  (unauthenticated)"
+                };
+                println!("{}{note}", c.uri);
+            }
+        }
+        Response::Xml(x) => print!("{x}"),
+        Response::Networks { networks, problems } => {
+            println!("{:<16} {:<12} {:<12} ADDRESS", "NAME", "MODE", "DEVICE");
+            for n in networks {
+                let addr = n
+                    .address
+                    .unwrap_or_else(|| format!("error: {}", n.error.unwrap_or_default()));
+                println!(
+                    "{:<16} {:<12} {:<12} {addr}",
+                    n.name,
+                    n.mode,
+                    n.device.unwrap_or_else(|| "-".into())
+                );
+            }
+            for p in problems {
+                eprintln!("warning: {p}");
+            }
+        }
+        Response::Error(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,478 @@
+//! `HostAgent`: the actor that owns this host's networks, ports and VMs.
+//!
+//! Requests arrive as [`Request`] (from the control socket today, from the
+//! coordinator later) and are dispatched in one `match`. Decisions are made by
+//! the pure modules ([`plan_consoles`], [`QemuArgv`], [`NetworkResolver`]);
+//! this actor supplies their inputs (the interface table, a real bind probe)
+//! and carries out the result. On start it re-attaches to every QEMU recorded
+//! in the state directory that is still running, so restarting the agent
+//! neither loses nor duplicates a VM and never reuses a port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::prelude::*;
+use flotilla_shared::xml::{Domain, XmlFlavor};
+
+use crate::argv::{QemuArgv, QemuHost, VmPaths};
+use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
+use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
+use crate::host_networks::HostNetworks;
+use crate::interfaces::InterfaceTable;
+use crate::ports::PortAllocator;
+use crate::qemu_process::{launch, process_matches, ConsoleSecret, StartTimeouts};
+use crate::qmp::QmpClient;
+use crate::resolver::{AddressSource, NetworkResolver};
+use crate::vm_actor::{Destroy, QemuProcess, QueryStatus, Shutdown, VmActor, VmEvent, VmGone};
+use crate::vm_record::{vm_dir, vms_dir, write_atomic, VmRecord};
+
+/// Everything the agent is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Directory of libvirt network XML files.
+    pub networks_dir: PathBuf,
+    /// Directory for VM state (records, sockets, logs) and the control socket.
+    pub state_dir: PathBuf,
+    /// Console defaults and policy; `console.host` is this host's name.
+    pub console: ConsoleSettings,
+    /// QEMU binary and accelerator.
+    pub qemu: QemuHost,
+    /// Start step timeouts.
+    pub timeouts: StartTimeouts,
+}
+
+struct RunningVm {
+    addr: Addr<VmActor>,
+    record: VmRecord,
+    live_xml: String,
+}
+
+/// The host agent actor.
+pub struct HostAgent {
+    settings: AgentSettings,
+    networks: HostNetworks,
+    ports: PortAllocator,
+    vms: BTreeMap<String, RunningVm>,
+    starting: BTreeSet<String>,
+    reattach: bool,
+}
+
+impl HostAgent {
+    /// A host agent; with `reattach`, it takes over running VMs when started.
+    ///
+    /// Without it (one-shot starts) it only reserves their ports.
+    pub fn new(settings: AgentSettings, networks: HostNetworks, reattach: bool) -> Self {
+        HostAgent {
+            settings,
+            networks,
+            ports: PortAllocator::new(),
+            vms: BTreeMap::new(),
+            starting: BTreeSet::new(),
+            reattach,
+        }
+    }
+
+    fn host(&self) -> &str {
+        &self.settings.console.host
+    }
+
+    fn records_on_disk(&self) -> Vec<(PathBuf, VmRecord)> {
+        let Ok(entries) = std::fs::read_dir(vms_dir(&self.settings.state_dir)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let dir = e.path();
+            match VmRecord::load(&dir) {
+                Ok(r) => out.push((dir, r)),
+                Err(err) if VmRecord::path(&dir).exists() => {
+                    tracing::warn!(error = %err, "skipping unreadable VM record")
+                }
+                Err(_) => {}
+            }
+        }
+        out
+    }
+
+    fn start_vm(&mut self, xml: String, source: String) -> ResponseActFuture<Self, Response> {
+        let domain = match Domain::parse(&source, &xml) {
+            Ok(d) => d.model,
+            Err(e) => return reply(Response::Error(e.to_string())),
+        };
+        let name = domain.name.clone();
+        let host = self.host().to_string();
+        if self.vms.contains_key(&name) || self.starting.contains(&name) {
+            return reply(Response::Error(format!(
+                "Requested operation is not valid: domain '{name}' is already running on host {host}"
+            )));
+        }
+        let uuid = domain.uuid.hyphenated().to_string();
+        if let Some(other) = self.vms.values().find(|v| v.record.uuid == uuid) {
+            return reply(Response::Error(format!(
+                "domain '{name}' has the UUID {uuid} of running domain '{}'",
+                other.record.name
+            )));
+        }
+        let table = match InterfaceTable::read_host() {
+            Ok(t) => t,
+            Err(e) => return reply(Response::Error(e.to_string())),
+        };
+        let paths = VmPaths::new(vm_dir(&self.settings.state_dir, &name));
+        let plan = match plan_consoles(
+            &domain,
+            &self.networks.networks,
+            &table,
+            &self.settings.console,
+            &paths.dir,
+            &mut self.ports,
+            &mut port_is_free,
+        ) {
+            Ok(p) => p,
+            Err(e) => return reply(Response::Error(e.to_string())),
+        };
+        for w in &plan.warnings {
+            tracing::warn!(vm = %name, host = %host, "{w}");
+        }
+        let argv = match QemuArgv::build(&plan.live, &self.settings.qemu, &paths) {
+            Ok(a) => a,
+            Err(e) => {
+                plan.ports.iter().for_each(|p| self.ports.release(*p));
+                return reply(Response::Error(e.to_string()));
+            }
+        };
+        let secrets: Vec<ConsoleSecret> = plan
+            .live
+            .graphics()
+            .filter_map(|g| {
+                g.passwd.as_ref().map(|p| ConsoleSecret {
+                    protocol: g.protocol.as_str(),
+                    password: p.clone(),
+                    valid_to: g.passwd_valid_to.clone(),
+                })
+            })
+            .collect();
+        tracing::info!(vm = %name, host = %host, argv = %argv, "starting QEMU");
+        self.starting.insert(name.clone());
+        let timeouts = self.settings.timeouts;
+        let endpoints = plan.endpoints.clone();
+        let launch_paths = paths.clone();
+        Box::pin(
+            async move { launch(&argv, &launch_paths, &secrets, &endpoints, timeouts).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.starting.remove(&name);
+                    let launched = match result {
+                        Ok(l) => l,
+                        Err(e) => {
+                            plan.ports.iter().for_each(|p| act.ports.release(*p));
+                            tracing::error!(vm = %name, host = %host, error = %e, "start failed");
+                            return Response::Error(format!(
+                                "VM '{name}' failed to start on host {host}: {e}"
+                            ));
+                        }
+                    };
+                    let record = VmRecord {
+                        name: name.clone(),
+                        uuid,
+                        pid: launched.pid,
+                        ports: plan.ports.clone(),
+                        endpoints: plan.endpoints.clone(),
+                    };
+                    let live_xml = plan.live.to_xml(XmlFlavor::Live);
+                    // The record must be on disk before we report success: it is how a
+                    // restarted agent finds this QEMU again.
+                    if let Err(e) = write_atomic(&paths.live_xml(), live_xml.as_bytes())
+                        .and_then(|()| record.save(&paths.dir))
+                    {
+                        tracing::error!(vm = %name, error = %e, "cannot record VM; it runs unrecorded");
+                    }
+                    let addr = VmActor::start(
+                        QemuProcess {
+                            name: name.clone(),
+                            uuid: record.uuid.clone(),
+                            pid: launched.pid,
+                            paths,
+                            qmp: launched.qmp,
+                            events: launched.events,
+                            child: Some(launched.child),
+                        },
+                        ctx.address().recipient(),
+                        ctx.address().recipient(),
+                    );
+                    tracing::info!(vm = %name, host = %host, pid = launched.pid, "VM running");
+                    let vm = summary(&record, "running");
+                    act.vms.insert(
+                        name,
+                        RunningVm {
+                            addr,
+                            record,
+                            live_xml: live_xml.clone(),
+                        },
+                    );
+                    Response::Started {
+                        vm,
+                        live_xml,
+                        warnings: plan.warnings,
+                    }
+                }),
+        )
+    }
+
+    fn net_list(&self) -> Response {
+        let table = match InterfaceTable::read_host() {
+            Ok(t) => t,
+            Err(e) => return Response::Error(e.to_string()),
+        };
+        let resolver = NetworkResolver::new(self.host(), &table);
+        let networks = self
+            .networks
+            .networks
+            .iter()
+            .map(|n| {
+                let resolved = resolver.resolve(n);
+                let device = n
+                    .bridge_name
+                    .clone()
+                    .or_else(|| n.first_forward_dev().map(str::to_string));
+                NetStatus {
+                    name: n.name.clone(),
+                    mode: n
+                        .forward_mode()
+                        .map_or("isolated", |m| m.as_str())
+                        .to_string(),
+                    device: match &resolved {
+                        Ok(r) => match &r.source {
+                            AddressSource::Device(d) => Some(d.clone()),
+                            AddressSource::DefinitionIp => device,
+                        },
+                        Err(_) => device,
+                    },
+                    address: resolved.as_ref().ok().map(|r| r.address.to_string()),
+                    error: resolved.err().map(|e| e.to_string()),
+                }
+            })
+            .collect();
+        Response::Networks {
+            networks,
+            problems: self.networks.problems.clone(),
+        }
+    }
+}
+
+fn reply(r: Response) -> ResponseActFuture<HostAgent, Response> {
+    Box::pin(actix::fut::ready(r))
+}
+
+fn consoles(endpoints: &[ConsoleEndpoint]) -> Vec<ConsoleInfo> {
+    endpoints
+        .iter()
+        .map(|e| ConsoleInfo {
+            uri: e.uri(),
+            network: e.network.clone(),
+            authenticated: !e.is_exposed_unauthenticated(),
+        })
+        .collect()
+}
+
+fn summary(r: &VmRecord, state: &str) -> VmSummary {
+    VmSummary {
+        name: r.name.clone(),
+        uuid: r.uuid.clone(),
+        pid: r.pid,
+        state: state.to_string(),
+        consoles: consoles(&r.endpoints),
+    }
+}
+
+/// A real bind on the wildcard addresses, as libvirt's port allocator checks.
+fn port_is_free(port: u16) -> bool {
+    let in_use = |r: std::io::Result<std::net::TcpListener>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::AddrInUse);
+    !in_use(std::net::TcpListener::bind(("0.0.0.0", port)))
+        && !in_use(std::net::TcpListener::bind(("::", port)))
+}
+
+impl Actor for HostAgent {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let mut alive = Vec::new();
+        for (dir, record) in self.records_on_disk() {
+            if process_matches(record.pid, &record.uuid) {
+                for p in &record.ports {
+                    self.ports.reserve(*p);
+                }
+                alive.push((dir, record));
+            } else if self.reattach {
+                tracing::info!(vm = %record.name, pid = record.pid, "recorded VM is no longer running");
+                for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
+        }
+        if !self.reattach {
+            return;
+        }
+        // Hold other requests until every surviving VM is attached again.
+        ctx.wait(
+            async move {
+                let mut attached = Vec::new();
+                for (dir, record) in alive {
+                    let paths = VmPaths::new(dir);
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let qmp =
+                        QmpClient::connect(&paths.qmp_socket(), Duration::from_secs(5), tx).await;
+                    attached.push((paths, record, qmp.map(|q| (q, rx))));
+                }
+                attached
+            }
+            .into_actor(self)
+            .map(|attached, act, ctx| {
+                for (paths, record, qmp) in attached {
+                    let (qmp, events) = match qmp {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::error!(vm = %record.name, pid = record.pid, error = %e,
+                                "VM runs but its monitor is unreachable; ports stay reserved");
+                            continue;
+                        }
+                    };
+                    let live_xml = std::fs::read_to_string(paths.live_xml()).unwrap_or_default();
+                    let addr = VmActor::start(
+                        QemuProcess {
+                            name: record.name.clone(),
+                            uuid: record.uuid.clone(),
+                            pid: record.pid,
+                            paths,
+                            qmp,
+                            events,
+                            child: None,
+                        },
+                        ctx.address().recipient(),
+                        ctx.address().recipient(),
+                    );
+                    tracing::info!(vm = %record.name, pid = record.pid, "re-attached to running VM");
+                    act.vms.insert(
+                        record.name.clone(),
+                        RunningVm {
+                            addr,
+                            record,
+                            live_xml,
+                        },
+                    );
+                }
+            }),
+        );
+    }
+}
+
+impl Handler<Request> for HostAgent {
+    type Result = ResponseActFuture<Self, Response>;
+
+    fn handle(&mut self, req: Request, _: &mut Self::Context) -> Self::Result {
+        let not_running = |name: &str, host: &str| {
+            Response::Error(format!(
+                "Requested operation is not valid: domain '{name}' is not running on host {host}"
+            ))
+        };
+        match req {
+            Request::Start { xml, source } => self.start_vm(xml, source),
+            Request::Shutdown { name, timeout_secs } => match self.vms.get(&name) {
+                None => reply(not_running(&name, self.host())),
+                Some(vm) => {
+                    let fut = vm.addr.send(Shutdown {
+                        timeout: Duration::from_secs(timeout_secs),
+                    });
+                    Box::pin(async move { done(fut.await) }.into_actor(self))
+                }
+            },
+            Request::Destroy { name } => match self.vms.get(&name) {
+                None => reply(not_running(&name, self.host())),
+                Some(vm) => {
+                    let fut = vm.addr.send(Destroy);
+                    Box::pin(async move { done(fut.await) }.into_actor(self))
+                }
+            },
+            Request::List => {
+                let vms: Vec<_> = self
+                    .vms
+                    .values()
+                    .map(|v| (v.addr.clone(), v.record.clone()))
+                    .collect();
+                Box::pin(
+                    async move {
+                        let mut out = Vec::new();
+                        for (addr, record) in vms {
+                            let state = match addr.send(QueryStatus).await {
+                                Ok(Ok(s)) => s,
+                                _ => "unknown".to_string(),
+                            };
+                            out.push(summary(&record, &state));
+                        }
+                        Response::Vms(out)
+                    }
+                    .into_actor(self),
+                )
+            }
+            Request::DomDisplay { name } => reply(match self.vms.get(&name) {
+                Some(vm) => Response::Consoles(consoles(&vm.record.endpoints)),
+                None => not_running(&name, self.host()),
+            }),
+            Request::DumpXml { name } => reply(match self.vms.get(&name) {
+                Some(vm) => Response::Xml(vm.live_xml.clone()),
+                None => not_running(&name, self.host()),
+            }),
+            Request::NetList => reply(self.net_list()),
+            Request::ReloadNetworks => {
+                reply(match HostNetworks::load(&self.settings.networks_dir) {
+                    Ok(n) => {
+                        let msg = format!(
+                            "reloaded {} network(s) from {}",
+                            n.networks.len(),
+                            n.dir.display()
+                        );
+                        for p in &n.problems {
+                            tracing::warn!("{p}");
+                        }
+                        self.networks = n;
+                        Response::Done(msg)
+                    }
+                    Err(e) => Response::Error(e.to_string()),
+                })
+            }
+        }
+    }
+}
+
+fn done(r: Result<Result<String, String>, MailboxError>) -> Response {
+    match r {
+        Ok(Ok(msg)) => Response::Done(msg),
+        Ok(Err(e)) => Response::Error(e),
+        Err(e) => Response::Error(format!("VM actor unavailable: {e}")),
+    }
+}
+
+impl Handler<VmGone> for HostAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmGone, _: &mut Self::Context) {
+        tracing::info!(vm = %msg.name, pid = msg.pid, reason = %msg.reason, log_tail = %msg.log_tail, "VM stopped");
+        if let Some(vm) = self.vms.remove(&msg.name) {
+            for p in &vm.record.ports {
+                self.ports.release(*p);
+            }
+        }
+        let dir = vm_dir(&self.settings.state_dir, &msg.name);
+        for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+}
+
+impl Handler<VmEvent> for HostAgent {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmEvent, _: &mut Self::Context) {
+        tracing::info!(vm = %msg.name, event = %msg.event.name, data = %msg.event.data, "QEMU event");
+    }
+}

@@ -1,0 +1,367 @@
+//! Starting, finding and stopping QEMU processes: the I/O shell around
+//! [`crate::argv`] and [`crate::console`].
+//!
+//! QEMU runs in its own process group with stdout and stderr in a log file in
+//! the VM's state directory, so neither a signal to the agent's group nor the
+//! agent's death reaches the guest. Start is: spawn paused, connect QMP, set
+//! console passwords, `cont`, then confirm each console really accepts
+//! connections (for VNC, read the RFB banner).
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::argv::{QemuArgv, VmPaths};
+use crate::console::{ConsoleEndpoint, ConsoleTarget};
+use crate::qmp::{QmpClient, QmpError, QmpEvent};
+
+/// How long each start step may take.
+#[derive(Debug, Clone, Copy)]
+pub struct StartTimeouts {
+    /// From spawn until QMP answers.
+    pub qmp: Duration,
+    /// For each QMP command.
+    pub command: Duration,
+    /// For each console to accept a connection.
+    pub console: Duration,
+}
+
+impl Default for StartTimeouts {
+    fn default() -> Self {
+        StartTimeouts {
+            qmp: Duration::from_secs(15),
+            command: Duration::from_secs(10),
+            console: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A console secret to apply over QMP before the guest runs.
+#[derive(Debug, Clone)]
+pub struct ConsoleSecret {
+    /// `vnc` or `spice`.
+    pub protocol: &'static str,
+    /// The password.
+    pub password: String,
+    /// libvirt's `passwdValidTo` (`YYYY-MM-DDTHH:MM:SS`, UTC), if any.
+    pub valid_to: Option<String>,
+}
+
+/// Why a start failed. Every variant carries the tail of QEMU's log when QEMU ran.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The state directory or log could not be prepared.
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The QEMU binary could not be executed.
+    #[error("cannot execute {program}: {source}")]
+    Spawn {
+        /// The binary.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited during start.
+    #[error("QEMU exited during start ({status}); its last output:\n{log_tail}")]
+    Exited {
+        /// Exit status.
+        status: String,
+        /// Last lines of QEMU's stderr.
+        log_tail: String,
+    },
+    /// A QMP step failed.
+    #[error("{step} failed; QEMU's last output:\n{log_tail}")]
+    Qmp {
+        /// Which step.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: QmpError,
+        /// Last lines of QEMU's stderr.
+        log_tail: String,
+    },
+    /// A console did not accept connections.
+    #[error("console {uri} did not answer: {reason}")]
+    Console {
+        /// The console.
+        uri: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A QEMU that has started and runs the guest.
+#[derive(Debug)]
+pub struct Launched {
+    /// Its pid.
+    pub pid: i32,
+    /// Its QMP connection.
+    pub qmp: QmpClient,
+    /// Its QMP events; closes when QEMU goes away.
+    pub events: mpsc::UnboundedReceiver<QmpEvent>,
+    /// The child handle, to reap it.
+    pub child: tokio::process::Child,
+}
+
+/// Spawns QEMU paused, applies `secrets`, resumes it and confirms `endpoints`.
+pub async fn launch(
+    argv: &QemuArgv,
+    paths: &VmPaths,
+    secrets: &[ConsoleSecret],
+    endpoints: &[ConsoleEndpoint],
+    timeouts: StartTimeouts,
+) -> Result<Launched, LaunchError> {
+    let prepare = |path: &Path| {
+        let p = path.display().to_string();
+        move |source| LaunchError::Prepare { path: p, source }
+    };
+    std::fs::create_dir_all(&paths.dir).map_err(prepare(&paths.dir))?;
+    for stale in [paths.qmp_socket(), paths.pidfile()] {
+        match std::fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(prepare(&stale)(e)),
+            _ => {}
+        }
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.log())
+        .map_err(prepare(&paths.log()))?;
+    let log_err = log.try_clone().map_err(prepare(&paths.log()))?;
+    let mut cmd = std::process::Command::new(&argv.program);
+    cmd.args(&argv.args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: Ctrl-C or a kill of the agent's group spares the guest.
+        .process_group(0);
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|source| LaunchError::Spawn {
+            program: argv.program.display().to_string(),
+            source,
+        })?;
+    let pid = child.id().map_or(-1, |p| p as i32);
+    let (events_tx, events) = mpsc::unbounded_channel();
+
+    let qmp = match connect_while_alive(&mut child, paths, timeouts, events_tx).await {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+    };
+    let qmp_step = |step: &'static str| {
+        let log = paths.log();
+        move |source| LaunchError::Qmp {
+            step,
+            source,
+            log_tail: log_tail(&log, 20),
+        }
+    };
+    let result: Result<(), LaunchError> = async {
+        for s in secrets {
+            qmp.execute(
+                "set_password",
+                json!({"protocol": s.protocol, "password": s.password}),
+                timeouts.command,
+            )
+            .await
+            .map_err(qmp_step("set_password"))?;
+            let time = match &s.valid_to {
+                Some(t) => parse_valid_to(t)
+                    .map(|secs| secs.to_string())
+                    .unwrap_or_else(|| "now".to_string()),
+                None => "never".to_string(),
+            };
+            qmp.execute(
+                "expire_password",
+                json!({"protocol": s.protocol, "time": time}),
+                timeouts.command,
+            )
+            .await
+            .map_err(qmp_step("expire_password"))?;
+        }
+        qmp.execute("cont", serde_json::Value::Null, timeouts.command)
+            .await
+            .map_err(qmp_step("cont"))?;
+        for e in endpoints {
+            confirm_console(e, timeouts.console).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(e);
+    }
+    Ok(Launched {
+        pid,
+        qmp,
+        events,
+        child,
+    })
+}
+
+async fn connect_while_alive(
+    child: &mut tokio::process::Child,
+    paths: &VmPaths,
+    timeouts: StartTimeouts,
+    events: mpsc::UnboundedSender<QmpEvent>,
+) -> Result<QmpClient, LaunchError> {
+    let deadline = Instant::now() + timeouts.qmp;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LaunchError::Exited {
+                status: status.to_string(),
+                log_tail: log_tail(&paths.log(), 20),
+            });
+        }
+        if paths.qmp_socket().exists() {
+            match QmpClient::connect(&paths.qmp_socket(), timeouts.command, events.clone()).await {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(LaunchError::Qmp {
+                        step: "QMP connect",
+                        source: e,
+                        log_tail: log_tail(&paths.log(), 20),
+                    })
+                }
+                Err(_) => {}
+            }
+        } else if Instant::now() >= deadline {
+            return Err(LaunchError::Qmp {
+                step: "QMP connect",
+                source: QmpError::Timeout("waiting for the QMP socket".into()),
+                log_tail: log_tail(&paths.log(), 20),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Confirms a console accepts connections; for VNC, reads the RFB banner.
+pub async fn confirm_console(e: &ConsoleEndpoint, timeout: Duration) -> Result<(), LaunchError> {
+    let fail = |reason: String| LaunchError::Console {
+        uri: e.uri(),
+        reason,
+    };
+    let banner = async {
+        match &e.target {
+            ConsoleTarget::None => Ok(None),
+            ConsoleTarget::Tcp { address, port } => {
+                let mut s = tokio::net::TcpStream::connect((*address, *port))
+                    .await
+                    .map_err(|x| x.to_string())?;
+                if e.protocol == "vnc" {
+                    let mut b = [0u8; 12];
+                    s.read_exact(&mut b).await.map_err(|x| x.to_string())?;
+                    Ok(Some(b))
+                } else {
+                    Ok(None)
+                }
+            }
+            ConsoleTarget::Unix { path } => {
+                let mut s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|x| x.to_string())?;
+                if e.protocol == "vnc" {
+                    let mut b = [0u8; 12];
+                    s.read_exact(&mut b).await.map_err(|x| x.to_string())?;
+                    Ok(Some(b))
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, banner).await {
+        Err(_) => Err(fail(format!("no answer within {timeout:?}"))),
+        Ok(Err(reason)) => Err(fail(reason)),
+        Ok(Ok(Some(b))) if !b.starts_with(b"RFB ") => Err(fail(format!(
+            "not an RFB banner: {:?}",
+            String::from_utf8_lossy(&b)
+        ))),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut buf = String::new();
+    let _ = f.read_to_string(&mut buf);
+    let lines: Vec<&str> = buf.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Whether `pid` is a live QEMU started for the VM with `uuid`.
+pub fn process_matches(pid: i32, uuid: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    // A zombie has an empty command line: it is gone as far as the guest goes.
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes())
+}
+
+/// Sends `signal` to `pid`, ignoring a process that is already gone.
+pub fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+/// Seconds since the epoch for libvirt's `passwdValidTo` (`YYYY-MM-DDTHH:MM:SS`, UTC).
+pub fn parse_valid_to(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next().flatten().unwrap_or(0));
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_to_is_seconds_since_epoch() {
+        assert_eq!(parse_valid_to("1970-01-01T00:00:00"), Some(0));
+        assert_eq!(parse_valid_to("2010-04-09T15:51:00"), Some(1_270_828_260));
+        assert_eq!(parse_valid_to("2024-02-29T12:00:00"), Some(1_709_208_000));
+        assert_eq!(parse_valid_to("2010-13-09T15:51:00"), None);
+        assert_eq!(parse_valid_to("yesterday"), None);
+    }
+}

@@ -1,0 +1,102 @@
+//! What the agent remembers about a running VM, on disk, so a restarted agent
+//! can find its QEMU processes again.
+//!
+//! Layout of a VM's state directory (`STATE/vms/NAME/`): `record.json` (this
+//! record), `live.xml`, `qmp.sock`, `qemu.pid`, `qemu.log`. The record is
+//! written atomically (temp file + rename) after QEMU has started and before
+//! the start is reported, so a crash never leaves a VM the agent cannot find.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::console::ConsoleEndpoint;
+
+/// A running VM as the agent recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Domain name.
+    pub name: String,
+    /// Domain UUID, also on QEMU's command line (used to recognise the process).
+    pub uuid: String,
+    /// QEMU's pid.
+    pub pid: i32,
+    /// Console ports reserved for it.
+    pub ports: Vec<u16>,
+    /// Its consoles.
+    pub endpoints: Vec<ConsoleEndpoint>,
+}
+
+/// Reading or writing a record failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a record.
+    #[error("{path}: not a VM record: {source}")]
+    Format {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The directory that holds all VM state directories.
+pub fn vms_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("vms")
+}
+
+/// One VM's state directory.
+pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
+    vms_dir(state_dir).join(name)
+}
+
+/// Writes `contents` to `path` atomically.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RecordError> {
+    let io = |source| RecordError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+impl VmRecord {
+    /// The record file in `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("record.json")
+    }
+
+    /// Saves the record into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), RecordError> {
+        let path = Self::path(dir);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| RecordError::Format {
+            path: path.display().to_string(),
+            source,
+        })?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// Loads the record from `dir`.
+    pub fn load(dir: &Path) -> Result<VmRecord, RecordError> {
+        let path = Self::path(dir);
+        let bytes = std::fs::read(&path).map_err(|source| RecordError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| RecordError::Format {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
