@@ -1,131 +1,27 @@
 //! The agent's local control protocol: one closed request enum, one response enum.
 //!
-//! `flotilla-agent ctl …` and `--once-start` speak it over the unix socket
-//! `STATE/agent.sock` as JSON lines (one request, one response per line). It
-//! is the agent's equivalent of libvirt's local `qemu:///system` socket and is
-//! only reachable by local root. The coordinator's QUIC protocol is separate.
+//! The messages are `shared::proto`'s `AgentRequest`/`AgentResponse`, the same
+//! ones the coordinator sends over QUIC. Locally, `flotilla-agent ctl …` and
+//! `--once-start` speak them over the unix socket `STATE/agent.sock` as JSON
+//! lines (one request, one response per line): the agent's equivalent of
+//! libvirt's local `qemu:///system` socket, reachable only by local root.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Largest request or response line.
 const MAX_LINE: u64 = 4 * 1024 * 1024;
 
-/// A request to the agent.
-#[derive(Debug, Clone, Serialize, Deserialize, actix::Message)]
+pub use flotilla_shared::proto::{
+    AgentRequest as Request, AgentResponse as Response, ConsoleInfo, NetStatus, VmSummary,
+};
+
+/// A request delivered to the host actor (the actix envelope for [`Request`]).
+#[derive(Debug, Clone, actix::Message)]
 #[rtype(result = "Response")]
-pub enum Request {
-    /// Start a VM from its domain XML.
-    Start {
-        /// The XML text.
-        xml: String,
-        /// Where it came from, for error messages.
-        source: String,
-    },
-    /// ACPI shutdown, escalating after `timeout_secs`.
-    Shutdown {
-        /// The VM.
-        name: String,
-        /// Seconds the guest gets.
-        timeout_secs: u64,
-    },
-    /// Kill a VM.
-    Destroy {
-        /// The VM.
-        name: String,
-    },
-    /// Running VMs.
-    List,
-    /// A VM's consoles.
-    DomDisplay {
-        /// The VM.
-        name: String,
-    },
-    /// A VM's live XML.
-    DumpXml {
-        /// The VM.
-        name: String,
-    },
-    /// Host networks with their current addresses.
-    NetList,
-    /// Re-read the networks directory.
-    ReloadNetworks,
-}
-
-/// One console as reported to operators.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsoleInfo {
-    /// `vnc://198.18.0.1:5900` and friends.
-    pub uri: String,
-    /// The network the address came from.
-    pub network: Option<String>,
-    /// Whether a password protects it.
-    pub authenticated: bool,
-}
-
-/// One running VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSummary {
-    /// Name.
-    pub name: String,
-    /// UUID.
-    pub uuid: String,
-    /// QEMU pid.
-    pub pid: i32,
-    /// QEMU run state (`running`, `paused`, …).
-    pub state: String,
-    /// Consoles.
-    pub consoles: Vec<ConsoleInfo>,
-}
-
-/// A host network and what it resolves to now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetStatus {
-    /// Name.
-    pub name: String,
-    /// Forward mode (`bridge`, `nat`, …, or `isolated`).
-    pub mode: String,
-    /// The device the address comes from, if any.
-    pub device: Option<String>,
-    /// The address, when it resolves.
-    pub address: Option<String>,
-    /// Why it does not resolve.
-    pub error: Option<String>,
-}
-
-/// The agent's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Response {
-    /// A VM started.
-    Started {
-        /// The VM.
-        vm: VmSummary,
-        /// Its live XML.
-        live_xml: String,
-        /// Warnings (e.g. an unauthenticated console on a public address).
-        warnings: Vec<String>,
-    },
-    /// An action finished.
-    Done(String),
-    /// Running VMs.
-    Vms(Vec<VmSummary>),
-    /// Consoles of one VM.
-    Consoles(Vec<ConsoleInfo>),
-    /// XML text.
-    Xml(String),
-    /// Host networks.
-    Networks {
-        /// Each network.
-        networks: Vec<NetStatus>,
-        /// Files in the networks directory that were skipped, and why.
-        problems: Vec<String>,
-    },
-    /// The request failed.
-    Error(String),
-}
+pub struct AgentCall(pub Request);
 
 /// The control socket inside a state directory.
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -181,7 +77,7 @@ pub async fn call(
 /// Serves the control socket, forwarding each request to `agent`.
 pub async fn serve(
     state_dir: &Path,
-    agent: actix::Recipient<Request>,
+    agent: actix::Recipient<AgentCall>,
 ) -> Result<(), std::io::Error> {
     let path = socket_path(state_dir);
     let _ = std::fs::remove_file(&path);
@@ -198,7 +94,7 @@ pub async fn serve(
             }
             let response = match serde_json::from_slice::<Request>(&buf) {
                 Ok(req) => agent
-                    .send(req)
+                    .send(AgentCall(req))
                     .await
                     .unwrap_or_else(|e| Response::Error(format!("agent unavailable: {e}"))),
                 Err(e) => Response::Error(format!("malformed request: {e}")),

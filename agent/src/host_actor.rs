@@ -17,7 +17,7 @@ use flotilla_shared::xml::{Domain, XmlFlavor};
 
 use crate::argv::{QemuArgv, QemuHost, VmPaths};
 use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
-use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
+use crate::control::{AgentCall, ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
 use crate::ports::PortAllocator;
@@ -366,10 +366,10 @@ impl Actor for HostAgent {
     }
 }
 
-impl Handler<Request> for HostAgent {
+impl Handler<AgentCall> for HostAgent {
     type Result = ResponseActFuture<Self, Response>;
 
-    fn handle(&mut self, req: Request, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, AgentCall(req): AgentCall, _: &mut Self::Context) -> Self::Result {
         let not_running = |name: &str, host: &str| {
             Response::Error(format!(
                 "Requested operation is not valid: domain '{name}' is not running on host {host}"

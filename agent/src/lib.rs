@@ -8,6 +8,7 @@
 pub mod argv;
 pub mod console;
 pub mod control;
+pub mod coordinator_link;
 pub mod host_actor;
 pub mod host_networks;
 pub mod interfaces;

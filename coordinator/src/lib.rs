@@ -1,3 +1,12 @@
 //! The Flotilla coordinator: stored definitions, fleet scheduling, orchestration.
 //!
-//! Issue 4 fills this crate; today it only hosts the operator CLI binary.
+//! Pure decisions live in [`scheduler`] and [`reconcile`]; durable state in
+//! [`store`]; the [`fleet`] actor owns the live view of hosts and answers
+//! operators; [`server`] is the QUIC shell that authenticates peers and feeds
+//! the actor.
+
+pub mod fleet;
+pub mod reconcile;
+pub mod scheduler;
+pub mod server;
+pub mod store;

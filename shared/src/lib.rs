@@ -1,7 +1,12 @@
-//! Flotilla's shared core: the libvirt XML models and the wire protocol.
+//! Flotilla's shared core: the libvirt XML models, the wire protocol, and the
+//! transport the binaries share.
 //!
-//! Everything here is pure: no files, sockets, processes or clocks. The agent,
-//! the coordinator and the CLI all build on it, so a rule decided here (what a
-//! definition means, what crosses the wire) is decided once.
+//! `xml` and `proto` are pure: no files, sockets, processes or clocks, so a
+//! rule decided there (what a definition means, what crosses the wire) is
+//! decided once and tested without I/O. `net` (feature `net`) is the shared
+//! transport shell: certificates, mutual TLS and framed QUIC streams.
 
+#[cfg(feature = "net")]
+pub mod net;
+pub mod proto;
 pub mod xml;

@@ -384,3 +384,87 @@ pub fn new_uuid() -> String {
         &h[20..32]
     )
 }
+
+/// A coordinator process; killed with SIGKILL on drop.
+pub struct CoordinatorProcess {
+    /// The `ip netns exec` child.
+    pub child: Child,
+}
+
+impl CoordinatorProcess {
+    /// Starts `flotilla-coordinator` in `ns` and waits until it answers `hosts`.
+    pub fn start(
+        ns: &Netns,
+        listen: &str,
+        data: &Path,
+        tls: &Path,
+        log: &Path,
+    ) -> CoordinatorProcess {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        let mut c = ns.command(&bin("flotilla-coordinator"));
+        c.args([
+            "--listen",
+            listen,
+            "--heartbeat-secs",
+            "1",
+            "--heartbeat-timeout-secs",
+            "4",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--tls-dir")
+        .arg(tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        let child = c.spawn().expect("spawn coordinator");
+        let proc = CoordinatorProcess { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if flotilla(ns, listen, tls, &["hosts"]).status.success() {
+                return proc;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("coordinator did not come up on {listen}");
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs the `flotilla` CLI in `ns` against `coordinator` with the admin certificate in `tls`.
+pub fn flotilla(ns: &Netns, coordinator: &str, tls: &Path, args: &[&str]) -> Output {
+    let mut c = ns.command(&bin("flotilla"));
+    c.arg("--coordinator")
+        .arg(coordinator)
+        .arg("--tls-dir")
+        .arg(tls)
+        .args(args);
+    output(c)
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

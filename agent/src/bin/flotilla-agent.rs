@@ -9,7 +9,8 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_agent::argv::{Accel, QemuHost};
 use flotilla_agent::console::{ConsoleAuth, ConsoleSettings};
-use flotilla_agent::control::{self, Request, Response};
+use flotilla_agent::control::{self, AgentCall, Request, Response};
+use flotilla_agent::coordinator_link::{self, LinkSettings};
 use flotilla_agent::host_actor::{AgentSettings, HostAgent};
 use flotilla_agent::host_networks::HostNetworks;
 use flotilla_agent::qemu_process::StartTimeouts;
@@ -50,6 +51,12 @@ struct Cli {
     /// Start one VM on this host without a coordinator, print its live XML and console, and exit.
     #[arg(long, value_name = "FILE")]
     once_start: Option<PathBuf>,
+    /// The coordinator, HOST:PORT; without it the agent runs standalone.
+    #[arg(long, env = "FLOTILLA_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Directory written by `flotilla certs` (needs ca.pem and agent-NAME.pem).
+    #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
+    tls_dir: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -157,7 +164,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(file) = &cli.once_start {
         return sys.block_on(once_start(settings, networks, file));
     }
-    sys.block_on(daemon(settings, networks))?;
+    let link = cli.coordinator.clone().map(|coordinator| LinkSettings {
+        coordinator,
+        tls_dir: cli.tls_dir.clone(),
+        host: settings.console.host.clone(),
+    });
+    sys.block_on(daemon(settings, networks, link))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -221,7 +233,11 @@ fn find_program(p: &Path) -> anyhow::Result<PathBuf> {
         })
 }
 
-async fn daemon(settings: AgentSettings, networks: HostNetworks) -> anyhow::Result<()> {
+async fn daemon(
+    settings: AgentSettings,
+    networks: HostNetworks,
+    link: Option<LinkSettings>,
+) -> anyhow::Result<()> {
     let state_dir = settings.state_dir.clone();
     tracing::info!(host = %settings.console.host, accel = settings.qemu.accel.as_str(),
         networks = networks.networks.len(), "agent starting");
@@ -229,13 +245,16 @@ async fn daemon(settings: AgentSettings, networks: HostNetworks) -> anyhow::Resu
     let recipient = agent.clone().recipient();
     let server_dir = state_dir.clone();
     let server = actix::spawn(async move { control::serve(&server_dir, recipient).await });
+    if let Some(link) = link {
+        actix::spawn(coordinator_link::run(link, agent.clone()));
+    }
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                if let Ok(Response::Done(msg) | Response::Error(msg)) = agent.send(Request::ReloadNetworks).await {
+                if let Ok(Response::Done(msg) | Response::Error(msg)) = agent.send(AgentCall(Request::ReloadNetworks)).await {
                     tracing::info!("SIGHUP: {msg}");
                 }
             }
@@ -267,7 +286,10 @@ async fn once_start(
             Ok(r) => r,
             Err(control::ControlError::Connect { .. }) => {
                 let agent = HostAgent::new(settings, networks, false).start();
-                agent.send(request).await.context("agent actor stopped")?
+                agent
+                    .send(AgentCall(request))
+                    .await
+                    .context("agent actor stopped")?
             }
             Err(e) => return Err(e.into()),
         };

@@ -1,80 +1,395 @@
 //! `flotilla`: the operator CLI.
 //!
-//! Offline verbs (`validate`) run here; fleet verbs talk to the coordinator.
+//! Offline verbs (`validate`, `certs`) run here; fleet verbs send one
+//! `OperatorRequest` to the coordinator over QUIC with mutual TLS and print
+//! the answer as a table (or JSON with `--json`). Exit codes: 0 success, 1 the
+//! coordinator refused or the request failed, 2 the CLI could not ask at all.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use flotilla_shared::net::pki::{self, Role};
+use flotilla_shared::net::{quic, tls};
+use flotilla_shared::proto::{ClientMessage, OperatorRequest, OperatorResponse, ServerMessage};
 use flotilla_shared::xml::validate::validate_document;
 
 /// Operate a Flotilla fleet of QEMU/KVM hosts.
 #[derive(Parser)]
 #[command(name = "flotilla", version, about)]
 struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Print JSON instead of tables (list-like verbs).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args)]
+struct ConnArgs {
+    /// The coordinator, HOST:PORT.
+    #[arg(long, global = true, env = "FLOTILLA_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Directory written by `flotilla certs`.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Which operator certificate to present.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_OPERATOR",
+        default_value = "admin"
+    )]
+    operator: String,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Check libvirt domain or network XML files offline.
     ///
-    /// Example: flotilla validate web01.xml public.xml
+    /// Example: flotilla validate web01.xml public-net.xml
     Validate {
         /// Files to check; each is a <domain> or a <network>.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Create and issue certificates.
+    #[command(subcommand)]
+    Certs(Certs),
+    /// Store a VM definition (libvirt domain XML).
+    ///
+    /// Example: flotilla define web01.xml
+    Define { file: PathBuf },
+    /// Remove a stopped VM's definition.
+    ///
+    /// Example: flotilla undefine web01
+    Undefine { name: String },
+    /// List running VMs (with --all, every defined VM).
+    ///
+    /// Example: flotilla list --all --json
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a VM's stored definition, or with --live its running XML.
+    ///
+    /// Example: flotilla dumpxml web01 --live
+    Dumpxml {
+        name: String,
+        #[arg(long)]
+        live: bool,
+    },
+    /// Start a VM where the scheduler chooses, or on --host.
+    ///
+    /// Example: flotilla start web01 --host host-a
+    Start {
+        name: String,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Ask a VM's guest to power off (ACPI), escalating after --timeout seconds.
+    ///
+    /// Example: flotilla shutdown web01 --timeout 60
+    Shutdown {
+        name: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop a VM immediately.
+    ///
+    /// Example: flotilla destroy web01
+    Destroy { name: String },
+    /// Print where a VM's consoles listen now (vnc://ADDR:PORT).
+    ///
+    /// Example: flotilla domdisplay web01
+    Domdisplay { name: String },
+    /// List the fleet's hosts.
+    ///
+    /// Example: flotilla hosts
+    Hosts,
+    /// List a host's networks with their current addresses.
+    ///
+    /// Example: flotilla net-list --host host-a
+    NetList {
+        #[arg(long)]
+        host: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Certs {
+    /// Create a CA, the coordinator's certificate and an operator certificate.
+    ///
+    /// Example: flotilla certs init --dir /etc/flotilla/tls
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name of the first operator certificate.
+        #[arg(long, default_value = "admin")]
+        operator: String,
+        /// Extra DNS names for the coordinator certificate.
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Issue a certificate for an agent host or an operator.
+    ///
+    /// Example: flotilla certs issue --dir /etc/flotilla/tls --agent host-a
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(
+            long,
+            conflicts_with = "operator",
+            required_unless_present = "operator"
+        )]
+        agent: Option<String>,
+        #[arg(long)]
+        operator: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { files } => match validate(&files) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
     }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let request = match cli.command {
+        Command::Validate { files } => {
+            return Ok(if validate(&files)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Certs(c) => return certs(c).map(|()| ExitCode::SUCCESS),
+        Command::Define { file } => OperatorRequest::Define {
+            xml: std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+            source: file.display().to_string(),
+        },
+        Command::Undefine { name } => OperatorRequest::Undefine { name },
+        Command::List { all } => OperatorRequest::List { all },
+        Command::Dumpxml { name, live } => OperatorRequest::DumpXml { name, live },
+        Command::Start { name, host } => OperatorRequest::Start { name, host },
+        Command::Shutdown { name, timeout } => OperatorRequest::Shutdown {
+            name,
+            timeout_secs: timeout,
+        },
+        Command::Destroy { name } => OperatorRequest::Destroy { name },
+        Command::Domdisplay { name } => OperatorRequest::DomDisplay { name },
+        Command::Hosts => OperatorRequest::Hosts,
+        Command::NetList { host } => OperatorRequest::NetList { host },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = rt.block_on(ask(&cli.conn, request))?;
+    Ok(print(response, cli.json))
+}
+
+async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<OperatorResponse> {
+    let Some(target) = &conn.coordinator else {
+        bail!("no coordinator: pass --coordinator HOST:PORT or set FLOTILLA_COORDINATOR");
+    };
+    let Some(dir) = &conn.tls_dir else {
+        bail!("no certificates: pass --tls-dir DIR or set FLOTILLA_TLS_DIR");
+    };
+    let config = tls::client_config(dir, Role::Operator, &conn.operator)?;
+    let addr = quic::resolve(target)
+        .await
+        .with_context(|| format!("cannot resolve {target}"))?;
+    let connection = quic::connect(addr, config)
+        .await
+        .with_context(|| format!("cannot connect to the coordinator at {target}"))?;
+    let reply: ServerMessage = quic::call(
+        &connection,
+        &ClientMessage::Operator(request),
+        Duration::from_secs(300),
+    )
+    .await
+    .with_context(|| format!("coordinator at {target}"))?;
+    connection.close(0u32.into(), b"done");
+    match reply {
+        ServerMessage::Operator(r) => Ok(r),
+        ServerMessage::Hello(h) => bail!("unexpected answer {h:?}"),
+    }
+}
+
+fn print(response: OperatorResponse, json: bool) -> ExitCode {
+    let failed = matches!(response, OperatorResponse::Error(_));
+    if json {
+        match serde_json::to_string_pretty(&response) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: {e}"),
+        }
+        return if failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    match response {
+        OperatorResponse::Defined {
+            name,
+            uuid,
+            generation,
+            warnings,
+        } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("Domain '{name}' defined (uuid {uuid}, generation {generation})");
+        }
+        OperatorResponse::Done(m) => println!("{m}"),
+        OperatorResponse::Vms(vms) => {
+            println!(
+                "{:<20} {:<10} {:<12} {:>4}  UUID",
+                "NAME", "STATE", "HOST", "GEN"
+            );
+            for v in vms {
+                println!(
+                    "{:<20} {:<10} {:<12} {:>4}  {}",
+                    v.name,
+                    v.state,
+                    v.host.unwrap_or_else(|| "-".into()),
+                    v.generation,
+                    v.uuid
+                );
+            }
+        }
+        OperatorResponse::Xml(x) => print!("{x}"),
+        OperatorResponse::Started {
+            name,
+            host,
+            consoles,
+            explanation,
+            warnings,
+        } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("Domain '{name}' started on {host} ({explanation})");
+            for c in consoles {
+                println!("console: {}", c.uri);
+            }
+        }
+        OperatorResponse::Consoles { consoles, .. } => {
+            for c in consoles {
+                let note = if c.authenticated {
+                    ""
+                } else {
+                    "  (unauthenticated)"
+                };
+                println!("{}{note}", c.uri);
+            }
+        }
+        OperatorResponse::Hosts(hosts) => {
+            println!(
+                "{:<16} {:<12} {:>5} {:>10} {:>4}  LAST SEEN",
+                "NAME", "STATE", "CPUS", "MEMORY", "VMS"
+            );
+            for h in hosts {
+                let seen = if h.last_seen_secs == u64::MAX {
+                    "never (since coordinator start)".to_string()
+                } else {
+                    format!("{}s ago", h.last_seen_secs)
+                };
+                println!(
+                    "{:<16} {:<12} {:>5} {:>7}MiB {:>4}  {seen}",
+                    h.name, h.state, h.cpus, h.memory_mib, h.vms
+                );
+            }
+        }
+        OperatorResponse::Networks { networks, .. } => {
+            println!("{:<16} {:<12} {:<12} ADDRESS", "NAME", "MODE", "DEVICE");
+            for n in networks {
+                let addr = n
+                    .address
+                    .unwrap_or_else(|| format!("error: {}", n.error.unwrap_or_default()));
+                println!(
+                    "{:<16} {:<12} {:<12} {addr}",
+                    n.name,
+                    n.mode,
+                    n.device.unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        OperatorResponse::Error(e) => eprintln!("error: {e}"),
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn certs(c: Certs) -> anyhow::Result<()> {
+    let written = match c {
+        Certs::Init { dir, operator, san } => pki::init(&dir, &operator, &san)?,
+        Certs::Issue {
+            dir,
+            agent: Some(host),
+            ..
+        } => pki::issue(&dir, Role::Agent, &host, &[])?,
+        Certs::Issue {
+            dir,
+            operator: Some(name),
+            ..
+        } => pki::issue(&dir, Role::Operator, &name, &[])?,
+        Certs::Issue { .. } => bail!("certs issue needs --agent HOST or --operator NAME"),
+    };
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 /// Validates each file and prints its verdict; true when all are valid.
 fn validate(files: &[PathBuf]) -> anyhow::Result<bool> {
     let mut all_ok = true;
     for file in files {
-        let name = file.display().to_string();
-        let verdict = match std::fs::read(file) {
-            Ok(bytes) if bytes.len() > flotilla_shared::xml::tree::MAX_DOCUMENT_BYTES => {
-                // Refuse before decoding: the limit exists so we never hold huge inputs.
-                println!(
-                    "{name}:1:1: error: /: document is {} bytes, over the limit of {}",
-                    bytes.len(),
-                    flotilla_shared::xml::tree::MAX_DOCUMENT_BYTES
-                );
-                all_ok = false;
-                continue;
-            }
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => validate_document(&name, &text),
-                Err(e) => {
-                    println!("{name}:1:1: error: /: not UTF-8 text: {e}");
-                    all_ok = false;
-                    continue;
-                }
-            },
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {name}"));
-            }
-        };
-        all_ok &= verdict.ok;
-        for line in verdict.lines {
+        let (ok, lines) = validate_file(file)?;
+        all_ok &= ok;
+        for line in lines {
             println!("{line}");
         }
     }
     Ok(all_ok)
+}
+
+fn validate_file(file: &Path) -> anyhow::Result<(bool, Vec<String>)> {
+    let name = file.display().to_string();
+    let limit = flotilla_shared::xml::tree::MAX_DOCUMENT_BYTES;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() > limit {
+        // Refuse before decoding: the limit exists so we never hold huge inputs.
+        return Ok((
+            false,
+            vec![format!(
+                "{name}:1:1: error: /: document is {} bytes, over the limit of {limit}",
+                bytes.len()
+            )],
+        ));
+    }
+    match String::from_utf8(bytes) {
+        Ok(text) => {
+            let v = validate_document(&name, &text);
+            Ok((v.ok, v.lines))
+        }
+        Err(e) => Ok((
+            false,
+            vec![format!("{name}:1:1: error: /: not UTF-8 text: {e}")],
+        )),
+    }
 }

@@ -1,0 +1,173 @@
+//! The agent's connection to the coordinator.
+//!
+//! The agent dials (so hosts behind NAT or firewalls need no inbound port),
+//! registers its host facts, then heartbeats fresh facts and serves the
+//! coordinator's requests, each on its own QUIC stream, through the same
+//! [`HostAgent`] actor the local control socket uses. A lost connection is
+//! redialled with exponential backoff; VMs keep running meanwhile.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix::Addr;
+use flotilla_shared::net::pki::Role;
+use flotilla_shared::net::{quic, tls};
+use flotilla_shared::proto::{
+    AgentEvent, AgentHello, AgentRequest, AgentResponse, ClientMessage, HelloAck, HostFacts,
+    ServerMessage,
+};
+
+use crate::control::AgentCall;
+use crate::host_actor::HostAgent;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// `HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    /// Directory with `ca.pem` and `agent-HOST.pem`.
+    pub tls_dir: PathBuf,
+    /// This host's name (must match the certificate).
+    pub host: String,
+}
+
+/// Why a session with the coordinator ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The coordinator could not be reached.
+    #[error("cannot reach coordinator {0}: {1}")]
+    Connect(String, std::io::Error),
+    /// A message could not be exchanged.
+    #[error("coordinator link: {0}")]
+    Frame(#[from] flotilla_shared::proto::FrameError),
+    /// The coordinator refused the registration.
+    #[error("coordinator refused registration: {0}")]
+    Refused(String),
+    /// The connection closed.
+    #[error("coordinator connection closed: {0}")]
+    Closed(String),
+}
+
+/// Keeps this host registered with the coordinator, forever.
+pub async fn run(settings: LinkSettings, agent: Addr<HostAgent>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match session(&settings, &agent, &mut backoff).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(coordinator = %settings.coordinator, error = %e, retry_in = ?backoff, "coordinator link down")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    settings: &LinkSettings,
+    agent: &Addr<HostAgent>,
+    backoff: &mut Duration,
+) -> Result<(), LinkError> {
+    let config = tls::client_config(&settings.tls_dir, Role::Agent, &settings.host)?;
+    let addr = quic::resolve(&settings.coordinator)
+        .await
+        .map_err(|e| LinkError::Connect(settings.coordinator.clone(), e))?;
+    let conn = quic::connect(addr, config)
+        .await
+        .map_err(|e| LinkError::Connect(settings.coordinator.clone(), e))?;
+    let facts = gather_facts(agent, &settings.host).await;
+    let ack: ServerMessage = quic::call(
+        &conn,
+        &ClientMessage::Hello(AgentHello::Register(facts)),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let interval = match ack {
+        ServerMessage::Hello(HelloAck::Accepted { heartbeat_secs }) => {
+            Duration::from_secs(heartbeat_secs.max(1))
+        }
+        ServerMessage::Hello(HelloAck::Refused(r)) => return Err(LinkError::Refused(r)),
+        other => return Err(LinkError::Refused(format!("unexpected answer {other:?}"))),
+    };
+    tracing::info!(coordinator = %settings.coordinator, "registered with coordinator");
+    *backoff = Duration::from_millis(250);
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    actix::spawn(serve_request(send, recv, agent.clone()));
+                }
+                Err(e) => return Err(LinkError::Closed(e.to_string())),
+            },
+            _ = tick.tick() => {
+                let facts = gather_facts(agent, &settings.host).await;
+                quic::notify(&conn, &AgentEvent::Heartbeat(facts)).await?;
+            }
+        }
+    }
+}
+
+async fn serve_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    agent: Addr<HostAgent>,
+) {
+    let response = match quic::read_frame::<AgentRequest>(&mut recv).await {
+        Ok(req) => {
+            tracing::info!(request = ?RequestName(&req), "coordinator request");
+            agent
+                .send(AgentCall(req))
+                .await
+                .unwrap_or_else(|e| AgentResponse::Error(format!("agent unavailable: {e}")))
+        }
+        Err(e) => AgentResponse::Error(format!("bad request: {e}")),
+    };
+    let _ = quic::write_frame(&mut send, &response).await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+/// Logs a request by kind without its (possibly large) XML body.
+struct RequestName<'a>(&'a AgentRequest);
+
+impl std::fmt::Debug for RequestName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            AgentRequest::Start { source, .. } => write!(f, "Start({source})"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// This host's facts: CPUs, memory, networks with addresses, running VMs.
+pub async fn gather_facts(agent: &Addr<HostAgent>, host: &str) -> HostFacts {
+    let networks = match agent.send(AgentCall(AgentRequest::NetList)).await {
+        Ok(AgentResponse::Networks { networks, .. }) => networks,
+        _ => Vec::new(),
+    };
+    let vms = match agent.send(AgentCall(AgentRequest::List)).await {
+        Ok(AgentResponse::Vms(v)) => v,
+        _ => Vec::new(),
+    };
+    HostFacts {
+        host: host.to_string(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_mib: memory_mib(),
+        networks,
+        vms,
+    }
+}
+
+fn memory_mib() -> u64 {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}

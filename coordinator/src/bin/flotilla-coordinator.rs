@@ -1,0 +1,118 @@
+//! `flotilla-coordinator`: the fleet's control plane over QUIC with mutual TLS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use flotilla_coordinator::fleet::{Fleet, FleetSettings};
+use flotilla_coordinator::scheduler::{Policy, Strategy};
+use flotilla_coordinator::server;
+use flotilla_coordinator::store::RedbStore;
+use flotilla_shared::net::tls;
+
+/// Flotilla coordinator: keeps VM definitions, schedules them onto hosts.
+///
+/// Example:
+///   flotilla-coordinator --listen 198.19.0.1:7443 --data-dir /var/lib/flotilla-coordinator --tls-dir /etc/flotilla/tls
+#[derive(Parser)]
+#[command(name = "flotilla-coordinator", version, verbatim_doc_comment)]
+struct Cli {
+    /// UDP address to listen on for QUIC.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, default_value = "/var/lib/flotilla-coordinator")]
+    data_dir: PathBuf,
+    /// Directory written by `flotilla certs`.
+    #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
+    tls_dir: PathBuf,
+    /// Seconds between agent heartbeats.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_secs: u64,
+    /// Seconds without a heartbeat before a host is shown unreachable.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_timeout_secs: u64,
+    /// Placement strategy.
+    #[arg(long, value_enum, default_value = "spread")]
+    strategy: StrategyArg,
+    /// vCPU overcommit ratio.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// Memory overcommit ratio.
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    Spread,
+    Binpack,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let sys = System::new();
+    match sys.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flotilla-coordinator: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let store = RedbStore::open(&cli.data_dir)
+        .with_context(|| format!("opening store in {}", cli.data_dir.display()))?;
+    let server_config = tls::server_config(&cli.tls_dir)?;
+    let endpoint = quinn::Endpoint::server(server_config, cli.listen)
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let settings = FleetSettings {
+        heartbeat: Duration::from_secs(cli.heartbeat_secs),
+        heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
+        policy: Policy {
+            strategy: match cli.strategy {
+                StrategyArg::Spread => Strategy::Spread,
+                StrategyArg::Binpack => Strategy::Binpack,
+            },
+            cpu_ratio: cli.cpu_overcommit,
+            memory_ratio: cli.memory_overcommit,
+        },
+    };
+    let fleet = Fleet::new(Arc::new(store), settings).start();
+    tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
+    let serving = actix::spawn(server::serve(endpoint.clone(), fleet));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = serving => {}
+    }
+    endpoint.close(0u32.into(), b"coordinator stopping");
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

@@ -1,0 +1,692 @@
+//! `Fleet`: the coordinator's actor. It owns the live view of every host and
+//! answers operator requests.
+//!
+//! Messages come from connection tasks ([`crate::server`]): host
+//! registrations and heartbeats, disconnects, and operator requests. Decisions
+//! are made by pure modules: [`crate::scheduler`] picks hosts,
+//! [`crate::reconcile`] converges records with what hosts report. Durable
+//! state lives in the [`Store`]; a placement is recorded before a start is
+//! sent, so a crash can never leave a VM the coordinator does not know about,
+//! and no VM is started while the records say it runs elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use flotilla_shared::net::quic;
+use flotilla_shared::proto::{
+    AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, OperatorRequest, OperatorResponse,
+    VmListEntry,
+};
+use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
+
+use crate::reconcile::{reconcile, Fix};
+use crate::scheduler::{self, HostSnapshot, Policy, VmNeeds};
+use crate::store::{HostRow, NewDefinition, Store, VmRow};
+
+/// How long the coordinator waits for an agent to answer a request.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Heartbeat interval asked of agents.
+    pub heartbeat: Duration,
+    /// A host with no heartbeat for this long is `unreachable`.
+    pub heartbeat_timeout: Duration,
+    /// Scheduling policy.
+    pub policy: Policy,
+}
+
+struct HostState {
+    conn: Option<quinn::Connection>,
+    facts: HostFacts,
+    last_seen: Instant,
+}
+
+/// The coordinator actor.
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    settings: FleetSettings,
+    hosts: BTreeMap<String, HostState>,
+    /// VMs with a start or stop in flight: a second request waits for none, it is refused.
+    busy: BTreeSet<String>,
+}
+
+/// A host registered over `conn`.
+#[derive(Message)]
+#[rtype(result = "HelloAck")]
+pub struct Register {
+    /// What it reported.
+    pub facts: HostFacts,
+    /// Its connection, for sending it requests.
+    pub conn: quinn::Connection,
+}
+
+/// A heartbeat from a registered host.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Heartbeat(pub HostFacts);
+
+/// A host's QEMU stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VmStopped {
+    /// The host.
+    pub host: String,
+    /// The VM.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A host's connection ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected {
+    /// The host.
+    pub host: String,
+    /// Which connection (a newer one may already have replaced it).
+    pub stable_id: usize,
+}
+
+/// An operator's request.
+#[derive(Message)]
+#[rtype(result = "OperatorResponse")]
+pub struct OperatorCall {
+    /// The operator's certificate name, for the log.
+    pub operator: String,
+    /// The request.
+    pub request: OperatorRequest,
+}
+
+impl Fleet {
+    /// A fleet over `store`.
+    pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Self {
+        Fleet {
+            store,
+            settings,
+            hosts: BTreeMap::new(),
+            busy: BTreeSet::new(),
+        }
+    }
+
+    fn connected(&self, h: &HostState) -> bool {
+        h.conn.is_some() && h.last_seen.elapsed() <= self.settings.heartbeat_timeout
+    }
+
+    fn host_state_word(&self, name: &str, draining: bool) -> &'static str {
+        match self.hosts.get(name) {
+            Some(h) if self.connected(h) && draining => "draining",
+            Some(h) if self.connected(h) => "connected",
+            _ => "unreachable",
+        }
+    }
+
+    fn runs_on(&self, host: &str, vm: &str) -> bool {
+        self.hosts
+            .get(host)
+            .is_some_and(|h| self.connected(h) && h.facts.vms.iter().any(|v| v.name == vm))
+    }
+
+    fn converge(&mut self, host: &str) {
+        let Some(h) = self.hosts.get(host) else {
+            return;
+        };
+        let running: BTreeSet<String> = h.facts.vms.iter().map(|v| v.name.clone()).collect();
+        let rows = match self.store.list() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read store for reconciliation");
+                return;
+            }
+        };
+        let fixes = reconcile(host, &running, &rows, &|other, vm| {
+            other != host && self.runs_on(other, vm)
+        });
+        for fix in fixes {
+            match fix {
+                Fix::Place { name } if !self.busy.contains(&name) => {
+                    tracing::info!(vm = %name, host, "reconcile: VM runs here; recording placement");
+                    let _ = self
+                        .store
+                        .set_placement(&name, Some(host.to_string()), true);
+                }
+                Fix::Stopped { name } if !self.busy.contains(&name) => {
+                    tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
+                    let _ = self.store.set_placement(&name, None, false);
+                }
+                Fix::Conflict { name, recorded } => {
+                    tracing::error!(vm = %name, host, recorded = %recorded,
+                        "VM reported running on two hosts; not touching either copy")
+                }
+                Fix::Unmanaged { name } => {
+                    tracing::warn!(vm = %name, host, "host runs a VM with no definition")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn snapshots(&self, rows: &[VmRow]) -> Vec<HostSnapshot> {
+        let mut stored: BTreeMap<String, HostRow> = self
+            .store
+            .hosts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+        for (name, h) in &self.hosts {
+            stored.entry(name.clone()).or_insert_with(|| HostRow {
+                name: name.clone(),
+                cpus: h.facts.cpus,
+                memory_mib: h.facts.memory_mib,
+                draining: false,
+            });
+        }
+        stored
+            .into_values()
+            .map(|row| {
+                let (mut used_mem, mut used_cpu) = (0u64, 0u32);
+                for r in rows
+                    .iter()
+                    .filter(|r| r.placement.as_deref() == Some(&row.name))
+                {
+                    if let Ok(d) = Domain::parse(&r.name, &r.xml) {
+                        used_mem += d.model.memory.mib();
+                        used_cpu += d.model.vcpus();
+                    }
+                }
+                let live = self.hosts.get(&row.name);
+                HostSnapshot {
+                    connected: live.is_some_and(|h| self.connected(h)),
+                    draining: row.draining,
+                    cpus: live.map_or(row.cpus, |h| h.facts.cpus),
+                    memory_mib: live.map_or(row.memory_mib, |h| h.facts.memory_mib),
+                    used_memory_mib: used_mem,
+                    used_vcpus: used_cpu,
+                    networks: live
+                        .map(|h| {
+                            h.facts
+                                .networks
+                                .iter()
+                                .map(|n| {
+                                    let v = match (&n.address, &n.error) {
+                                        (Some(a), _) => Ok(a.clone()),
+                                        (None, Some(e)) => Err(e.clone()),
+                                        (None, None) => Err("no address".to_string()),
+                                    };
+                                    (n.name.clone(), v)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    name: row.name,
+                }
+            })
+            .collect()
+    }
+
+    fn agent_conn(&self, host: &str) -> Result<quinn::Connection, String> {
+        match self.hosts.get(host) {
+            Some(h) if self.connected(h) => h
+                .conn
+                .clone()
+                .ok_or_else(|| format!("host {host} is unreachable")),
+            Some(_) => Err(format!("host {host} is unreachable")),
+            None => Err(format!("host '{host}' is not known")),
+        }
+    }
+
+    fn define(&mut self, xml: String, source: String) -> OperatorResponse {
+        let doc = match Domain::parse(&source, &xml) {
+            Ok(d) => d,
+            Err(e) => return OperatorResponse::Error(e.to_string()),
+        };
+        let mut domain = doc.model.without_runtime_state();
+        let mut warnings = Vec::new();
+        for g in domain.graphics() {
+            for l in &g.listens {
+                if let ListenKind::Address { address: Some(a) } = &l.kind {
+                    let loopback = a
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                    if !loopback {
+                        warnings.push(format!(
+                            "{} console of '{}' pins the host-specific address {a}; \
+                             use <listen type='network' network='NAME'/> so each host resolves its own",
+                            g.protocol.as_str(),
+                            domain.name
+                        ));
+                    }
+                }
+            }
+        }
+        // As virsh define: a definition without <uuid> keeps the stored VM's UUID.
+        let has_uuid = tree::parse_document(&source, &xml)
+            .map(|root| root.elements().any(|e| e.name == "uuid"))
+            .unwrap_or(true);
+        if !has_uuid {
+            if let Ok(Some(existing)) = self.store.get(&domain.name) {
+                if let Some(u) = flotilla_shared::xml::domain::parse_uuid(&existing.uuid) {
+                    domain.uuid = u;
+                }
+            }
+        }
+        let def = NewDefinition {
+            name: domain.name.clone(),
+            uuid: domain.uuid.hyphenated().to_string(),
+            xml: domain.to_xml(XmlFlavor::Inactive),
+        };
+        match self.store.define(def) {
+            Ok(row) => {
+                tracing::info!(vm = %row.name, generation = row.generation, "defined");
+                OperatorResponse::Defined {
+                    name: row.name,
+                    uuid: row.uuid,
+                    generation: row.generation,
+                    warnings,
+                }
+            }
+            Err(e) => OperatorResponse::Error(e.to_string()),
+        }
+    }
+
+    fn vm_state(&self, row: &VmRow) -> (String, Option<String>) {
+        match row.placement.as_deref() {
+            Some(h) if self.runs_on(h, &row.name) => ("running".into(), Some(h.to_string())),
+            Some(h) if !self.hosts.get(h).is_some_and(|s| self.connected(s)) => {
+                ("unknown".into(), Some(h.to_string()))
+            }
+            _ => ("shut off".into(), None),
+        }
+    }
+
+    fn start(
+        &mut self,
+        name: String,
+        host: Option<String>,
+    ) -> ResponseActFuture<Self, OperatorResponse> {
+        let row = match self.store.get(&name) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return reply(OperatorResponse::Error(format!(
+                    "failed to get domain '{name}': no domain with matching name"
+                )))
+            }
+            Err(e) => return reply(OperatorResponse::Error(e.to_string())),
+        };
+        if self.busy.contains(&name) {
+            return reply(OperatorResponse::Error(format!(
+                "Requested operation is not valid: domain '{name}' has an operation in progress"
+            )));
+        }
+        if let Some(h) = row.placement.as_deref() {
+            let state = if self.runs_on(h, &name) {
+                "running"
+            } else {
+                "recorded as running (host unreachable)"
+            };
+            return reply(OperatorResponse::Error(format!(
+                "Requested operation is not valid: domain '{name}' is {state} on host {h}"
+            )));
+        }
+        let domain = match Domain::parse(&name, &row.xml) {
+            Ok(d) => d.model,
+            Err(e) => {
+                return reply(OperatorResponse::Error(format!(
+                    "stored definition unreadable: {e}"
+                )))
+            }
+        };
+        let needs = VmNeeds {
+            name: name.clone(),
+            memory_mib: domain.memory.mib(),
+            vcpus: domain.vcpus(),
+            networks: domain.referenced_networks(),
+        };
+        let rows = self.store.list().unwrap_or_default();
+        let snapshots = self.snapshots(&rows);
+        let decision = match &host {
+            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
+            None => scheduler::place(&needs, &snapshots, &self.settings.policy),
+        };
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(vm = %name, reason = %e, "no placement");
+                return reply(OperatorResponse::Error(e.to_string()));
+            }
+        };
+        let target = decision.host.clone();
+        let explanation = decision
+            .ranking
+            .iter()
+            .map(|(h, s)| format!("{h} ({s:.3})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(vm = %name, host = %target, ranking = %explanation, "placing");
+        let conn = match self.agent_conn(&target) {
+            Ok(c) => c,
+            Err(e) => return reply(OperatorResponse::Error(e)),
+        };
+        // Record first: if we crash after the host starts it, the host's next
+        // report matches the record instead of surprising us.
+        if let Err(e) = self.store.set_placement(&name, Some(target.clone()), true) {
+            return reply(OperatorResponse::Error(e.to_string()));
+        }
+        self.busy.insert(name.clone());
+        let request = AgentRequest::Start {
+            xml: row.xml.clone(),
+            source: format!("definition of '{name}' (generation {})", row.generation),
+        };
+        Box::pin(
+            async move { quic::call::<_, AgentResponse>(&conn, &request, AGENT_TIMEOUT).await }
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    act.busy.remove(&name);
+                    match result {
+                        Ok(AgentResponse::Started { vm, warnings, .. }) => {
+                            if let Some(h) = act.hosts.get_mut(&target) {
+                                h.facts.vms.retain(|v| v.name != vm.name);
+                                h.facts.vms.push(vm.clone());
+                            }
+                            tracing::info!(vm = %name, host = %target, "started");
+                            OperatorResponse::Started {
+                                name,
+                                host: target,
+                                consoles: vm.consoles,
+                                explanation: format!("ranked: {explanation}"),
+                                warnings,
+                            }
+                        }
+                        other => {
+                            let _ = act.store.set_placement(&name, None, false);
+                            let msg = match other {
+                                Ok(AgentResponse::Error(e)) => e,
+                                Ok(r) => format!("unexpected answer {r:?}"),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::warn!(vm = %name, host = %target, error = %msg, "start failed");
+                            OperatorResponse::Error(format!("host {target}: {msg}"))
+                        }
+                    }
+                }),
+        )
+    }
+
+    fn stop(
+        &mut self,
+        name: String,
+        request: AgentRequest,
+    ) -> ResponseActFuture<Self, OperatorResponse> {
+        let row = match self.store.get(&name) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return reply(OperatorResponse::Error(format!(
+                    "failed to get domain '{name}': no domain with matching name"
+                )))
+            }
+            Err(e) => return reply(OperatorResponse::Error(e.to_string())),
+        };
+        let Some(host) = row.placement.clone() else {
+            return reply(OperatorResponse::Error(format!(
+                "Requested operation is not valid: domain '{name}' is not running"
+            )));
+        };
+        let conn = match self.agent_conn(&host) {
+            Ok(c) => c,
+            Err(e) => return reply(OperatorResponse::Error(e)),
+        };
+        self.busy.insert(name.clone());
+        Box::pin(
+            async move { quic::call::<_, AgentResponse>(&conn, &request, AGENT_TIMEOUT).await }
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    act.busy.remove(&name);
+                    match result {
+                        Ok(AgentResponse::Done(msg)) => {
+                            let _ = act.store.set_placement(&name, None, false);
+                            if let Some(h) = act.hosts.get_mut(&host) {
+                                h.facts.vms.retain(|v| v.name != name);
+                            }
+                            OperatorResponse::Done(msg)
+                        }
+                        Ok(AgentResponse::Error(e)) => {
+                            OperatorResponse::Error(format!("host {host}: {e}"))
+                        }
+                        Ok(r) => {
+                            OperatorResponse::Error(format!("host {host}: unexpected answer {r:?}"))
+                        }
+                        Err(e) => OperatorResponse::Error(format!("host {host}: {e}")),
+                    }
+                }),
+        )
+    }
+
+    fn ask_agent(
+        &mut self,
+        host: String,
+        request: AgentRequest,
+        map: impl FnOnce(String, AgentResponse) -> OperatorResponse + 'static,
+    ) -> ResponseActFuture<Self, OperatorResponse> {
+        let conn = match self.agent_conn(&host) {
+            Ok(c) => c,
+            Err(e) => return reply(OperatorResponse::Error(e)),
+        };
+        Box::pin(
+            async move {
+                match quic::call::<_, AgentResponse>(&conn, &request, AGENT_TIMEOUT).await {
+                    Ok(AgentResponse::Error(e)) => {
+                        OperatorResponse::Error(format!("host {host}: {e}"))
+                    }
+                    Ok(r) => map(host, r),
+                    Err(e) => OperatorResponse::Error(format!("host {host}: {e}")),
+                }
+            }
+            .into_actor(self),
+        )
+    }
+
+    fn placed_host(&self, name: &str) -> Result<String, OperatorResponse> {
+        match self.store.get(name) {
+            Ok(Some(VmRow {
+                placement: Some(h), ..
+            })) => Ok(h),
+            Ok(Some(_)) => Err(OperatorResponse::Error(format!(
+                "Requested operation is not valid: domain '{name}' is not running"
+            ))),
+            Ok(None) => Err(OperatorResponse::Error(format!(
+                "failed to get domain '{name}': no domain with matching name"
+            ))),
+            Err(e) => Err(OperatorResponse::Error(e.to_string())),
+        }
+    }
+}
+
+fn reply(r: OperatorResponse) -> ResponseActFuture<Fleet, OperatorResponse> {
+    Box::pin(actix::fut::ready(r))
+}
+
+impl Actor for Fleet {
+    type Context = Context<Self>;
+}
+
+impl Handler<Register> for Fleet {
+    type Result = MessageResult<Register>;
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
+        let host = msg.facts.host.clone();
+        let draining = self
+            .store
+            .hosts()
+            .ok()
+            .and_then(|hs| hs.into_iter().find(|h| h.name == host))
+            .is_some_and(|h| h.draining);
+        let row = HostRow {
+            name: host.clone(),
+            cpus: msg.facts.cpus,
+            memory_mib: msg.facts.memory_mib,
+            draining,
+        };
+        if let Err(e) = self.store.put_host(&row) {
+            return MessageResult(HelloAck::Refused(e.to_string()));
+        }
+        tracing::info!(host = %host, vms = msg.facts.vms.len(), networks = msg.facts.networks.len(), "host registered");
+        self.hosts.insert(
+            host.clone(),
+            HostState {
+                conn: Some(msg.conn),
+                facts: msg.facts,
+                last_seen: Instant::now(),
+            },
+        );
+        self.converge(&host);
+        MessageResult(HelloAck::Accepted {
+            heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
+        })
+    }
+}
+
+impl Handler<Heartbeat> for Fleet {
+    type Result = ();
+
+    fn handle(&mut self, Heartbeat(facts): Heartbeat, _: &mut Self::Context) {
+        let host = facts.host.clone();
+        if let Some(h) = self.hosts.get_mut(&host) {
+            h.facts = facts;
+            h.last_seen = Instant::now();
+            self.converge(&host);
+        }
+    }
+}
+
+impl Handler<VmStopped> for Fleet {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmStopped, _: &mut Self::Context) {
+        tracing::info!(vm = %msg.name, host = %msg.host, reason = %msg.reason, "VM stopped");
+        if let Some(h) = self.hosts.get_mut(&msg.host) {
+            h.facts.vms.retain(|v| v.name != msg.name);
+        }
+        if !self.busy.contains(&msg.name) {
+            if let Ok(Some(row)) = self.store.get(&msg.name) {
+                if row.placement.as_deref() == Some(msg.host.as_str()) {
+                    let _ = self.store.set_placement(&msg.name, None, false);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Disconnected> for Fleet {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnected, _: &mut Self::Context) {
+        if let Some(h) = self.hosts.get_mut(&msg.host) {
+            if h.conn
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == msg.stable_id)
+            {
+                tracing::warn!(host = %msg.host, "host disconnected; its VMs are not moved (no fencing)");
+                h.conn = None;
+            }
+        }
+    }
+}
+
+impl Handler<OperatorCall> for Fleet {
+    type Result = ResponseActFuture<Self, OperatorResponse>;
+
+    fn handle(&mut self, call: OperatorCall, _: &mut Self::Context) -> Self::Result {
+        tracing::debug!(operator = %call.operator, request = ?call.request, "operator request");
+        match call.request {
+            OperatorRequest::Define { xml, source } => reply(self.define(xml, source)),
+            OperatorRequest::Undefine { name } => reply(match self.store.get(&name) {
+                Ok(Some(r)) if r.placement.is_some() => OperatorResponse::Error(format!(
+                    "Requested operation is not valid: domain '{name}' is running; stop it first"
+                )),
+                _ => match self.store.undefine(&name) {
+                    Ok(()) => OperatorResponse::Done(format!("Domain '{name}' has been undefined")),
+                    Err(e) => OperatorResponse::Error(e.to_string()),
+                },
+            }),
+            OperatorRequest::List { all } => reply(match self.store.list() {
+                Ok(rows) => OperatorResponse::Vms(
+                    rows.iter()
+                        .map(|r| {
+                            let (state, host) = self.vm_state(r);
+                            VmListEntry {
+                                name: r.name.clone(),
+                                uuid: r.uuid.clone(),
+                                state,
+                                host,
+                                generation: r.generation,
+                            }
+                        })
+                        .filter(|e| all || e.state != "shut off")
+                        .collect(),
+                ),
+                Err(e) => OperatorResponse::Error(e.to_string()),
+            }),
+            OperatorRequest::DumpXml { name, live: false } => reply(match self.store.get(&name) {
+                Ok(Some(r)) => OperatorResponse::Xml(r.xml),
+                Ok(None) => OperatorResponse::Error(format!(
+                    "failed to get domain '{name}': no domain with matching name"
+                )),
+                Err(e) => OperatorResponse::Error(e.to_string()),
+            }),
+            OperatorRequest::DumpXml { name, live: true } => match self.placed_host(&name) {
+                Err(r) => reply(r),
+                Ok(h) => self.ask_agent(h, AgentRequest::DumpXml { name }, |_, r| match r {
+                    AgentResponse::Xml(x) => OperatorResponse::Xml(x),
+                    other => OperatorResponse::Error(format!("unexpected answer {other:?}")),
+                }),
+            },
+            OperatorRequest::Start { name, host } => self.start(name, host),
+            OperatorRequest::Shutdown { name, timeout_secs } => {
+                self.stop(name.clone(), AgentRequest::Shutdown { name, timeout_secs })
+            }
+            OperatorRequest::Destroy { name } => {
+                self.stop(name.clone(), AgentRequest::Destroy { name })
+            }
+            OperatorRequest::DomDisplay { name } => match self.placed_host(&name) {
+                Err(r) => reply(r),
+                Ok(h) => self.ask_agent(h, AgentRequest::DomDisplay { name }, |host, r| match r {
+                    AgentResponse::Consoles(consoles) => {
+                        OperatorResponse::Consoles { host, consoles }
+                    }
+                    other => OperatorResponse::Error(format!("unexpected answer {other:?}")),
+                }),
+            },
+            OperatorRequest::Hosts => {
+                let rows = self.store.hosts().unwrap_or_default();
+                let entries = rows
+                    .iter()
+                    .map(|r| {
+                        let live = self.hosts.get(&r.name);
+                        HostEntry {
+                            name: r.name.clone(),
+                            state: self.host_state_word(&r.name, r.draining).to_string(),
+                            cpus: live.map_or(r.cpus, |h| h.facts.cpus),
+                            memory_mib: live.map_or(r.memory_mib, |h| h.facts.memory_mib),
+                            vms: live.map_or(0, |h| h.facts.vms.len() as u32),
+                            last_seen_secs: live
+                                .map_or(u64::MAX, |h| h.last_seen.elapsed().as_secs()),
+                        }
+                    })
+                    .collect();
+                reply(OperatorResponse::Hosts(entries))
+            }
+            OperatorRequest::NetList { host } => {
+                self.ask_agent(host, AgentRequest::NetList, |host, r| match r {
+                    AgentResponse::Networks { networks, .. } => {
+                        OperatorResponse::Networks { host, networks }
+                    }
+                    other => OperatorResponse::Error(format!("unexpected answer {other:?}")),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Reconciliation: what the coordinator records versus what a host reports.
+//!
+//! Pure. When an agent (re)registers or heartbeats, it lists the VMs it runs.
+//! The coordinator converges its records to that truth without ever starting
+//! anything: a VM the host runs is placed there; a VM recorded on the host but
+//! no longer running there is marked stopped; a VM that another host is
+//! recorded to run is a conflict to report, never to "fix" by starting or
+//! killing a copy.
+
+use std::collections::BTreeSet;
+
+use crate::store::VmRow;
+
+/// One change to converge the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fix {
+    /// Record that the VM runs on the reporting host.
+    Place {
+        /// The VM.
+        name: String,
+    },
+    /// The VM is recorded on the reporting host but does not run there: mark it stopped.
+    Stopped {
+        /// The VM.
+        name: String,
+    },
+    /// The host runs a VM the records place elsewhere.
+    Conflict {
+        /// The VM.
+        name: String,
+        /// Where the records say it runs.
+        recorded: String,
+    },
+    /// The host runs a VM that has no definition.
+    Unmanaged {
+        /// The VM.
+        name: String,
+    },
+}
+
+/// The fixes that make the records agree with `host` running exactly `running`.
+///
+/// `host_of_record` tells whether another host is known to be running a VM
+/// right now (so a stale record on an unreachable host is not a conflict).
+pub fn reconcile(
+    host: &str,
+    running: &BTreeSet<String>,
+    rows: &[VmRow],
+    other_host_runs: &dyn Fn(&str, &str) -> bool,
+) -> Vec<Fix> {
+    let mut fixes = Vec::new();
+    for name in running {
+        match rows.iter().find(|r| &r.name == name) {
+            None => fixes.push(Fix::Unmanaged { name: name.clone() }),
+            Some(r) => match r.placement.as_deref() {
+                Some(h) if h == host => {}
+                Some(other) if other_host_runs(other, name) => fixes.push(Fix::Conflict {
+                    name: name.clone(),
+                    recorded: other.to_string(),
+                }),
+                _ => fixes.push(Fix::Place { name: name.clone() }),
+            },
+        }
+    }
+    for r in rows {
+        if r.placement.as_deref() == Some(host) && !running.contains(&r.name) {
+            fixes.push(Fix::Stopped {
+                name: r.name.clone(),
+            });
+        }
+    }
+    fixes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, placement: Option<&str>) -> VmRow {
+        VmRow {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            xml: String::new(),
+            generation: 1,
+            want_running: placement.is_some(),
+            placement: placement.map(str::to_string),
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn converges_without_starting_anything() {
+        let rows = vec![
+            row("a", Some("h1")), // still runs on h1: nothing to do
+            row("b", None),       // runs on h1 but was not recorded: place it
+            row("c", Some("h1")), // recorded on h1, gone: stopped
+            row("d", Some("h2")), // runs on h1 but h2 is recorded and still runs it: conflict
+            row("e", Some("h3")), // runs on h1, recorded on unreachable h3: place on h1
+        ];
+        let fixes = reconcile("h1", &set(&["a", "b", "d", "e", "x"]), &rows, &|host, _| {
+            host == "h2"
+        });
+        assert_eq!(
+            fixes,
+            vec![
+                Fix::Place { name: "b".into() },
+                Fix::Conflict {
+                    name: "d".into(),
+                    recorded: "h2".into()
+                },
+                Fix::Place { name: "e".into() },
+                Fix::Unmanaged { name: "x".into() },
+                Fix::Stopped { name: "c".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn agreement_needs_no_fix() {
+        let rows = vec![row("a", Some("h1")), row("b", None)];
+        assert!(reconcile("h1", &set(&["a"]), &rows, &|_, _| false).is_empty());
+    }
+}

@@ -1,0 +1,355 @@
+//! The coordinator's durable state, behind the [`Store`] trait.
+//!
+//! Today the backend is redb, embedded in `--data-dir`; the trait is small so
+//! a replicated backend can replace it without touching callers. A write is
+//! durable when the call returns (redb commits with `Durability::Immediate`),
+//! so an operator who heard "ok" never loses a definition to a crash.
+//!
+//! Schema (one place, never renamed; a retired table is left in place):
+//!
+//! | table         | key        | value                    | written by      |
+//! |---------------|------------|--------------------------|-----------------|
+//! | `meta`        | `"schema"` | schema version (`"1"`)   | open            |
+//! | `definitions` | VM name    | [`VmRow`] as JSON        | define/start/…  |
+//! | `uuids`       | VM UUID    | VM name                  | define/undefine |
+//! | `hosts`       | host name  | [`HostRow`] as JSON      | agent register  |
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
+const UUIDS: TableDefinition<&str, &str> = TableDefinition::new("uuids");
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const SCHEMA_VERSION: &str = "1";
+
+/// A stored VM: its definition and where the fleet wants it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRow {
+    /// Name (key).
+    pub name: String,
+    /// UUID, unique across the fleet.
+    pub uuid: String,
+    /// The persistent, host-independent definition XML.
+    pub xml: String,
+    /// Bumped on every define.
+    pub generation: u64,
+    /// Whether an operator wants it running.
+    pub want_running: bool,
+    /// The host it runs on, as far as the coordinator knows.
+    pub placement: Option<String>,
+}
+
+/// A host the fleet has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRow {
+    /// Name (key).
+    pub name: String,
+    /// CPUs it reported.
+    pub cpus: u32,
+    /// Memory it reported, in MiB.
+    pub memory_mib: u64,
+    /// The scheduler must not place here.
+    pub draining: bool,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed.
+    #[error("store: {0}")]
+    Backend(String),
+    /// The database was written by a newer Flotilla.
+    #[error("store schema version {found} is not {expected}; refusing to touch it")]
+    Schema {
+        /// What the file says.
+        found: String,
+        /// What this build writes.
+        expected: &'static str,
+    },
+    /// The name is taken by another UUID.
+    #[error("domain '{name}' already exists with uuid {uuid}")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The UUID holding it.
+        uuid: String,
+    },
+    /// The UUID is taken by another name.
+    #[error("domain '{name}' is already defined with uuid {uuid}")]
+    UuidTaken {
+        /// The name holding the UUID.
+        name: String,
+        /// The UUID.
+        uuid: String,
+    },
+    /// No such VM.
+    #[error("failed to get domain '{0}': no domain with matching name")]
+    NotFound(String),
+}
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// What a define asks to store.
+#[derive(Debug, Clone)]
+pub struct NewDefinition {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Persistent XML.
+    pub xml: String,
+}
+
+/// The coordinator's durable state.
+pub trait Store: Send + Sync {
+    /// Stores or updates a definition; names and UUIDs stay unique. Durable on return.
+    fn define(&self, def: NewDefinition) -> Result<VmRow, StoreError>;
+    /// Removes a definition.
+    fn undefine(&self, name: &str) -> Result<(), StoreError>;
+    /// One VM.
+    fn get(&self, name: &str) -> Result<Option<VmRow>, StoreError>;
+    /// Every VM, by name.
+    fn list(&self) -> Result<Vec<VmRow>, StoreError>;
+    /// Records where a VM runs and whether it should. Durable on return.
+    fn set_placement(
+        &self,
+        name: &str,
+        placement: Option<String>,
+        want_running: bool,
+    ) -> Result<VmRow, StoreError>;
+    /// Records a host.
+    fn put_host(&self, host: &HostRow) -> Result<(), StoreError>;
+    /// Every host, by name.
+    fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+}
+
+/// The embedded redb backend.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
+        let db = Database::create(dir.join("flotilla.redb")).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            let found = meta
+                .get("schema")
+                .map_err(backend)?
+                .map(|v| v.value().to_string());
+            match found {
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION).map_err(backend)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(found) => {
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    })
+                }
+            }
+            txn.open_table(DEFINITIONS).map_err(backend)?;
+            txn.open_table(UUIDS).map_err(backend)?;
+            txn.open_table(HOSTS).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(backend)
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(backend)
+}
+
+impl Store for RedbStore {
+    fn define(&self, def: NewDefinition) -> Result<VmRow, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let row = {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let mut uuids = txn.open_table(UUIDS).map_err(backend)?;
+            let existing: Option<VmRow> = match defs.get(def.name.as_str()).map_err(backend)? {
+                Some(v) => Some(decode(v.value())?),
+                None => None,
+            };
+            if let Some(e) = &existing {
+                if e.uuid != def.uuid {
+                    return Err(StoreError::NameTaken {
+                        name: def.name,
+                        uuid: e.uuid.clone(),
+                    });
+                }
+            }
+            if let Some(holder) = uuids.get(def.uuid.as_str()).map_err(backend)? {
+                if holder.value() != def.name {
+                    return Err(StoreError::UuidTaken {
+                        name: holder.value().to_string(),
+                        uuid: def.uuid,
+                    });
+                }
+            }
+            let row = VmRow {
+                generation: existing.as_ref().map_or(1, |e| e.generation + 1),
+                want_running: existing.as_ref().is_some_and(|e| e.want_running),
+                placement: existing.and_then(|e| e.placement),
+                name: def.name,
+                uuid: def.uuid,
+                xml: def.xml,
+            };
+            defs.insert(row.name.as_str(), encode(&row)?.as_slice())
+                .map_err(backend)?;
+            uuids
+                .insert(row.uuid.as_str(), row.name.as_str())
+                .map_err(backend)?;
+            row
+        };
+        txn.commit().map_err(backend)?;
+        Ok(row)
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let row: VmRow = match defs.remove(name).map_err(backend)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(name.to_string())),
+            };
+            let mut uuids = txn.open_table(UUIDS).map_err(backend)?;
+            uuids.remove(row.uuid.as_str()).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn get(&self, name: &str) -> Result<Option<VmRow>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+        match defs.get(name).map_err(backend)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<VmRow>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in defs.iter().map_err(backend)? {
+            let (_, v) = item.map_err(backend)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn set_placement(
+        &self,
+        name: &str,
+        placement: Option<String>,
+        want_running: bool,
+    ) -> Result<VmRow, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let row = {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let mut row: VmRow = match defs.get(name).map_err(backend)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(name.to_string())),
+            };
+            row.placement = placement;
+            row.want_running = want_running;
+            defs.insert(name, encode(&row)?.as_slice())
+                .map_err(backend)?;
+            row
+        };
+        txn.commit().map_err(backend)?;
+        Ok(row)
+    }
+
+    fn put_host(&self, host: &HostRow) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut hosts = txn.open_table(HOSTS).map_err(backend)?;
+            hosts
+                .insert(host.name.as_str(), encode(host)?.as_slice())
+                .map_err(backend)?;
+        }
+        txn.commit().map_err(backend)
+    }
+
+    fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let hosts = txn.open_table(HOSTS).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in hosts.iter().map_err(backend)? {
+            let (_, v) = item.map_err(backend)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str, uuid: &str) -> NewDefinition {
+        NewDefinition {
+            name: name.into(),
+            uuid: uuid.into(),
+            xml: format!("<domain><name>{name}</name></domain>"),
+        }
+    }
+
+    #[test]
+    fn define_is_unique_by_name_and_uuid_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = RedbStore::open(dir.path()).expect("open");
+            assert_eq!(s.define(def("web01", "u1")).expect("define").generation, 1);
+            assert_eq!(
+                s.define(def("web01", "u1")).expect("redefine").generation,
+                2
+            );
+            let e = s.define(def("web01", "u2")).expect_err("name taken");
+            assert_eq!(e.to_string(), "domain 'web01' already exists with uuid u1");
+            let e = s.define(def("web02", "u1")).expect_err("uuid taken");
+            assert_eq!(
+                e.to_string(),
+                "domain 'web01' is already defined with uuid u1"
+            );
+            s.set_placement("web01", Some("host-a".into()), true)
+                .expect("place");
+        }
+        let s = RedbStore::open(dir.path()).expect("reopen");
+        let row = s.get("web01").expect("get").expect("present");
+        assert_eq!(row.generation, 2);
+        assert_eq!(row.placement.as_deref(), Some("host-a"));
+        assert_eq!(
+            s.list().expect("list").len(),
+            1,
+            "rejected defines stored nothing"
+        );
+        s.undefine("web01").expect("undefine");
+        assert!(
+            s.define(def("web02", "u1")).is_ok(),
+            "uuid freed by undefine"
+        );
+        assert_eq!(
+            s.undefine("nope").expect_err("missing").to_string(),
+            "failed to get domain 'nope': no domain with matching name"
+        );
+    }
+}

@@ -1,0 +1,575 @@
+//! The wire protocol: every message that crosses a process boundary.
+//!
+//! This module is a stability boundary: messages are closed enums, every frame
+//! carries a protocol version, and a peer accepts its own version and the one
+//! before it. Encoding is bincode 2 behind a 4-byte big-endian length, and
+//! every decode is bounded by [`MAX_FRAME`].
+//!
+//! ```text
+//! operator (flotilla)          coordinator                      agent (per host)
+//!   │  QUIC+mTLS (role operator)   │   QUIC+mTLS (role agent)        │
+//!   │                              │◀──── bi: AgentHello::Register ──│ facts: CPUs, memory,
+//!   │                              │───── bi: HelloAck ─────────────▶│ networks, running VMs
+//!   │                              │◀──── uni: AgentEvent::Heartbeat │ every few seconds
+//!   │── bi: OperatorRequest ──────▶│                                 │
+//!   │                              │───── bi: AgentRequest ─────────▶│ (start, shutdown, …)
+//!   │                              │◀──── AgentResponse ─────────────│
+//!   │◀─ OperatorResponse ──────────│                                 │
+//! ```
+//!
+//! Pure: no sockets here; `net` moves these frames over QUIC.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = PROTOCOL_VERSION.saturating_sub(1);
+/// Largest frame accepted, in bytes (payload, without the length prefix).
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// One framed message: the sender's protocol version and the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// The sender's protocol version.
+    pub version: u32,
+    /// The message.
+    pub body: T,
+}
+
+/// A frame could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The bytes are not a message of the expected type.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer speaks a version this build does not.
+    #[error("unsupported protocol version {got} (this build speaks {min} to {max})")]
+    UnsupportedVersion {
+        /// The peer's version.
+        got: u32,
+        /// Oldest accepted.
+        min: u32,
+        /// Newest accepted.
+        max: u32,
+    },
+    /// The stream ended or failed.
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+fn config() -> bincode::config::Configuration<
+    bincode::config::BigEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> {
+    bincode::config::standard()
+        .with_big_endian()
+        .with_limit::<MAX_FRAME>()
+}
+
+/// Encodes `body` as a length-prefixed frame of the current version.
+pub fn encode_frame<T: Serialize>(body: &T) -> Result<Vec<u8>, FrameError> {
+    let envelope = Envelope {
+        version: PROTOCOL_VERSION,
+        body,
+    };
+    let payload = bincode::serde::encode_to_vec(&envelope, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if payload.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            limit: MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Reads a frame's length prefix, refusing lengths over the limit.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len,
+            limit: MAX_FRAME,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame's payload (after the length prefix), checking the version.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    if payload.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            limit: MAX_FRAME,
+        });
+    }
+    // The version comes first, so a peer from the future is told so rather than "malformed".
+    let (version, _): (u32, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        return Err(FrameError::UnsupportedVersion {
+            got: version,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        });
+    }
+    let (envelope, used): (Envelope<T>, usize) =
+        bincode::serde::decode_from_slice(payload, config())
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the message",
+            payload.len() - used
+        )));
+    }
+    Ok(envelope.body)
+}
+
+/// Decodes one whole frame (prefix and payload) from `bytes`.
+pub fn decode_frame<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let Some((prefix, payload)) = bytes.split_first_chunk::<4>() else {
+        return Err(FrameError::Malformed("shorter than a length prefix".into()));
+    };
+    let len = frame_len(*prefix)?;
+    if payload.len() != len {
+        return Err(FrameError::Malformed(format!(
+            "length prefix says {len} bytes, frame has {}",
+            payload.len()
+        )));
+    }
+    decode_payload(payload)
+}
+
+// ---------------------------------------------------------------- agent ⇄ host
+
+/// A request to a host agent, from the coordinator or the local control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentRequest {
+    /// Start a VM from its definition XML (host-independent).
+    Start {
+        /// The XML text.
+        xml: String,
+        /// Where it came from, for error messages.
+        source: String,
+    },
+    /// ACPI shutdown, escalating after `timeout_secs`.
+    Shutdown {
+        /// The VM.
+        name: String,
+        /// Seconds the guest gets.
+        timeout_secs: u64,
+    },
+    /// Kill a VM.
+    Destroy {
+        /// The VM.
+        name: String,
+    },
+    /// Running VMs.
+    List,
+    /// A VM's consoles.
+    DomDisplay {
+        /// The VM.
+        name: String,
+    },
+    /// A VM's live XML.
+    DumpXml {
+        /// The VM.
+        name: String,
+    },
+    /// Host networks with their current addresses.
+    NetList,
+    /// Re-read the networks directory.
+    ReloadNetworks,
+}
+
+/// One console as reported to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleInfo {
+    /// `vnc://198.18.0.1:5900` and friends.
+    pub uri: String,
+    /// The network the address came from.
+    pub network: Option<String>,
+    /// Whether a password protects it (loopback-only consoles count as protected).
+    pub authenticated: bool,
+}
+
+/// One running VM on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// QEMU pid.
+    pub pid: i32,
+    /// QEMU run state (`running`, `paused`, …).
+    pub state: String,
+    /// Consoles.
+    pub consoles: Vec<ConsoleInfo>,
+}
+
+/// A host network and what it resolves to now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStatus {
+    /// Name.
+    pub name: String,
+    /// Forward mode (`bridge`, `nat`, …, or `isolated`).
+    pub mode: String,
+    /// The device the address comes from, if any.
+    pub device: Option<String>,
+    /// The address, when it resolves.
+    pub address: Option<String>,
+    /// Why it does not resolve.
+    pub error: Option<String>,
+}
+
+/// An agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentResponse {
+    /// A VM started.
+    Started {
+        /// The VM.
+        vm: VmSummary,
+        /// Its live XML.
+        live_xml: String,
+        /// Warnings (e.g. an unauthenticated console on a public address).
+        warnings: Vec<String>,
+    },
+    /// An action finished.
+    Done(String),
+    /// Running VMs.
+    Vms(Vec<VmSummary>),
+    /// Consoles of one VM.
+    Consoles(Vec<ConsoleInfo>),
+    /// XML text.
+    Xml(String),
+    /// Host networks.
+    Networks {
+        /// Each network.
+        networks: Vec<NetStatus>,
+        /// Files in the networks directory that were skipped, and why.
+        problems: Vec<String>,
+    },
+    /// The request failed.
+    Error(String),
+}
+
+/// What a host tells the coordinator about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// Host name (must match the agent certificate's identity).
+    pub host: String,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// Total memory in MiB.
+    pub memory_mib: u64,
+    /// Every network with its current address or error.
+    pub networks: Vec<NetStatus>,
+    /// Every VM running on the host.
+    pub vms: Vec<VmSummary>,
+}
+
+/// The first message on an agent's connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentHello {
+    /// Register this host.
+    Register(HostFacts),
+}
+
+/// The coordinator's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloAck {
+    /// Registered; heartbeats are expected every `heartbeat_secs`.
+    Accepted {
+        /// Heartbeat interval.
+        heartbeat_secs: u64,
+    },
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+/// Unsolicited agent → coordinator messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentEvent {
+    /// Periodic liveness with fresh facts.
+    Heartbeat(HostFacts),
+    /// A VM's QEMU went away.
+    VmStopped {
+        /// The VM.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+// ------------------------------------------------------ client → coordinator
+
+/// Every stream a client opens to the coordinator starts with one of these.
+///
+/// The coordinator dispatches on (certificate role, variant), so an agent
+/// certificate cannot make operator requests and an operator certificate
+/// cannot register as a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// An agent registering its host.
+    Hello(AgentHello),
+    /// An operator request.
+    Operator(OperatorRequest),
+}
+
+/// The coordinator's reply on a client-opened stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// Answer to [`ClientMessage::Hello`].
+    Hello(HelloAck),
+    /// Answer to [`ClientMessage::Operator`].
+    Operator(OperatorResponse),
+}
+
+// ---------------------------------------------------------- operator ⇄ fleet
+
+/// A request from an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorRequest {
+    /// Store a definition (domain XML).
+    Define {
+        /// The XML text.
+        xml: String,
+        /// The file it came from.
+        source: String,
+    },
+    /// Remove a stopped VM's definition.
+    Undefine {
+        /// The VM.
+        name: String,
+    },
+    /// VMs; with `all`, also the ones not running.
+    List {
+        /// Include stopped VMs.
+        all: bool,
+    },
+    /// The stored definition, or with `live` the running VM's live XML.
+    DumpXml {
+        /// The VM.
+        name: String,
+        /// Ask the VM's host for its live XML.
+        live: bool,
+    },
+    /// Start a VM, on `host` or where the scheduler chooses.
+    Start {
+        /// The VM.
+        name: String,
+        /// A host to insist on.
+        host: Option<String>,
+    },
+    /// ACPI shutdown.
+    Shutdown {
+        /// The VM.
+        name: String,
+        /// Seconds before escalating.
+        timeout_secs: u64,
+    },
+    /// Kill a VM.
+    Destroy {
+        /// The VM.
+        name: String,
+    },
+    /// Where a VM's consoles listen now.
+    DomDisplay {
+        /// The VM.
+        name: String,
+    },
+    /// The fleet's hosts.
+    Hosts,
+    /// A host's networks.
+    NetList {
+        /// The host.
+        host: String,
+    },
+}
+
+/// One VM in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmListEntry {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// `running` or `shut off` (libvirt's words), or `unknown` while its host is unreachable.
+    pub state: String,
+    /// Where it runs.
+    pub host: Option<String>,
+    /// Definition generation.
+    pub generation: u64,
+}
+
+/// One host in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEntry {
+    /// Name.
+    pub name: String,
+    /// `connected`, `unreachable` or `draining`.
+    pub state: String,
+    /// CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// VMs running there.
+    pub vms: u32,
+    /// Seconds since the last heartbeat.
+    pub last_seen_secs: u64,
+}
+
+/// The coordinator's answer to an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorResponse {
+    /// A definition was stored durably.
+    Defined {
+        /// The VM.
+        name: String,
+        /// Its UUID.
+        uuid: String,
+        /// The new generation.
+        generation: u64,
+        /// Warnings (e.g. a pinned host-specific address).
+        warnings: Vec<String>,
+    },
+    /// An action finished.
+    Done(String),
+    /// VMs.
+    Vms(Vec<VmListEntry>),
+    /// XML text.
+    Xml(String),
+    /// A VM started.
+    Started {
+        /// The VM.
+        name: String,
+        /// Where.
+        host: String,
+        /// Its consoles.
+        consoles: Vec<ConsoleInfo>,
+        /// Why this host (the scheduler's ranking).
+        explanation: String,
+        /// Warnings from the host.
+        warnings: Vec<String>,
+    },
+    /// Consoles of a VM and the host they are on.
+    Consoles {
+        /// The host.
+        host: String,
+        /// The consoles.
+        consoles: Vec<ConsoleInfo>,
+    },
+    /// Hosts.
+    Hosts(Vec<HostEntry>),
+    /// A host's networks.
+    Networks {
+        /// The host.
+        host: String,
+        /// Its networks.
+        networks: Vec<NetStatus>,
+    },
+    /// The request failed.
+    Error(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let req = OperatorRequest::Start {
+            name: "web01".into(),
+            host: Some("host-a".into()),
+        };
+        let bytes = encode_frame(&req).expect("encode");
+        assert_eq!(decode_frame::<OperatorRequest>(&bytes), Ok(req));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading() {
+        let prefix = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert_eq!(
+            frame_len(prefix),
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME + 1,
+                limit: MAX_FRAME
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_versions_are_named() {
+        let future = Envelope {
+            version: PROTOCOL_VERSION + 5,
+            body: OperatorRequest::Hosts,
+        };
+        let payload = bincode::serde::encode_to_vec(&future, config()).expect("encode");
+        assert_eq!(
+            decode_payload::<OperatorRequest>(&payload),
+            Err(FrameError::UnsupportedVersion {
+                got: PROTOCOL_VERSION + 5,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION
+            })
+        );
+        let previous = Envelope {
+            version: MIN_PROTOCOL_VERSION,
+            body: OperatorRequest::Hosts,
+        };
+        let payload = bincode::serde::encode_to_vec(&previous, config()).expect("encode");
+        assert_eq!(
+            decode_payload::<OperatorRequest>(&payload),
+            Ok(OperatorRequest::Hosts)
+        );
+    }
+
+    #[test]
+    fn trailing_garbage_is_malformed() {
+        let mut bytes = encode_frame(&OperatorRequest::Hosts).expect("encode");
+        bytes.push(0);
+        let len = (bytes.len() - 4) as u32;
+        bytes[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode_frame::<OperatorRequest>(&bytes),
+            Err(FrameError::Malformed(m)) if m.contains("trailing")
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<OperatorRequest>(&bytes);
+            let _ = decode_frame::<AgentHello>(&bytes);
+            let _ = decode_frame::<AgentEvent>(&bytes);
+            let _ = decode_payload::<OperatorResponse>(&bytes);
+            let _ = decode_payload::<AgentRequest>(&bytes);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(idx in 0usize..64, val in any::<u8>(), name in "[a-z]{0,20}") {
+            let mut bytes = encode_frame(&OperatorRequest::Define { xml: name.clone(), source: name }).expect("encode");
+            let i = idx % bytes.len();
+            bytes[i] = val;
+            let _ = decode_frame::<OperatorRequest>(&bytes);
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The coordinator and agents as operators run them: certificates, QUIC with
+//! mutual TLS, host-independent definitions started on hosts that resolve
+//! `public` differently, scheduling that explains itself, durable defines.
+
+#![allow(clippy::expect_used)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use flotilla_tests::{
+    bin, domain_xml, flotilla, new_uuid, output, rfb_banner, wait_until, AgentDaemon, AgentDirs,
+    CoordinatorProcess, Netns,
+};
+
+const COORD: &str = "198.19.0.1:7443";
+const VNC_PUBLIC: &str =
+    "<graphics type='vnc'><listen type='network' network='public'/></graphics>";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn certs(dir: &Path, args: &[&str]) {
+    let mut c = std::process::Command::new(bin("flotilla"));
+    c.arg("certs").args(args).arg("--dir").arg(dir);
+    let o = output(c);
+    assert!(o.status.success(), "certs {args:?}: {}", text(&o));
+}
+
+/// The coordinator's namespace with a management bridge at 198.19.0.1.
+fn control_plane() -> Netns {
+    let ctl = Netns::new("ctl");
+    ctl.bridge("fleet0", Some("198.19.0.1/24"));
+    ctl
+}
+
+/// A host namespace on the management bridge at 198.19.0.`n`.
+fn host(ctl: &Netns, n: u8) -> Netns {
+    let h = Netns::new(&format!("h{n}"));
+    ctl.veth_to(
+        &format!("mg{n}"),
+        None,
+        Some("fleet0"),
+        &h,
+        "mgmt0",
+        &format!("198.19.0.{n}/24"),
+    );
+    h
+}
+
+struct Fleet {
+    ctl: Netns,
+    hosts: Vec<(Netns, AgentDirs, String)>,
+    tls: PathBuf,
+    work: tempfile::TempDir,
+    _coordinator: CoordinatorProcess,
+    _agents: Vec<AgentDaemon>,
+    /// Far ends of uplink veths: deleting a namespace deletes both ends.
+    _peers: Vec<Netns>,
+}
+
+impl Fleet {
+    fn cli(&self, args: &[&str]) -> Output {
+        flotilla(&self.ctl, COORD, &self.tls, args)
+    }
+}
+
+/// host-a: `public` is bridge br0 at 198.18.1.1; host-b: `public` is a
+/// macvtap-style uplink at 198.18.2.1; host-c has no `public` at all.
+fn fleet() -> Fleet {
+    let work = tempfile::Builder::new()
+        .prefix("flt-fleet-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let tls = work.path().join("tls");
+    certs(&tls, &["init"]);
+    let ctl = control_plane();
+    let coordinator = CoordinatorProcess::start(
+        &ctl,
+        COORD,
+        &work.path().join("data"),
+        &tls,
+        &work.path().join("coordinator.log"),
+    );
+    let mut hosts = Vec::new();
+    let mut agents = Vec::new();
+    let mut peers = Vec::new();
+    for (n, name) in [(11u8, "host-a"), (12, "host-b"), (13, "host-c")] {
+        let mut c = std::process::Command::new(bin("flotilla"));
+        c.args(["certs", "issue", "--agent", name])
+            .arg("--dir")
+            .arg(&tls);
+        assert!(output(c).status.success());
+        let h = host(&ctl, n);
+        let dirs = AgentDirs::new();
+        match name {
+            "host-a" => {
+                h.bridge("br0", Some("198.18.1.1/24"));
+                dirs.network("public", "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>");
+            }
+            "host-b" => {
+                let peer = Netns::new("peer");
+                h.veth_to(
+                    "uplink0",
+                    Some("198.18.2.1/24"),
+                    None,
+                    &peer,
+                    "eth0",
+                    "198.18.2.100/24",
+                );
+                peers.push(peer);
+                dirs.network(
+                    "public",
+                    "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+                );
+            }
+            _ => dirs.network(
+                "mgmt",
+                "<network><name>mgmt</name><forward mode='bridge' dev='mgmt0'/></network>",
+            ),
+        }
+        let tls_arg = tls.to_str().expect("utf8").to_string();
+        agents.push(AgentDaemon::start(
+            &h,
+            name,
+            &dirs,
+            &["--coordinator", COORD, "--tls-dir", &tls_arg],
+        ));
+        hosts.push((h, dirs, name.to_string()));
+    }
+    let f = Fleet {
+        ctl,
+        hosts,
+        tls,
+        work,
+        _coordinator: coordinator,
+        _agents: agents,
+        _peers: peers,
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let o = f.cli(&["hosts"]);
+            text(&o).matches(" connected ").count() == 3
+        }),
+        "hosts never all connected: {}",
+        text(&f.cli(&["hosts"]))
+    );
+    f
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn one_definition_gets_each_hosts_own_console_address() {
+    let f = fleet();
+    let xml = f.work.path().join("web01.xml");
+    std::fs::write(&xml, domain_xml("web01", &new_uuid(), VNC_PUBLIC)).expect("write");
+    let o = f.cli(&["define", xml.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    for (host, addr, idx) in [
+        ("host-a", "198.18.1.1", 0usize),
+        ("host-b", "198.18.2.1", 1),
+    ] {
+        let o = f.cli(&["start", "web01", "--host", host]);
+        assert!(o.status.success(), "start on {host}: {}", text(&o));
+        let o = f.cli(&["domdisplay", "web01"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).lines().next(),
+            Some(format!("vnc://{addr}:5900  (unauthenticated)").as_str()),
+            "{host}"
+        );
+        let a = ip(addr);
+        let banner = f.hosts[idx]
+            .0
+            .run(move || rfb_banner(a, 5900))
+            .expect("VNC");
+        assert!(banner.starts_with("RFB 003.00"), "{banner:?}");
+        let stored = f.cli(&["dumpxml", "web01"]);
+        assert!(
+            !text(&stored).contains("198.18"),
+            "dumpxml leaks an address: {}",
+            text(&stored)
+        );
+        assert!(
+            text(&stored).contains("network=\"public\""),
+            "{}",
+            text(&stored)
+        );
+        let live = f.cli(&["dumpxml", "web01", "--live"]);
+        assert!(
+            text(&live).contains(&format!("address=\"{addr}\"")),
+            "{}",
+            text(&live)
+        );
+        let o = f.cli(&["destroy", "web01"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
+    // Without --host the scheduler never picks host-c, which lacks `public`.
+    for _ in 0..3 {
+        let o = f.cli(&["start", "web01"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(!text(&o).contains("started on host-c"), "{}", text(&o));
+        assert!(f.cli(&["destroy", "web01"]).status.success());
+    }
+    let o = f.cli(&["start", "web01", "--host", "host-c"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("host-c: network 'public' is not defined"),
+        "{}",
+        text(&o)
+    );
+    let list = f.cli(&["list", "--all", "--json"]);
+    assert!(
+        text(&list).contains("\"state\": \"shut off\""),
+        "{}",
+        text(&list)
+    );
+}
+
+#[test]
+fn defines_acknowledged_before_a_kill_9_survive() {
+    let work = tempfile::Builder::new()
+        .prefix("flt-durable-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let tls = work.path().join("tls");
+    certs(&tls, &["init"]);
+    let ctl = control_plane();
+    let data = work.path().join("data");
+    let log = work.path().join("coordinator.log");
+    let mut coordinator = CoordinatorProcess::start(&ctl, COORD, &data, &tls, &log);
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The kill lands from another thread while the define loop is mid-flight.
+    let killer = {
+        let acks = acks.clone();
+        std::thread::spawn(move || {
+            wait_until(Duration::from_secs(120), || {
+                acks.load(std::sync::atomic::Ordering::SeqCst) >= 100
+            });
+            coordinator.kill9();
+        })
+    };
+    let mut acknowledged = Vec::new();
+    for i in 0..200 {
+        let name = format!("vm{i:03}");
+        let file = work.path().join(format!("{name}.xml"));
+        std::fs::write(&file, domain_xml(&name, &new_uuid(), VNC_PUBLIC)).expect("write");
+        let o = flotilla(&ctl, COORD, &tls, &["define", file.to_str().expect("utf8")]);
+        if !o.status.success() {
+            break; // the coordinator is gone: the run ends here, as an operator's would
+        }
+        acknowledged.push(name);
+        acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    killer.join().expect("killer thread");
+    assert!(
+        acknowledged.len() >= 100,
+        "only {} defines acknowledged",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() < 200,
+        "the kill never interrupted the run"
+    );
+    let _restarted = CoordinatorProcess::start(&ctl, COORD, &data, &tls, &log);
+    let list = flotilla(&ctl, COORD, &tls, &["list", "--all", "--json"]);
+    let listed = text(&list);
+    for name in &acknowledged {
+        assert!(
+            listed.contains(&format!("\"name\": \"{name}\"")),
+            "{name} lost"
+        );
+    }
+}
+
+#[test]
+fn certificates_fail_closed() {
+    let f = fleet();
+    // An operator certificate from another CA.
+    let other = f.work.path().join("other-ca");
+    certs(&other, &["init"]);
+    let mut mixed = other.clone();
+    mixed.push("ca.pem");
+    let foreign = f.work.path().join("foreign");
+    std::fs::create_dir_all(&foreign).expect("mkdir");
+    // Trust the real CA (so only the client side is foreign).
+    std::fs::copy(f.tls.join("ca.pem"), foreign.join("ca.pem")).expect("ca");
+    std::fs::copy(
+        other.join("operator-admin.pem"),
+        foreign.join("operator-admin.pem"),
+    )
+    .expect("cert");
+    std::fs::copy(
+        other.join("operator-admin-key.pem"),
+        foreign.join("operator-admin-key.pem"),
+    )
+    .expect("key");
+    let o = flotilla(&f.ctl, COORD, &foreign, &["hosts"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "foreign CA accepted: {}",
+        text(&o)
+    );
+
+    // An agent certificate making operator requests.
+    let posing = f.work.path().join("posing");
+    std::fs::create_dir_all(&posing).expect("mkdir");
+    std::fs::copy(f.tls.join("ca.pem"), posing.join("ca.pem")).expect("ca");
+    std::fs::copy(
+        f.tls.join("agent-host-a.pem"),
+        posing.join("operator-admin.pem"),
+    )
+    .expect("cert");
+    std::fs::copy(
+        f.tls.join("agent-host-a-key.pem"),
+        posing.join("operator-admin-key.pem"),
+    )
+    .expect("key");
+    let o = flotilla(&f.ctl, COORD, &posing, &["list", "--all"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains(
+            "permission denied: agent certificate 'host-a' cannot make operator requests"
+        ),
+        "{}",
+        text(&o)
+    );
+
+    // An agent certificate registering as another host, and an operator
+    // certificate posing as an agent: both refused, neither host appears.
+    for (cert, name, words) in [
+        (
+            "agent-host-a",
+            "host-x",
+            "certificate is for host 'host-a', cannot register as 'host-x'",
+        ),
+        (
+            "operator-admin",
+            "host-y",
+            "operator certificate 'admin' cannot register as an agent",
+        ),
+    ] {
+        let dir = f.work.path().join(format!("as-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(f.tls.join("ca.pem"), dir.join("ca.pem")).expect("ca");
+        std::fs::copy(
+            f.tls.join(format!("{cert}.pem")),
+            dir.join(format!("agent-{name}.pem")),
+        )
+        .expect("cert");
+        std::fs::copy(
+            f.tls.join(format!("{cert}-key.pem")),
+            dir.join(format!("agent-{name}-key.pem")),
+        )
+        .expect("key");
+        let h = host(&f.ctl, if name == "host-x" { 21 } else { 22 });
+        let dirs = AgentDirs::new();
+        let log = dirs.root.path().join(format!("agent-{name}.log"));
+        let _agent = AgentDaemon::start(
+            &h,
+            name,
+            &dirs,
+            &[
+                "--coordinator",
+                COORD,
+                "--tls-dir",
+                dir.to_str().expect("utf8"),
+            ],
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains(words))),
+            "{name}: expected refusal {words:?} in agent log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let hosts = text(&f.cli(&["hosts"]));
+        assert!(!hosts.contains(name), "{name} registered: {hosts}");
+    }
+    // A client that presents no certificate at all gets nothing.
+    let ca = f.tls.join("ca.pem");
+    let outcome = f.ctl.run(move || without_client_certificate(&ca));
+    let err = outcome.expect_err("coordinator answered a client with no certificate");
+    eprintln!("no-certificate client: {err}");
+    assert!(
+        err.contains("certificate"),
+        "refused for the wrong reason: {err}"
+    );
+    let _ = &f.hosts;
+}
+
+fn tracing_free_log(reply: &flotilla_shared::proto::ServerMessage) {
+    eprintln!("coordinator answered a certificate-less client: {reply:?}");
+}
+
+/// Connects with a TLS client that trusts the fleet CA but presents no
+/// certificate, and tries one request. Ok means the coordinator answered.
+fn without_client_certificate(ca: &Path) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+            roots
+                .add(c.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![flotilla_shared::net::tls::ALPN.to_vec()];
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| e.to_string())?;
+        let config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+        let addr = COORD
+            .parse()
+            .map_err(|e: std::net::AddrParseError| e.to_string())?;
+        let conn = flotilla_shared::net::quic::connect(addr, config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply: flotilla_shared::proto::ServerMessage = flotilla_shared::net::quic::call(
+            &conn,
+            &flotilla_shared::proto::ClientMessage::Operator(
+                flotilla_shared::proto::OperatorRequest::Hosts,
+            ),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| match conn.close_reason() {
+            // The coordinator's TLS alert says why it closed the connection.
+            Some(reason) => reason.to_string(),
+            None => e.to_string(),
+        })?;
+        tracing_free_log(&reply);
+        Ok(())
+    })
+}
