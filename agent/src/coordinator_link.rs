@@ -105,7 +105,17 @@ async fn session(
             },
             _ = tick.tick() => {
                 let facts = gather_facts(agent, &settings.host).await;
-                quic::notify(&conn, &AgentEvent::Heartbeat(facts)).await?;
+                // An unanswered heartbeat means the coordinator is gone: redial
+                // now rather than at the transport's idle timeout.
+                let ack: ServerMessage = quic::call(
+                    &conn,
+                    &ClientMessage::Event(AgentEvent::Heartbeat(facts)),
+                    (interval * 3).max(Duration::from_secs(3)),
+                )
+                .await?;
+                if ack != ServerMessage::Ack {
+                    return Err(LinkError::Refused(format!("heartbeat answered with {ack:?}")));
+                }
             }
         }
     }

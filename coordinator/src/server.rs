@@ -2,8 +2,9 @@
 //!
 //! The TLS handshake has already required a certificate from the fleet CA;
 //! here the certificate's role and identity decide what the peer may do, in
-//! one `match` over (role, first message). A bad frame gets an error reply and
-//! ends that stream only.
+//! one `match` over (role, message). Every message, heartbeats included, is a
+//! request on its own bidirectional stream with a reply. A bad frame gets an
+//! error reply and ends that stream only.
 
 use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
@@ -41,31 +42,8 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>) {
     let span = tracing::info_span!("conn", %remote, role = ?who.role, name = %who.name);
     let _enter = span.enter();
     tracing::debug!("connected");
-    loop {
-        tokio::select! {
-            bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => {
-                    actix::spawn(stream(send, recv, who.clone(), conn.clone(), fleet.clone()));
-                }
-                Err(_) => break,
-            },
-            uni = conn.accept_uni() => match uni {
-                Ok(mut recv) if who.role == Role::Agent => {
-                    let fleet = fleet.clone();
-                    let host = who.name.clone();
-                    actix::spawn(async move {
-                        match quic::read_frame::<AgentEvent>(&mut recv).await {
-                            Ok(AgentEvent::Heartbeat(facts)) if facts.host == host => fleet.do_send(Heartbeat(facts)),
-                            Ok(AgentEvent::VmStopped { name, reason }) => fleet.do_send(VmStopped { host, name, reason }),
-                            Ok(_) => tracing::warn!(host = %host, "heartbeat for another host ignored"),
-                            Err(e) => tracing::warn!(host = %host, error = %e, "bad event frame"),
-                        }
-                    });
-                }
-                Ok(_) => tracing::warn!("events are only accepted from agents"),
-                Err(_) => break,
-            },
-        }
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        actix::spawn(stream(send, recv, who.clone(), conn.clone(), fleet.clone()));
     }
     if who.role == Role::Agent {
         fleet.do_send(Disconnected {
@@ -124,6 +102,28 @@ async fn dispatch(
                     .await
                     .unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
             )
+        }
+        (Role::Agent, ClientMessage::Event(event)) => {
+            match event {
+                AgentEvent::Heartbeat(facts) if facts.host == who.name => {
+                    fleet.do_send(Heartbeat(facts))
+                }
+                AgentEvent::Heartbeat(facts) => {
+                    tracing::warn!(claimed = %facts.host, "heartbeat for another host ignored")
+                }
+                AgentEvent::VmStopped { name, reason } => fleet.do_send(VmStopped {
+                    host: who.name.clone(),
+                    name,
+                    reason,
+                }),
+            }
+            ServerMessage::Ack
+        }
+        (Role::Operator, ClientMessage::Event(_)) => {
+            ServerMessage::Operator(OperatorResponse::Error(format!(
+                "permission denied: operator certificate '{}' cannot send host events",
+                who.name
+            )))
         }
         (Role::Agent, ClientMessage::Operator(_)) => {
             ServerMessage::Operator(OperatorResponse::Error(format!(

@@ -10,7 +10,8 @@
 //!   │  QUIC+mTLS (role operator)   │   QUIC+mTLS (role agent)        │
 //!   │                              │◀──── bi: AgentHello::Register ──│ facts: CPUs, memory,
 //!   │                              │───── bi: HelloAck ─────────────▶│ networks, running VMs
-//!   │                              │◀──── uni: AgentEvent::Heartbeat │ every few seconds
+//!   │                              │◀──── bi: AgentEvent::Heartbeat ─│ every few seconds,
+//!   │                              │───── Ack ──────────────────────▶│ acknowledged
 //!   │── bi: OperatorRequest ──────▶│                                 │
 //!   │                              │───── bi: AgentRequest ─────────▶│ (start, shutdown, …)
 //!   │                              │◀──── AgentResponse ─────────────│
@@ -302,7 +303,7 @@ pub enum HelloAck {
     Refused(String),
 }
 
-/// Unsolicited agent → coordinator messages.
+/// Unsolicited agent → coordinator messages, each acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentEvent {
     /// Periodic liveness with fresh facts.
@@ -329,6 +330,8 @@ pub enum ClientMessage {
     Hello(AgentHello),
     /// An operator request.
     Operator(OperatorRequest),
+    /// An agent's heartbeat or report; acknowledged so a dead coordinator is noticed.
+    Event(AgentEvent),
 }
 
 /// The coordinator's reply on a client-opened stream.
@@ -338,6 +341,8 @@ pub enum ServerMessage {
     Hello(HelloAck),
     /// Answer to [`ClientMessage::Operator`].
     Operator(OperatorResponse),
+    /// Answer to [`ClientMessage::Event`].
+    Ack,
 }
 
 // ---------------------------------------------------------- operator ⇄ fleet

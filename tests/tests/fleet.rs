@@ -10,8 +10,8 @@ use std::process::Output;
 use std::time::Duration;
 
 use flotilla_tests::{
-    bin, domain_xml, flotilla, new_uuid, output, rfb_banner, wait_until, AgentDaemon, AgentDirs,
-    CoordinatorProcess, Netns,
+    bin, domain_xml, flotilla, new_uuid, output, qemu_pids_for, rfb_banner, wait_until,
+    AgentDaemon, AgentDirs, CoordinatorProcess, Netns,
 };
 
 const COORD: &str = "198.19.0.1:7443";
@@ -59,8 +59,8 @@ struct Fleet {
     hosts: Vec<(Netns, AgentDirs, String)>,
     tls: PathBuf,
     work: tempfile::TempDir,
-    _coordinator: CoordinatorProcess,
-    _agents: Vec<AgentDaemon>,
+    coordinator: CoordinatorProcess,
+    agents: Vec<AgentDaemon>,
     /// Far ends of uplink veths: deleting a namespace deletes both ends.
     _peers: Vec<Netns>,
 }
@@ -139,8 +139,8 @@ fn fleet() -> Fleet {
         hosts,
         tls,
         work,
-        _coordinator: coordinator,
-        _agents: agents,
+        coordinator,
+        agents,
         _peers: peers,
     };
     assert!(
@@ -450,5 +450,140 @@ fn without_client_certificate(ca: &Path) -> Result<(), String> {
         })?;
         tracing_free_log(&reply);
         Ok(())
+    })
+}
+
+#[test]
+fn restarts_converge_without_starting_twice_and_silent_hosts_go_unreachable() {
+    let mut f = fleet();
+    let uuid = new_uuid();
+    let xml = f.work.path().join("web01.xml");
+    std::fs::write(&xml, domain_xml("web01", &uuid, VNC_PUBLIC)).expect("write");
+    assert!(f
+        .cli(&["define", xml.to_str().expect("utf8")])
+        .status
+        .success());
+    let o = f.cli(&["start", "web01", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The coordinator dies and comes back: the host's report is the truth.
+    f.coordinator.kill9();
+    f.coordinator = CoordinatorProcess::start(
+        &f.ctl,
+        COORD,
+        &f.work.path().join("data"),
+        &f.tls,
+        &f.work.path().join("coordinator.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let l = text(&f.cli(&["list", "--json"]));
+            l.contains("\"host\": \"host-a\"") && l.contains("\"state\": \"running\"")
+        }),
+        "web01 not reconciled onto host-a: {}",
+        text(&f.cli(&["list", "--all", "--json"]))
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1, "started twice");
+    let o = f.cli(&["start", "web01"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("domain 'web01' is running on host host-a"),
+        "{}",
+        text(&o)
+    );
+
+    // host-a's agent goes silent: the host turns unreachable, its VM unknown, and
+    // nothing is started elsewhere (that needs fencing).
+    f.agents[0].kill9();
+    assert!(
+        wait_until(Duration::from_secs(20), || text(&f.cli(&["hosts"]))
+            .lines()
+            .any(|l| l.starts_with("host-a") && l.contains("unreachable"))),
+        "{}",
+        text(&f.cli(&["hosts"]))
+    );
+    let list = text(&f.cli(&["list", "--all", "--json"]));
+    assert!(list.contains("\"state\": \"unknown\""), "{list}");
+    let o = f.cli(&["start", "web01"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "started while its host is unreachable"
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1);
+}
+
+#[test]
+fn bad_frames_fail_their_stream_not_the_coordinator_and_pinned_addresses_warn() {
+    let f = fleet();
+    let tls = f.tls.clone();
+    let replies = f.ctl.run(move || raw_frames(&tls));
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(
+        replies[0].contains("bad request: malformed frame"),
+        "{replies:?}"
+    );
+    assert!(
+        replies[1].contains("bad request: frame of 4294967295 bytes exceeds the limit of 4194304"),
+        "{replies:?}"
+    );
+    assert!(
+        replies[2].contains("bad request: unsupported protocol version 99"),
+        "{replies:?}"
+    );
+    // The coordinator still serves everyone else.
+    assert!(f.cli(&["hosts"]).status.success());
+
+    let pinned = f.work.path().join("pinned.xml");
+    std::fs::write(
+        &pinned,
+        domain_xml(
+            "pinned",
+            &new_uuid(),
+            "<graphics type='vnc'><listen type='address' address='198.18.1.1'/></graphics>",
+        ),
+    )
+    .expect("write");
+    let o = f.cli(&["define", pinned.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o)
+            .contains("warning: vnc console of 'pinned' pins the host-specific address 198.18.1.1"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Sends three bad frames on three streams of one operator connection and
+/// returns the coordinator's replies.
+fn raw_frames(tls: &Path) -> Vec<String> {
+    use flotilla_shared::net::{pki::Role, quic, tls as ftls};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let config = ftls::client_config(tls, Role::Operator, "admin").expect("config");
+        let conn = quic::connect(COORD.parse().expect("addr"), config)
+            .await
+            .expect("connect");
+        let mut future = Vec::new();
+        future.extend_from_slice(&[0, 0, 0, 2, 99, 0]); // version 99, then garbage
+        let frames: [&[u8]; 3] = [
+            &[0, 0, 0, 3, 0xff, 0xfe, 0xfd],
+            &[0xff, 0xff, 0xff, 0xff],
+            &future,
+        ];
+        let mut out = Vec::new();
+        for bytes in frames {
+            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+            send.write_all(bytes).await.expect("write");
+            let _ = send.finish();
+            let reply: flotilla_shared::proto::ServerMessage = quic::read_frame(&mut recv)
+                .await
+                .expect("a reply, not a dropped connection");
+            out.push(format!("{reply:?}"));
+        }
+        out
     })
 }

@@ -222,7 +222,7 @@ async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<Operat
     connection.close(0u32.into(), b"done");
     match reply {
         ServerMessage::Operator(r) => Ok(r),
-        ServerMessage::Hello(h) => bail!("unexpected answer {h:?}"),
+        other => bail!("unexpected answer {other:?}"),
     }
 }
 

@@ -1,8 +1,8 @@
 //! Framed messages over QUIC streams, with limits and timeouts.
 //!
 //! One request per bidirectional stream: the opener writes one frame and
-//! finishes its side, the acceptor answers with one frame. Events travel one
-//! frame per unidirectional stream. A bad frame fails that stream only.
+//! finishes its side, the acceptor answers with one frame. A bad frame fails
+//! that stream only.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -57,16 +57,6 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| FrameError::Stream(format!("no answer within {timeout:?}")))?
-}
-
-/// Sends `event` on a new unidirectional stream.
-pub async fn notify<T: Serialize>(conn: &quinn::Connection, event: &T) -> Result<(), FrameError> {
-    let mut send = conn
-        .open_uni()
-        .await
-        .map_err(|e| FrameError::Stream(e.to_string()))?;
-    write_frame(&mut send, event).await?;
-    send.finish().map_err(|e| FrameError::Stream(e.to_string()))
 }
 
 /// Resolves `HOST:PORT` (a name or an address) to a socket address.
