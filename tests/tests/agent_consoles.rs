@@ -453,7 +453,7 @@ fn net_list_shows_addresses_and_errors_and_follows_reload() {
         "dead",
         "<network><name>dead</name><forward mode='bridge' dev='nope0'/></network>",
     );
-    let _daemon = AgentDaemon::start(&host, "host-a", &dirs, &[]);
+    let daemon = AgentDaemon::start(&host, "host-a", &dirs, &[]);
     let r = ctl(&host, "host-a", &dirs, &["net-list"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
@@ -488,5 +488,21 @@ fn net_list_shows_addresses_and_errors_and_follows_reload() {
             .any(|l| l.starts_with("lab") && l.ends_with("198.18.9.1")),
         "{}",
         r.stdout
+    );
+    // SIGHUP re-reads the directory too.
+    dirs.network(
+        "late",
+        "<network><name>late</name><ip address='198.18.8.1' prefix='24'/></network>",
+    );
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    assert!(
+        flotilla_tests::wait_until(std::time::Duration::from_secs(5), || {
+            ctl(&host, "host-a", &dirs, &["net-list"])
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("late"))
+        }),
+        "SIGHUP did not reload the networks directory"
     );
 }
