@@ -24,7 +24,9 @@ use crate::ports::PortAllocator;
 use crate::qemu_process::{launch, process_matches, ConsoleSecret, StartTimeouts};
 use crate::qmp::QmpClient;
 use crate::resolver::{AddressSource, NetworkResolver};
-use crate::vm_actor::{Destroy, QemuProcess, QueryStatus, Shutdown, VmActor, VmEvent, VmGone};
+use crate::vm_actor::{
+    Destroy, MonitorCommand, QemuProcess, QueryStatus, Shutdown, VmActor, VmEvent, VmGone,
+};
 use crate::vm_record::{vm_dir, vms_dir, write_atomic, VmRecord};
 
 /// Everything the agent is configured with.
@@ -423,6 +425,13 @@ impl Handler<AgentCall> for HostAgent {
                 None => not_running(&name, self.host()),
             }),
             Request::NetList => reply(self.net_list()),
+            Request::MonitorCommand { name, command } => match self.vms.get(&name) {
+                None => reply(not_running(&name, self.host())),
+                Some(vm) => {
+                    let fut = vm.addr.send(MonitorCommand(command));
+                    Box::pin(async move { done(fut.await) }.into_actor(self))
+                }
+            },
             Request::ReloadNetworks => {
                 reply(match HostNetworks::load(&self.settings.networks_dir) {
                     Ok(n) => {

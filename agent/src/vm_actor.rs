@@ -78,6 +78,11 @@ pub struct QemuProcess {
     pub child: Option<tokio::process::Child>,
 }
 
+/// Run a human monitor command and return its output.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<String, String>")]
+pub struct MonitorCommand(pub String);
+
 /// One running VM.
 pub struct VmActor {
     name: String,
@@ -243,6 +248,29 @@ impl Handler<QueryStatus> for VmActor {
             qmp.status(Duration::from_secs(5))
                 .await
                 .map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl Handler<MonitorCommand> for VmActor {
+    type Result = ResponseFuture<Result<String, String>>;
+
+    fn handle(
+        &mut self,
+        MonitorCommand(command): MonitorCommand,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        let qmp = self.qmp.clone();
+        Box::pin(async move {
+            let out = qmp
+                .execute(
+                    "human-monitor-command",
+                    serde_json::json!({ "command-line": command }),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(out.as_str().unwrap_or_default().to_string())
         })
     }
 }

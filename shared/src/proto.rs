@@ -195,6 +195,13 @@ pub enum AgentRequest {
     NetList,
     /// Re-read the networks directory.
     ReloadNetworks,
+    /// Run a human monitor command (`virsh qemu-monitor-command --hmp`).
+    MonitorCommand {
+        /// The VM.
+        name: String,
+        /// The HMP command line, e.g. `info status`.
+        command: String,
+    },
 }
 
 /// One console as reported to operators.

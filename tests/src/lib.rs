@@ -6,6 +6,7 @@
 //! and exist only inside the test's namespaces. A test that wants to reach a
 //! console "from outside" puts a client namespace on the host's bridge or
 //! uplink and connects from a thread that has joined that namespace.
+//! [`guest`] is a guest whose progress can be observed across a migration.
 
 // A harness for tests: failing loudly on any setup error is the point.
 #![allow(clippy::expect_used)]
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+pub mod guest;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

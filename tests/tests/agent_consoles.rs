@@ -506,3 +506,58 @@ fn net_list_shows_addresses_and_errors_and_follows_reload() {
         "SIGHUP did not reload the networks directory"
     );
 }
+
+#[test]
+fn the_counting_guest_boots_and_counts() {
+    use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
+    let (host, _client) = bridge_host();
+    let dirs = AgentDirs::new();
+    dirs.network("public", BRIDGE_PUBLIC);
+    let image = dirs.root.path().join("count.img");
+    std::fs::write(&image, counting_disk_image()).expect("image");
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>{VNC_PUBLIC}",
+        image.display()
+    );
+    let xml = domain_xml("counter", &new_uuid(), &disk).replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+    );
+    let f = dirs.file("counter.xml", &xml);
+    let _daemon = AgentDaemon::start(&host, "host-a", &dirs, &[]);
+    let r = ctl(
+        &host,
+        "host-a",
+        &dirs,
+        &["start", f.to_str().expect("utf8")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let read = || {
+        let r = ctl(
+            &host,
+            "host-a",
+            &dirs,
+            &[
+                "qemu-monitor-command",
+                "counter",
+                "--hmp",
+                &format!("xp /1wx {COUNTER_ADDR:#x}"),
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        parse_xp_word(&r.stdout).unwrap_or_else(|| panic!("unreadable: {:?}", r.stdout))
+    };
+    let mut first = 0;
+    assert!(
+        // SeaBIOS takes a few seconds to reach the boot sector.
+        flotilla_tests::wait_until(std::time::Duration::from_secs(30), || {
+            first = read();
+            first > 0
+        }),
+        "the guest never started counting"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let later = read();
+    assert!(later > first, "counter stuck at {first} (then {later})");
+}

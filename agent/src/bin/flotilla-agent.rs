@@ -117,6 +117,12 @@ enum Ctl {
     NetList,
     /// Re-read the networks directory (as SIGHUP does).  Example: ctl reload
     Reload,
+    /// Run a QEMU human monitor command.  Example: ctl qemu-monitor-command web01 --hmp 'info status'
+    QemuMonitorCommand {
+        name: String,
+        #[arg(long)]
+        hmp: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -333,6 +339,10 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         Ctl::Dumpxml { name } => Request::DumpXml { name: name.clone() },
         Ctl::NetList => Request::NetList,
         Ctl::Reload => Request::ReloadNetworks,
+        Ctl::QemuMonitorCommand { name, hmp } => Request::MonitorCommand {
+            name: name.clone(),
+            command: hmp.clone(),
+        },
     };
     let response = control::call(state_dir, &request, Duration::from_secs(300)).await?;
     if json {
@@ -352,7 +362,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
                 println!("console: {}", c.uri);
             }
         }
-        Response::Done(msg) => println!("{msg}"),
+        Response::Done(msg) => println!("{}", msg.trim_end()),
         Response::Vms(vms) => {
             println!("{:<20} {:<10} {:>8}  CONSOLES", "NAME", "STATE", "PID");
             for v in vms {

@@ -1,0 +1,90 @@
+//! A guest whose state can be observed: a 512-byte boot sector that counts.
+//!
+//! SeaBIOS loads it at 0x7c00. It increments a 32-bit counter at
+//! [`COUNTER_ADDR`] forever and prints it as eight hex digits in the top-left
+//! corner of the VGA text screen. A migrated guest continues its count; a
+//! restarted one starts again from zero, so a test (or a person watching the
+//! console) can tell a live migration from a cold restart.
+
+/// Guest-physical address of the counter (just past the boot sector).
+pub const COUNTER_ADDR: u64 = 0x7e00;
+
+/// The boot sector, assembled by hand (16-bit real mode, origin 0x7c00).
+pub fn counting_boot_sector() -> [u8; 512] {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0xfa,                               // cli
+        0x31, 0xc0,                         // xor ax, ax
+        0x8e, 0xd8,                         // mov ds, ax
+        0x8e, 0xd0,                         // mov ss, ax
+        0xbc, 0x00, 0x7c,                   // mov sp, 0x7c00
+        0xb8, 0x00, 0xb8,                   // mov ax, 0xb800   (VGA text memory)
+        0x8e, 0xc0,                         // mov es, ax
+        0x66, 0xc7, 0x06, 0x00, 0x7e,       // mov dword [0x7e00], 0
+        0x00, 0x00, 0x00, 0x00,
+        // next:
+        0x66, 0xff, 0x06, 0x00, 0x7e,       // inc dword [0x7e00]
+        0x66, 0xa1, 0x00, 0x7e,             // mov eax, [0x7e00]
+        0xbf, 0x0e, 0x00,                   // mov di, 14        (last of 8 cells)
+        0xb9, 0x08, 0x00,                   // mov cx, 8
+        // digit:
+        0x88, 0xc3,                         // mov bl, al
+        0x80, 0xe3, 0x0f,                   // and bl, 0x0f
+        0x80, 0xc3, 0x30,                   // add bl, '0'
+        0x80, 0xfb, 0x39,                   // cmp bl, '9'
+        0x76, 0x03,                         // jbe store
+        0x80, 0xc3, 0x07,                   // add bl, 7         ('A'..'F')
+        // store:
+        0x26, 0x88, 0x1d,                   // mov [es:di], bl
+        0x26, 0xc6, 0x45, 0x01, 0x1f,       // mov byte [es:di+1], 0x1f (white on blue)
+        0x66, 0xc1, 0xe8, 0x04,             // shr eax, 4
+        0x83, 0xef, 0x02,                   // sub di, 2
+        0xe2, 0xdf,                         // loop digit        (-33)
+        0xeb, 0xce,                         // jmp next          (-50)
+    ];
+    let mut sector = [0u8; 512];
+    sector[..code.len()].copy_from_slice(code);
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    sector
+}
+
+/// A bootable raw disk image: the boot sector, padded to 1 MiB.
+///
+/// SeaBIOS will not boot a one-sector disk (its geometry has zero cylinders).
+pub fn counting_disk_image() -> Vec<u8> {
+    let mut image = vec![0u8; 1 << 20];
+    image[..512].copy_from_slice(&counting_boot_sector());
+    image
+}
+
+/// Parses the value HMP `xp /1wx ADDR` prints (`0000000000007e00: 0x0001a2b3`).
+pub fn parse_xp_word(output: &str) -> Option<u32> {
+    let hex = output.split(':').nth(1)?.trim().trim_start_matches("0x");
+    u32::from_str_radix(hex.split_whitespace().next()?, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sector_is_bootable_and_jumps_land_on_their_labels() {
+        let s = counting_boot_sector();
+        assert_eq!(&s[510..], &[0x55, 0xaa]);
+        // loop at 0x46 jumps back to `digit` at 0x27; jmp at 0x48 back to `next` at 0x18.
+        assert_eq!((0x48i32 + i32::from(s[0x47] as i8)), 0x27);
+        assert_eq!((0x4ai32 + i32::from(s[0x49] as i8)), 0x18);
+        assert_eq!(&s[0x18..0x1d], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
+        assert_eq!(&s[0x27..0x29], &[0x88, 0xc3]);
+    }
+
+    #[test]
+    fn reads_xp_output() {
+        assert_eq!(
+            parse_xp_word("0000000000007e00: 0x0001a2b3\r\n"),
+            Some(0x0001_a2b3)
+        );
+        assert_eq!(parse_xp_word("garbage"), None);
+    }
+}
