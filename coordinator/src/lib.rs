@@ -6,6 +6,7 @@
 //! the actor.
 
 pub mod fleet;
+pub mod migration;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

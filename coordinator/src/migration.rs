@@ -1,0 +1,614 @@
+//! The live-migration state machine: one VM moving from a source host to a
+//! destination host, as a cancellable job.
+//!
+//! Pure and sans-IO, like quinn-proto's `Connection`: the driver feeds it
+//! [`Input`]s (agent answers, `query-migrate` progress, an operator's abort,
+//! clock ticks with an explicit `now`) and carries out the [`Command`]s it
+//! returns. It never sleeps, reads a clock or touches a socket.
+//!
+//! The invariant it keeps: the guest runs on exactly one host at every
+//! moment. The source runs until QEMU reports the migration `completed`; the
+//! destination stays paused until the machine tells it to `cont`; only after
+//! the destination runs does the source quit. Every failure before that point
+//! leaves the guest on the source and removes the destination's QEMU.
+//!
+//! ```text
+//! Preparing ──Prepared──▶ Performing ──SourceCompleted──▶ Finishing ──Finished──▶ Confirming ──▶ Completed
+//!     │                      │  ▲ Progress (SwitchToPostcopy once)   │                    (SourceQuit + Confirmed)
+//!     │ PrepareFailed        │  │                                    │ FinishFailed
+//!     ▼                      ▼  │ Abort / Tick past deadline /       ▼
+//!   Failed ◀──SourceFailed── Aborting ◀── DestinationLost          Failed (ResumeSource, DestroyDestination)
+//!                            │
+//!                            └──SourceFailed──▶ Aborted
+//! ```
+
+use std::time::{Duration, Instant};
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationParams {
+    /// Maximum tolerated downtime.
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth cap.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Enable QEMU's auto-converge capability.
+    pub auto_converge: bool,
+    /// Switch to post-copy after the first pre-copy pass.
+    pub postcopy: bool,
+    /// Abort if not completed in this time.
+    pub timeout: Option<Duration>,
+}
+
+/// A `query-migrate` sample from the source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// Bytes sent so far.
+    pub transferred: u64,
+    /// Bytes still to send.
+    pub remaining: u64,
+    /// Total guest RAM.
+    pub total: u64,
+    /// Bytes per second, as QEMU measures.
+    pub throughput_bps: u64,
+    /// Completed dirty-page sync passes.
+    pub dirty_sync_count: u64,
+    /// QEMU's expected downtime, ms.
+    pub expected_downtime_ms: u64,
+    /// Actual downtime, ms (when completed).
+    pub downtime_ms: Option<u64>,
+}
+
+/// Where the job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Destination is starting QEMU with `-incoming defer`.
+    Preparing,
+    /// Source is sending state.
+    Performing,
+    /// Source reported completion; destination is being resumed.
+    Finishing,
+    /// Destination runs; source is quitting and the placement is being recorded.
+    Confirming,
+    /// Done: the guest runs on the destination only.
+    Completed,
+    /// An abort or failure is being undone.
+    Aborting {
+        /// Why.
+        reason: String,
+    },
+    /// Cancelled: the guest runs on the source.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// Failed: the guest runs on the source.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Phase {
+    /// True once nothing more will happen.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Phase::Completed | Phase::Aborted { .. } | Phase::Failed { .. }
+        )
+    }
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The destination's QEMU listens for the stream at `uri`.
+    Prepared {
+        /// e.g. `tcp:198.18.2.1:49152`.
+        uri: String,
+    },
+    /// The destination could not prepare.
+    PrepareFailed(String),
+    /// A progress sample from the source.
+    Progress(MigrationStats),
+    /// The source's QEMU reports `completed`.
+    SourceCompleted(MigrationStats),
+    /// The source's migration failed or was cancelled; the source resumed.
+    SourceFailed(String),
+    /// The destination runs and its console answers.
+    Finished,
+    /// The destination could not be resumed.
+    FinishFailed(String),
+    /// The destination's QEMU died.
+    DestinationLost(String),
+    /// The source's QEMU is gone (expected after completion).
+    SourceQuit,
+    /// The new placement is recorded.
+    Confirmed,
+    /// An operator cancelled the job.
+    Abort(String),
+    /// Time passes (timeouts).
+    Tick,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Start the destination QEMU with `-incoming defer` from the migratable XML.
+    PrepareDestination,
+    /// Set capabilities and parameters, then `migrate` on the source.
+    StartMigration {
+        /// Where to send.
+        uri: String,
+        /// How.
+        params: MigrationParams,
+    },
+    /// `migrate-start-postcopy` on the source.
+    SwitchToPostcopy,
+    /// `migrate_cancel` on the source.
+    CancelMigration,
+    /// `cont` the destination and confirm its console.
+    FinishDestination,
+    /// `cont` the source again (its migration completed but the destination failed).
+    ResumeSource,
+    /// `quit` the source QEMU.
+    QuitSource,
+    /// Kill the destination QEMU and free its ports.
+    DestroyDestination,
+    /// Record that the VM now runs on the destination.
+    RecordPlacement,
+    /// Tell the operator.
+    Report(Report),
+}
+
+/// What the operator sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A progress sample.
+    Progress(MigrationStats),
+    /// The job switched to post-copy.
+    Postcopy,
+    /// The job ended.
+    Outcome {
+        /// The final phase.
+        phase: Phase,
+        /// Wall time from start to end.
+        elapsed: Duration,
+        /// Final statistics, if the source got that far.
+        stats: Option<MigrationStats>,
+    },
+    /// A request that could not be honoured now.
+    Refused(String),
+}
+
+/// One VM's migration job.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    params: MigrationParams,
+    phase: Phase,
+    started: Instant,
+    postcopy_active: bool,
+    source_done: bool,
+    placement_recorded: bool,
+    last_stats: Option<MigrationStats>,
+}
+
+impl Migration {
+    /// Starts a job at `now`; returns it with its first commands.
+    pub fn start(params: MigrationParams, now: Instant) -> (Migration, Vec<Command>) {
+        let m = Migration {
+            params,
+            phase: Phase::Preparing,
+            started: now,
+            postcopy_active: false,
+            source_done: false,
+            placement_recorded: false,
+            last_stats: None,
+        };
+        (m, vec![Command::PrepareDestination])
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// The newest statistics.
+    pub fn stats(&self) -> Option<&MigrationStats> {
+        self.last_stats.as_ref()
+    }
+
+    fn end(&mut self, phase: Phase, now: Instant, mut cmds: Vec<Command>) -> Vec<Command> {
+        self.phase = phase.clone();
+        cmds.push(Command::Report(Report::Outcome {
+            phase,
+            elapsed: now.duration_since(self.started),
+            stats: self.last_stats.clone(),
+        }));
+        cmds
+    }
+
+    fn abort(&mut self, reason: String, now: Instant) -> Vec<Command> {
+        match &self.phase {
+            Phase::Preparing => self.end(
+                Phase::Aborted { reason },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            Phase::Performing if self.postcopy_active => vec![Command::Report(Report::Refused(
+                format!("cannot abort ({reason}): the guest already runs on the destination in post-copy"),
+            ))],
+            Phase::Performing => {
+                self.phase = Phase::Aborting { reason };
+                vec![Command::CancelMigration]
+            }
+            Phase::Finishing | Phase::Confirming => vec![Command::Report(Report::Refused(format!(
+                "cannot abort ({reason}): the migration already completed"
+            )))],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Feeds one input at `now`; returns what to do.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Command> {
+        if self.phase.is_terminal() {
+            return Vec::new();
+        }
+        let timed_out = self
+            .params
+            .timeout
+            .is_some_and(|t| now.duration_since(self.started) >= t);
+        match (self.phase.clone(), input) {
+            (Phase::Preparing | Phase::Performing, Input::Tick) if timed_out => {
+                let t = self.params.timeout.unwrap_or_default();
+                self.abort(format!("timed out after {}s", t.as_secs()), now)
+            }
+            (_, Input::Tick) => Vec::new(),
+            (_, Input::Abort(reason)) => self.abort(reason, now),
+
+            (Phase::Preparing, Input::Prepared { uri }) => {
+                self.phase = Phase::Performing;
+                vec![Command::StartMigration {
+                    uri,
+                    params: self.params.clone(),
+                }]
+            }
+            (Phase::Preparing, Input::PrepareFailed(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("destination refused: {e}"),
+                },
+                now,
+                Vec::new(),
+            ),
+            (Phase::Preparing, Input::DestinationLost(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("destination QEMU died while preparing: {e}"),
+                },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+
+            (Phase::Performing | Phase::Aborting { .. }, Input::Progress(s)) => {
+                let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
+                let first_pass_done = s.dirty_sync_count >= 1;
+                if self.phase == Phase::Performing
+                    && self.params.postcopy
+                    && !self.postcopy_active
+                    && first_pass_done
+                {
+                    self.postcopy_active = true;
+                    cmds.push(Command::SwitchToPostcopy);
+                    cmds.push(Command::Report(Report::Postcopy));
+                }
+                self.last_stats = Some(s);
+                cmds
+            }
+            (Phase::Performing | Phase::Aborting { .. }, Input::SourceCompleted(s)) => {
+                // Completion wins over a late abort: the state is already across.
+                self.last_stats = Some(s);
+                self.phase = Phase::Finishing;
+                vec![Command::FinishDestination]
+            }
+            (Phase::Performing, Input::SourceFailed(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("migration failed on the source: {e}"),
+                },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            (Phase::Aborting { reason }, Input::SourceFailed(_)) => self.end(
+                Phase::Aborted { reason },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            (Phase::Performing, Input::DestinationLost(e)) if !self.postcopy_active => {
+                self.phase = Phase::Aborting {
+                    reason: format!("destination QEMU died: {e}"),
+                };
+                vec![Command::CancelMigration]
+            }
+            (Phase::Performing, Input::DestinationLost(e)) => self.end(
+                Phase::Failed {
+                    reason: format!(
+                        "destination QEMU died during post-copy: {e}; the guest is lost and \
+                         must be restarted from its disks"
+                    ),
+                },
+                now,
+                vec![Command::QuitSource],
+            ),
+
+            (Phase::Finishing, Input::Finished) => {
+                self.phase = Phase::Confirming;
+                vec![Command::QuitSource, Command::RecordPlacement]
+            }
+            (Phase::Finishing, Input::FinishFailed(e) | Input::DestinationLost(e)) => {
+                if self.postcopy_active {
+                    return self.end(
+                        Phase::Failed {
+                            reason: format!("destination failed after post-copy: {e}"),
+                        },
+                        now,
+                        vec![Command::DestroyDestination],
+                    );
+                }
+                self.end(
+                    Phase::Failed {
+                        reason: format!("destination could not resume the guest: {e}"),
+                    },
+                    now,
+                    vec![Command::DestroyDestination, Command::ResumeSource],
+                )
+            }
+
+            (Phase::Confirming, Input::SourceQuit) => {
+                self.source_done = true;
+                self.maybe_complete(now)
+            }
+            (Phase::Confirming, Input::Confirmed) => {
+                self.placement_recorded = true;
+                self.maybe_complete(now)
+            }
+
+            // Anything else is out of order for this phase; ignoring it is safe
+            // because each phase waits only for the inputs listed above.
+            _ => Vec::new(),
+        }
+    }
+
+    fn maybe_complete(&mut self, now: Instant) -> Vec<Command> {
+        if self.source_done && self.placement_recorded {
+            self.end(Phase::Completed, now, Vec::new())
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(sync: u64) -> MigrationStats {
+        MigrationStats {
+            transferred: 1000,
+            remaining: 10,
+            total: 64 << 20,
+            dirty_sync_count: sync,
+            ..Default::default()
+        }
+    }
+
+    fn prepared(params: MigrationParams) -> (Migration, Instant) {
+        let t0 = Instant::now();
+        let (mut m, cmds) = Migration::start(params.clone(), t0);
+        assert_eq!(cmds, vec![Command::PrepareDestination]);
+        let cmds = m.handle(
+            Input::Prepared {
+                uri: "tcp:198.18.2.1:49152".into(),
+            },
+            t0,
+        );
+        assert_eq!(
+            cmds,
+            vec![Command::StartMigration {
+                uri: "tcp:198.18.2.1:49152".into(),
+                params
+            }]
+        );
+        assert_eq!(m.phase(), &Phase::Performing);
+        (m, t0)
+    }
+
+    fn outcome(cmds: &[Command]) -> Option<&Phase> {
+        cmds.iter().find_map(|c| match c {
+            Command::Report(Report::Outcome { phase, .. }) => Some(phase),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn happy_path_quits_the_source_only_after_the_destination_runs() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        assert_eq!(
+            m.handle(Input::Progress(stats(0)), t0),
+            vec![Command::Report(Report::Progress(stats(0)))]
+        );
+        assert_eq!(
+            m.handle(Input::SourceCompleted(stats(2)), t0),
+            vec![Command::FinishDestination]
+        );
+        assert_eq!(m.phase(), &Phase::Finishing);
+        assert_eq!(
+            m.handle(Input::Finished, t0),
+            vec![Command::QuitSource, Command::RecordPlacement]
+        );
+        assert!(
+            m.handle(Input::Confirmed, t0).is_empty(),
+            "waits for the source to be gone too"
+        );
+        let cmds = m.handle(Input::SourceQuit, t0 + Duration::from_secs(3));
+        assert_eq!(outcome(&cmds), Some(&Phase::Completed));
+        assert!(
+            m.handle(Input::Abort("late".into()), t0).is_empty(),
+            "terminal"
+        );
+    }
+
+    #[test]
+    fn destination_refusal_touches_nothing() {
+        let t0 = Instant::now();
+        let (mut m, _) = Migration::start(MigrationParams::default(), t0);
+        let cmds = m.handle(Input::PrepareFailed("disk /x missing".into()), t0);
+        assert_eq!(cmds.len(), 1, "only the report: {cmds:?}");
+        assert_eq!(
+            m.phase(),
+            &Phase::Failed {
+                reason: "destination refused: disk /x missing".into()
+            }
+        );
+    }
+
+    #[test]
+    fn abort_while_preparing_removes_the_destination() {
+        let t0 = Instant::now();
+        let (mut m, _) = Migration::start(MigrationParams::default(), t0);
+        let cmds = m.handle(Input::Abort("operator".into()), t0);
+        assert_eq!(cmds[0], Command::DestroyDestination);
+        assert_eq!(
+            outcome(&cmds),
+            Some(&Phase::Aborted {
+                reason: "operator".into()
+            })
+        );
+    }
+
+    #[test]
+    fn abort_while_performing_cancels_then_cleans_up() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        assert_eq!(
+            m.handle(Input::Abort("ctrl-c".into()), t0),
+            vec![Command::CancelMigration]
+        );
+        assert_eq!(
+            m.phase(),
+            &Phase::Aborting {
+                reason: "ctrl-c".into()
+            }
+        );
+        let cmds = m.handle(Input::SourceFailed("cancelled".into()), t0);
+        assert_eq!(cmds[0], Command::DestroyDestination);
+        assert_eq!(
+            outcome(&cmds),
+            Some(&Phase::Aborted {
+                reason: "ctrl-c".into()
+            })
+        );
+    }
+
+    #[test]
+    fn completion_racing_an_abort_still_finishes() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::Abort("ctrl-c".into()), t0);
+        assert_eq!(
+            m.handle(Input::SourceCompleted(stats(1)), t0),
+            vec![Command::FinishDestination]
+        );
+    }
+
+    #[test]
+    fn timeout_aborts_like_an_operator() {
+        let params = MigrationParams {
+            timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let (mut m, t0) = prepared(params);
+        assert!(m
+            .handle(Input::Tick, t0 + Duration::from_secs(4))
+            .is_empty());
+        assert_eq!(
+            m.handle(Input::Tick, t0 + Duration::from_secs(5)),
+            vec![Command::CancelMigration]
+        );
+        assert_eq!(
+            m.phase(),
+            &Phase::Aborting {
+                reason: "timed out after 5s".into()
+            }
+        );
+    }
+
+    #[test]
+    fn source_failure_keeps_the_guest_on_the_source() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        let cmds = m.handle(Input::SourceFailed("connection reset".into()), t0);
+        assert_eq!(cmds[0], Command::DestroyDestination);
+        assert!(!cmds.contains(&Command::QuitSource));
+        assert!(matches!(m.phase(), Phase::Failed { .. }));
+    }
+
+    #[test]
+    fn destination_death_mid_migration_cancels_on_the_source() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        assert_eq!(
+            m.handle(Input::DestinationLost("killed".into()), t0),
+            vec![Command::CancelMigration]
+        );
+        let cmds = m.handle(Input::SourceFailed("broken pipe".into()), t0);
+        assert_eq!(
+            outcome(&cmds),
+            Some(&Phase::Aborted {
+                reason: "destination QEMU died: killed".into()
+            })
+        );
+    }
+
+    #[test]
+    fn failed_resume_on_the_destination_resumes_the_source() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        let cmds = m.handle(Input::FinishFailed("console did not answer".into()), t0);
+        assert_eq!(
+            &cmds[..2],
+            &[Command::DestroyDestination, Command::ResumeSource]
+        );
+        assert!(matches!(m.phase(), Phase::Failed { .. }));
+    }
+
+    #[test]
+    fn postcopy_switches_once_after_the_first_pass_and_then_refuses_abort() {
+        let params = MigrationParams {
+            postcopy: true,
+            ..Default::default()
+        };
+        let (mut m, t0) = prepared(params);
+        assert!(!m
+            .handle(Input::Progress(stats(0)), t0)
+            .contains(&Command::SwitchToPostcopy));
+        let cmds = m.handle(Input::Progress(stats(1)), t0);
+        assert!(cmds.contains(&Command::SwitchToPostcopy));
+        assert!(!m
+            .handle(Input::Progress(stats(2)), t0)
+            .contains(&Command::SwitchToPostcopy));
+        let cmds = m.handle(Input::Abort("ctrl-c".into()), t0);
+        assert!(matches!(cmds[0], Command::Report(Report::Refused(_))));
+        assert_eq!(m.phase(), &Phase::Performing);
+    }
+
+    #[test]
+    fn abort_after_completion_is_refused() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        let cmds = m.handle(Input::Abort("ctrl-c".into()), t0);
+        assert!(matches!(cmds[0], Command::Report(Report::Refused(_))));
+        assert_eq!(m.phase(), &Phase::Finishing);
+    }
+
+    #[test]
+    fn out_of_order_inputs_are_ignored() {
+        let t0 = Instant::now();
+        let (mut m, _) = Migration::start(MigrationParams::default(), t0);
+        assert!(m.handle(Input::Finished, t0).is_empty());
+        assert!(m.handle(Input::SourceCompleted(stats(1)), t0).is_empty());
+        assert_eq!(m.phase(), &Phase::Preparing);
+    }
+}
