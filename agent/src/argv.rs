@@ -128,6 +128,13 @@ impl fmt::Display for QemuArgv {
 }
 
 impl QemuArgv {
+    /// Makes this a migration destination: QEMU waits for `migrate-incoming`.
+    pub fn with_incoming_defer(mut self) -> Self {
+        self.args.push("-incoming".into());
+        self.args.push("defer".into());
+        self
+    }
+
     /// Builds the command line for `live` on `host`, with state in `paths`.
     pub fn build(live: &Domain, host: &QemuHost, paths: &VmPaths) -> Result<QemuArgv, ArgvError> {
         let mut b = Builder {

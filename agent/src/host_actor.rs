@@ -20,12 +20,14 @@ use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
 use crate::control::{AgentCall, ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
-use crate::ports::PortAllocator;
-use crate::qemu_process::{launch, process_matches, ConsoleSecret, StartTimeouts};
+use crate::ports::{PortAllocator, MIGRATION_PORTS};
+use crate::qemu_process::{
+    confirm_console, launch, process_matches, ConsoleSecret, LaunchMode, StartTimeouts,
+};
 use crate::qmp::QmpClient;
 use crate::resolver::{AddressSource, NetworkResolver};
 use crate::vm_actor::{
-    Destroy, MonitorCommand, QemuProcess, QueryStatus, Shutdown, VmActor, VmEvent, VmGone,
+    Destroy, MonitorCommand, QemuProcess, QmpCall, QueryStatus, Shutdown, VmActor, VmEvent, VmGone,
 };
 use crate::vm_record::{vm_dir, vms_dir, write_atomic, VmRecord};
 
@@ -42,12 +44,17 @@ pub struct AgentSettings {
     pub qemu: QemuHost,
     /// Start step timeouts.
     pub timeouts: StartTimeouts,
+    /// The network whose address receives incoming migrations; default: the
+    /// first network (by name) that resolves.
+    pub migration_network: Option<String>,
 }
 
 struct RunningVm {
     addr: Addr<VmActor>,
     record: VmRecord,
     live_xml: String,
+    /// The port an incoming migration listens on, released when it finishes.
+    migration_port: Option<u16>,
 }
 
 /// The host agent actor.
@@ -97,7 +104,35 @@ impl HostAgent {
         out
     }
 
-    fn start_vm(&mut self, xml: String, source: String) -> ResponseActFuture<Self, Response> {
+    fn migration_address(&self, table: &InterfaceTable) -> Result<std::net::IpAddr, String> {
+        let resolver = NetworkResolver::new(self.host(), table);
+        match &self.settings.migration_network {
+            Some(n) => resolver
+                .resolve_name(n, &self.networks.networks)
+                .map(|r| r.address)
+                .map_err(|e| format!("migration network: {e}")),
+            None => self
+                .networks
+                .networks
+                .iter()
+                .find_map(|n| resolver.resolve(n).ok())
+                .map(|r| r.address)
+                .ok_or_else(|| {
+                    format!(
+                        "host {} has no network with an address to receive migrations \
+                         (define one, or pass --migration-network)",
+                        self.host()
+                    )
+                }),
+        }
+    }
+
+    fn start_vm(
+        &mut self,
+        xml: String,
+        source: String,
+        incoming: bool,
+    ) -> ResponseActFuture<Self, Response> {
         let domain = match Domain::parse(&source, &xml) {
             Ok(d) => d.model,
             Err(e) => return reply(Response::Error(e.to_string())),
@@ -143,6 +178,47 @@ impl HostAgent {
                 return reply(Response::Error(e.to_string()));
             }
         };
+        let mut ports = plan.ports.clone();
+        let (argv, mode, migration_port) = if incoming {
+            let refuse = |act: &mut Self, ports: &[u16], msg: String| {
+                ports.iter().for_each(|p| act.ports.release(*p));
+                reply(Response::Error(msg))
+            };
+            // Migration moves memory, not disks: they must already be here.
+            if let Some(missing) = domain
+                .disks()
+                .filter_map(|d| d.source_path())
+                .find(|p| !std::path::Path::new(p).exists())
+            {
+                return refuse(self, &ports, format!(
+                    "cannot accept VM '{name}' on host {host}: disk source {missing} does not exist \
+                     here (live migration needs storage both hosts see)"
+                ));
+            }
+            let addr = match self.migration_address(&table) {
+                Ok(a) => a,
+                Err(e) => return refuse(self, &ports, e),
+            };
+            let Some(port) = self.ports.allocate(MIGRATION_PORTS, &mut port_is_free) else {
+                return refuse(
+                    self,
+                    &ports,
+                    format!("no free migration port on host {host}"),
+                );
+            };
+            ports.push(port);
+            let uri = match addr {
+                std::net::IpAddr::V6(a) => format!("tcp:[{a}]:{port}"),
+                std::net::IpAddr::V4(a) => format!("tcp:{a}:{port}"),
+            };
+            (
+                argv.with_incoming_defer(),
+                LaunchMode::Incoming(uri),
+                Some(port),
+            )
+        } else {
+            (argv, LaunchMode::Run, None)
+        };
         let secrets: Vec<ConsoleSecret> = plan
             .live
             .graphics()
@@ -159,65 +235,85 @@ impl HostAgent {
         let timeouts = self.settings.timeouts;
         let endpoints = plan.endpoints.clone();
         let launch_paths = paths.clone();
+        let launch_mode = mode.clone();
         Box::pin(
-            async move { launch(&argv, &launch_paths, &secrets, &endpoints, timeouts).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    act.starting.remove(&name);
-                    let launched = match result {
-                        Ok(l) => l,
-                        Err(e) => {
-                            plan.ports.iter().for_each(|p| act.ports.release(*p));
-                            tracing::error!(vm = %name, host = %host, error = %e, "start failed");
-                            return Response::Error(format!(
-                                "VM '{name}' failed to start on host {host}: {e}"
-                            ));
-                        }
-                    };
-                    let record = VmRecord {
-                        name: name.clone(),
-                        uuid,
-                        pid: launched.pid,
-                        ports: plan.ports.clone(),
-                        endpoints: plan.endpoints.clone(),
-                    };
-                    let live_xml = plan.live.to_xml(XmlFlavor::Live);
-                    // The record must be on disk before we report success: it is how a
-                    // restarted agent finds this QEMU again.
-                    if let Err(e) = write_atomic(&paths.live_xml(), live_xml.as_bytes())
-                        .and_then(|()| record.save(&paths.dir))
-                    {
-                        tracing::error!(vm = %name, error = %e, "cannot record VM; it runs unrecorded");
+            async move {
+                launch(
+                    &argv,
+                    &launch_paths,
+                    &secrets,
+                    &endpoints,
+                    launch_mode,
+                    timeouts,
+                )
+                .await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.starting.remove(&name);
+                let launched = match result {
+                    Ok(l) => l,
+                    Err(e) => {
+                        ports.iter().for_each(|p| act.ports.release(*p));
+                        tracing::error!(vm = %name, host = %host, error = %e, "start failed");
+                        return Response::Error(format!(
+                            "VM '{name}' failed to start on host {host}: {e}"
+                        ));
                     }
-                    let addr = VmActor::start(
-                        QemuProcess {
-                            name: name.clone(),
-                            uuid: record.uuid.clone(),
-                            pid: launched.pid,
-                            paths,
-                            qmp: launched.qmp,
-                            events: launched.events,
-                            child: Some(launched.child),
-                        },
-                        ctx.address().recipient(),
-                        ctx.address().recipient(),
-                    );
-                    tracing::info!(vm = %name, host = %host, pid = launched.pid, "VM running");
-                    let vm = summary(&record, "running");
-                    act.vms.insert(
-                        name,
-                        RunningVm {
-                            addr,
-                            record,
-                            live_xml: live_xml.clone(),
-                        },
-                    );
-                    Response::Started {
+                };
+                let record = VmRecord {
+                    name: name.clone(),
+                    uuid,
+                    pid: launched.pid,
+                    ports: ports.clone(),
+                    endpoints: plan.endpoints.clone(),
+                };
+                let live_xml = plan.live.to_xml(XmlFlavor::Live);
+                // The record must be on disk before we report success: it is how a
+                // restarted agent finds this QEMU again.
+                if let Err(e) = write_atomic(&paths.live_xml(), live_xml.as_bytes())
+                    .and_then(|()| record.save(&paths.dir))
+                {
+                    tracing::error!(vm = %name, error = %e, "cannot record VM; it runs unrecorded");
+                }
+                let addr = VmActor::start(
+                    QemuProcess {
+                        name: name.clone(),
+                        uuid: record.uuid.clone(),
+                        pid: launched.pid,
+                        paths,
+                        qmp: launched.qmp,
+                        events: launched.events,
+                        child: Some(launched.child),
+                    },
+                    ctx.address().recipient(),
+                    ctx.address().recipient(),
+                );
+                let state = if migration_port.is_some() {
+                    "inmigrate"
+                } else {
+                    "running"
+                };
+                tracing::info!(vm = %name, host = %host, pid = launched.pid, state, "QEMU up");
+                let vm = summary(&record, state);
+                act.vms.insert(
+                    name,
+                    RunningVm {
+                        addr,
+                        record,
+                        live_xml: live_xml.clone(),
+                        migration_port,
+                    },
+                );
+                match mode {
+                    LaunchMode::Incoming(uri) => Response::Incoming { vm, uri },
+                    LaunchMode::Run => Response::Started {
                         vm,
                         live_xml,
                         warnings: plan.warnings,
-                    }
-                }),
+                    },
+                }
+            }),
         )
     }
 
@@ -259,6 +355,116 @@ impl HostAgent {
             networks,
             problems: self.networks.problems.clone(),
         }
+    }
+}
+
+impl HostAgent {
+    fn qmp_request(
+        &mut self,
+        name: &str,
+        command: &'static str,
+        map: impl FnOnce(serde_json::Value) -> Response + 'static,
+    ) -> ResponseActFuture<Self, Response> {
+        let Some(vm) = self.vms.get(name) else {
+            return reply(Response::Error(format!(
+                "Requested operation is not valid: domain '{name}' is not running on host {}",
+                self.host()
+            )));
+        };
+        let fut = vm.addr.send(QmpCall {
+            command,
+            arguments: serde_json::Value::Null,
+        });
+        Box::pin(
+            async move {
+                match fut.await {
+                    Ok(Ok(v)) => map(v),
+                    Ok(Err(e)) => Response::Error(format!("{command}: {e}")),
+                    Err(e) => Response::Error(format!("VM actor unavailable: {e}")),
+                }
+            }
+            .into_actor(self),
+        )
+    }
+
+    /// Waits for the incoming stream to land, resumes the guest, confirms its consoles.
+    fn finish_incoming(&mut self, name: String) -> ResponseActFuture<Self, Response> {
+        let host = self.host().to_string();
+        let Some(vm) = self.vms.get(&name) else {
+            return reply(Response::Error(format!(
+                "Requested operation is not valid: domain '{name}' is not running on host {host}"
+            )));
+        };
+        let addr = vm.addr.clone();
+        let endpoints = vm.record.endpoints.clone();
+        let timeout = self.settings.timeouts.console;
+        Box::pin(
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    match addr.send(QueryStatus).await {
+                        Ok(Ok(s)) if s == "inmigrate" => {}
+                        Ok(Ok(s)) if s == "paused" || s == "running" => break,
+                        Ok(Ok(s)) => return Err(format!("unexpected state '{s}' after migration")),
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err("the migration stream never completed".to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let cont = QmpCall {
+                    command: "cont",
+                    arguments: serde_json::Value::Null,
+                };
+                match addr.send(cont).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(format!("cont: {e}")),
+                    Err(e) => return Err(e.to_string()),
+                }
+                for e in &endpoints {
+                    confirm_console(e, timeout).await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            .into_actor(self)
+            .map(move |result, act, _| match result {
+                Ok(()) => {
+                    if let Some(vm) = act.vms.get_mut(&name) {
+                        if let Some(p) = vm.migration_port.take() {
+                            act.ports.release(p);
+                            vm.record.ports.retain(|x| *x != p);
+                            let dir = vm_dir(&act.settings.state_dir, &name);
+                            if let Err(e) = vm.record.save(&dir) {
+                                tracing::error!(vm = %name, error = %e, "cannot update VM record");
+                            }
+                        }
+                    }
+                    tracing::info!(vm = %name, host = %host, "incoming migration finished; VM running");
+                    Response::Done(format!("Domain '{name}' resumed on host {host}"))
+                }
+                Err(e) => Response::Error(format!("VM '{name}' on host {host}: {e}")),
+            }),
+        )
+    }
+}
+
+/// Reads QEMU's `query-migrate` answer.
+fn migration_progress(v: &serde_json::Value) -> flotilla_shared::proto::MigrationProgress {
+    let ram = &v["ram"];
+    let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    flotilla_shared::proto::MigrationProgress {
+        status: v["status"].as_str().unwrap_or("none").to_string(),
+        transferred: u(&ram["transferred"]),
+        remaining: u(&ram["remaining"]),
+        total: u(&ram["total"]),
+        throughput_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1_000_000.0 / 8.0) as u64,
+        dirty_sync_count: u(&ram["dirty-sync-count"]),
+        expected_downtime_ms: u(&v["expected-downtime"]),
+        downtime_ms: v["downtime"].as_u64(),
+        total_time_ms: v["total-time"].as_u64(),
+        error: v["error-desc"].as_str().map(str::to_string),
     }
 }
 
@@ -360,6 +566,7 @@ impl Actor for HostAgent {
                             addr,
                             record,
                             live_xml,
+                            migration_port: None,
                         },
                     );
                 }
@@ -378,7 +585,73 @@ impl Handler<AgentCall> for HostAgent {
             ))
         };
         match req {
-            Request::Start { xml, source } => self.start_vm(xml, source),
+            Request::Start { xml, source } => self.start_vm(xml, source, false),
+            Request::MigrateIncoming { xml, source } => self.start_vm(xml, source, true),
+            Request::MigrateOut {
+                name,
+                uri,
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+            } => match self.vms.get(&name) {
+                None => reply(not_running(&name, self.host())),
+                Some(vm) => {
+                    let addr = vm.addr.clone();
+                    let mut parameters = serde_json::Map::new();
+                    if let Some(ms) = max_downtime_ms {
+                        parameters.insert("downtime-limit".into(), ms.into());
+                    }
+                    if let Some(mib) = bandwidth_mib_s {
+                        parameters.insert("max-bandwidth".into(), (mib << 20).into());
+                    }
+                    Box::pin(
+                        async move {
+                            let calls = [
+                                QmpCall {
+                                    command: "migrate-set-capabilities",
+                                    arguments: serde_json::json!({"capabilities": [
+                                        {"capability": "auto-converge", "state": auto_converge}
+                                    ]}),
+                                },
+                                QmpCall {
+                                    command: "migrate-set-parameters",
+                                    arguments: serde_json::Value::Object(parameters),
+                                },
+                                QmpCall {
+                                    command: "migrate",
+                                    arguments: serde_json::json!({ "uri": uri }),
+                                },
+                            ];
+                            for call in calls {
+                                let command = call.command;
+                                match addr.send(call).await {
+                                    Ok(Ok(_)) => {}
+                                    Ok(Err(e)) => {
+                                        return Response::Error(format!("{command}: {e}"))
+                                    }
+                                    Err(e) => {
+                                        return Response::Error(format!(
+                                            "VM actor unavailable: {e}"
+                                        ))
+                                    }
+                                }
+                            }
+                            Response::Done(format!("migration of '{name}' to {uri} started"))
+                        }
+                        .into_actor(self),
+                    )
+                }
+            },
+            Request::MigrationStatus { name } => self.qmp_request(&name, "query-migrate", |v| {
+                Response::Migration(migration_progress(&v))
+            }),
+            Request::MigrateCancel { name } => self.qmp_request(&name, "migrate_cancel", |_| {
+                Response::Done("migration cancel requested".into())
+            }),
+            Request::Resume { name } => {
+                self.qmp_request(&name, "cont", |_| Response::Done("resumed".into()))
+            }
+            Request::MigrateFinish { name } => self.finish_incoming(name),
             Request::Shutdown { name, timeout_secs } => match self.vms.get(&name) {
                 None => reply(not_running(&name, self.host())),
                 Some(vm) => {

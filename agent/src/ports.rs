@@ -13,6 +13,9 @@ pub const DISPLAY_PORTS: RangeInclusive<u16> = 5900..=65535;
 /// VNC websocket ports (libvirt's `remote_websocket_port_min/max`).
 pub const WEBSOCKET_PORTS: RangeInclusive<u16> = 5700..=65535;
 
+/// Incoming migration streams (libvirt's `migration_port_min/max`).
+pub const MIGRATION_PORTS: RangeInclusive<u16> = 49152..=49215;
+
 /// Ports this host has handed out.
 #[derive(Debug, Clone, Default)]
 pub struct PortAllocator {

@@ -116,12 +116,23 @@ pub struct Launched {
     pub child: tokio::process::Child,
 }
 
-/// Spawns QEMU paused, applies `secrets`, resumes it and confirms `endpoints`.
+/// How a launched QEMU should end up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchMode {
+    /// Running, consoles confirmed.
+    Run,
+    /// Paused, waiting for a migration stream at this URI (argv has `-incoming defer`).
+    Incoming(String),
+}
+
+/// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
+/// `endpoints`, or (incoming migration) starts listening for the stream.
 pub async fn launch(
     argv: &QemuArgv,
     paths: &VmPaths,
     secrets: &[ConsoleSecret],
     endpoints: &[ConsoleEndpoint],
+    mode: LaunchMode,
     timeouts: StartTimeouts,
 ) -> Result<Launched, LaunchError> {
     let prepare = |path: &Path| {
@@ -197,11 +208,20 @@ pub async fn launch(
             .await
             .map_err(qmp_step("expire_password"))?;
         }
-        qmp.execute("cont", serde_json::Value::Null, timeouts.command)
-            .await
-            .map_err(qmp_step("cont"))?;
-        for e in endpoints {
-            confirm_console(e, timeouts.console).await?;
+        match &mode {
+            LaunchMode::Run => {
+                qmp.execute("cont", serde_json::Value::Null, timeouts.command)
+                    .await
+                    .map_err(qmp_step("cont"))?;
+                for e in endpoints {
+                    confirm_console(e, timeouts.console).await?;
+                }
+            }
+            LaunchMode::Incoming(uri) => {
+                qmp.execute("migrate-incoming", json!({ "uri": uri }), timeouts.command)
+                    .await
+                    .map_err(qmp_step("migrate-incoming"))?;
+            }
         }
         Ok(())
     }

@@ -78,6 +78,16 @@ pub struct QemuProcess {
     pub child: Option<tokio::process::Child>,
 }
 
+/// Run one QMP command and return its `return` value.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Value, String>")]
+pub struct QmpCall {
+    /// The command.
+    pub command: &'static str,
+    /// Its arguments (`null` for none).
+    pub arguments: Value,
+}
+
 /// Run a human monitor command and return its output.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<String, String>")]
@@ -271,6 +281,19 @@ impl Handler<MonitorCommand> for VmActor {
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(out.as_str().unwrap_or_default().to_string())
+        })
+    }
+}
+
+impl Handler<QmpCall> for VmActor {
+    type Result = ResponseFuture<Result<Value, String>>;
+
+    fn handle(&mut self, call: QmpCall, _: &mut Self::Context) -> Self::Result {
+        let qmp = self.qmp.clone();
+        Box::pin(async move {
+            qmp.execute(call.command, call.arguments, Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 }

@@ -195,6 +195,46 @@ pub enum AgentRequest {
     NetList,
     /// Re-read the networks directory.
     ReloadNetworks,
+    /// Migration destination: start the VM paused, waiting for an incoming stream.
+    MigrateIncoming {
+        /// The migratable XML (nothing host-specific).
+        xml: String,
+        /// Where it came from, for error messages.
+        source: String,
+    },
+    /// Migration source: send the running VM to `uri`.
+    MigrateOut {
+        /// The VM.
+        name: String,
+        /// The destination's `tcp:ADDR:PORT`.
+        uri: String,
+        /// QEMU `downtime-limit`, ms.
+        max_downtime_ms: Option<u64>,
+        /// QEMU `max-bandwidth`, MiB/s.
+        bandwidth_mib_s: Option<u64>,
+        /// The `auto-converge` capability.
+        auto_converge: bool,
+    },
+    /// `query-migrate` on a VM.
+    MigrationStatus {
+        /// The VM.
+        name: String,
+    },
+    /// `migrate_cancel` on a source.
+    MigrateCancel {
+        /// The VM.
+        name: String,
+    },
+    /// Migration destination: resume the received VM and confirm its console.
+    MigrateFinish {
+        /// The VM.
+        name: String,
+    },
+    /// `cont` a paused VM (a source whose destination failed).
+    Resume {
+        /// The VM.
+        name: String,
+    },
     /// Run a human monitor command (`virsh qemu-monitor-command --hmp`).
     MonitorCommand {
         /// The VM.
@@ -245,9 +285,43 @@ pub struct NetStatus {
     pub error: Option<String>,
 }
 
+/// A `query-migrate` sample.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// QEMU's status: `setup`, `active`, `postcopy-active`, `completed`, `failed`, `cancelled`, …
+    pub status: String,
+    /// Bytes sent.
+    pub transferred: u64,
+    /// Bytes left.
+    pub remaining: u64,
+    /// Guest RAM.
+    pub total: u64,
+    /// Throughput in bytes per second.
+    pub throughput_bps: u64,
+    /// Dirty-page sync passes.
+    pub dirty_sync_count: u64,
+    /// Expected downtime, ms.
+    pub expected_downtime_ms: u64,
+    /// Actual downtime, ms (completed only).
+    pub downtime_ms: Option<u64>,
+    /// Total time, ms (completed only).
+    pub total_time_ms: Option<u64>,
+    /// QEMU's error description (failed only).
+    pub error: Option<String>,
+}
+
 /// An agent's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentResponse {
+    /// A migration destination is waiting for the stream.
+    Incoming {
+        /// The VM, paused.
+        vm: VmSummary,
+        /// Where to send the stream.
+        uri: String,
+    },
+    /// Migration progress.
+    Migration(MigrationProgress),
     /// A VM started.
     Started {
         /// The VM.

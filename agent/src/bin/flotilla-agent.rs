@@ -57,6 +57,9 @@ struct Cli {
     /// Directory written by `flotilla certs` (needs ca.pem and agent-NAME.pem).
     #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
     tls_dir: PathBuf,
+    /// Network whose address receives incoming live migrations (default: the first that resolves).
+    #[arg(long)]
+    migration_network: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -117,6 +120,28 @@ enum Ctl {
     NetList,
     /// Re-read the networks directory (as SIGHUP does).  Example: ctl reload
     Reload,
+    /// Migration destination: start paused, print the URI to send to.  Example: ctl migrate-incoming web01.xml
+    MigrateIncoming { file: PathBuf },
+    /// Migration source: send a VM.  Example: ctl migrate-out web01 --uri tcp:198.18.2.1:49152
+    MigrateOut {
+        name: String,
+        #[arg(long)]
+        uri: String,
+        #[arg(long)]
+        max_downtime: Option<u64>,
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        #[arg(long)]
+        auto_converge: bool,
+    },
+    /// query-migrate.  Example: ctl migration-status web01
+    MigrationStatus { name: String },
+    /// migrate_cancel.  Example: ctl migrate-cancel web01
+    MigrateCancel { name: String },
+    /// Migration destination: resume the received VM.  Example: ctl migrate-finish web01
+    MigrateFinish { name: String },
+    /// Resume a paused VM.  Example: ctl resume web01
+    Resume { name: String },
     /// Run a QEMU human monitor command.  Example: ctl qemu-monitor-command web01 --hmp 'info status'
     QemuMonitorCommand {
         name: String,
@@ -220,6 +245,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             accel,
         },
         timeouts: StartTimeouts::default(),
+        migration_network: cli.migration_network.clone(),
     })
 }
 
@@ -339,6 +365,28 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         Ctl::Dumpxml { name } => Request::DumpXml { name: name.clone() },
         Ctl::NetList => Request::NetList,
         Ctl::Reload => Request::ReloadNetworks,
+        Ctl::MigrateIncoming { file } => Request::MigrateIncoming {
+            xml: std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+            source: file.display().to_string(),
+        },
+        Ctl::MigrateOut {
+            name,
+            uri,
+            max_downtime,
+            bandwidth,
+            auto_converge,
+        } => Request::MigrateOut {
+            name: name.clone(),
+            uri: uri.clone(),
+            max_downtime_ms: *max_downtime,
+            bandwidth_mib_s: *bandwidth,
+            auto_converge: *auto_converge,
+        },
+        Ctl::MigrationStatus { name } => Request::MigrationStatus { name: name.clone() },
+        Ctl::MigrateCancel { name } => Request::MigrateCancel { name: name.clone() },
+        Ctl::MigrateFinish { name } => Request::MigrateFinish { name: name.clone() },
+        Ctl::Resume { name } => Request::Resume { name: name.clone() },
         Ctl::QemuMonitorCommand { name, hmp } => Request::MonitorCommand {
             name: name.clone(),
             command: hmp.clone(),
@@ -363,6 +411,29 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             }
         }
         Response::Done(msg) => println!("{}", msg.trim_end()),
+        Response::Incoming { vm, uri } => {
+            println!(
+                "Domain '{}' waiting for migration (pid {})",
+                vm.name, vm.pid
+            );
+            println!("uri: {uri}");
+        }
+        Response::Migration(p) => {
+            println!("status: {}", p.status);
+            println!(
+                "transferred: {} remaining: {} total: {}",
+                p.transferred, p.remaining, p.total
+            );
+            if let Some(d) = p.downtime_ms {
+                println!("downtime_ms: {d}");
+            }
+            if let Some(t) = p.total_time_ms {
+                println!("total_time_ms: {t}");
+            }
+            if let Some(e) = p.error {
+                println!("error: {e}");
+            }
+        }
         Response::Vms(vms) => {
             println!("{:<20} {:<10} {:>8}  CONSOLES", "NAME", "STATE", "PID");
             for v in vms {

@@ -1,0 +1,214 @@
+//! Live migration at the agent level: two namespace hosts that define
+//! `public` differently, the counting guest on storage both see, and the
+//! prepare / perform / finish / quit steps the coordinator will drive.
+
+#![allow(clippy::expect_used)]
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
+use flotilla_tests::{
+    agent_command, domain_xml, new_uuid, output, qemu_pids_for, refused, rfb_banner, wait_until,
+    AgentDaemon, AgentDirs, Netns,
+};
+
+struct Host {
+    ns: Netns,
+    dirs: AgentDirs,
+    name: &'static str,
+    _daemon: AgentDaemon,
+}
+
+impl Host {
+    fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let mut c = agent_command(&self.ns, self.name, &self.dirs);
+        c.arg("ctl").args(args);
+        let o = output(c);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code().unwrap_or(-1), text)
+    }
+
+    fn counter(&self, vm: &str) -> u32 {
+        let (code, out) = self.ctl(&[
+            "qemu-monitor-command",
+            vm,
+            "--hmp",
+            &format!("xp /1wx {COUNTER_ADDR:#x}"),
+        ]);
+        assert_eq!(code, 0, "{out}");
+        parse_xp_word(&out).unwrap_or_else(|| panic!("unreadable counter: {out:?}"))
+    }
+}
+
+/// host-a: `public` = bridge br0 at 198.18.1.1; host-b: `public` = uplink
+/// veth at 198.18.2.1. Both share a fabric link (198.18.100.0/24) that each
+/// defines as network `migration`.
+fn two_hosts() -> (Host, Host, Netns) {
+    let a = Netns::new("mig-a");
+    let b = Netns::new("mig-b");
+    let far = Netns::new("mig-far");
+    a.bridge("br0", Some("198.18.1.1/24"));
+    b.veth_to(
+        "uplink0",
+        Some("198.18.2.1/24"),
+        None,
+        &far,
+        "eth0",
+        "198.18.2.100/24",
+    );
+    a.veth_to(
+        "fab0",
+        Some("198.18.100.1/24"),
+        None,
+        &b,
+        "fab0",
+        "198.18.100.2/24",
+    );
+    let make = |ns: Netns, name: &'static str, public: &str| {
+        let dirs = AgentDirs::new();
+        dirs.network("public", public);
+        dirs.network(
+            "migration",
+            "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
+        );
+        let daemon = AgentDaemon::start(&ns, name, &dirs, &["--migration-network", "migration"]);
+        Host {
+            ns,
+            dirs,
+            name,
+            _daemon: daemon,
+        }
+    };
+    let ha = make(
+        a,
+        "host-a",
+        "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
+    );
+    let hb = make(
+        b,
+        "host-b",
+        "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+    );
+    (ha, hb, far)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[test]
+fn a_running_guest_moves_and_its_console_follows() {
+    let (a, b, _far) = two_hosts();
+    let image = a.dirs.root.path().join("count.img");
+    std::fs::write(&image, counting_disk_image()).expect("image");
+    let uuid = new_uuid();
+    let devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>\
+         <graphics type='vnc'><listen type='network' network='public'/></graphics>",
+        image.display()
+    );
+    let xml = domain_xml("mover", &uuid, &devices).replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+    );
+    let def = a.dirs.file("mover.xml", &xml);
+    let def = def.to_str().expect("utf8");
+
+    let (code, out) = a.ctl(&["start", def]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("console: vnc://198.18.1.1:5900"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(30), || a.counter("mover") > 0),
+        "guest never counted on host-a"
+    );
+
+    // Prepare: the destination resolves `public` itself and waits paused.
+    let (code, out) = b.ctl(&["migrate-incoming", def]);
+    assert_eq!(code, 0, "{out}");
+    let uri = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uri: "))
+        .expect("uri")
+        .to_string();
+    assert!(uri.starts_with("tcp:198.18.100.2:"), "{uri}");
+    assert_eq!(
+        qemu_pids_for(&uuid).len(),
+        2,
+        "source runs, destination waits"
+    );
+
+    // Perform.
+    let before = a.counter("mover");
+    let (code, out) = a.ctl(&[
+        "migrate-out",
+        "mover",
+        "--uri",
+        &uri,
+        "--max-downtime",
+        "300",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let mut last = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            last = a.ctl(&["migration-status", "mover"]).1;
+            last.contains("status: completed") || last.contains("status: failed")
+        }),
+        "migration never finished: {last}"
+    );
+    assert!(last.contains("status: completed"), "{last}");
+    assert!(last.contains("downtime_ms:"), "{last}");
+
+    // Finish on the destination, then quit the source.
+    let (code, out) = b.ctl(&["migrate-finish", "mover"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = a.ctl(&["destroy", "mover"]);
+    assert_eq!(code, 0, "{out}");
+
+    // The guest carried on counting: a cold restart would begin at zero.
+    let after = b.counter("mover");
+    assert!(
+        after > before,
+        "counter went from {before} to {after}: not a live migration"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(b.counter("mover") > after, "guest is not running on host-b");
+    let (_, list) = b.ctl(&["list", "--json"]);
+    assert!(list.contains("\"state\": \"running\""), "{list}");
+
+    // The console moved with it: host-b's own `public` address, not host-a's.
+    let (_, display) = b.ctl(&["domdisplay", "mover"]);
+    assert!(display.contains("vnc://198.18.2.1:5900"), "{display}");
+    let banner =
+        b.ns.run(|| rfb_banner(ip("198.18.2.1"), 5900))
+            .expect("VNC on host-b");
+    assert!(banner.starts_with("RFB 003.00"), "{banner:?}");
+    assert!(
+        a.ns.run(|| refused(ip("198.18.1.1"), 5900)),
+        "host-a still serves the console"
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1, "exactly one QEMU remains");
+}
+
+#[test]
+fn a_destination_without_the_disk_refuses_at_prepare() {
+    let (a, b, _far) = two_hosts();
+    let uuid = new_uuid();
+    let devices = "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='/nonexistent/flotilla/disk.img'/><target dev='vda' bus='virtio'/></disk>";
+    let def = b.dirs.file("x.xml", &domain_xml("x", &uuid, devices));
+    let (code, out) = b.ctl(&["migrate-incoming", def.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cannot accept VM 'x' on host host-b: disk source /nonexistent/flotilla/disk.img does not exist here"),
+        "{out}"
+    );
+    assert!(qemu_pids_for(&uuid).is_empty());
+    let _ = a;
+}
