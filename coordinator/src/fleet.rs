@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use flotilla_shared::net::quic;
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, OperatorRequest, OperatorResponse,
-    VmListEntry,
+    AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, MigrationProgress,
+    OperatorRequest, OperatorResponse, VmListEntry,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
+use crate::migration::MigrationParams;
+use crate::migration_driver::{self, MigrationJob};
 use crate::reconcile::{reconcile, Fix};
 use crate::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use crate::store::{HostRow, NewDefinition, Store, VmRow};
@@ -52,6 +54,20 @@ pub struct Fleet {
     hosts: BTreeMap<String, HostState>,
     /// VMs with a start or stop in flight: a second request waits for none, it is refused.
     busy: BTreeSet<String>,
+    /// Migrations in flight, by VM, with the channel that aborts them.
+    migrations: BTreeMap<String, tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+/// An operator's migration request, with a sink for its progress frames.
+#[derive(Message)]
+#[rtype(result = "OperatorResponse")]
+pub struct MigrateCall {
+    /// The operator's certificate name, for the log.
+    pub operator: String,
+    /// Must be [`OperatorRequest::Migrate`].
+    pub request: OperatorRequest,
+    /// Progress samples go here while the migration runs.
+    pub progress: tokio::sync::mpsc::UnboundedSender<MigrationProgress>,
 }
 
 /// A host registered over `conn`.
@@ -109,6 +125,7 @@ impl Fleet {
             settings,
             hosts: BTreeMap::new(),
             busy: BTreeSet::new(),
+            migrations: BTreeMap::new(),
         }
     }
 
@@ -157,6 +174,8 @@ impl Fleet {
                     tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
                     let _ = self.store.set_placement(&name, None, false);
                 }
+                Fix::Conflict { name, .. } | Fix::Place { name } | Fix::Stopped { name }
+                    if self.migrations.contains_key(&name) => {}
                 Fix::Conflict { name, recorded } => {
                     tracing::error!(vm = %name, host, recorded = %recorded,
                         "VM reported running on two hosts; not touching either copy")
@@ -317,10 +336,8 @@ impl Fleet {
             }
             Err(e) => return reply(OperatorResponse::Error(e.to_string())),
         };
-        if self.busy.contains(&name) {
-            return reply(OperatorResponse::Error(format!(
-                "Requested operation is not valid: domain '{name}' has an operation in progress"
-            )));
+        if let Some(e) = self.busy_error(&name) {
+            return reply(OperatorResponse::Error(e));
         }
         if let Some(h) = row.placement.as_deref() {
             let state = if self.runs_on(h, &name) {
@@ -430,6 +447,9 @@ impl Fleet {
             }
             Err(e) => return reply(OperatorResponse::Error(e.to_string())),
         };
+        if let Some(e) = self.busy_error(&name) {
+            return reply(OperatorResponse::Error(e));
+        }
         let Some(host) = row.placement.clone() else {
             return reply(OperatorResponse::Error(format!(
                 "Requested operation is not valid: domain '{name}' is not running"
@@ -489,18 +509,133 @@ impl Fleet {
         )
     }
 
-    fn placed_host(&self, name: &str) -> Result<String, OperatorResponse> {
+    /// While a VM migrates the migration owns it; other requests are refused.
+    fn busy_error(&self, name: &str) -> Option<String> {
+        if self.migrations.contains_key(name) {
+            Some(format!(
+                "Requested operation is not valid: domain '{name}' is migrating \
+                 (flotilla migrate-abort {name} cancels it)"
+            ))
+        } else if self.busy.contains(name) {
+            Some(format!(
+                "Requested operation is not valid: domain '{name}' has an operation in progress"
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn migrate(
+        &mut self,
+        call: MigrateCall,
+    ) -> Result<ResponseActFuture<Self, OperatorResponse>, String> {
+        let OperatorRequest::Migrate {
+            name,
+            to,
+            max_downtime_ms,
+            bandwidth_mib_s,
+            auto_converge,
+            postcopy,
+            timeout_secs,
+        } = call.request
+        else {
+            return Err("not a migration request".into());
+        };
+        if postcopy {
+            return Err(
+                "post-copy migration is not supported yet (needs postcopy-ram on both QEMUs)"
+                    .into(),
+            );
+        }
+        let row = match self.store.get(&name) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(format!(
+                    "failed to get domain '{name}': no domain with matching name"
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Some(e) = self.busy_error(&name) {
+            return Err(e);
+        }
+        let Some(source) = row.placement.clone().filter(|h| self.runs_on(h, &name)) else {
+            return Err(format!(
+                "Requested operation is not valid: domain '{name}' is not running"
+            ));
+        };
+        let domain = Domain::parse(&name, &row.xml)
+            .map_err(|e| e.to_string())?
+            .model;
+        let needs = VmNeeds {
+            name: name.clone(),
+            memory_mib: domain.memory.mib(),
+            vcpus: domain.vcpus(),
+            networks: domain.referenced_networks(),
+        };
+        let rows = self.store.list().unwrap_or_default();
+        let snapshots = self.snapshots(&rows);
+        let decision = match &to {
+            Some(h) if *h == source => return Err(format!("domain '{name}' already runs on {h}")),
+            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
+            None => {
+                scheduler::place_excluding(&needs, &snapshots, &[&source], &self.settings.policy)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let dest = decision.host;
+        let source_conn = self.agent_conn(&source)?;
+        let dest_conn = self.agent_conn(&dest)?;
+        let (abort_tx, aborts) = tokio::sync::mpsc::unbounded_channel();
+        self.migrations.insert(name.clone(), abort_tx);
+        tracing::info!(vm = %name, from = %source, to = %dest, operator = %call.operator, "migrating");
+        let job = MigrationJob {
+            name: name.clone(),
+            source,
+            dest: dest.clone(),
+            source_conn,
+            dest_conn,
+            // The stored definition is host-independent: exactly the migratable XML.
+            xml: row.xml,
+            params: MigrationParams {
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+                postcopy,
+                timeout: timeout_secs.map(Duration::from_secs),
+            },
+            store: self.store.clone(),
+            progress: call.progress,
+            aborts,
+        };
+        Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
+            move |response, act, _| {
+                act.migrations.remove(&name);
+                if let OperatorResponse::Migrated { on, .. } = &response {
+                    // Until the next heartbeats arrive, reflect the move at once.
+                    for (h, state) in act.hosts.iter_mut() {
+                        if h != on {
+                            state.facts.vms.retain(|v| v.name != name);
+                        }
+                    }
+                }
+                response
+            },
+        )))
+    }
+
+    fn placed_host(&self, name: &str) -> Result<String, String> {
         match self.store.get(name) {
             Ok(Some(VmRow {
                 placement: Some(h), ..
             })) => Ok(h),
-            Ok(Some(_)) => Err(OperatorResponse::Error(format!(
+            Ok(Some(_)) => Err(format!(
                 "Requested operation is not valid: domain '{name}' is not running"
-            ))),
-            Ok(None) => Err(OperatorResponse::Error(format!(
+            )),
+            Ok(None) => Err(format!(
                 "failed to get domain '{name}': no domain with matching name"
-            ))),
-            Err(e) => Err(OperatorResponse::Error(e.to_string())),
+            )),
+            Err(e) => Err(e.to_string()),
         }
     }
 }
@@ -638,7 +773,7 @@ impl Handler<OperatorCall> for Fleet {
                 Err(e) => OperatorResponse::Error(e.to_string()),
             }),
             OperatorRequest::DumpXml { name, live: true } => match self.placed_host(&name) {
-                Err(r) => reply(r),
+                Err(e) => reply(OperatorResponse::Error(e)),
                 Ok(h) => self.ask_agent(h, AgentRequest::DumpXml { name }, |_, r| match r {
                     AgentResponse::Xml(x) => OperatorResponse::Xml(x),
                     other => OperatorResponse::Error(format!("unexpected answer {other:?}")),
@@ -652,7 +787,7 @@ impl Handler<OperatorCall> for Fleet {
                 self.stop(name.clone(), AgentRequest::Destroy { name })
             }
             OperatorRequest::DomDisplay { name } => match self.placed_host(&name) {
-                Err(r) => reply(r),
+                Err(e) => reply(OperatorResponse::Error(e)),
                 Ok(h) => self.ask_agent(h, AgentRequest::DomDisplay { name }, |host, r| match r {
                     AgentResponse::Consoles(consoles) => {
                         OperatorResponse::Consoles { host, consoles }
@@ -679,6 +814,16 @@ impl Handler<OperatorCall> for Fleet {
                     .collect();
                 reply(OperatorResponse::Hosts(entries))
             }
+            OperatorRequest::Migrate { .. } => reply(OperatorResponse::Error(
+                "migrations stream progress; send them as MigrateCall".into(),
+            )),
+            OperatorRequest::MigrateAbort { name } => reply(match self.migrations.get(&name) {
+                Some(tx) => {
+                    let _ = tx.send("aborted by operator".into());
+                    OperatorResponse::Done(format!("abort of the migration of '{name}' requested"))
+                }
+                None => OperatorResponse::Error(format!("no migration of '{name}' is in progress")),
+            }),
             OperatorRequest::NetList { host } => {
                 self.ask_agent(host, AgentRequest::NetList, |host, r| match r {
                     AgentResponse::Networks { networks, .. } => {
@@ -687,6 +832,17 @@ impl Handler<OperatorCall> for Fleet {
                     other => OperatorResponse::Error(format!("unexpected answer {other:?}")),
                 })
             }
+        }
+    }
+}
+
+impl Handler<MigrateCall> for Fleet {
+    type Result = ResponseActFuture<Self, OperatorResponse>;
+
+    fn handle(&mut self, call: MigrateCall, _: &mut Self::Context) -> Self::Result {
+        match self.migrate(call) {
+            Ok(fut) => fut,
+            Err(e) => reply(OperatorResponse::Error(e)),
         }
     }
 }

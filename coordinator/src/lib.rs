@@ -7,6 +7,7 @@
 
 pub mod fleet;
 pub mod migration;
+pub mod migration_driver;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

@@ -10,10 +10,13 @@ use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorResponse, ServerMessage,
+    AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorRequest, OperatorResponse,
+    ServerMessage,
 };
 
-use crate::fleet::{Disconnected, Fleet, Heartbeat, OperatorCall, Register, VmStopped};
+use crate::fleet::{
+    Disconnected, Fleet, Heartbeat, MigrateCall, OperatorCall, Register, VmStopped,
+};
 
 /// Accepts connections until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>) {
@@ -62,12 +65,47 @@ async fn stream(
 ) {
     let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
         Err(e) => ServerMessage::Operator(OperatorResponse::Error(format!("bad request: {e}"))),
+        Ok(ClientMessage::Operator(request @ OperatorRequest::Migrate { .. }))
+            if who.role == Role::Operator =>
+        {
+            migrate(request, &who, &mut send, &fleet).await
+        }
         Ok(msg) => dispatch(msg, &who, conn, &fleet).await,
     };
     let _ = quic::write_frame(&mut send, &reply).await;
     let _ = send.finish();
     // Let the reply reach the peer before the stream is dropped.
     let _ = send.stopped().await;
+}
+
+/// A migration answers with progress frames on the same stream, then the outcome.
+async fn migrate(
+    request: OperatorRequest,
+    who: &Identity,
+    send: &mut quinn::SendStream,
+    fleet: &Addr<Fleet>,
+) -> ServerMessage {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let call = MigrateCall {
+        operator: who.name.clone(),
+        request,
+        progress: tx,
+    };
+    let answer = fleet.send(call);
+    tokio::pin!(answer);
+    loop {
+        tokio::select! {
+            Some(p) = rx.recv() => {
+                // A client that stops reading only loses progress, not the migration.
+                let _ = quic::write_frame(send, &ServerMessage::Progress(p)).await;
+            }
+            r = &mut answer => {
+                return ServerMessage::Operator(
+                    r.unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
+                );
+            }
+        }
+    }
 }
 
 async fn dispatch(

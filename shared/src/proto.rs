@@ -424,6 +424,8 @@ pub enum ServerMessage {
     Operator(OperatorResponse),
     /// Answer to [`ClientMessage::Event`].
     Ack,
+    /// A progress frame sent before the final answer of a long request.
+    Progress(MigrationProgress),
 }
 
 // ---------------------------------------------------------- operator ⇄ fleet
@@ -485,6 +487,28 @@ pub enum OperatorRequest {
     NetList {
         /// The host.
         host: String,
+    },
+    /// Live-migrate a running VM; progress frames precede the answer.
+    Migrate {
+        /// The VM.
+        name: String,
+        /// Destination; the scheduler picks one when absent.
+        to: Option<String>,
+        /// QEMU `downtime-limit`, ms.
+        max_downtime_ms: Option<u64>,
+        /// QEMU `max-bandwidth`, MiB/s.
+        bandwidth_mib_s: Option<u64>,
+        /// QEMU's `auto-converge`.
+        auto_converge: bool,
+        /// Switch to post-copy after the first pass.
+        postcopy: bool,
+        /// Abort when not done in this many seconds.
+        timeout_secs: Option<u64>,
+    },
+    /// Cancel a running migration.
+    MigrateAbort {
+        /// The VM.
+        name: String,
     },
 }
 
@@ -568,6 +592,21 @@ pub enum OperatorResponse {
         host: String,
         /// Its networks.
         networks: Vec<NetStatus>,
+    },
+    /// A migration ended.
+    Migrated {
+        /// The VM.
+        name: String,
+        /// Where it was.
+        from: String,
+        /// Where it is now (the source when the migration did not complete).
+        on: String,
+        /// `completed`, `aborted: REASON` or `failed: REASON`.
+        outcome: String,
+        /// Wall time from request to end, ms.
+        elapsed_ms: u64,
+        /// Final QEMU statistics, when the source got that far.
+        stats: Option<MigrationProgress>,
     },
     /// The request failed.
     Error(String),

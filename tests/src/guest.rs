@@ -1,7 +1,8 @@
 //! A guest whose state can be observed: a 512-byte boot sector that counts.
 //!
 //! SeaBIOS loads it at 0x7c00. It increments a 32-bit counter at
-//! [`COUNTER_ADDR`] forever and prints it as eight hex digits in the top-left
+//! [`COUNTER_ADDR`] forever, writes it across 512 KiB of RAM (a dirtying
+//! workload for migrations), and prints it as eight hex digits in the top-left
 //! corner of the VGA text screen. A migrated guest continues its count; a
 //! restarted one starts again from zero, so a test (or a person watching the
 //! console) can tell a live migration from a cold restart.
@@ -25,6 +26,14 @@ pub fn counting_boot_sector() -> [u8; 512] {
         // next:
         0x66, 0xff, 0x06, 0x00, 0x7e,       // inc dword [0x7e00]
         0x66, 0xa1, 0x00, 0x7e,             // mov eax, [0x7e00]
+        // Dirty 512 KiB of RAM (128 pages from 0x10000) as a workload would,
+        // one page per count, so a migration has real work to converge.
+        0x66, 0x89, 0xc2,                   // mov edx, eax
+        0x83, 0xe2, 0x7f,                   // and dx, 0x7f
+        0xc1, 0xe2, 0x08,                   // shl dx, 8         (segment step = 4 KiB)
+        0x81, 0xc2, 0x00, 0x10,             // add dx, 0x1000
+        0x8e, 0xe2,                         // mov fs, dx
+        0x64, 0x66, 0xa3, 0x00, 0x00,       // mov [fs:0], eax
         0xbf, 0x0e, 0x00,                   // mov di, 14        (last of 8 cells)
         0xb9, 0x08, 0x00,                   // mov cx, 8
         // digit:
@@ -40,7 +49,7 @@ pub fn counting_boot_sector() -> [u8; 512] {
         0x66, 0xc1, 0xe8, 0x04,             // shr eax, 4
         0x83, 0xef, 0x02,                   // sub di, 2
         0xe2, 0xdf,                         // loop digit        (-33)
-        0xeb, 0xce,                         // jmp next          (-50)
+        0xeb, 0xba,                         // jmp next          (-70)
     ];
     let mut sector = [0u8; 512];
     sector[..code.len()].copy_from_slice(code);
@@ -72,11 +81,11 @@ mod tests {
     fn sector_is_bootable_and_jumps_land_on_their_labels() {
         let s = counting_boot_sector();
         assert_eq!(&s[510..], &[0x55, 0xaa]);
-        // loop at 0x46 jumps back to `digit` at 0x27; jmp at 0x48 back to `next` at 0x18.
-        assert_eq!((0x48i32 + i32::from(s[0x47] as i8)), 0x27);
-        assert_eq!((0x4ai32 + i32::from(s[0x49] as i8)), 0x18);
+        // loop at 0x5a jumps back to `digit` at 0x3b; jmp at 0x5c back to `next` at 0x18.
+        assert_eq!((0x5ci32 + i32::from(s[0x5b] as i8)), 0x3b);
+        assert_eq!((0x5ei32 + i32::from(s[0x5d] as i8)), 0x18);
         assert_eq!(&s[0x18..0x1d], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
-        assert_eq!(&s[0x27..0x29], &[0x88, 0xc3]);
+        assert_eq!(&s[0x3b..0x3d], &[0x88, 0xc3]);
     }
 
     #[test]

@@ -91,14 +91,25 @@ fn fleet() -> Fleet {
     let mut hosts = Vec::new();
     let mut agents = Vec::new();
     let mut peers = Vec::new();
-    for (n, name) in [(11u8, "host-a"), (12, "host-b"), (13, "host-c")] {
+    let names = [(11u8, "host-a"), (12, "host-b"), (13, "host-c")];
+    let spaces: Vec<Netns> = names.iter().map(|(n, _)| host(&ctl, *n)).collect();
+    // A fabric link between host-a and host-b carries migration streams.
+    spaces[0].veth_to(
+        "fab0",
+        Some("198.18.100.1/24"),
+        None,
+        &spaces[1],
+        "fab0",
+        "198.18.100.2/24",
+    );
+    for ((_, name), h) in names.into_iter().zip(spaces) {
         let mut c = std::process::Command::new(bin("flotilla"));
         c.args(["certs", "issue", "--agent", name])
             .arg("--dir")
             .arg(&tls);
         assert!(output(c).status.success());
-        let h = host(&ctl, n);
         let dirs = AgentDirs::new();
+        let mut extra = Vec::new();
         match name {
             "host-a" => {
                 h.bridge("br0", Some("198.18.1.1/24"));
@@ -125,13 +136,22 @@ fn fleet() -> Fleet {
                 "<network><name>mgmt</name><forward mode='bridge' dev='mgmt0'/></network>",
             ),
         }
+        if name != "host-c" {
+            dirs.network(
+                "migration",
+                "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
+            );
+            extra.extend(["--migration-network".to_string(), "migration".to_string()]);
+        }
         let tls_arg = tls.to_str().expect("utf8").to_string();
-        agents.push(AgentDaemon::start(
-            &h,
-            name,
-            &dirs,
-            &["--coordinator", COORD, "--tls-dir", &tls_arg],
-        ));
+        extra.extend([
+            "--coordinator".to_string(),
+            COORD.to_string(),
+            "--tls-dir".to_string(),
+            tls_arg,
+        ]);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        agents.push(AgentDaemon::start(&h, name, &dirs, &extra));
         hosts.push((h, dirs, name.to_string()));
     }
     let f = Fleet {
@@ -586,4 +606,200 @@ fn raw_frames(tls: &Path) -> Vec<String> {
         }
         out
     })
+}
+
+/// The counting guest, defined with its disk on storage every host sees.
+fn define_counter(f: &Fleet, name: &str) -> String {
+    let image = f.work.path().join(format!("{name}.img"));
+    std::fs::write(&image, flotilla_tests::guest::counting_disk_image()).expect("image");
+    let uuid = new_uuid();
+    let devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>{VNC_PUBLIC}",
+        image.display()
+    );
+    let xml = domain_xml(name, &uuid, &devices).replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+    );
+    let file = f.work.path().join(format!("{name}.xml"));
+    std::fs::write(&file, xml).expect("write");
+    let o = f.cli(&["define", file.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    uuid
+}
+
+/// Reads the guest's counter through the agent on host `idx`.
+fn counter(f: &Fleet, idx: usize, name: &str) -> Option<u32> {
+    let (ns, dirs, host) = &f.hosts[idx];
+    let mut c = flotilla_tests::agent_command(ns, host, dirs);
+    c.args(["ctl", "qemu-monitor-command", name, "--hmp"])
+        .arg(format!(
+            "xp /1wx {:#x}",
+            flotilla_tests::guest::COUNTER_ADDR
+        ));
+    let o = output(c);
+    flotilla_tests::guest::parse_xp_word(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// Exactly one QEMU runs the VM, on host `idx`, and it is running.
+fn runs_only_on(f: &Fleet, idx: usize, name: &str, uuid: &str) {
+    assert_eq!(
+        qemu_pids_for(uuid).len(),
+        1,
+        "VM must run on exactly one host"
+    );
+    let before = counter(f, idx, name).expect("readable on its host");
+    assert!(
+        wait_until(Duration::from_secs(5), || counter(f, idx, name)
+            .is_some_and(|c| c > before)),
+        "guest is not running on {}",
+        f.hosts[idx].2
+    );
+}
+
+fn start_counting_on_a(f: &Fleet, name: &str) -> String {
+    let uuid = define_counter(f, name);
+    let o = f.cli(&["start", name, "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(30), || counter(f, 0, name)
+            .is_some_and(|c| c > 0)),
+        "guest never counted"
+    );
+    uuid
+}
+
+#[test]
+fn live_migration_moves_the_guest_and_its_console() {
+    let f = fleet();
+    let uuid = start_counting_on_a(&f, "mover");
+    let stored = text(&f.cli(&["dumpxml", "mover"]));
+    let before = counter(&f, 0, "mover").expect("counter");
+    // No --to: the scheduler excludes the source and host-c lacks `public`.
+    let o = f.cli(&["migrate", "mover", "--max-downtime", "300"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Migration of 'mover' from host-a to host-b completed in"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("downtime"), "{}", text(&o));
+    let after = counter(&f, 1, "mover").expect("counter on host-b");
+    assert!(
+        after > before,
+        "counter went {before} -> {after}: restarted, not migrated"
+    );
+    runs_only_on(&f, 1, "mover", &uuid);
+    let o = f.cli(&["domdisplay", "mover"]);
+    assert!(text(&o).contains("vnc://198.18.2.1:5900"), "{}", text(&o));
+    let banner = f.hosts[1]
+        .0
+        .run(|| rfb_banner(ip("198.18.2.1"), 5900))
+        .expect("VNC on b");
+    assert!(banner.starts_with("RFB 003.00"), "{banner:?}");
+    assert!(f.hosts[0]
+        .0
+        .run(|| flotilla_tests::refused(ip("198.18.1.1"), 5900)));
+    assert_eq!(
+        text(&f.cli(&["dumpxml", "mover"])),
+        stored,
+        "definition changed"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || text(&f.cli(&["list", "--json"]))
+            .contains("\"host\": \"host-b\"")),
+        "{}",
+        text(&f.cli(&["list", "--json"]))
+    );
+}
+
+/// A migration that never converges: the guest dirties its counter page
+/// continuously, and 1 ms of downtime at 1 MiB/s is never enough.
+const STUCK: &[&str] = &["--to", "host-b", "--max-downtime", "1", "--bandwidth", "1"];
+
+#[test]
+fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
+    let f = fleet();
+    let uuid = start_counting_on_a(&f, "stay");
+
+    // Operator abort from another terminal.
+    let mut args = vec!["migrate", "stay"];
+    args.extend_from_slice(STUCK);
+    let cli = {
+        let mut c = f.ctl.command(&bin("flotilla"));
+        c.arg("--coordinator")
+            .arg(COORD)
+            .arg("--tls-dir")
+            .arg(&f.tls)
+            .args(&args);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn migrate")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_pids_for(&uuid).len() == 2),
+        "destination never prepared"
+    );
+    let o = f.cli(&["start", "stay"]);
+    assert!(
+        text(&o).contains("domain 'stay' is migrating"),
+        "{}",
+        text(&o)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let o = f.cli(&["migrate-abort", "stay"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli.wait_with_output().expect("migrate");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("aborted: aborted by operator; it runs on host-a"),
+        "{}",
+        text(&o)
+    );
+    runs_only_on(&f, 0, "stay", &uuid);
+
+    // --timeout does the same.
+    let mut args = vec!["migrate", "stay", "--timeout", "2"];
+    args.extend_from_slice(STUCK);
+    let o = f.cli(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("aborted: timed out after 2s; it runs on host-a"),
+        "{}",
+        text(&o)
+    );
+    runs_only_on(&f, 0, "stay", &uuid);
+
+    // The destination QEMU dies mid-migration: the source carries on.
+    let mut args = vec!["migrate", "stay"];
+    args.extend_from_slice(STUCK);
+    let cli = {
+        let mut c = f.ctl.command(&bin("flotilla"));
+        c.arg("--coordinator")
+            .arg(COORD)
+            .arg("--tls-dir")
+            .arg(&f.tls)
+            .args(&args);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("spawn migrate")
+    };
+    let mut dest = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        dest = qemu_pids_for(&uuid).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("-incoming"))
+        });
+        dest.is_some()
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = nix::unistd::Pid::from_raw(dest.expect("destination pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill destination");
+    let o = cli.wait_with_output().expect("migrate");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("it runs on host-a"), "{}", text(&o));
+    runs_only_on(&f, 0, "stay", &uuid);
+    let o = f.cli(&["domdisplay", "stay"]);
+    assert!(text(&o).contains("vnc://198.18.1.1:5900"), "{}", text(&o));
 }

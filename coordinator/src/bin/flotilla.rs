@@ -118,6 +118,34 @@ enum Command {
         #[arg(long)]
         host: String,
     },
+    /// Live-migrate a running VM, showing progress; Ctrl-C offers to abort.
+    ///
+    /// Example: flotilla migrate web01 --to host-b --max-downtime 300 --timeout 120
+    Migrate {
+        name: String,
+        /// Destination host; the scheduler picks one when absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// Maximum downtime in milliseconds.
+        #[arg(long)]
+        max_downtime: Option<u64>,
+        /// Bandwidth cap in MiB/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Let QEMU throttle the guest so the migration converges.
+        #[arg(long)]
+        auto_converge: bool,
+        /// Switch to post-copy after the first pass (not supported yet).
+        #[arg(long)]
+        postcopy: bool,
+        /// Abort when not done within this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Cancel a running migration; the VM keeps running on its source.
+    ///
+    /// Example: flotilla migrate-abort web01
+    MigrateAbort { name: String },
 }
 
 #[derive(Subcommand)]
@@ -190,15 +218,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Domdisplay { name } => OperatorRequest::DomDisplay { name },
         Command::Hosts => OperatorRequest::Hosts,
         Command::NetList { host } => OperatorRequest::NetList { host },
+        Command::MigrateAbort { name } => OperatorRequest::MigrateAbort { name },
+        Command::Migrate {
+            name,
+            to,
+            max_downtime,
+            bandwidth,
+            auto_converge,
+            postcopy,
+            timeout,
+        } => OperatorRequest::Migrate {
+            name,
+            to,
+            max_downtime_ms: max_downtime,
+            bandwidth_mib_s: bandwidth,
+            auto_converge,
+            postcopy,
+            timeout_secs: timeout,
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let response = rt.block_on(ask(&cli.conn, request))?;
+    let response = match request {
+        OperatorRequest::Migrate { .. } => rt.block_on(migrate(&cli.conn, request, cli.json))?,
+        _ => rt.block_on(ask(&cli.conn, request))?,
+    };
     Ok(print(response, cli.json))
 }
 
-async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<OperatorResponse> {
+async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
     let Some(target) = &conn.coordinator else {
         bail!("no coordinator: pass --coordinator HOST:PORT or set FLOTILLA_COORDINATOR");
     };
@@ -209,9 +258,91 @@ async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<Operat
     let addr = quic::resolve(target)
         .await
         .with_context(|| format!("cannot resolve {target}"))?;
-    let connection = quic::connect(addr, config)
+    quic::connect(addr, config)
         .await
-        .with_context(|| format!("cannot connect to the coordinator at {target}"))?;
+        .with_context(|| format!("cannot connect to the coordinator at {target}"))
+}
+
+/// Sends a migration and renders its progress frames until the outcome arrives.
+async fn migrate(
+    conn: &ConnArgs,
+    request: OperatorRequest,
+    json: bool,
+) -> anyhow::Result<OperatorResponse> {
+    let OperatorRequest::Migrate { name, .. } = &request else {
+        bail!("not a migration");
+    };
+    let name = name.clone();
+    let connection = connect(conn).await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    quic::write_frame(&mut send, &ClientMessage::Operator(request)).await?;
+    let _ = send.finish();
+    let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} migrating [{bar:30}] {bytes}/{total_bytes} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let mut aborting = false;
+    loop {
+        tokio::select! {
+            frame = quic::read_frame::<ServerMessage>(&mut recv) => match frame? {
+                ServerMessage::Progress(p) => {
+                    bar.set_length(p.total);
+                    bar.set_position(p.transferred);
+                    bar.set_message(format!(
+                        "{}/s, {} dirty-sync passes, expected downtime {} ms",
+                        indicatif::HumanBytes(p.throughput_bps),
+                        p.dirty_sync_count,
+                        p.expected_downtime_ms
+                    ));
+                    if !bar.is_hidden() {
+                        continue;
+                    }
+                    if !json {
+                        eprintln!(
+                            "progress: {} of {} bytes, {} remaining, {} B/s",
+                            p.transferred, p.total, p.remaining, p.throughput_bps
+                        );
+                    }
+                }
+                ServerMessage::Operator(r) => {
+                    bar.finish_and_clear();
+                    return Ok(r);
+                }
+                other => bail!("unexpected answer {other:?}"),
+            },
+            _ = tokio::signal::ctrl_c(), if !aborting => {
+                bar.suspend(|| eprint!("\nAbort the migration of '{name}'? The VM stays on its source. [y/N] "));
+                let yes = if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    tokio::task::spawn_blocking(|| {
+                        let mut line = String::new();
+                        let _ = std::io::stdin().read_line(&mut line);
+                        line.trim().eq_ignore_ascii_case("y")
+                    })
+                    .await
+                    .unwrap_or(false)
+                } else {
+                    true
+                };
+                if yes {
+                    aborting = true;
+                    let r = ask(conn, OperatorRequest::MigrateAbort { name: name.clone() }).await?;
+                    bar.suspend(|| eprintln!("{r:?}"));
+                }
+            }
+        }
+    }
+}
+
+async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<OperatorResponse> {
+    let target = conn.coordinator.clone().unwrap_or_default();
+    let connection = connect(conn).await?;
     let reply: ServerMessage = quic::call(
         &connection,
         &ClientMessage::Operator(request),
@@ -227,7 +358,11 @@ async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<Operat
 }
 
 fn print(response: OperatorResponse, json: bool) -> ExitCode {
-    let failed = matches!(response, OperatorResponse::Error(_));
+    let failed = match &response {
+        OperatorResponse::Error(_) => true,
+        OperatorResponse::Migrated { outcome, .. } => outcome != "completed",
+        _ => false,
+    };
     if json {
         match serde_json::to_string_pretty(&response) {
             Ok(s) => println!("{s}"),
@@ -323,6 +458,33 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
                     n.mode,
                     n.device.unwrap_or_else(|| "-".into())
                 );
+            }
+        }
+        OperatorResponse::Migrated {
+            name,
+            from,
+            on,
+            outcome,
+            elapsed_ms,
+            stats,
+        } => {
+            let figures = stats
+                .map(|s| {
+                    format!(
+                        ", downtime {} ms, {} transferred",
+                        s.downtime_ms.unwrap_or(0),
+                        indicatif::HumanBytes(s.transferred)
+                    )
+                })
+                .unwrap_or_default();
+            if outcome == "completed" {
+                println!(
+                    "Migration of '{name}' from {from} to {on} completed in {:.2}s{figures}",
+                    elapsed_ms as f64 / 1000.0
+                );
+            } else {
+                println!("Migration of '{name}' {outcome}; it runs on {on}");
+                return ExitCode::from(1);
             }
         }
         OperatorResponse::Error(e) => eprintln!("error: {e}"),

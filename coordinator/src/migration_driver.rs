@@ -1,0 +1,264 @@
+//! Drives one [`Migration`] over the source and destination agents.
+//!
+//! The thin async shell around the pure state machine: it carries out each
+//! [`Command`] as an agent request, turns answers and `query-migrate` samples
+//! into [`Input`]s, ticks the clock, and relays operator aborts. It decides
+//! nothing itself.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_shared::net::quic;
+use flotilla_shared::proto::{AgentRequest, AgentResponse, MigrationProgress, OperatorResponse};
+use tokio::sync::mpsc;
+
+use crate::migration::{Command, Input, Migration, MigrationParams, MigrationStats, Phase, Report};
+use crate::store::Store;
+
+/// How often the source is asked for progress.
+const POLL: Duration = Duration::from_millis(200);
+/// How long one agent request may take.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything one migration needs.
+pub struct MigrationJob {
+    /// The VM.
+    pub name: String,
+    /// Source host.
+    pub source: String,
+    /// Destination host.
+    pub dest: String,
+    /// Connection to the source agent.
+    pub source_conn: quinn::Connection,
+    /// Connection to the destination agent.
+    pub dest_conn: quinn::Connection,
+    /// The migratable definition (nothing host-specific).
+    pub xml: String,
+    /// What the operator asked for.
+    pub params: MigrationParams,
+    /// Where the new placement is recorded.
+    pub store: Arc<dyn Store>,
+    /// Progress samples for the operator.
+    pub progress: mpsc::UnboundedSender<MigrationProgress>,
+    /// Abort requests (reason).
+    pub aborts: mpsc::UnboundedReceiver<String>,
+}
+
+enum Step {
+    Do(Command),
+    Got(Input),
+}
+
+fn stats(p: &MigrationProgress) -> MigrationStats {
+    MigrationStats {
+        transferred: p.transferred,
+        remaining: p.remaining,
+        total: p.total,
+        throughput_bps: p.throughput_bps,
+        dirty_sync_count: p.dirty_sync_count,
+        expected_downtime_ms: p.expected_downtime_ms,
+        downtime_ms: p.downtime_ms,
+    }
+}
+
+fn progress(s: &MigrationStats, status: &str) -> MigrationProgress {
+    MigrationProgress {
+        status: status.to_string(),
+        transferred: s.transferred,
+        remaining: s.remaining,
+        total: s.total,
+        throughput_bps: s.throughput_bps,
+        dirty_sync_count: s.dirty_sync_count,
+        expected_downtime_ms: s.expected_downtime_ms,
+        downtime_ms: s.downtime_ms,
+        total_time_ms: None,
+        error: None,
+    }
+}
+
+async fn call(conn: &quinn::Connection, req: AgentRequest) -> Result<AgentResponse, String> {
+    match quic::call::<_, AgentResponse>(conn, &req, AGENT_TIMEOUT).await {
+        Ok(AgentResponse::Error(e)) => Err(e),
+        Ok(r) => Ok(r),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs the job to its end and returns the operator's answer.
+pub async fn run(mut job: MigrationJob) -> OperatorResponse {
+    let span = tracing::info_span!("migration", vm = %job.name, from = %job.source, to = %job.dest);
+    let _enter = span.enter();
+    let started = Instant::now();
+    let (mut machine, first) = Migration::start(job.params.clone(), started);
+    let mut queue: VecDeque<Step> = first.into_iter().map(Step::Do).collect();
+    let mut outcome: Option<(Phase, Duration, Option<MigrationStats>)> = None;
+    loop {
+        while let Some(step) = queue.pop_front() {
+            match step {
+                Step::Got(input) => queue.extend(
+                    machine
+                        .handle(input, Instant::now())
+                        .into_iter()
+                        .map(Step::Do),
+                ),
+                Step::Do(cmd) => {
+                    if let Some(input) = execute(&mut job, cmd, &mut outcome).await {
+                        queue.push_back(Step::Got(input));
+                    }
+                }
+            }
+        }
+        if machine.phase().is_terminal() {
+            break;
+        }
+        // Waiting on QEMU: sample progress, watch for aborts, let time pass.
+        tokio::select! {
+            reason = job.aborts.recv() => {
+                if let Some(reason) = reason {
+                    queue.push_back(Step::Got(Input::Abort(reason)));
+                }
+            }
+            _ = tokio::time::sleep(POLL) => {
+                if matches!(machine.phase(), Phase::Performing | Phase::Aborting { .. }) {
+                    queue.extend(sample(&job).await.into_iter().map(Step::Got));
+                }
+                queue.push_back(Step::Got(Input::Tick));
+            }
+        }
+    }
+    let (phase, elapsed, stats) =
+        outcome.unwrap_or((machine.phase().clone(), started.elapsed(), None));
+    let (on, word) = match &phase {
+        Phase::Completed => (job.dest.clone(), "completed".to_string()),
+        Phase::Aborted { reason } => (job.source.clone(), format!("aborted: {reason}")),
+        Phase::Failed { reason } => (job.source.clone(), format!("failed: {reason}")),
+        other => (job.source.clone(), format!("{other:?}")),
+    };
+    tracing::info!(outcome = %word, elapsed_ms = elapsed.as_millis() as u64, "migration ended");
+    OperatorResponse::Migrated {
+        name: job.name.clone(),
+        from: job.source.clone(),
+        on,
+        outcome: word,
+        elapsed_ms: elapsed.as_millis() as u64,
+        stats: stats.map(|s| progress(&s, "completed")),
+    }
+}
+
+/// One progress sample from the source, plus the destination's liveness.
+async fn sample(job: &MigrationJob) -> Vec<Input> {
+    let mut inputs = Vec::new();
+    let name = job.name.clone();
+    match call(
+        &job.dest_conn,
+        AgentRequest::MigrationStatus { name: name.clone() },
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) => inputs.push(Input::DestinationLost(e)),
+    }
+    match call(&job.source_conn, AgentRequest::MigrationStatus { name }).await {
+        Ok(AgentResponse::Migration(p)) => match p.status.as_str() {
+            "completed" => inputs.push(Input::SourceCompleted(stats(&p))),
+            "failed" => inputs.push(Input::SourceFailed(
+                p.error.clone().unwrap_or_else(|| "failed".into()),
+            )),
+            "cancelled" => inputs.push(Input::SourceFailed("cancelled".into())),
+            _ => inputs.push(Input::Progress(stats(&p))),
+        },
+        Ok(other) => inputs.push(Input::SourceFailed(format!("unexpected answer {other:?}"))),
+        Err(e) => inputs.push(Input::SourceFailed(e)),
+    }
+    inputs
+}
+
+async fn execute(
+    job: &mut MigrationJob,
+    cmd: Command,
+    outcome: &mut Option<(Phase, Duration, Option<MigrationStats>)>,
+) -> Option<Input> {
+    let name = job.name.clone();
+    tracing::debug!(command = ?cmd, "migration step");
+    match cmd {
+        Command::PrepareDestination => {
+            let req = AgentRequest::MigrateIncoming {
+                xml: job.xml.clone(),
+                source: format!("migration of '{name}' from {}", job.source),
+            };
+            Some(match call(&job.dest_conn, req).await {
+                Ok(AgentResponse::Incoming { uri, .. }) => Input::Prepared { uri },
+                Ok(other) => Input::PrepareFailed(format!("unexpected answer {other:?}")),
+                Err(e) => Input::PrepareFailed(e),
+            })
+        }
+        Command::StartMigration { uri, params } => {
+            let req = AgentRequest::MigrateOut {
+                name,
+                uri,
+                max_downtime_ms: params.max_downtime_ms,
+                bandwidth_mib_s: params.bandwidth_mib_s,
+                auto_converge: params.auto_converge,
+            };
+            match call(&job.source_conn, req).await {
+                Ok(_) => None,
+                Err(e) => Some(Input::SourceFailed(e)),
+            }
+        }
+        Command::SwitchToPostcopy => None,
+        Command::CancelMigration => {
+            if let Err(e) = call(&job.source_conn, AgentRequest::MigrateCancel { name }).await {
+                tracing::warn!(error = %e, "migrate_cancel failed");
+            }
+            None
+        }
+        Command::FinishDestination => Some(
+            match call(&job.dest_conn, AgentRequest::MigrateFinish { name }).await {
+                Ok(_) => Input::Finished,
+                Err(e) => Input::FinishFailed(e),
+            },
+        ),
+        Command::ResumeSource => {
+            if let Err(e) = call(&job.source_conn, AgentRequest::Resume { name }).await {
+                tracing::error!(error = %e, "cannot resume the source after a failed finish");
+            }
+            None
+        }
+        Command::QuitSource => {
+            if let Err(e) = call(&job.source_conn, AgentRequest::Destroy { name }).await {
+                tracing::error!(error = %e, "source did not quit after migration");
+            }
+            Some(Input::SourceQuit)
+        }
+        Command::DestroyDestination => {
+            if let Err(e) = call(&job.dest_conn, AgentRequest::Destroy { name }).await {
+                tracing::warn!(error = %e, "destination cleanup");
+            }
+            None
+        }
+        Command::RecordPlacement => {
+            if let Err(e) = job.store.set_placement(&name, Some(job.dest.clone()), true) {
+                tracing::error!(error = %e, "cannot record the new placement");
+            }
+            Some(Input::Confirmed)
+        }
+        Command::Report(Report::Progress(s)) => {
+            let _ = job.progress.send(progress(&s, "active"));
+            None
+        }
+        Command::Report(Report::Postcopy) => None,
+        Command::Report(Report::Refused(msg)) => {
+            tracing::warn!("{msg}");
+            None
+        }
+        Command::Report(Report::Outcome {
+            phase,
+            elapsed,
+            stats,
+        }) => {
+            *outcome = Some((phase, elapsed, stats));
+            None
+        }
+    }
+}
