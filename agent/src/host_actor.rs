@@ -131,7 +131,7 @@ impl HostAgent {
         &mut self,
         xml: String,
         source: String,
-        incoming: bool,
+        incoming: Option<bool>,
     ) -> ResponseActFuture<Self, Response> {
         let domain = match Domain::parse(&source, &xml) {
             Ok(d) => d.model,
@@ -179,7 +179,7 @@ impl HostAgent {
             }
         };
         let mut ports = plan.ports.clone();
-        let (argv, mode, migration_port) = if incoming {
+        let (argv, mode, migration_port) = if let Some(postcopy) = incoming {
             let refuse = |act: &mut Self, ports: &[u16], msg: String| {
                 ports.iter().for_each(|p| act.ports.release(*p));
                 reply(Response::Error(msg))
@@ -213,7 +213,7 @@ impl HostAgent {
             };
             (
                 argv.with_incoming_defer(),
-                LaunchMode::Incoming(uri),
+                LaunchMode::Incoming { uri, postcopy },
                 Some(port),
             )
         } else {
@@ -306,7 +306,7 @@ impl HostAgent {
                     },
                 );
                 match mode {
-                    LaunchMode::Incoming(uri) => Response::Incoming { vm, uri },
+                    LaunchMode::Incoming { uri, .. } => Response::Incoming { vm, uri },
                     LaunchMode::Run => Response::Started {
                         vm,
                         live_xml,
@@ -585,14 +585,51 @@ impl Handler<AgentCall> for HostAgent {
             ))
         };
         match req {
-            Request::Start { xml, source } => self.start_vm(xml, source, false),
-            Request::MigrateIncoming { xml, source } => self.start_vm(xml, source, true),
+            Request::Start { xml, source } => self.start_vm(xml, source, None),
+            Request::MigrateIncoming {
+                xml,
+                source,
+                postcopy,
+            } => self.start_vm(xml, source, Some(postcopy)),
+            Request::StartPostcopy { name } => {
+                self.qmp_request(&name, "migrate-start-postcopy", |_| {
+                    Response::Done("switched to post-copy".into())
+                })
+            }
+            Request::ClientMigrateInfo {
+                name,
+                hostname,
+                port,
+            } => match self.vms.get(&name) {
+                None => reply(not_running(&name, self.host())),
+                Some(vm) => {
+                    let fut = vm.addr.send(QmpCall {
+                        command: "client_migrate_info",
+                        arguments: serde_json::json!({
+                            "protocol": "spice", "hostname": hostname, "port": port
+                        }),
+                    });
+                    Box::pin(
+                        async move {
+                            match fut.await {
+                                Ok(Ok(_)) => {
+                                    Response::Done("SPICE clients told to reconnect".into())
+                                }
+                                Ok(Err(e)) => Response::Error(format!("client_migrate_info: {e}")),
+                                Err(e) => Response::Error(format!("VM actor unavailable: {e}")),
+                            }
+                        }
+                        .into_actor(self),
+                    )
+                }
+            },
             Request::MigrateOut {
                 name,
                 uri,
                 max_downtime_ms,
                 bandwidth_mib_s,
                 auto_converge,
+                postcopy,
             } => match self.vms.get(&name) {
                 None => reply(not_running(&name, self.host())),
                 Some(vm) => {
@@ -610,7 +647,8 @@ impl Handler<AgentCall> for HostAgent {
                                 QmpCall {
                                     command: "migrate-set-capabilities",
                                     arguments: serde_json::json!({"capabilities": [
-                                        {"capability": "auto-converge", "state": auto_converge}
+                                        {"capability": "auto-converge", "state": auto_converge},
+                                        {"capability": "postcopy-ram", "state": postcopy}
                                     ]}),
                                 },
                                 QmpCall {

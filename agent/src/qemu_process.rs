@@ -121,8 +121,13 @@ pub struct Launched {
 pub enum LaunchMode {
     /// Running, consoles confirmed.
     Run,
-    /// Paused, waiting for a migration stream at this URI (argv has `-incoming defer`).
-    Incoming(String),
+    /// Paused, waiting for a migration stream (argv has `-incoming defer`).
+    Incoming {
+        /// Where to listen, e.g. `tcp:198.18.100.2:49152`.
+        uri: String,
+        /// Enable `postcopy-ram`, which must match the source.
+        postcopy: bool,
+    },
 }
 
 /// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
@@ -217,7 +222,14 @@ pub async fn launch(
                     confirm_console(e, timeouts.console).await?;
                 }
             }
-            LaunchMode::Incoming(uri) => {
+            LaunchMode::Incoming { uri, postcopy } => {
+                if *postcopy {
+                    let caps =
+                        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+                    qmp.execute("migrate-set-capabilities", caps, timeouts.command)
+                        .await
+                        .map_err(qmp_step("migrate-set-capabilities"))?;
+                }
                 qmp.execute("migrate-incoming", json!({ "uri": uri }), timeouts.command)
                     .await
                     .map_err(qmp_step("migrate-incoming"))?;

@@ -541,12 +541,6 @@ impl Fleet {
         else {
             return Err("not a migration request".into());
         };
-        if postcopy {
-            return Err(
-                "post-copy migration is not supported yet (needs postcopy-ram on both QEMUs)"
-                    .into(),
-            );
-        }
         let row = match self.store.get(&name) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -607,6 +601,7 @@ impl Fleet {
             store: self.store.clone(),
             progress: call.progress,
             aborts,
+            dest_consoles: Vec::new(),
         };
         Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
             move |response, act, _| {

@@ -43,6 +43,20 @@ pub struct MigrationJob {
     pub progress: mpsc::UnboundedSender<MigrationProgress>,
     /// Abort requests (reason).
     pub aborts: mpsc::UnboundedReceiver<String>,
+    /// The destination's consoles, once it is prepared.
+    pub dest_consoles: Vec<flotilla_shared::proto::ConsoleInfo>,
+}
+
+/// `spice://ADDR:PORT` → (ADDR, PORT); other consoles need no relocation.
+fn spice_target(uri: &str) -> Option<(String, u16)> {
+    let rest = uri.strip_prefix("spice://")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port.parse().ok()?,
+    ))
 }
 
 enum Step {
@@ -186,27 +200,50 @@ async fn execute(
             let req = AgentRequest::MigrateIncoming {
                 xml: job.xml.clone(),
                 source: format!("migration of '{name}' from {}", job.source),
+                postcopy: job.params.postcopy,
             };
             Some(match call(&job.dest_conn, req).await {
-                Ok(AgentResponse::Incoming { uri, .. }) => Input::Prepared { uri },
+                Ok(AgentResponse::Incoming { uri, vm }) => {
+                    job.dest_consoles = vm.consoles;
+                    Input::Prepared { uri }
+                }
                 Ok(other) => Input::PrepareFailed(format!("unexpected answer {other:?}")),
                 Err(e) => Input::PrepareFailed(e),
             })
         }
         Command::StartMigration { uri, params } => {
+            // As libvirt does: SPICE clients learn the destination before switchover.
+            for c in &job.dest_consoles {
+                if let Some((hostname, port)) = spice_target(&c.uri) {
+                    let req = AgentRequest::ClientMigrateInfo {
+                        name: name.clone(),
+                        hostname,
+                        port,
+                    };
+                    if let Err(e) = call(&job.source_conn, req).await {
+                        return Some(Input::SourceFailed(e));
+                    }
+                }
+            }
             let req = AgentRequest::MigrateOut {
                 name,
                 uri,
                 max_downtime_ms: params.max_downtime_ms,
                 bandwidth_mib_s: params.bandwidth_mib_s,
                 auto_converge: params.auto_converge,
+                postcopy: params.postcopy,
             };
             match call(&job.source_conn, req).await {
                 Ok(_) => None,
                 Err(e) => Some(Input::SourceFailed(e)),
             }
         }
-        Command::SwitchToPostcopy => None,
+        Command::SwitchToPostcopy => {
+            match call(&job.source_conn, AgentRequest::StartPostcopy { name }).await {
+                Ok(_) => None,
+                Err(e) => Some(Input::SourceFailed(format!("migrate-start-postcopy: {e}"))),
+            }
+        }
         Command::CancelMigration => {
             if let Err(e) = call(&job.source_conn, AgentRequest::MigrateCancel { name }).await {
                 tracing::warn!(error = %e, "migrate_cancel failed");

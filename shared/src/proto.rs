@@ -201,6 +201,8 @@ pub enum AgentRequest {
         xml: String,
         /// Where it came from, for error messages.
         source: String,
+        /// Enable `postcopy-ram` (it must be on for both QEMUs).
+        postcopy: bool,
     },
     /// Migration source: send the running VM to `uri`.
     MigrateOut {
@@ -214,6 +216,22 @@ pub enum AgentRequest {
         bandwidth_mib_s: Option<u64>,
         /// The `auto-converge` capability.
         auto_converge: bool,
+        /// The `postcopy-ram` capability.
+        postcopy: bool,
+    },
+    /// `migrate-start-postcopy` on a source.
+    StartPostcopy {
+        /// The VM.
+        name: String,
+    },
+    /// Tell connected SPICE clients where to reconnect (`client_migrate_info`).
+    ClientMigrateInfo {
+        /// The VM.
+        name: String,
+        /// Destination console address.
+        hostname: String,
+        /// Destination console port.
+        port: u16,
     },
     /// `query-migrate` on a VM.
     MigrationStatus {

@@ -610,12 +610,16 @@ fn raw_frames(tls: &Path) -> Vec<String> {
 
 /// The counting guest, defined with its disk on storage every host sees.
 fn define_counter(f: &Fleet, name: &str) -> String {
+    define_counter_with(f, name, VNC_PUBLIC)
+}
+
+fn define_counter_with(f: &Fleet, name: &str, graphics: &str) -> String {
     let image = f.work.path().join(format!("{name}.img"));
     std::fs::write(&image, flotilla_tests::guest::counting_disk_image()).expect("image");
     let uuid = new_uuid();
     let devices = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>{VNC_PUBLIC}",
+         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>{graphics}",
         image.display()
     );
     let xml = domain_xml(name, &uuid, &devices).replace(
@@ -802,4 +806,34 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
     runs_only_on(&f, 0, "stay", &uuid);
     let o = f.cli(&["domdisplay", "stay"]);
     assert!(text(&o).contains("vnc://198.18.1.1:5900"), "{}", text(&o));
+}
+
+#[test]
+fn postcopy_finishes_what_precopy_cannot_and_spice_clients_are_redirected() {
+    let f = fleet();
+    let uuid = start_counting_on_a(&f, "busy");
+    let before = counter(&f, 0, "busy").expect("counter");
+    // 1 ms of downtime at 1 MiB/s never converges in pre-copy; post-copy ends it.
+    let mut args = vec!["migrate", "busy", "--postcopy", "--timeout", "60"];
+    args.extend_from_slice(STUCK);
+    let o = f.cli(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("from host-a to host-b completed"),
+        "{}",
+        text(&o)
+    );
+    assert!(counter(&f, 1, "busy").expect("counter on b") > before);
+    runs_only_on(&f, 1, "busy", &uuid);
+
+    // A SPICE console: client_migrate_info must succeed for the migration to proceed.
+    let spice = "<graphics type='spice'><listen type='network' network='public'/></graphics>";
+    let suuid = define_counter_with(&f, "spicy", spice);
+    let o = f.cli(&["start", "spicy", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = f.cli(&["migrate", "spicy", "--to", "host-b"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = f.cli(&["domdisplay", "spicy"]);
+    assert!(text(&o).contains("spice://198.18.2.1:"), "{}", text(&o));
+    assert_eq!(qemu_pids_for(&suuid).len(), 1);
 }

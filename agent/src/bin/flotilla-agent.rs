@@ -369,6 +369,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             xml: std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?,
             source: file.display().to_string(),
+            postcopy: false,
         },
         Ctl::MigrateOut {
             name,
@@ -382,6 +383,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             max_downtime_ms: *max_downtime,
             bandwidth_mib_s: *bandwidth,
             auto_converge: *auto_converge,
+            postcopy: false,
         },
         Ctl::MigrationStatus { name } => Request::MigrationStatus { name: name.clone() },
         Ctl::MigrateCancel { name } => Request::MigrateCancel { name: name.clone() },

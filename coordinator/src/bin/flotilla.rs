@@ -135,7 +135,7 @@ enum Command {
         /// Let QEMU throttle the guest so the migration converges.
         #[arg(long)]
         auto_converge: bool,
-        /// Switch to post-copy after the first pass (not supported yet).
+        /// Switch to post-copy once pre-copy has made one full pass.
         #[arg(long)]
         postcopy: bool,
         /// Abort when not done within this many seconds.
