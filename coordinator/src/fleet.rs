@@ -819,6 +819,16 @@ impl Handler<OperatorCall> for Fleet {
                 }
                 None => OperatorResponse::Error(format!("no migration of '{name}' is in progress")),
             }),
+            OperatorRequest::HostDrain { .. } => reply(OperatorResponse::Error(
+                "drains stream notes; send them as DrainCall".into(),
+            )),
+            OperatorRequest::HostUndrain { host } => reply(match self.set_draining(&host, false) {
+                Ok(()) => {
+                    tracing::info!(host = %host, "undrained");
+                    OperatorResponse::Done(format!("host {host} accepts VMs again"))
+                }
+                Err(e) => OperatorResponse::Error(e),
+            }),
             OperatorRequest::NetList { host } => {
                 self.ask_agent(host, AgentRequest::NetList, |host, r| match r {
                     AgentResponse::Networks { networks, .. } => {
@@ -828,6 +838,123 @@ impl Handler<OperatorCall> for Fleet {
                 })
             }
         }
+    }
+}
+
+/// An operator's drain request, with a sink for per-VM notes.
+#[derive(Message)]
+#[rtype(result = "OperatorResponse")]
+pub struct DrainCall {
+    /// The operator's certificate name, for the log.
+    pub operator: String,
+    /// The host to empty.
+    pub host: String,
+    /// Migrations at once.
+    pub parallel: u32,
+    /// Per-VM progress lines.
+    pub notes: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Fleet {
+    fn set_draining(&self, host: &str, draining: bool) -> Result<(), String> {
+        let mut row = self
+            .store
+            .hosts()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|h| h.name == host)
+            .ok_or_else(|| format!("host '{host}' is not known"))?;
+        row.draining = draining;
+        self.store.put_host(&row).map_err(|e| e.to_string())
+    }
+}
+
+impl Handler<DrainCall> for Fleet {
+    type Result = ResponseActFuture<Self, OperatorResponse>;
+
+    fn handle(&mut self, call: DrainCall, ctx: &mut Self::Context) -> Self::Result {
+        let host = call.host.clone();
+        if let Err(e) = self.set_draining(&host, true) {
+            return reply(OperatorResponse::Error(e));
+        }
+        tracing::info!(host = %host, operator = %call.operator, "draining");
+        let vms: Vec<String> = self
+            .store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.placement.as_deref() == Some(host.as_str()))
+            .map(|r| r.name)
+            .collect();
+        let fleet = ctx.address();
+        let parallel = call.parallel.max(1) as usize;
+        let notes = call.notes;
+        let operator = call.operator;
+        Box::pin(
+            async move {
+                let (mut moved, mut failed) = (Vec::new(), Vec::new());
+                for batch in vms.chunks(parallel) {
+                    let runs = batch.iter().map(|vm| {
+                        let _ = notes.send(format!("{vm}: migrating off {host}"));
+                        let (progress, _) = tokio::sync::mpsc::unbounded_channel();
+                        fleet.send(MigrateCall {
+                            operator: operator.clone(),
+                            request: OperatorRequest::Migrate {
+                                name: vm.clone(),
+                                to: None,
+                                max_downtime_ms: None,
+                                bandwidth_mib_s: None,
+                                auto_converge: true,
+                                postcopy: false,
+                                timeout_secs: Some(600),
+                            },
+                            progress,
+                        })
+                    });
+                    let results = futures_util::future::join_all(runs).await;
+                    for (vm, result) in batch.iter().zip(results) {
+                        let line = match result {
+                            Ok(OperatorResponse::Migrated {
+                                on,
+                                outcome,
+                                elapsed_ms,
+                                ..
+                            }) if outcome == "completed" => {
+                                let l = format!(
+                                    "{vm}: now on {on} ({:.2}s)",
+                                    elapsed_ms as f64 / 1000.0
+                                );
+                                moved.push((vm.clone(), on));
+                                l
+                            }
+                            Ok(OperatorResponse::Migrated { outcome, .. }) => {
+                                failed.push((vm.clone(), outcome.clone()));
+                                format!("{vm}: could not move: {outcome}")
+                            }
+                            Ok(OperatorResponse::Error(e)) => {
+                                failed.push((vm.clone(), e.clone()));
+                                format!("{vm}: could not move: {e}")
+                            }
+                            Ok(other) => {
+                                failed.push((vm.clone(), format!("{other:?}")));
+                                format!("{vm}: could not move: {other:?}")
+                            }
+                            Err(e) => {
+                                failed.push((vm.clone(), e.to_string()));
+                                format!("{vm}: could not move: {e}")
+                            }
+                        };
+                        let _ = notes.send(line);
+                    }
+                }
+                OperatorResponse::Drained {
+                    host,
+                    moved,
+                    failed,
+                }
+            }
+            .into_actor(self),
+        )
     }
 }
 

@@ -15,7 +15,7 @@ use flotilla_shared::proto::{
 };
 
 use crate::fleet::{
-    Disconnected, Fleet, Heartbeat, MigrateCall, OperatorCall, Register, VmStopped,
+    Disconnected, DrainCall, Fleet, Heartbeat, MigrateCall, OperatorCall, Register, VmStopped,
 };
 
 /// Accepts connections until the endpoint closes.
@@ -70,6 +70,11 @@ async fn stream(
         {
             migrate(request, &who, &mut send, &fleet).await
         }
+        Ok(ClientMessage::Operator(OperatorRequest::HostDrain { host, parallel }))
+            if who.role == Role::Operator =>
+        {
+            drain(host, parallel, &who, &mut send, &fleet).await
+        }
         Ok(msg) => dispatch(msg, &who, conn, &fleet).await,
     };
     let _ = quic::write_frame(&mut send, &reply).await;
@@ -100,6 +105,40 @@ async fn migrate(
                 let _ = quic::write_frame(send, &ServerMessage::Progress(p)).await;
             }
             r = &mut answer => {
+                return ServerMessage::Operator(
+                    r.unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
+                );
+            }
+        }
+    }
+}
+
+/// A drain answers with one note per VM step, then the summary.
+async fn drain(
+    host: String,
+    parallel: u32,
+    who: &Identity,
+    send: &mut quinn::SendStream,
+    fleet: &Addr<Fleet>,
+) -> ServerMessage {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let answer = fleet.send(DrainCall {
+        operator: who.name.clone(),
+        host,
+        parallel,
+        notes: tx,
+    });
+    tokio::pin!(answer);
+    loop {
+        tokio::select! {
+            Some(line) = rx.recv() => {
+                let _ = quic::write_frame(send, &ServerMessage::Note(line)).await;
+            }
+            r = &mut answer => {
+                // Flush notes sent just before the end.
+                while let Ok(line) = rx.try_recv() {
+                    let _ = quic::write_frame(send, &ServerMessage::Note(line)).await;
+                }
                 return ServerMessage::Operator(
                     r.unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
                 );

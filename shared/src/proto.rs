@@ -444,6 +444,8 @@ pub enum ServerMessage {
     Ack,
     /// A progress frame sent before the final answer of a long request.
     Progress(MigrationProgress),
+    /// A line of progress for a person (per-VM steps of a drain).
+    Note(String),
 }
 
 // ---------------------------------------------------------- operator ⇄ fleet
@@ -527,6 +529,18 @@ pub enum OperatorRequest {
     MigrateAbort {
         /// The VM.
         name: String,
+    },
+    /// Stop placing on a host and migrate every VM off it; notes precede the answer.
+    HostDrain {
+        /// The host.
+        host: String,
+        /// Migrations at once.
+        parallel: u32,
+    },
+    /// Place on a drained host again.
+    HostUndrain {
+        /// The host.
+        host: String,
     },
 }
 
@@ -625,6 +639,15 @@ pub enum OperatorResponse {
         elapsed_ms: u64,
         /// Final QEMU statistics, when the source got that far.
         stats: Option<MigrationProgress>,
+    },
+    /// A drain ended.
+    Drained {
+        /// The host.
+        host: String,
+        /// VMs moved, with their new host.
+        moved: Vec<(String, String)>,
+        /// VMs that could not move, with the reason.
+        failed: Vec<(String, String)>,
     },
     /// The request failed.
     Error(String),

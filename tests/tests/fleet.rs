@@ -837,3 +837,53 @@ fn postcopy_finishes_what_precopy_cannot_and_spice_clients_are_redirected() {
     assert!(text(&o).contains("spice://198.18.2.1:"), "{}", text(&o));
     assert_eq!(qemu_pids_for(&suuid).len(), 1);
 }
+
+#[test]
+fn draining_a_host_moves_all_its_vms_and_stops_placements_there() {
+    let f = fleet();
+    let mut uuids = Vec::new();
+    for name in ["d1", "d2", "d3"] {
+        let uuid = new_uuid();
+        let file = f.work.path().join(format!("{name}.xml"));
+        std::fs::write(&file, domain_xml(name, &uuid, VNC_PUBLIC)).expect("write");
+        assert!(f
+            .cli(&["define", file.to_str().expect("utf8")])
+            .status
+            .success());
+        let o = f.cli(&["start", name, "--host", "host-a"]);
+        assert!(o.status.success(), "{}", text(&o));
+        uuids.push(uuid);
+    }
+    let o = f.cli(&["host-drain", "host-a", "--parallel", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("Host host-a drained: 3 VM(s) moved, 0 could not move"),
+        "{out}"
+    );
+    for name in ["d1", "d2", "d3"] {
+        assert!(
+            out.contains(&format!("{name}: migrating off host-a")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{name} -> host-b")), "{out}");
+    }
+    for u in &uuids {
+        assert_eq!(qemu_pids_for(u).len(), 1, "exactly one copy");
+    }
+    let hosts = text(&f.cli(&["hosts"]));
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with("host-a") && l.contains("draining")),
+        "{hosts}"
+    );
+    let o = f.cli(&["destroy", "d1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = f.cli(&["start", "d1", "--host", "host-a"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("host-a: draining"), "{}", text(&o));
+    assert!(f.cli(&["host-undrain", "host-a"]).status.success());
+    let o = f.cli(&["start", "d1", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+}

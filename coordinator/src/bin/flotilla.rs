@@ -146,6 +146,19 @@ enum Command {
     ///
     /// Example: flotilla migrate-abort web01
     MigrateAbort { name: String },
+    /// Stop placing VMs on a host and migrate every VM off it.
+    ///
+    /// Example: flotilla host-drain host-a --parallel 2
+    HostDrain {
+        host: String,
+        /// Migrations at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: u32,
+    },
+    /// Let the scheduler place VMs on a drained host again.
+    ///
+    /// Example: flotilla host-undrain host-a
+    HostUndrain { host: String },
 }
 
 #[derive(Subcommand)]
@@ -219,6 +232,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hosts => OperatorRequest::Hosts,
         Command::NetList { host } => OperatorRequest::NetList { host },
         Command::MigrateAbort { name } => OperatorRequest::MigrateAbort { name },
+        Command::HostDrain { host, parallel } => OperatorRequest::HostDrain { host, parallel },
+        Command::HostUndrain { host } => OperatorRequest::HostUndrain { host },
         Command::Migrate {
             name,
             to,
@@ -242,6 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     let response = match request {
         OperatorRequest::Migrate { .. } => rt.block_on(migrate(&cli.conn, request, cli.json))?,
+        OperatorRequest::HostDrain { .. } => rt.block_on(streamed(&cli.conn, request, cli.json))?,
         _ => rt.block_on(ask(&cli.conn, request))?,
     };
     Ok(print(response, cli.json))
@@ -261,6 +277,26 @@ async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
     quic::connect(addr, config)
         .await
         .with_context(|| format!("cannot connect to the coordinator at {target}"))
+}
+
+/// Sends a request whose answer is preceded by notes, printing them as they come.
+async fn streamed(
+    conn: &ConnArgs,
+    request: OperatorRequest,
+    json: bool,
+) -> anyhow::Result<OperatorResponse> {
+    let connection = connect(conn).await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    quic::write_frame(&mut send, &ClientMessage::Operator(request)).await?;
+    let _ = send.finish();
+    loop {
+        match quic::read_frame::<ServerMessage>(&mut recv).await? {
+            ServerMessage::Note(line) if !json => eprintln!("{line}"),
+            ServerMessage::Note(_) | ServerMessage::Progress(_) => {}
+            ServerMessage::Operator(r) => return Ok(r),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
 }
 
 /// Sends a migration and renders its progress frames until the outcome arrives.
@@ -361,6 +397,7 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
     let failed = match &response {
         OperatorResponse::Error(_) => true,
         OperatorResponse::Migrated { outcome, .. } => outcome != "completed",
+        OperatorResponse::Drained { failed, .. } => !failed.is_empty(),
         _ => false,
     };
     if json {
@@ -485,6 +522,23 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             } else {
                 println!("Migration of '{name}' {outcome}; it runs on {on}");
                 return ExitCode::from(1);
+            }
+        }
+        OperatorResponse::Drained {
+            host,
+            moved,
+            failed: not_moved,
+        } => {
+            println!(
+                "Host {host} drained: {} VM(s) moved, {} could not move",
+                moved.len(),
+                not_moved.len()
+            );
+            for (vm, to) in moved {
+                println!("  {vm} -> {to}");
+            }
+            for (vm, why) in not_moved {
+                println!("  {vm}: {why}");
             }
         }
         OperatorResponse::Error(e) => eprintln!("error: {e}"),
