@@ -325,6 +325,7 @@ async fn migrate(
         .progress_chars("=> "),
     );
     let mut aborting = false;
+    let mut last_line = std::time::Instant::now() - std::time::Duration::from_secs(1);
     loop {
         tokio::select! {
             frame = quic::read_frame::<ServerMessage>(&mut recv) => match frame? {
@@ -340,7 +341,9 @@ async fn migrate(
                     if !bar.is_hidden() {
                         continue;
                     }
-                    if !json {
+                    // Without a terminal, one line a second is plenty.
+                    if !json && last_line.elapsed() >= std::time::Duration::from_secs(1) {
+                        last_line = std::time::Instant::now();
                         eprintln!(
                             "progress: {} of {} bytes, {} remaining, {} B/s",
                             p.transferred, p.total, p.remaining, p.throughput_bps
