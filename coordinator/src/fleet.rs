@@ -151,7 +151,13 @@ impl Fleet {
         let Some(h) = self.hosts.get(host) else {
             return;
         };
-        let running: BTreeSet<String> = h.facts.vms.iter().map(|v| v.name.clone()).collect();
+        let reported: BTreeMap<String, String> = h
+            .facts
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), v.state.clone()))
+            .collect();
+        let conn = h.conn.clone();
         let rows = match self.store.list() {
             Ok(r) => r,
             Err(e) => {
@@ -159,7 +165,7 @@ impl Fleet {
                 return;
             }
         };
-        let fixes = reconcile(host, &running, &rows, &|other, vm| {
+        let fixes = reconcile(host, &reported, &rows, &|other, vm| {
             other != host && self.runs_on(other, vm)
         });
         for fix in fixes {
@@ -174,8 +180,22 @@ impl Fleet {
                     tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
                     let _ = self.store.set_placement(&name, None, false);
                 }
-                Fix::Conflict { name, .. } | Fix::Place { name } | Fix::Stopped { name }
+                Fix::Conflict { name, .. }
+                | Fix::Place { name }
+                | Fix::Stopped { name }
+                | Fix::DestroyStale { name, .. }
                     if self.migrations.contains_key(&name) => {}
+                Fix::DestroyStale { name, state } => {
+                    tracing::warn!(vm = %name, host, state = %state,
+                        "removing the stale half of an interrupted migration");
+                    if let Some(conn) = conn.clone() {
+                        actix::spawn(async move {
+                            let req = AgentRequest::Destroy { name };
+                            let _ =
+                                quic::call::<_, AgentResponse>(&conn, &req, AGENT_TIMEOUT).await;
+                        });
+                    }
+                }
                 Fix::Conflict { name, recorded } => {
                     tracing::error!(vm = %name, host, recorded = %recorded,
                         "VM reported running on two hosts; not touching either copy")

@@ -5,9 +5,12 @@
 //! anything: a VM the host runs is placed there; a VM recorded on the host but
 //! no longer running there is marked stopped; a VM that another host is
 //! recorded to run is a conflict to report, never to "fix" by starting or
-//! killing a copy.
+//! killing a copy. The one exception is a copy that cannot be running: the
+//! paused half of an interrupted migration (a source in `postmigrate`, a
+//! destination in `inmigrate`) while the records place the VM on another host
+//! that does run it. That copy is stale and is removed.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use crate::store::VmRow;
 
@@ -36,34 +39,56 @@ pub enum Fix {
         /// The VM.
         name: String,
     },
+    /// The host holds a paused half of a migration; the VM runs elsewhere.
+    DestroyStale {
+        /// The VM.
+        name: String,
+        /// QEMU's state of the stale copy.
+        state: String,
+    },
 }
 
-/// The fixes that make the records agree with `host` running exactly `running`.
+/// QEMU run states of a migration half that is not running the guest.
+const STALE_STATES: [&str; 2] = ["postmigrate", "inmigrate"];
+
+/// The fixes that make the records agree with `host` reporting `reported`
+/// (VM name → QEMU run state).
 ///
-/// `host_of_record` tells whether another host is known to be running a VM
-/// right now (so a stale record on an unreachable host is not a conflict).
+/// `other_host_runs(host, vm)` tells whether another host is known to be
+/// running a VM right now (so a stale record on an unreachable host is not a
+/// conflict).
 pub fn reconcile(
     host: &str,
-    running: &BTreeSet<String>,
+    reported: &BTreeMap<String, String>,
     rows: &[VmRow],
     other_host_runs: &dyn Fn(&str, &str) -> bool,
 ) -> Vec<Fix> {
     let mut fixes = Vec::new();
-    for name in running {
+    for (name, state) in reported {
         match rows.iter().find(|r| &r.name == name) {
             None => fixes.push(Fix::Unmanaged { name: name.clone() }),
             Some(r) => match r.placement.as_deref() {
                 Some(h) if h == host => {}
-                Some(other) if other_host_runs(other, name) => fixes.push(Fix::Conflict {
-                    name: name.clone(),
-                    recorded: other.to_string(),
-                }),
+                Some(other) if other_host_runs(other, name) => {
+                    if STALE_STATES.contains(&state.as_str()) {
+                        fixes.push(Fix::DestroyStale {
+                            name: name.clone(),
+                            state: state.clone(),
+                        });
+                    } else {
+                        fixes.push(Fix::Conflict {
+                            name: name.clone(),
+                            recorded: other.to_string(),
+                        });
+                    }
+                }
+                _ if STALE_STATES.contains(&state.as_str()) => {}
                 _ => fixes.push(Fix::Place { name: name.clone() }),
             },
         }
     }
     for r in rows {
-        if r.placement.as_deref() == Some(host) && !running.contains(&r.name) {
+        if r.placement.as_deref() == Some(host) && !reported.contains_key(&r.name) {
             fixes.push(Fix::Stopped {
                 name: r.name.clone(),
             });
@@ -87,8 +112,11 @@ mod tests {
         }
     }
 
-    fn set(names: &[&str]) -> BTreeSet<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn set(names: &[&str]) -> BTreeMap<String, String> {
+        names
+            .iter()
+            .map(|s| (s.to_string(), "running".to_string()))
+            .collect()
     }
 
     #[test]
@@ -115,6 +143,24 @@ mod tests {
                 Fix::Unmanaged { name: "x".into() },
                 Fix::Stopped { name: "c".into() },
             ]
+        );
+    }
+
+    #[test]
+    fn paused_halves_of_a_migration_are_stale_only_when_the_vm_runs_elsewhere() {
+        let rows = vec![row("m", Some("h2")), row("n", Some("h3")), row("o", None)];
+        let mut reported = BTreeMap::new();
+        reported.insert("m".to_string(), "postmigrate".to_string());
+        reported.insert("n".to_string(), "inmigrate".to_string());
+        reported.insert("o".to_string(), "inmigrate".to_string());
+        let fixes = reconcile("h1", &reported, &rows, &|host, _| host == "h2");
+        assert_eq!(
+            fixes,
+            vec![Fix::DestroyStale {
+                name: "m".into(),
+                state: "postmigrate".into()
+            }],
+            "n: its recorded host is unreachable, keep it; o: a paused copy is never placed"
         );
     }
 

@@ -887,3 +887,33 @@ fn draining_a_host_moves_all_its_vms_and_stops_placements_there() {
     let o = f.cli(&["start", "d1", "--host", "host-a"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_stale_half_of_an_interrupted_migration_is_removed() {
+    let f = fleet();
+    let uuid = new_uuid();
+    let file = f.work.path().join("half.xml");
+    std::fs::write(&file, domain_xml("half", &uuid, VNC_PUBLIC)).expect("write");
+    assert!(f
+        .cli(&["define", file.to_str().expect("utf8")])
+        .status
+        .success());
+    let o = f.cli(&["start", "half", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A destination left waiting, as after a coordinator crash mid-migration.
+    let (ns, dirs, host) = &f.hosts[1];
+    let mut c = flotilla_tests::agent_command(ns, host, dirs);
+    c.args(["ctl", "migrate-incoming"]).arg(&file);
+    let o = output(c);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(qemu_pids_for(&uuid).len(), 2);
+    assert!(
+        wait_until(Duration::from_secs(15), || qemu_pids_for(&uuid).len() == 1),
+        "the stale paused copy on host-b was not removed"
+    );
+    // The running copy is the one that stayed.
+    let o = f.cli(&["domdisplay", "half"]);
+    assert!(text(&o).contains("vnc://198.18.1.1:5900"), "{}", text(&o));
+    let a = ip("198.18.1.1");
+    assert!(f.hosts[0].0.run(move || rfb_banner(a, 5900)).is_ok());
+}
