@@ -298,28 +298,16 @@ pub async fn confirm_console(e: &ConsoleEndpoint, timeout: Duration) -> Result<(
         match &e.target {
             ConsoleTarget::None => Ok(None),
             ConsoleTarget::Tcp { address, port } => {
-                let mut s = tokio::net::TcpStream::connect((*address, *port))
+                let s = tokio::net::TcpStream::connect((*address, *port))
                     .await
                     .map_err(|x| x.to_string())?;
-                if e.protocol == "vnc" {
-                    let mut b = [0u8; 12];
-                    s.read_exact(&mut b).await.map_err(|x| x.to_string())?;
-                    Ok(Some(b))
-                } else {
-                    Ok(None)
-                }
+                read_banner(s, &e.protocol).await
             }
             ConsoleTarget::Unix { path } => {
-                let mut s = tokio::net::UnixStream::connect(path)
+                let s = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(|x| x.to_string())?;
-                if e.protocol == "vnc" {
-                    let mut b = [0u8; 12];
-                    s.read_exact(&mut b).await.map_err(|x| x.to_string())?;
-                    Ok(Some(b))
-                } else {
-                    Ok(None)
-                }
+                read_banner(s, &e.protocol).await
             }
         }
     };
@@ -332,6 +320,19 @@ pub async fn confirm_console(e: &ConsoleEndpoint, timeout: Duration) -> Result<(
         ))),
         Ok(Ok(_)) => Ok(()),
     }
+}
+
+/// A VNC server speaks first (its RFB banner); other protocols wait for the client.
+async fn read_banner(
+    mut stream: impl tokio::io::AsyncRead + Unpin,
+    protocol: &str,
+) -> Result<Option<[u8; 12]>, String> {
+    if protocol != "vnc" {
+        return Ok(None);
+    }
+    let mut b = [0u8; 12];
+    stream.read_exact(&mut b).await.map_err(|x| x.to_string())?;
+    Ok(Some(b))
 }
 
 /// The last `n` lines of a log file, for error messages.

@@ -347,14 +347,9 @@ impl Fleet {
         name: String,
         host: Option<String>,
     ) -> ResponseActFuture<Self, OperatorResponse> {
-        let row = match self.store.get(&name) {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return reply(OperatorResponse::Error(format!(
-                    "failed to get domain '{name}': no domain with matching name"
-                )))
-            }
-            Err(e) => return reply(OperatorResponse::Error(e.to_string())),
+        let row = match self.vm_row(&name) {
+            Ok(r) => r,
+            Err(e) => return reply(OperatorResponse::Error(e)),
         };
         if let Some(e) = self.busy_error(&name) {
             return reply(OperatorResponse::Error(e));
@@ -458,14 +453,9 @@ impl Fleet {
         name: String,
         request: AgentRequest,
     ) -> ResponseActFuture<Self, OperatorResponse> {
-        let row = match self.store.get(&name) {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return reply(OperatorResponse::Error(format!(
-                    "failed to get domain '{name}': no domain with matching name"
-                )))
-            }
-            Err(e) => return reply(OperatorResponse::Error(e.to_string())),
+        let row = match self.vm_row(&name) {
+            Ok(r) => r,
+            Err(e) => return reply(OperatorResponse::Error(e)),
         };
         if let Some(e) = self.busy_error(&name) {
             return reply(OperatorResponse::Error(e));
@@ -529,6 +519,17 @@ impl Fleet {
         )
     }
 
+    /// The stored VM called `name`, or virsh's words for its absence.
+    fn vm_row(&self, name: &str) -> Result<VmRow, String> {
+        match self.store.get(name) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(format!(
+                "failed to get domain '{name}': no domain with matching name"
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// While a VM migrates the migration owns it; other requests are refused.
     fn busy_error(&self, name: &str) -> Option<String> {
         if self.migrations.contains_key(name) {
@@ -561,15 +562,7 @@ impl Fleet {
         else {
             return Err("not a migration request".into());
         };
-        let row = match self.store.get(&name) {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return Err(format!(
-                    "failed to get domain '{name}': no domain with matching name"
-                ))
-            }
-            Err(e) => return Err(e.to_string()),
-        };
+        let row = self.vm_row(&name)?;
         if let Some(e) = self.busy_error(&name) {
             return Err(e);
         }
@@ -640,18 +633,9 @@ impl Fleet {
     }
 
     fn placed_host(&self, name: &str) -> Result<String, String> {
-        match self.store.get(name) {
-            Ok(Some(VmRow {
-                placement: Some(h), ..
-            })) => Ok(h),
-            Ok(Some(_)) => Err(format!(
-                "Requested operation is not valid: domain '{name}' is not running"
-            )),
-            Ok(None) => Err(format!(
-                "failed to get domain '{name}': no domain with matching name"
-            )),
-            Err(e) => Err(e.to_string()),
-        }
+        self.vm_row(name)?.placement.ok_or_else(|| {
+            format!("Requested operation is not valid: domain '{name}' is not running")
+        })
     }
 }
 
@@ -780,12 +764,9 @@ impl Handler<OperatorCall> for Fleet {
                 ),
                 Err(e) => OperatorResponse::Error(e.to_string()),
             }),
-            OperatorRequest::DumpXml { name, live: false } => reply(match self.store.get(&name) {
-                Ok(Some(r)) => OperatorResponse::Xml(r.xml),
-                Ok(None) => OperatorResponse::Error(format!(
-                    "failed to get domain '{name}': no domain with matching name"
-                )),
-                Err(e) => OperatorResponse::Error(e.to_string()),
+            OperatorRequest::DumpXml { name, live: false } => reply(match self.vm_row(&name) {
+                Ok(r) => OperatorResponse::Xml(r.xml),
+                Err(e) => OperatorResponse::Error(e),
             }),
             OperatorRequest::DumpXml { name, live: true } => match self.placed_host(&name) {
                 Err(e) => reply(OperatorResponse::Error(e)),

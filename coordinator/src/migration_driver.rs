@@ -140,7 +140,7 @@ pub async fn run(mut job: MigrationJob) -> OperatorResponse {
             _ = tokio::time::sleep(POLL) => {
                 if matches!(machine.phase(), Phase::Performing | Phase::Aborting { .. }) {
                     polls = polls.wrapping_add(1);
-                    let check_dest = polls % DEST_CHECK_EVERY == 0;
+                    let check_dest = polls.is_multiple_of(DEST_CHECK_EVERY);
                     queue.extend(sample(&job, check_dest).await.into_iter().map(Step::Got));
                 }
                 queue.push_back(Step::Got(Input::Tick));
