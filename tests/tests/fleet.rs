@@ -420,7 +420,7 @@ fn certificates_fail_closed() {
     let _ = &f.hosts;
 }
 
-fn tracing_free_log(reply: &flotilla_shared::proto::ServerMessage) {
+fn report_unexpected_answer(reply: &flotilla_shared::proto::ServerMessage) {
     eprintln!("coordinator answered a certificate-less client: {reply:?}");
 }
 
@@ -468,7 +468,7 @@ fn without_client_certificate(ca: &Path) -> Result<(), String> {
             Some(reason) => reason.to_string(),
             None => e.to_string(),
         })?;
-        tracing_free_log(&reply);
+        report_unexpected_answer(&reply);
         Ok(())
     })
 }
