@@ -1,5 +1,165 @@
 #!/usr/bin/env bash
-# The local demo fleet. Not built yet: it arrives with the quickstart issue.
-echo "deploy/demo.sh: not yet — the demo fleet arrives with the quickstart work (issue 6)." >&2
-echo "Meanwhile: cargo run -p flotilla-agent -- --help, and deploy/test.sh for the tests." >&2
-exit 0
+# The Flotilla demo fleet on this machine: three namespace hosts that each
+# define network `public` their own way, a coordinator with its embedded
+# store, and a counting guest that is started, photographed through its VNC
+# console, live-migrated, and photographed again on its new host.
+#
+#   deploy/demo.sh        build, bring the fleet up, run the demo (as root)
+#   deploy/demo.sh down   remove every namespace and process it made
+#
+# Addresses come from 198.18.0.0/15 and exist only inside the namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+DEMO=${FLOTILLA_DEMO_DIR:-/tmp/flotilla-demo}
+P=fltdemo
+COORD=198.19.0.1:7443
+BIN=$ROOT/target/release
+SPACES=(ctl host-a host-b host-c far)
+
+down() {
+  for s in "${SPACES[@]}"; do
+    local n=$P-$s
+    for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$n" 2>/dev/null || true
+  done
+  rm -rf "$DEMO/run"
+}
+
+if [ "${1:-}" = down ]; then
+  down
+  echo "demo fleet removed (screenshots kept in $DEMO/screenshots)"
+  exit 0
+fi
+[ "$(id -u)" -eq 0 ] || { echo "deploy/demo.sh: run as root (it creates network namespaces)" >&2; exit 1; }
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+  step "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+step "building (release)"
+cargo build --release --locked --workspace --bins
+
+if [ ! -x "$DEMO/venv/bin/vncdo" ]; then
+  step "installing the VNC client vncdotool (PyPI) into $DEMO/venv"
+  python3 -m venv "$DEMO/venv"
+  "$DEMO/venv/bin/pip" install -q vncdotool
+fi
+
+# A second run replaces the running demo fleet rather than colliding with it.
+down
+RUN=$DEMO/run
+mkdir -p "$RUN"/{logs,tls} "$DEMO/screenshots"
+
+step "three hosts, each with its own idea of network 'public'"
+ns() { ip netns add "$P-$1"; ip -n "$P-$1" link set lo up; }
+for s in "${SPACES[@]}"; do ns "$s"; done
+ip -n $P-ctl link add fleet0 type bridge
+ip -n $P-ctl addr add 198.19.0.1/24 dev fleet0
+ip -n $P-ctl link set fleet0 up
+n=11
+for h in host-a host-b host-c; do
+  ip -n $P-ctl link add "mg$n" type veth peer name mgmt0 netns "$P-$h"
+  ip -n $P-ctl link set "mg$n" master fleet0 up
+  ip -n "$P-$h" addr add "198.19.0.$n/24" dev mgmt0
+  ip -n "$P-$h" link set mgmt0 up
+  mkdir -p "$RUN/$h/nets" "$RUN/$h/state"
+  # The management link also carries migration streams.
+  echo "<network><name>mgmt</name><forward mode='bridge' dev='mgmt0'/></network>" > "$RUN/$h/nets/mgmt.xml"
+  n=$((n + 1))
+done
+for h in host-a host-b; do
+  i=${h#host-}; i=$([ "$i" = a ] && echo 1 || echo 2)
+  ip -n "$P-$h" link add br0 type bridge
+  ip -n "$P-$h" addr add "198.18.$i.1/24" dev br0
+  ip -n "$P-$h" link set br0 up
+  echo "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>" > "$RUN/$h/nets/public.xml"
+  echo "  $h: public = host bridge br0 at 198.18.$i.1"
+done
+# No dummy link driver here: a veth pair stands in for host-c's uplink NIC.
+ip -n $P-host-c link add uplink0 type veth peer name eth0 netns $P-far
+ip -n $P-host-c addr add 198.18.3.1/24 dev uplink0
+ip -n $P-host-c link set uplink0 up
+ip -n $P-far link set eth0 up
+echo "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>" > "$RUN/host-c/nets/public.xml"
+echo "  host-c: public = macvtap-style uplink0 at 198.18.3.1"
+
+step "certificates, coordinator (embedded store), agents"
+"$BIN/flotilla" certs init --dir "$RUN/tls" >/dev/null
+for h in host-a host-b host-c; do "$BIN/flotilla" certs issue --dir "$RUN/tls" --agent "$h" >/dev/null; done
+setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --listen $COORD --data-dir "$RUN/data" \
+  --tls-dir "$RUN/tls" >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
+for h in host-a host-b host-c; do
+  setsid ip netns exec "$P-$h" "$BIN/flotilla-agent" --name "$h" --coordinator $COORD \
+    --tls-dir "$RUN/tls" --networks-dir "$RUN/$h/nets" --state-dir "$RUN/$h/state" \
+    --migration-network mgmt >"$RUN/logs/$h.log" 2>&1 < /dev/null &
+done
+fl() { ip netns exec $P-ctl "$BIN/flotilla" --coordinator $COORD --tls-dir "$RUN/tls" "$@"; }
+for _ in $(seq 100); do
+  [ "$(fl hosts 2>/dev/null | grep -c ' connected ')" = 3 ] && break
+  sleep 0.2
+done
+fl hosts
+
+step "define and start the demo VM (its console listens on network 'public')"
+"$BIN/counting-guest" "$RUN/guest.img"
+cat > "$RUN/demo.xml" <<XML
+<domain type='kvm'>
+  <name>demo</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+      <source file='$RUN/guest.img'/><target dev='vda' bus='virtio'/><readonly/></disk>
+    <graphics type='vnc'><listen type='network' network='public'/></graphics>
+  </devices>
+</domain>
+XML
+fl define "$RUN/demo.xml"
+fl start demo
+fl list
+
+# Which namespace holds an address, so the VNC client connects from that host's network.
+host_of() { case $1 in 198.18.1.1) echo host-a ;; 198.18.2.1) echo host-b ;; *) echo host-c ;; esac; }
+shot() { # name
+  local uri addr port
+  uri=$(fl domdisplay demo | head -1 | cut -d' ' -f1)
+  addr=${uri#vnc://}; port=${addr##*:}; addr=${addr%:*}
+  echo "domdisplay: $uri" >&2
+  # Let SeaBIOS reach the boot sector so the counter is on screen.
+  sleep 5
+  ip netns exec "$P-$(host_of "$addr")" "$DEMO/venv/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
+  echo "screenshot: $DEMO/screenshots/$1.png" >&2
+  echo "$addr"
+}
+step "the console, through a real VNC client"
+first=$(shot before-migration)
+
+step "live migration (the scheduler picks the destination)"
+fl migrate demo --max-downtime 300
+step "the console on its new host"
+second=$(shot after-migration)
+fl list
+if [ "$first" = "$second" ]; then echo "demo: console address did not change" >&2; exit 1; fi
+
+cat <<MSG
+
+The guest counted on from one screenshot to the next: it moved while running.
+Console before: $first   after: $second
+
+Keep playing:
+  export FLOTILLA_COORDINATOR=$COORD FLOTILLA_TLS_DIR=$RUN/tls
+  ip netns exec $P-ctl $BIN/flotilla hosts
+  ip netns exec $P-ctl $BIN/flotilla migrate demo
+Tear down:
+  deploy/demo.sh down
+MSG

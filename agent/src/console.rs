@@ -85,7 +85,8 @@ pub enum ConsoleTarget {
 }
 
 impl ConsoleEndpoint {
-    /// The URI `domdisplay` prints, e.g. `vnc://198.18.0.1:5900`.
+    /// The URI `flotilla domdisplay` prints, e.g. `vnc://198.18.0.1:5900`
+    /// (the port, where `virsh domdisplay` prints a VNC display number).
     pub fn uri(&self) -> String {
         match &self.target {
             ConsoleTarget::Tcp {

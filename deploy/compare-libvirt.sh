@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Side by side: how libvirt's qemu driver and Flotilla's agent resolve the same
+# <graphics><listen type='network' network='public'/></graphics> for the same
+# network and domain XML on the same host, and which -vnc/-spice argument each
+# passes to QEMU.
+#
+# The "host" is a throwaway network namespace (br0, a veth standing in for an
+# uplink NIC, only 198.18.0.0/15 addresses), so nothing in the root namespace
+# changes. libvirtd runs inside it under `unshare -m` with its run, state, log,
+# cache and config directories bind-mounted from a scratch folder, so no global
+# libvirt state is read or written. Everything is torn down on exit, also on
+# failure or Ctrl-C.
+#
+# Needs: root, libvirt-daemon + libvirt-daemon-driver-qemu + libvirt-clients,
+# qemu-system-x86, xmllint, and a built agent (cargo build --bins).
+# Usage: deploy/compare-libvirt.sh
+#   AGENT=path    use another agent binary
+#   KEEP_WORK=1   keep the scratch folder (logs, argv, live XML) for a look
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SELF=$(pwd)/deploy/$(basename "$0")
+AGENT=${AGENT:-$(pwd)/target/debug/flotilla-agent}
+QEMU=$(command -v qemu-system-x86_64)
+
+# The libvirt half re-enters this script inside the namespace (see below).
+if [[ ${1:-} == __libvirt_half ]]; then
+  WORK=$2
+else
+  NS=flt-lvcmp-$$
+  WORK=$(mktemp -d /tmp/flt-lvcmp.XXXXXX)
+fi
+
+# ---------------------------------------------------------------------------
+# Cases: id, network XML, graphics type (+ extra <graphics> attributes).
+# Every case is a network named 'public' plus a diskless 64 MiB domain whose
+# only console listens on it. a-d are the comparison asked for; e repeats d
+# with autoport='yes', because libvirt gives a SPICE console without a port
+# no TCP listener at all (see the notes), so d alone compares nothing useful.
+CASES=(a b c d e)
+declare -A NET GFX ATTR DESC
+BRIDGE_NET="<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>"
+DESC[a]="bridge, host bridge br0, VNC"
+NET[a]=$BRIDGE_NET
+GFX[a]=vnc
+DESC[b]="macvtap-style bridge dev=uplink0, VNC"
+NET[b]="<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>"
+GFX[b]=vnc
+DESC[c]="route dev=uplink0, virbr9 198.18.23.1, VNC"
+NET[c]="<network><name>public</name><forward mode='route' dev='uplink0'/><bridge name='virbr9'/><ip address='198.18.23.1' prefix='24'/></network>"
+GFX[c]=vnc
+DESC[d]="bridge, host bridge br0, SPICE"
+NET[d]=$BRIDGE_NET
+GFX[d]=spice
+DESC[e]="bridge, br0, SPICE autoport='yes' (extra)"
+NET[e]=$BRIDGE_NET
+GFX[e]=spice
+ATTR[e]=" autoport='yes'"
+
+vm_name() { echo "cmp-$1-${GFX[$1]}"; }
+
+domain_xml() { # case
+  cat <<XML
+<domain type='kvm'>
+  <name>$(vm_name "$1")</name>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>$QEMU</emulator>
+    <graphics type='${GFX[$1]}'${ATTR[$1]:-}><listen type='network' network='public'/></graphics>
+  </devices>
+</domain>
+XML
+}
+
+# The option that follows -vnc or -spice in a NUL-separated cmdline file.
+graphics_arg() { # cmdline-file vnc|spice
+  tr '\0' '\n' <"$1" | grep -A1 -x -- "-$2" | sed -n 2p
+}
+
+# The live <graphics> element on one line, whatever the quoting style.
+graphics_xml() { # xml-file
+  xmllint --xpath '/domain/devices/graphics' "$1" 2>/dev/null | tr -s ' \n' ' ' | sed 's/> </></g; s/ $//'
+}
+
+# The address the <listen type='network'> resolved to.
+listen_addr() { # xml-file
+  xmllint --xpath 'string(/domain/devices/graphics/listen[@type="network"]/@address)' "$1" 2>/dev/null
+}
+
+# ---------------------------------------------------------------------------
+# libvirt half: runs as `ip netns exec NS unshare -m SELF __libvirt_half WORK`,
+# i.e. in the namespace's network and a private mount namespace.
+libvirt_half() {
+  local lv=$WORK/libvirt d
+  mkdir -p "$lv"/{run,lib,log,cache,etc}
+  # Mounts made here must never propagate back to the host.
+  mount --make-rprivate /
+  # A private copy of libvirt's world. /var/run is a symlink to /run on Debian,
+  # so binding /run/libvirt covers /var/run/libvirt too.
+  cp -a /etc/libvirt/. "$lv/etc/"
+  for d in run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt \
+           cache:/var/cache/libvirt etc:/etc/libvirt; do
+    mkdir -p "${d#*:}"
+    mount --bind "$lv/${d%%:*}" "${d#*:}"
+  done
+  [[ -L /var/run ]] || { mkdir -p /var/run/libvirt; mount --bind "$lv/run" /var/run/libvirt; }
+
+  # libvirt's qemu driver looks up its compiled-in default user/group
+  # 'libvirt-qemu' (virQEMUDriverConfigNew) BEFORE reading qemu.conf, and
+  # fails if it does not exist; libvirt-daemon-system would create it. Add
+  # it to private copies of passwd/group rather than to the real ones.
+  if ! getent passwd libvirt-qemu >/dev/null; then
+    cp /etc/passwd "$lv/passwd"; cp /etc/group "$lv/group"
+    echo 'libvirt-qemu:x:64055:64055:libvirt qemu (compare-libvirt.sh):/nonexistent:/usr/sbin/nologin' >>"$lv/passwd"
+    echo 'libvirt-qemu:x:64055:' >>"$lv/group"
+    mount --bind "$lv/passwd" /etc/passwd
+    mount --bind "$lv/group" /etc/group
+  fi
+
+  # The minimum that works here (tried): QEMU as root, because the
+  # libvirt-qemu above is only a placeholder for the lookup and owns nothing
+  # (/dev/kvm here is root-only, 0600);
+  # and no virtlogd (nothing runs it here, so domain start fails on its
+  # socket): QEMU's stdout/stderr go straight to /var/log/libvirt/qemu/NAME.log.
+  # Default namespaces, cgroups and security driver start fine as they are.
+  cat >"$lv/etc/qemu.conf" <<'CONF'
+user = "root"
+group = "root"
+stdio_handler = "file"
+CONF
+  # Keep libvirtd's own log in the scratch folder, warnings and up.
+  cat >"$lv/etc/libvirtd.conf" <<'CONF'
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+CONF
+
+  # The default pid file is /run/libvirtd.pid, outside the private dirs.
+  libvirtd --daemon --pid-file "$lv/run/libvirtd.pid"
+  local i
+  for i in $(seq 300); do
+    virsh -q -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  if ! virsh -q -c qemu:///system version >/dev/null 2>&1; then
+    echo "libvirtd did not come up; its log:" >&2
+    tail -20 "$lv/log/libvirtd.log" >&2 || true
+    return 1
+  fi
+  export LIBVIRT_DEFAULT_URI=qemu:///system
+
+  local c out name pid
+  for c in "${CASES[@]}"; do
+    out=$WORK/cases/$c/libvirt
+    mkdir -p "$out"
+    name=$(vm_name "$c")
+    virsh -q net-define "$WORK/cases/$c/nets/public.xml" >/dev/null
+    # A network that cannot start is recorded, not fatal: graphics-only
+    # domains do not need it active, so the domain is still tried.
+    virsh -q net-start public >/dev/null 2>"$out/net-start.err" || true
+    virsh -q define "$WORK/cases/$c/domain.xml" >/dev/null
+    if virsh -q start "$name" >/dev/null 2>"$out/start.err"; then
+      pid=$(cat "/run/libvirt/qemu/$name.pid")
+      cp "/proc/$pid/cmdline" "$out/cmdline"
+      virsh dumpxml "$name" >"$out/live.xml"
+      virsh domdisplay "$name" >"$out/display" 2>&1 || true
+      virsh -q destroy "$name" >/dev/null
+    fi
+    cp "/var/log/libvirt/qemu/$name.log" "$out/qemu.log" 2>/dev/null || true
+    virsh -q undefine "$name" >/dev/null
+    virsh -q net-destroy public >/dev/null 2>&1 || true
+    virsh -q net-undefine public >/dev/null
+  done
+
+  # Stop libvirtd ourselves; the outer trap kills it too if we never get here.
+  pid=$(cat "$lv/run/libvirtd.pid")
+  kill "$pid"
+  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+
+if [[ ${1:-} == __libvirt_half ]]; then
+  libvirt_half
+  exit
+fi
+
+# ---------------------------------------------------------------------------
+# Outer half: namespace, Flotilla, report.
+
+# Kill everything that lives in the namespace (libvirtd, both sides' QEMUs,
+# any dnsmasq), then delete it: `ip netns pids` names exactly our processes.
+cleanup() {
+  local rc=$? i p
+  trap - EXIT INT TERM
+  if ip netns list | grep -qw "$NS"; then
+    for i in $(seq 50); do
+      p=$(ip netns pids "$NS" 2>/dev/null || true)
+      [[ -z $p ]] && break
+      kill -9 $p 2>/dev/null || true
+      sleep 0.1
+    done
+    ip netns del "$NS" || true
+  fi
+  if [[ -n ${KEEP_WORK:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[[ -x $AGENT ]] || { echo "no agent binary at $AGENT (cargo build --bins)" >&2; exit 1; }
+
+# The host: loopback, a bridge, and a veth whose namespace end is the uplink.
+# Both veth ends are created inside the namespace, so the root namespace
+# never sees an interface.
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+ip -n "$NS" link add br0 type bridge
+ip -n "$NS" addr add 198.18.21.1/24 dev br0
+ip -n "$NS" link set br0 up
+ip -n "$NS" link add uplink0 type veth peer name uplink0p
+ip -n "$NS" addr add 198.18.22.1/24 dev uplink0
+ip -n "$NS" link set uplink0 up
+ip -n "$NS" link set uplink0p up
+
+for c in "${CASES[@]}"; do
+  mkdir -p "$WORK/cases/$c/nets" "$WORK/cases/$c/flotilla"
+  echo "${NET[$c]}" >"$WORK/cases/$c/nets/public.xml"
+  domain_xml "$c" >"$WORK/cases/$c/domain.xml"
+done
+
+# libvirt: all cases under one libvirtd (its first start probes QEMU's
+# capabilities, which takes a while).
+if ! ip netns exec "$NS" unshare -m "$SELF" __libvirt_half "$WORK" 2>"$WORK/libvirt-half.err"; then
+  echo "libvirt half failed:" >&2
+  cat "$WORK/libvirt-half.err" >&2
+  exit 1
+fi
+
+# Flotilla: one standalone --once-start per case, each with its own state dir.
+for c in "${CASES[@]}"; do
+  out=$WORK/cases/$c/flotilla
+  name=$(vm_name "$c")
+  if ip netns exec "$NS" "$AGENT" --name cmp --networks-dir "$WORK/cases/$c/nets" \
+       --state-dir "$out/state" --once-start "$WORK/cases/$c/domain.xml" \
+       >"$out/stdout" 2>"$out/stderr"; then
+    pid=$(cat "$out/state/vms/$name/qemu.pid")
+    cp "/proc/$pid/cmdline" "$out/cmdline"
+    # stdout is the live XML followed by `console: URI` lines.
+    grep -v '^console: ' "$out/stdout" >"$out/live.xml"
+    grep '^console: ' "$out/stdout" | sed 's/^console: //' >"$out/display" || true
+    kill "$pid"
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+done
+
+# ---------------------------------------------------------------------------
+# Report.
+one_line() { tr -s '\n' ' ' <"$1" | sed 's/ $//'; }
+same() { [[ $1 == "$2" && $1 != - ]] && echo yes || echo NO; }
+
+# Sets addr, arg, state and gxml for case $1, side $2. When QEMU did not stay
+# up there is no cmdline or live XML, but both sides log the argv they tried,
+# so the argument (and from it the address) is still compared; '*' marks that.
+facts() { # case side
+  local d=$WORK/cases/$1/$2 gfx=${GFX[$1]} log
+  addr=-; arg=-; gxml=-; state=running
+  if [[ -f $d/cmdline ]]; then
+    arg=$(graphics_arg "$d/cmdline" "$gfx")
+    addr=$(listen_addr "$d/live.xml"); gxml=$(graphics_xml "$d/live.xml")
+    return
+  fi
+  state="QEMU failed"
+  # libvirt logs one argument per line; the agent one line with argv=...
+  [[ $2 == libvirt ]] && log=$d/qemu.log || log=$d/stderr
+  arg=$(grep -o -- "\(^\| \)-$gfx [^ ]*" "$log" 2>/dev/null | head -1 | awk '{print $2}') || true
+  case $gfx in
+    vnc) addr=${arg%:*} ;;
+    spice) addr=$(grep -o 'addr=[^,]*' <<<"$arg" | cut -d= -f2) || true ;;
+  esac
+  [[ -n $arg ]] && arg="$arg*" || arg=-
+  [[ -n $addr ]] && addr="$addr*" || addr=-
+}
+
+echo "libvirt: $(libvirtd --version)   qemu: $("$QEMU" --version | head -1)"
+echo "agent:   $AGENT"
+echo
+printf '%-4s %-42s %-15s %-15s %-5s %s\n' CASE NETWORK "ADDR libvirt" "ADDR flotilla" ADDR= "ARG= (-vnc/-spice value)"
+for c in "${CASES[@]}"; do
+  facts "$c" libvirt;  la=$addr; lg=$arg
+  facts "$c" flotilla; fa=$addr; fg=$arg
+  printf '%-4s %-42s %-15s %-15s %-5s %s\n' "$c" "${DESC[$c]}" "$la" "$fa" "$(same "$la" "$fa")" "$(same "$lg" "$fg")"
+done
+echo "(* = QEMU exited at start; value taken from the argv each side logged)"
+
+for c in "${CASES[@]}"; do
+  d=$WORK/cases/$c
+  echo
+  echo "== case $c: ${DESC[$c]}"
+  echo "   network:  ${NET[$c]}"
+  echo "   graphics: <graphics type='${GFX[$c]}'${ATTR[$c]:-}><listen type='network' network='public'/></graphics>"
+  [[ -s $d/libvirt/net-start.err ]] && echo "   libvirt net-start: $(one_line "$d/libvirt/net-start.err")"
+  [[ -s $d/libvirt/start.err ]] && echo "   libvirt start:     $(one_line "$d/libvirt/start.err")"
+  # The agent's own warnings, and its error with QEMU's last output; not its
+  # tracing log lines.
+  grep -E '^warning:' "$d/flotilla/stderr" | sed 's/^/   flotilla /' || true
+  e=$(sed -n '/^error:/,$p' "$d/flotilla/stderr" | tr -s '\n' ' ')
+  [[ -n $e ]] && echo "   flotilla $e"
+  for side in libvirt flotilla; do
+    facts "$c" "$side"
+    printf '   %-8s state:    %s\n' "$side" "$state"
+    printf '   %-8s address:  %s\n' "" "$addr"
+    printf '   %-8s -%-7s %s\n' "" "${GFX[$c]}" "$arg"
+    printf '   %-8s display:  %s\n' "" "$(head -1 "$d/$side/display" 2>/dev/null || echo -)"
+    printf '   %-8s live:     %s\n' "" "$gxml"
+  done
+  # The rest of the argv, to explain differences around the graphics option.
+  if [[ -f $d/libvirt/cmdline && -f $d/flotilla/cmdline ]]; then
+    echo "   argv libvirt:  $(tr '\0' ' ' <"$d/libvirt/cmdline")"
+    echo "   argv flotilla: $(tr '\0' ' ' <"$d/flotilla/cmdline")"
+  fi
+done
