@@ -158,3 +158,18 @@ fn one_bad_file_fails_the_run_but_all_are_reported() {
         run.stdout
     );
 }
+
+#[test]
+fn completion_scripts_cover_the_verbs() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["completion", shell])
+            .output()
+            .expect("run flotilla");
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for verb in ["domdisplay", "migrate", "host-drain", "validate"] {
+            assert!(script.contains(verb), "{shell} completion lacks {verb}");
+        }
+    }
+}

@@ -159,6 +159,13 @@ enum Command {
     ///
     /// Example: flotilla host-undrain host-a
     HostUndrain { host: String },
+    /// Print a shell completion script.
+    ///
+    /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,6 +221,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Certs(c) => return certs(c).map(|()| ExitCode::SUCCESS),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "flotilla",
+                &mut std::io::stdout(),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Define { file } => OperatorRequest::Define {
             xml: std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?,
