@@ -96,11 +96,13 @@ step "certificates, coordinator (embedded store), agents"
 "$BIN/flotilla" certs init --dir "$RUN/tls" >/dev/null
 for h in host-a host-b host-c; do "$BIN/flotilla" certs issue --dir "$RUN/tls" --agent "$h" >/dev/null; done
 setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --listen $COORD --data-dir "$RUN/data" \
-  --tls-dir "$RUN/tls" >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
+  --tls-dir "$RUN/tls" --metrics-listen 198.19.0.1:9464 >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
+n=11
 for h in host-a host-b host-c; do
   setsid ip netns exec "$P-$h" "$BIN/flotilla-agent" --name "$h" --coordinator $COORD \
     --tls-dir "$RUN/tls" --networks-dir "$RUN/$h/nets" --state-dir "$RUN/$h/state" \
-    --migration-network mgmt >"$RUN/logs/$h.log" 2>&1 < /dev/null &
+    --migration-network mgmt --metrics-listen "198.19.0.$n:9465" >"$RUN/logs/$h.log" 2>&1 < /dev/null &
+  n=$((n + 1))
 done
 fl() { ip netns exec $P-ctl "$BIN/flotilla" --coordinator $COORD --tls-dir "$RUN/tls" "$@"; }
 for _ in $(seq 100); do
@@ -160,6 +162,10 @@ Keep playing:
   export FLOTILLA_COORDINATOR=$COORD FLOTILLA_TLS_DIR=$RUN/tls
   ip netns exec $P-ctl $BIN/flotilla hosts
   ip netns exec $P-ctl $BIN/flotilla migrate demo
+Metrics (Prometheus text):
+  ip netns exec $P-ctl curl -s http://198.19.0.1:9464/metrics      # coordinator
+  ip netns exec $P-ctl curl -s http://198.19.0.11:9465/metrics     # host-a's agent
+Logs: $RUN/logs/
 Tear down:
   deploy/demo.sh down
 MSG

@@ -236,6 +236,7 @@ impl HostAgent {
         let endpoints = plan.endpoints.clone();
         let launch_paths = paths.clone();
         let launch_mode = mode.clone();
+        let launched_at = std::time::Instant::now();
         Box::pin(
             async move {
                 launch(
@@ -255,6 +256,8 @@ impl HostAgent {
                     Ok(l) => l,
                     Err(e) => {
                         ports.iter().for_each(|p| act.ports.release(*p));
+                        metrics::counter!("flotilla_agent_starts_total", "outcome" => "error")
+                            .increment(1);
                         tracing::error!(vm = %name, host = %host, error = %e, "start failed");
                         return Response::Error(format!(
                             "VM '{name}' failed to start on host {host}: {e}"
@@ -295,6 +298,9 @@ impl HostAgent {
                     "running"
                 };
                 tracing::info!(vm = %name, host = %host, pid = launched.pid, state, "QEMU up");
+                metrics::counter!("flotilla_agent_starts_total", "outcome" => "ok").increment(1);
+                metrics::histogram!("flotilla_agent_start_seconds")
+                    .record(launched_at.elapsed().as_secs_f64());
                 let vm = summary(&record, state);
                 act.vms.insert(
                     name,
@@ -305,6 +311,7 @@ impl HostAgent {
                         migration_port,
                     },
                 );
+                metrics::gauge!("flotilla_agent_vms").set(act.vms.len() as f64);
                 match mode {
                     LaunchMode::Incoming { uri, .. } => Response::Incoming { vm, uri },
                     LaunchMode::Run => Response::Started {
@@ -402,7 +409,7 @@ impl HostAgent {
             async move {
                 let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 loop {
-                    match addr.send(QueryStatus).await {
+                    match addr.send(QueryStatus(Duration::from_secs(5))).await {
                         Ok(Ok(s)) if s == "inmigrate" => {}
                         Ok(Ok(s)) if s == "paused" || s == "running" => break,
                         Ok(Ok(s)) => return Err(format!("unexpected state '{s}' after migration")),
@@ -716,7 +723,9 @@ impl Handler<AgentCall> for HostAgent {
                     async move {
                         let mut out = Vec::new();
                         for (addr, record) in vms {
-                            let state = match addr.send(QueryStatus).await {
+                            // Heartbeats list VMs: a busy QEMU must not delay them.
+                            let status = addr.send(QueryStatus(Duration::from_millis(500)));
+                            let state = match status.await {
                                 Ok(Ok(s)) => s,
                                 _ => "unknown".to_string(),
                             };
@@ -782,6 +791,7 @@ impl Handler<VmGone> for HostAgent {
                 self.ports.release(*p);
             }
         }
+        metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
         let dir = vm_dir(&self.settings.state_dir, &msg.name);
         for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
             let _ = std::fs::remove_file(dir.join(f));

@@ -54,10 +54,10 @@ pub struct Shutdown {
 #[rtype(result = "Result<String, String>")]
 pub struct Destroy;
 
-/// Ask QEMU for its run state.
+/// Ask QEMU for its run state, waiting at most this long.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<String, String>")]
-pub struct QueryStatus;
+pub struct QueryStatus(pub Duration);
 
 /// A QEMU process the agent has started or found again, ready to be owned.
 #[derive(Debug)]
@@ -252,13 +252,9 @@ impl Handler<Destroy> for VmActor {
 impl Handler<QueryStatus> for VmActor {
     type Result = ResponseFuture<Result<String, String>>;
 
-    fn handle(&mut self, _: QueryStatus, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, QueryStatus(timeout): QueryStatus, _: &mut Self::Context) -> Self::Result {
         let qmp = self.qmp.clone();
-        Box::pin(async move {
-            qmp.status(Duration::from_secs(5))
-                .await
-                .map_err(|e| e.to_string())
-        })
+        Box::pin(async move { qmp.status(timeout).await.map_err(|e| e.to_string()) })
     }
 }
 

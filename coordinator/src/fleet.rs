@@ -380,14 +380,19 @@ impl Fleet {
         };
         let rows = self.store.list().unwrap_or_default();
         let snapshots = self.snapshots(&rows);
+        let scheduling = Instant::now();
         let decision = match &host {
             Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
             None => scheduler::place(&needs, &snapshots, &self.settings.policy),
         };
+        metrics::histogram!("flotilla_scheduling_seconds")
+            .record(scheduling.elapsed().as_secs_f64());
         let decision = match decision {
             Ok(d) => d,
             Err(e) => {
                 tracing::info!(vm = %name, reason = %e, "no placement");
+                metrics::counter!("flotilla_starts_total", "outcome" => "no_placement")
+                    .increment(1);
                 return reply(OperatorResponse::Error(e.to_string()));
             }
         };
@@ -409,6 +414,7 @@ impl Fleet {
             return reply(OperatorResponse::Error(e.to_string()));
         }
         self.busy.insert(name.clone());
+        let started = Instant::now();
         let request = AgentRequest::Start {
             xml: row.xml.clone(),
             source: format!("definition of '{name}' (generation {})", row.generation),
@@ -425,6 +431,9 @@ impl Fleet {
                                 h.facts.vms.push(vm.clone());
                             }
                             tracing::info!(vm = %name, host = %target, "started");
+                            metrics::counter!("flotilla_starts_total", "outcome" => "ok").increment(1);
+                            metrics::histogram!("flotilla_start_seconds")
+                                .record(started.elapsed().as_secs_f64());
                             OperatorResponse::Started {
                                 name,
                                 host: target,
@@ -441,6 +450,7 @@ impl Fleet {
                                 Err(e) => e.to_string(),
                             };
                             tracing::warn!(vm = %name, host = %target, error = %msg, "start failed");
+                            metrics::counter!("flotilla_starts_total", "outcome" => "error").increment(1);
                             OperatorResponse::Error(format!("host {target}: {msg}"))
                         }
                     }
@@ -619,6 +629,13 @@ impl Fleet {
         Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
             move |response, act, _| {
                 act.migrations.remove(&name);
+                let outcome = match &response {
+                    OperatorResponse::Migrated { outcome, .. } => {
+                        outcome.split(':').next().unwrap_or("failed").to_string()
+                    }
+                    _ => "failed".to_string(),
+                };
+                metrics::counter!("flotilla_migrations_total", "outcome" => outcome).increment(1);
                 if let OperatorResponse::Migrated { on, .. } = &response {
                     // Until the next heartbeats arrive, reflect the move at once.
                     for (h, state) in act.hosts.iter_mut() {
@@ -645,6 +662,39 @@ fn reply(r: OperatorResponse) -> ResponseActFuture<Fleet, OperatorResponse> {
 
 impl Actor for Fleet {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Gauges are derived state: recompute them rather than track every change.
+        ctx.run_interval(Duration::from_secs(1), |act, _| act.publish_gauges());
+    }
+}
+
+impl Fleet {
+    fn publish_gauges(&self) {
+        let mut hosts: BTreeMap<&str, f64> =
+            [("connected", 0.0), ("unreachable", 0.0), ("draining", 0.0)].into();
+        for row in self.store.hosts().unwrap_or_default() {
+            *hosts
+                .entry(self.host_state_word(&row.name, row.draining))
+                .or_default() += 1.0;
+        }
+        for (state, n) in hosts {
+            metrics::gauge!("flotilla_hosts", "state" => state).set(n);
+        }
+        let mut vms: BTreeMap<String, f64> = [
+            ("running".to_string(), 0.0),
+            ("shut off".to_string(), 0.0),
+            ("unknown".to_string(), 0.0),
+        ]
+        .into();
+        for row in self.store.list().unwrap_or_default() {
+            *vms.entry(self.vm_state(&row).0).or_default() += 1.0;
+        }
+        for (state, n) in vms {
+            metrics::gauge!("flotilla_vms", "state" => state).set(n);
+        }
+        metrics::gauge!("flotilla_migrations_in_progress").set(self.migrations.len() as f64);
+    }
 }
 
 impl Handler<Register> for Fleet {
@@ -677,6 +727,7 @@ impl Handler<Register> for Fleet {
             },
         );
         self.converge(&host);
+        self.publish_gauges();
         MessageResult(HelloAck::Accepted {
             heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
         })
@@ -727,6 +778,7 @@ impl Handler<Disconnected> for Fleet {
                 h.conn = None;
             }
         }
+        self.publish_gauges();
     }
 }
 

@@ -405,6 +405,18 @@ impl CoordinatorProcess {
         tls: &Path,
         log: &Path,
     ) -> CoordinatorProcess {
+        Self::start_with(ns, listen, data, tls, log, &[])
+    }
+
+    /// Like [`CoordinatorProcess::start`], with extra flags.
+    pub fn start_with(
+        ns: &Netns,
+        listen: &str,
+        data: &Path,
+        tls: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> CoordinatorProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -417,12 +429,13 @@ impl CoordinatorProcess {
             "--heartbeat-secs",
             "1",
             "--heartbeat-timeout-secs",
-            "4",
+            "6",
         ])
         .arg("--data-dir")
         .arg(data)
         .arg("--tls-dir")
         .arg(tls)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -472,4 +485,17 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A plain HTTP/1.0 GET of `path` from `addr`; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(out))
 }

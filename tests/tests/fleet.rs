@@ -81,12 +81,13 @@ fn fleet() -> Fleet {
     let tls = work.path().join("tls");
     certs(&tls, &["init"]);
     let ctl = control_plane();
-    let coordinator = CoordinatorProcess::start(
+    let coordinator = CoordinatorProcess::start_with(
         &ctl,
         COORD,
         &work.path().join("data"),
         &tls,
         &work.path().join("coordinator.log"),
+        &["--metrics-listen", "198.19.0.1:9464"],
     );
     let mut hosts = Vec::new();
     let mut agents = Vec::new();
@@ -149,6 +150,11 @@ fn fleet() -> Fleet {
             COORD.to_string(),
             "--tls-dir".to_string(),
             tls_arg,
+        ]);
+        // Each agent serves metrics on its management address.
+        extra.extend([
+            "--metrics-listen".to_string(),
+            format!("198.19.0.{}:9465", 11 + hosts.len()),
         ]);
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         agents.push(AgentDaemon::start(&h, name, &dirs, &extra));
@@ -246,6 +252,41 @@ fn one_definition_gets_each_hosts_own_console_address() {
         "{}",
         text(&list)
     );
+
+    // Both daemons serve Prometheus metrics with the named series.
+    let scrape = |addr: &'static str| {
+        f.ctl
+            .run(move || flotilla_tests::http_get(addr.parse().expect("addr"), "/metrics"))
+            .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"))
+    };
+    // Gauges are refreshed every second: wait for them to settle.
+    let mut coordinator = String::new();
+    wait_until(Duration::from_secs(5), || {
+        coordinator = scrape("198.19.0.1:9464");
+        coordinator.contains("flotilla_hosts{state=\"connected\"} 3")
+            && coordinator.contains("flotilla_vms{state=\"shut off\"} 1")
+    });
+    for series in [
+        "flotilla_hosts{state=\"connected\"} 3",
+        "flotilla_vms{state=\"shut off\"} 1",
+        "flotilla_starts_total{outcome=\"ok\"} 5",
+        "flotilla_starts_total{outcome=\"no_placement\"} 1",
+        "flotilla_scheduling_seconds_bucket",
+        "flotilla_start_seconds_bucket",
+    ] {
+        assert!(
+            coordinator.contains(series),
+            "missing {series} in:\n{coordinator}"
+        );
+    }
+    let agent = scrape("198.19.0.11:9465");
+    for series in [
+        "flotilla_agent_starts_total{outcome=\"ok\"}",
+        "flotilla_agent_start_seconds_bucket",
+        "flotilla_agent_vms 0",
+    ] {
+        assert!(agent.contains(series), "missing {series} in:\n{agent}");
+    }
 }
 
 #[test]

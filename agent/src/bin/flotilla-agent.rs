@@ -57,6 +57,9 @@ struct Cli {
     /// Directory written by `flotilla certs` (needs ca.pem and agent-NAME.pem).
     #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
     tls_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (daemon mode).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Network whose address receives incoming live migrations (default: the first that resolves).
     #[arg(long)]
     migration_network: Option<String>,
@@ -200,7 +203,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tls_dir: cli.tls_dir.clone(),
         host: settings.console.host.clone(),
     });
-    sys.block_on(daemon(settings, networks, link))?;
+    let metrics = cli.metrics_listen;
+    sys.block_on(async move {
+        if let Some(addr) = metrics {
+            flotilla_shared::net::metrics::serve(addr)?;
+            tracing::info!(%addr, "metrics at /metrics");
+        }
+        daemon(settings, networks, link).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -46,6 +46,9 @@ struct Cli {
     /// Memory overcommit ratio.
     #[arg(long, default_value_t = 1.0)]
     memory_overcommit: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -86,6 +89,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(addr) = cli.metrics_listen {
+        flotilla_shared::net::metrics::serve(addr)?;
+        tracing::info!(%addr, "metrics at /metrics");
+    }
     let store = RedbStore::open(&cli.data_dir)
         .with_context(|| format!("opening store in {}", cli.data_dir.display()))?;
     let server_config = tls::server_config(&cli.tls_dir)?;

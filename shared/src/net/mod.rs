@@ -3,6 +3,7 @@
 //! (reading key files, sockets); it sits behind the `net` feature so the pure
 //! modules stay usable without it.
 
+pub mod metrics;
 pub mod pki;
 pub mod quic;
 pub mod tls;
