@@ -21,6 +21,7 @@ use flotilla_shared::proto::{
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
+use crate::events::EventLog;
 use crate::migration::MigrationParams;
 use crate::migration_driver::{self, MigrationJob};
 use crate::reconcile::{reconcile, Fix};
@@ -56,6 +57,24 @@ pub struct Fleet {
     busy: BTreeSet<String>,
     /// Migrations in flight, by VM, with the channel that aborts them.
     migrations: BTreeMap<String, tokio::sync::mpsc::UnboundedSender<String>>,
+    /// What `flotilla events` shows.
+    events: EventLog,
+    /// Each host's state when last reported, to log transitions once.
+    host_states: BTreeMap<String, &'static str>,
+    /// When the coordinator last started, stopped or moved each VM. A host
+    /// report gathered before that moment would undo it, so reconciliation
+    /// leaves the VM alone for one heartbeat timeout.
+    touched: BTreeMap<String, Instant>,
+}
+
+/// An operator's event request, with the sink for the lines.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EventsCall {
+    /// Keep sending new events.
+    pub follow: bool,
+    /// Where lines go.
+    pub sink: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 /// An operator's migration request, with a sink for its progress frames.
@@ -126,6 +145,9 @@ impl Fleet {
             hosts: BTreeMap::new(),
             busy: BTreeSet::new(),
             migrations: BTreeMap::new(),
+            events: EventLog::default(),
+            host_states: BTreeMap::new(),
+            touched: BTreeMap::new(),
         }
     }
 
@@ -184,7 +206,7 @@ impl Fleet {
                 | Fix::Place { name }
                 | Fix::Stopped { name }
                 | Fix::DestroyStale { name, .. }
-                    if self.migrations.contains_key(&name) => {}
+                    if self.migrations.contains_key(&name) || self.recently_touched(&name) => {}
                 Fix::DestroyStale { name, state } => {
                     tracing::warn!(vm = %name, host, state = %state,
                         "removing the stale half of an interrupted migration");
@@ -391,6 +413,7 @@ impl Fleet {
             Ok(d) => d,
             Err(e) => {
                 tracing::info!(vm = %name, reason = %e, "no placement");
+                self.emit(format!("vm {name} not placed: {e}"));
                 metrics::counter!("flotilla_starts_total", "outcome" => "no_placement")
                     .increment(1);
                 return reply(OperatorResponse::Error(e.to_string()));
@@ -424,6 +447,7 @@ impl Fleet {
                 .into_actor(self)
                 .map(move |result, act, _| {
                     act.busy.remove(&name);
+                    act.touch(&name);
                     match result {
                         Ok(AgentResponse::Started { vm, warnings, .. }) => {
                             if let Some(h) = act.hosts.get_mut(&target) {
@@ -431,6 +455,7 @@ impl Fleet {
                                 h.facts.vms.push(vm.clone());
                             }
                             tracing::info!(vm = %name, host = %target, "started");
+                            act.emit(format!("vm {name} started on {target} (ranked: {explanation})"));
                             metrics::counter!("flotilla_starts_total", "outcome" => "ok").increment(1);
                             metrics::histogram!("flotilla_start_seconds")
                                 .record(started.elapsed().as_secs_f64());
@@ -450,6 +475,7 @@ impl Fleet {
                                 Err(e) => e.to_string(),
                             };
                             tracing::warn!(vm = %name, host = %target, error = %msg, "start failed");
+                            act.emit(format!("vm {name} failed to start on {target}: {msg}"));
                             metrics::counter!("flotilla_starts_total", "outcome" => "error").increment(1);
                             OperatorResponse::Error(format!("host {target}: {msg}"))
                         }
@@ -487,6 +513,8 @@ impl Fleet {
                     act.busy.remove(&name);
                     match result {
                         Ok(AgentResponse::Done(msg)) => {
+                            act.touch(&name);
+                            act.emit(format!("vm {name} stopped on {host}: {msg}"));
                             let _ = act.store.set_placement(&name, None, false);
                             if let Some(h) = act.hosts.get_mut(&host) {
                                 h.facts.vms.retain(|v| v.name != name);
@@ -606,6 +634,7 @@ impl Fleet {
         let (abort_tx, aborts) = tokio::sync::mpsc::unbounded_channel();
         self.migrations.insert(name.clone(), abort_tx);
         tracing::info!(vm = %name, from = %source, to = %dest, operator = %call.operator, "migrating");
+        self.emit(format!("vm {name} migrating from {source} to {dest}"));
         let job = MigrationJob {
             name: name.clone(),
             source,
@@ -629,12 +658,25 @@ impl Fleet {
         Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
             move |response, act, _| {
                 act.migrations.remove(&name);
+                act.touch(&name);
                 let outcome = match &response {
                     OperatorResponse::Migrated { outcome, .. } => {
                         outcome.split(':').next().unwrap_or("failed").to_string()
                     }
                     _ => "failed".to_string(),
                 };
+                if let OperatorResponse::Migrated {
+                    outcome: full,
+                    on,
+                    elapsed_ms,
+                    ..
+                } = &response
+                {
+                    act.emit(format!(
+                        "vm {name} migration {full} after {:.2}s; runs on {on}",
+                        *elapsed_ms as f64 / 1000.0
+                    ));
+                }
                 metrics::counter!("flotilla_migrations_total", "outcome" => outcome).increment(1);
                 if let OperatorResponse::Migrated { on, .. } = &response {
                     // Until the next heartbeats arrive, reflect the move at once.
@@ -670,13 +712,33 @@ impl Actor for Fleet {
 }
 
 impl Fleet {
-    fn publish_gauges(&self) {
+    fn touch(&mut self, name: &str) {
+        self.touched.insert(name.to_string(), Instant::now());
+    }
+
+    fn recently_touched(&self, name: &str) -> bool {
+        self.touched
+            .get(name)
+            .is_some_and(|t| t.elapsed() < self.settings.heartbeat_timeout)
+    }
+
+    fn emit(&mut self, line: String) {
+        self.events.emit(std::time::SystemTime::now(), &line);
+    }
+
+    fn publish_gauges(&mut self) {
         let mut hosts: BTreeMap<&str, f64> =
             [("connected", 0.0), ("unreachable", 0.0), ("draining", 0.0)].into();
+        let mut changes = Vec::new();
         for row in self.store.hosts().unwrap_or_default() {
-            *hosts
-                .entry(self.host_state_word(&row.name, row.draining))
-                .or_default() += 1.0;
+            let state = self.host_state_word(&row.name, row.draining);
+            *hosts.entry(state).or_default() += 1.0;
+            if self.host_states.insert(row.name.clone(), state) != Some(state) {
+                changes.push(format!("host {} {state}", row.name));
+            }
+        }
+        for line in changes {
+            self.emit(line);
         }
         for (state, n) in hosts {
             metrics::gauge!("flotilla_hosts", "state" => state).set(n);
@@ -752,6 +814,10 @@ impl Handler<VmStopped> for Fleet {
 
     fn handle(&mut self, msg: VmStopped, _: &mut Self::Context) {
         tracing::info!(vm = %msg.name, host = %msg.host, reason = %msg.reason, "VM stopped");
+        self.emit(format!(
+            "vm {} stopped on {}: {}",
+            msg.name, msg.host, msg.reason
+        ));
         if let Some(h) = self.hosts.get_mut(&msg.host) {
             h.facts.vms.retain(|v| v.name != msg.name);
         }
@@ -872,6 +938,9 @@ impl Handler<OperatorCall> for Fleet {
                 }
                 None => OperatorResponse::Error(format!("no migration of '{name}' is in progress")),
             }),
+            OperatorRequest::Events { .. } => reply(OperatorResponse::Error(
+                "events stream notes; send them as EventsCall".into(),
+            )),
             OperatorRequest::HostDrain { .. } => reply(OperatorResponse::Error(
                 "drains stream notes; send them as DrainCall".into(),
             )),
@@ -1019,5 +1088,13 @@ impl Handler<MigrateCall> for Fleet {
             Ok(fut) => fut,
             Err(e) => reply(OperatorResponse::Error(e)),
         }
+    }
+}
+
+impl Handler<EventsCall> for Fleet {
+    type Result = ();
+
+    fn handle(&mut self, call: EventsCall, _: &mut Self::Context) {
+        self.events.subscribe(call.sink, call.follow);
     }
 }

@@ -5,6 +5,7 @@
 //! operators; [`server`] is the QUIC shell that authenticates peers and feeds
 //! the actor.
 
+pub mod events;
 pub mod fleet;
 pub mod migration;
 pub mod migration_driver;

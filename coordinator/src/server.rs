@@ -15,7 +15,8 @@ use flotilla_shared::proto::{
 };
 
 use crate::fleet::{
-    Disconnected, DrainCall, Fleet, Heartbeat, MigrateCall, OperatorCall, Register, VmStopped,
+    Disconnected, DrainCall, EventsCall, Fleet, Heartbeat, MigrateCall, OperatorCall, Register,
+    VmStopped,
 };
 
 /// Accepts connections until the endpoint closes.
@@ -75,6 +76,11 @@ async fn stream(
         {
             drain(host, parallel, &who, &mut send, &fleet).await
         }
+        Ok(ClientMessage::Operator(OperatorRequest::Events { follow }))
+            if who.role == Role::Operator =>
+        {
+            events(follow, &mut send, &fleet).await
+        }
         Ok(msg) => dispatch(msg, &who, conn, &fleet).await,
     };
     let _ = quic::write_frame(&mut send, &reply).await;
@@ -111,6 +117,24 @@ async fn migrate(
             }
         }
     }
+}
+
+/// Events answer with one note per line; without `follow` the stream ends
+/// after the recent lines, with it when the operator goes away.
+async fn events(follow: bool, send: &mut quinn::SendStream, fleet: &Addr<Fleet>) -> ServerMessage {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if fleet.send(EventsCall { follow, sink: tx }).await.is_err() {
+        return ServerMessage::Operator(OperatorResponse::Error("coordinator busy".into()));
+    }
+    while let Some(line) = rx.recv().await {
+        if quic::write_frame(send, &ServerMessage::Note(line))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    ServerMessage::Operator(OperatorResponse::Done(String::new()))
 }
 
 /// A drain answers with one note per VM step, then the summary.

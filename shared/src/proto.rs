@@ -542,6 +542,11 @@ pub enum OperatorRequest {
         /// The host.
         host: String,
     },
+    /// Recent fleet events as notes; with `follow`, keep streaming new ones.
+    Events {
+        /// Keep the stream open for new events.
+        follow: bool,
+    },
 }
 
 /// One VM in a listing.

@@ -287,6 +287,42 @@ fn one_definition_gets_each_hosts_own_console_address() {
     ] {
         assert!(agent.contains(series), "missing {series} in:\n{agent}");
     }
+
+    // The event log tells the story so far, and a follower sees new events live.
+    let events = text(&f.cli(&["events"]));
+    for line in [
+        "host host-a connected",
+        "vm web01 started on host-a (ranked: host-a",
+        "vm web01 stopped on host-b: Domain 'web01' destroyed",
+        "vm web01 not placed: no host can run VM 'web01': host-c: network 'public' is not defined",
+    ] {
+        assert!(events.contains(line), "missing {line:?} in:\n{events}");
+    }
+    let before = events.matches("vm web01 started on host-a").count();
+    let follower = {
+        let mut c = f.ctl.command(&bin("flotilla"));
+        c.arg("--coordinator")
+            .arg(COORD)
+            .arg("--tls-dir")
+            .arg(&f.tls);
+        c.args(["events", "--follow"]);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        c.spawn().expect("spawn events --follow")
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let o = f.cli(&["start", "web01", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut follower = follower;
+    let _ = follower.kill();
+    let streamed = String::from_utf8_lossy(&follower.wait_with_output().expect("follower").stdout)
+        .into_owned();
+    assert_eq!(
+        streamed.matches("vm web01 started on host-a").count(),
+        before + 1,
+        "the follower did not see the new start:\n{streamed}"
+    );
 }
 
 #[test]

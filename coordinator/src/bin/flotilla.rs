@@ -159,6 +159,13 @@ enum Command {
     ///
     /// Example: flotilla host-undrain host-a
     HostUndrain { host: String },
+    /// Show recent fleet events; with --follow, keep streaming them.
+    ///
+    /// Example: flotilla events --follow
+    Events {
+        #[arg(long)]
+        follow: bool,
+    },
     /// Print a shell completion script.
     ///
     /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
@@ -251,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::MigrateAbort { name } => OperatorRequest::MigrateAbort { name },
         Command::HostDrain { host, parallel } => OperatorRequest::HostDrain { host, parallel },
         Command::HostUndrain { host } => OperatorRequest::HostUndrain { host },
+        Command::Events { follow } => OperatorRequest::Events { follow },
         Command::Migrate {
             name,
             to,
@@ -274,7 +282,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     let response = match request {
         OperatorRequest::Migrate { .. } => rt.block_on(migrate(&cli.conn, request, cli.json))?,
-        OperatorRequest::HostDrain { .. } => rt.block_on(streamed(&cli.conn, request, cli.json))?,
+        OperatorRequest::HostDrain { .. } | OperatorRequest::Events { .. } => {
+            rt.block_on(streamed(&cli.conn, request, cli.json))?
+        }
         _ => rt.block_on(ask(&cli.conn, request))?,
     };
     Ok(print(response, cli.json))
@@ -302,12 +312,15 @@ async fn streamed(
     request: OperatorRequest,
     json: bool,
 ) -> anyhow::Result<OperatorResponse> {
+    // Event lines are the output itself; drain notes are commentary on stderr.
+    let events = matches!(request, OperatorRequest::Events { .. });
     let connection = connect(conn).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     quic::write_frame(&mut send, &ClientMessage::Operator(request)).await?;
     let _ = send.finish();
     loop {
         match quic::read_frame::<ServerMessage>(&mut recv).await? {
+            ServerMessage::Note(line) if events => println!("{line}"),
             ServerMessage::Note(line) if !json => eprintln!("{line}"),
             ServerMessage::Note(_) | ServerMessage::Progress(_) => {}
             ServerMessage::Operator(r) => return Ok(r),
@@ -443,6 +456,7 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             }
             println!("Domain '{name}' defined (uuid {uuid}, generation {generation})");
         }
+        OperatorResponse::Done(m) if m.is_empty() => {}
         OperatorResponse::Done(m) => println!("{m}"),
         OperatorResponse::Vms(vms) => {
             println!(

@@ -1,0 +1,122 @@
+//! The coordinator's event log: what `flotilla events [--follow]` shows.
+//!
+//! Lines for host and VM transitions (connected, unreachable, started,
+//! stopped, placed or not, migrated), each stamped in UTC. The newest lines are
+//! kept for operators who ask later; followers get every new line as it
+//! happens and are dropped when they go away. The clock is an input.
+
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+/// How many recent lines are kept.
+pub const KEEP: usize = 1000;
+
+/// Recent events and the operators following them.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    recent: VecDeque<String>,
+    followers: Vec<UnboundedSender<String>>,
+}
+
+impl EventLog {
+    /// Records `line` at `now` and passes it to every follower still listening.
+    pub fn emit(&mut self, now: SystemTime, line: &str) {
+        let stamped = format!("{} {line}", utc(now));
+        self.followers.retain(|f| f.send(stamped.clone()).is_ok());
+        if self.recent.len() == KEEP {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(stamped);
+    }
+
+    /// Sends the recent lines to `sink`; with `follow`, keeps sending new ones.
+    pub fn subscribe(&mut self, sink: UnboundedSender<String>, follow: bool) {
+        for line in &self.recent {
+            if sink.send(line.clone()).is_err() {
+                return;
+            }
+        }
+        if follow {
+            self.followers.push(sink);
+        }
+    }
+}
+
+/// `2026-11-25T01:50:03Z`.
+pub fn utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(at(1_709_208_000)), "2024-02-29T12:00:00Z");
+        assert_eq!(utc(at(1_796_003_403)), "2026-11-30T01:50:03Z");
+    }
+
+    #[test]
+    fn followers_get_the_backlog_then_new_lines_and_late_readers_the_backlog() {
+        let mut log = EventLog::default();
+        log.emit(at(0), "host a connected");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        log.subscribe(tx, true);
+        log.emit(at(1), "vm x started on a");
+        assert_eq!(
+            rx.try_recv().ok().as_deref(),
+            Some("1970-01-01T00:00:00Z host a connected")
+        );
+        assert_eq!(
+            rx.try_recv().ok().as_deref(),
+            Some("1970-01-01T00:00:01Z vm x started on a")
+        );
+        drop(rx);
+        log.emit(at(2), "vm x stopped");
+        assert!(log.followers.is_empty(), "a gone follower is dropped");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        log.subscribe(tx, false);
+        let mut lines = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        assert_eq!(lines.len(), 3);
+        assert!(log.followers.is_empty(), "not following");
+    }
+
+    #[test]
+    fn keeps_only_the_newest_lines() {
+        let mut log = EventLog::default();
+        for i in 0..(KEEP as u64 + 5) {
+            log.emit(at(i), &format!("e{i}"));
+        }
+        assert_eq!(log.recent.len(), KEEP);
+        assert!(log.recent.front().is_some_and(|l| l.ends_with(" e5")));
+    }
+}
