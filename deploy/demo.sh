@@ -8,13 +8,17 @@
 #   deploy/demo.sh down   remove every namespace and process it made
 #
 # Addresses come from 198.18.0.0/15 and exist only inside the namespaces.
+# For the test that runs this script: FLOTILLA_DEMO_DIR (work folder),
+# FLOTILLA_DEMO_PREFIX (namespace names), FLOTILLA_DEMO_BIN (use these
+# binaries instead of a release build), FLOTILLA_DEMO_VENV (the VNC client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DEMO=${FLOTILLA_DEMO_DIR:-/tmp/flotilla-demo}
-P=fltdemo
+P=${FLOTILLA_DEMO_PREFIX:-fltdemo}
 COORD=198.19.0.1:7443
-BIN=$ROOT/target/release
+BIN=${FLOTILLA_DEMO_BIN:-$ROOT/target/release}
+VENV=${FLOTILLA_DEMO_VENV:-$DEMO/venv}
 SPACES=(ctl host-a host-b host-c far)
 
 down() {
@@ -38,6 +42,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
@@ -45,13 +50,15 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-step "building (release)"
-cargo build --release --locked --workspace --bins
+if [ -z "${FLOTILLA_DEMO_BIN:-}" ]; then
+  step "building (release)"
+  cargo build --release --locked --workspace --bins
+fi
 
-if [ ! -x "$DEMO/venv/bin/vncdo" ]; then
-  step "installing the VNC client vncdotool (PyPI) into $DEMO/venv"
-  python3 -m venv "$DEMO/venv"
-  "$DEMO/venv/bin/pip" install -q vncdotool
+if [ ! -x "$VENV/bin/vncdo" ]; then
+  step "installing the VNC client vncdotool (PyPI) into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q vncdotool
 fi
 
 # A second run replaces the running demo fleet rather than colliding with it.
@@ -95,13 +102,29 @@ echo "  host-c: public = macvtap-style uplink0 at 198.18.3.1"
 step "certificates, coordinator (embedded store), agents"
 "$BIN/flotilla" certs init --dir "$RUN/tls" >/dev/null
 for h in host-a host-b host-c; do "$BIN/flotilla" certs issue --dir "$RUN/tls" --agent "$h" >/dev/null; done
-setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --listen $COORD --data-dir "$RUN/data" \
-  --tls-dir "$RUN/tls" --metrics-listen 198.19.0.1:9464 >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
+# Each daemon reads a config file, as under systemd (deploy/config/*.toml).
+cat > "$RUN/coordinator.toml" <<TOML
+listen = "$COORD"
+data-dir = "$RUN/data"
+tls-dir = "$RUN/tls"
+heartbeat-secs = 1
+metrics-listen = "198.19.0.1:9464"
+TOML
+setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --config "$RUN/coordinator.toml" \
+  >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
 n=11
 for h in host-a host-b host-c; do
-  setsid ip netns exec "$P-$h" "$BIN/flotilla-agent" --name "$h" --coordinator $COORD \
-    --tls-dir "$RUN/tls" --networks-dir "$RUN/$h/nets" --state-dir "$RUN/$h/state" \
-    --migration-network mgmt --metrics-listen "198.19.0.$n:9465" >"$RUN/logs/$h.log" 2>&1 < /dev/null &
+  cat > "$RUN/$h/agent.toml" <<TOML
+name = "$h"
+coordinator = "$COORD"
+tls-dir = "$RUN/tls"
+networks-dir = "$RUN/$h/nets"
+state-dir = "$RUN/$h/state"
+migration-network = "mgmt"
+metrics-listen = "198.19.0.$n:9465"
+TOML
+  setsid ip netns exec "$P-$h" "$BIN/flotilla-agent" --config "$RUN/$h/agent.toml" \
+    >"$RUN/logs/$h.log" 2>&1 < /dev/null &
   n=$((n + 1))
 done
 fl() { ip netns exec $P-ctl "$BIN/flotilla" --coordinator $COORD --tls-dir "$RUN/tls" "$@"; }
@@ -132,15 +155,23 @@ fl list
 
 # Which namespace holds an address, so the VNC client connects from that host's network.
 host_of() { case $1 in 198.18.1.1) echo host-a ;; 198.18.2.1) echo host-b ;; *) echo host-c ;; esac; }
+# The guest's counter, read from its RAM through the agent's QEMU monitor.
+counter() { # host
+  local word
+  word=$("$BIN/flotilla-agent" --state-dir "$RUN/$1/state" ctl qemu-monitor-command demo \
+    --hmp 'xp /1wx 0x7e00' 2>/dev/null | sed -n 's/.*: *0x\([0-9a-f]*\).*/\1/p' | head -1)
+  echo $((16#${word:-0}))
+}
 shot() { # name
-  local uri addr port
+  local uri addr port host
   uri=$(fl domdisplay demo | head -1 | cut -d' ' -f1)
   addr=${uri#vnc://}; port=${addr##*:}; addr=${addr%:*}
-  echo "domdisplay: $uri" >&2
-  # Let SeaBIOS reach the boot sector so the counter is on screen.
-  sleep 5
-  ip netns exec "$P-$(host_of "$addr")" "$DEMO/venv/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
-  echo "screenshot: $DEMO/screenshots/$1.png" >&2
+  host=$(host_of "$addr")
+  echo "domdisplay: $uri ($host)" >&2
+  # SeaBIOS takes a moment to reach the boot sector and put the counter on screen.
+  for _ in $(seq 100); do [ "$(counter "$host")" -gt 0 ] && break; sleep 0.1; done
+  ip netns exec "$P-$host" "$VENV/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
+  echo "screenshot: $DEMO/screenshots/$1.png (guest counter $(counter "$host"), top-left of the screen)" >&2
   echo "$addr"
 }
 step "the console, through a real VNC client"
@@ -152,6 +183,14 @@ step "the console on its new host"
 second=$(shot after-migration)
 fl list
 if [ "$first" = "$second" ]; then echo "demo: console address did not change" >&2; exit 1; fi
+
+step "metrics (Prometheus text), coordinator and host-a's agent"
+ip netns exec $P-ctl curl -fsS http://198.19.0.1:9464/metrics |
+  grep -E '^flotilla_' | grep -v _bucket | sed 's/^/  coordinator: /'
+ip netns exec $P-ctl curl -fsS http://198.19.0.11:9465/metrics |
+  grep -E '^flotilla_agent_' | grep -v _bucket | sed 's/^/  host-a: /'
+step "events"
+fl events | tail -n 12
 
 cat <<MSG
 

@@ -7,6 +7,7 @@
 //! escalates to `quit`, then SIGKILL; destroy goes straight to signals.
 
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use actix::prelude::*;
 use nix::sys::signal::Signal;
@@ -200,34 +201,37 @@ impl Handler<Shutdown> for VmActor {
             self.name.clone(),
         );
         let cmd_timeout = Duration::from_secs(5);
-        Box::pin(async move {
-            let span = tracing::info_span!("shutdown", vm = %name, pid);
-            let _e = span.enter();
-            let _ = qmp
-                .execute("system_powerdown", Value::Null, cmd_timeout)
-                .await;
-            if wait_gone(gone.clone(), msg.timeout).await {
-                return Ok(format!(
-                    "Domain '{name}' is being shutdown: guest powered off"
-                ));
-            }
-            tracing::warn!("guest ignored ACPI power-down; escalating to quit");
-            let _ = qmp.execute("quit", Value::Null, cmd_timeout).await;
-            if wait_gone(gone.clone(), Duration::from_secs(5)).await {
-                return Ok(format!(
+        let span = tracing::info_span!("shutdown", vm = %name, pid);
+        Box::pin(
+            async move {
+                let _ = qmp
+                    .execute("system_powerdown", Value::Null, cmd_timeout)
+                    .await;
+                if wait_gone(gone.clone(), msg.timeout).await {
+                    return Ok(format!(
+                        "Domain '{name}' is being shutdown: guest powered off"
+                    ));
+                }
+                tracing::warn!("guest ignored ACPI power-down; escalating to quit");
+                let _ = qmp.execute("quit", Value::Null, cmd_timeout).await;
+                if wait_gone(gone.clone(), Duration::from_secs(5)).await {
+                    return Ok(format!(
                     "Domain '{name}' shut down: guest ignored ACPI power-down for {:?}, QEMU quit",
                     msg.timeout
                 ));
+                }
+                signal(pid, Signal::SIGKILL);
+                if wait_gone(gone, Duration::from_secs(5)).await {
+                    Ok(format!(
+                        "Domain '{name}' shut down: QEMU killed after quit failed"
+                    ))
+                } else {
+                    Err(format!("Domain '{name}': QEMU pid {pid} did not exit"))
+                }
             }
-            signal(pid, Signal::SIGKILL);
-            if wait_gone(gone, Duration::from_secs(5)).await {
-                Ok(format!(
-                    "Domain '{name}' shut down: QEMU killed after quit failed"
-                ))
-            } else {
-                Err(format!("Domain '{name}': QEMU pid {pid} did not exit"))
-            }
-        })
+            // Instrumented, not entered: a guard across `.await` leaks the span.
+            .instrument(span),
+        )
     }
 }
 

@@ -1,12 +1,14 @@
 //! The coordinator's event log: what `flotilla events [--follow]` shows.
 //!
 //! Lines for host and VM transitions (connected, unreachable, started,
-//! stopped, placed or not, migrated), each stamped in UTC. The newest lines are
+//! stopped, placed or not, migrating with progress, migrated), each stamped in UTC. The newest lines are
 //! kept for operators who ask later; followers get every new line as it
 //! happens and are dropped when they go away. The clock is an input.
 
 use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_shared::proto::MigrationProgress;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -42,6 +44,51 @@ impl EventLog {
             self.followers.push(sink);
         }
     }
+}
+
+/// How often a running migration's progress becomes an event line.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Decides which of a migration's progress samples become event lines.
+///
+/// The operator's progress bar gets every sample (25 ms apart); the event log
+/// is read by people and kept for later, so it gets a status change at once
+/// and otherwise one line per [`PROGRESS_EVERY`].
+#[derive(Debug, Default)]
+pub struct ProgressSampler {
+    last: Option<(Instant, String)>,
+}
+
+impl ProgressSampler {
+    /// Whether the sample with `status` seen at `now` should be logged.
+    pub fn should_log(&mut self, now: Instant, status: &str) -> bool {
+        let due = match &self.last {
+            None => true,
+            Some((at, s)) => s != status || now.duration_since(*at) >= PROGRESS_EVERY,
+        };
+        if due {
+            self.last = Some((now, status.to_string()));
+        }
+        due
+    }
+}
+
+/// `vm web01 migration active 42% (27.0 of 64.0 MiB sent, 118.2 MiB/s, pass 1)`.
+pub fn migration_progress_line(name: &str, p: &MigrationProgress) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    // Remaining shrinks to 0 as pages are sent; transferred may exceed total
+    // when pages are resent, so it is not the measure of completion.
+    let done = (p.total.saturating_sub(p.remaining) * 100)
+        .checked_div(p.total)
+        .map_or(0, |d| d.min(100));
+    format!(
+        "vm {name} migration {} {done}% ({:.1} of {:.1} MiB sent, {:.1} MiB/s, pass {})",
+        p.status,
+        p.transferred as f64 / MIB,
+        p.total as f64 / MIB,
+        p.throughput_bps as f64 / MIB,
+        p.dirty_sync_count
+    )
 }
 
 /// `2026-11-25T01:50:03Z`.
@@ -108,6 +155,41 @@ mod tests {
         }
         assert_eq!(lines.len(), 3);
         assert!(log.followers.is_empty(), "not following");
+    }
+
+    #[test]
+    fn progress_lines_are_throttled_but_status_changes_always_show() {
+        let t0 = Instant::now();
+        let mut s = ProgressSampler::default();
+        assert!(s.should_log(t0, "active"), "the first sample");
+        assert!(!s.should_log(t0 + Duration::from_millis(25), "active"));
+        assert!(!s.should_log(t0 + Duration::from_millis(999), "active"));
+        assert!(s.should_log(t0 + Duration::from_millis(1000), "active"));
+        assert!(s.should_log(t0 + Duration::from_millis(1010), "postcopy-active"));
+        assert!(!s.should_log(t0 + Duration::from_millis(1020), "postcopy-active"));
+    }
+
+    #[test]
+    fn progress_line_counts_completion_from_what_is_left() {
+        let mib = 1024 * 1024;
+        let p = MigrationProgress {
+            status: "active".into(),
+            transferred: 80 * mib,
+            remaining: 16 * mib,
+            total: 64 * mib,
+            throughput_bps: 120 * mib,
+            dirty_sync_count: 2,
+            expected_downtime_ms: 3,
+            downtime_ms: None,
+            total_time_ms: None,
+            error: None,
+        };
+        assert_eq!(
+            migration_progress_line("web01", &p),
+            "vm web01 migration active 75% (80.0 of 64.0 MiB sent, 120.0 MiB/s, pass 2)"
+        );
+        let empty = MigrationProgress { total: 0, ..p };
+        assert!(migration_progress_line("web01", &empty).contains(" 0% "));
     }
 
     #[test]

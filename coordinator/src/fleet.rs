@@ -17,14 +17,14 @@ use actix::prelude::*;
 use flotilla_shared::net::quic;
 use flotilla_shared::proto::{
     AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, MigrationProgress,
-    OperatorRequest, OperatorResponse, VmListEntry,
+    OperatorRequest, OperatorResponse, VmListEntry, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
 use crate::events::EventLog;
 use crate::migration::MigrationParams;
 use crate::migration_driver::{self, MigrationJob};
-use crate::reconcile::{reconcile, Fix};
+use crate::reconcile::{overlay_recent, reconcile, Fix};
 use crate::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use crate::store::{HostRow, NewDefinition, Store, VmRow};
 
@@ -587,6 +587,7 @@ impl Fleet {
     fn migrate(
         &mut self,
         call: MigrateCall,
+        fleet: Addr<Self>,
     ) -> Result<ResponseActFuture<Self, OperatorResponse>, String> {
         let OperatorRequest::Migrate {
             name,
@@ -633,6 +634,7 @@ impl Fleet {
         let dest_conn = self.agent_conn(&dest)?;
         let (abort_tx, aborts) = tokio::sync::mpsc::unbounded_channel();
         self.migrations.insert(name.clone(), abort_tx);
+        metrics::gauge!("flotilla_migrations_in_progress").set(self.migrations.len() as f64);
         tracing::info!(vm = %name, from = %source, to = %dest, operator = %call.operator, "migrating");
         self.emit(format!("vm {name} migrating from {source} to {dest}"));
         let job = MigrationJob {
@@ -651,13 +653,14 @@ impl Fleet {
                 timeout: timeout_secs.map(Duration::from_secs),
             },
             store: self.store.clone(),
-            progress: call.progress,
+            progress: progress_tee(name.clone(), call.progress, fleet),
             aborts,
             dest_consoles: Vec::new(),
         };
         Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
             move |response, act, _| {
                 act.migrations.remove(&name);
+                metrics::gauge!("flotilla_migrations_in_progress").set(act.migrations.len() as f64);
                 act.touch(&name);
                 let outcome = match &response {
                     OperatorResponse::Migrated { outcome, .. } => {
@@ -679,10 +682,25 @@ impl Fleet {
                 }
                 metrics::counter!("flotilla_migrations_total", "outcome" => outcome).increment(1);
                 if let OperatorResponse::Migrated { on, .. } = &response {
-                    // Until the next heartbeats arrive, reflect the move at once.
+                    // Until the next heartbeats arrive, reflect the move at once:
+                    // the VM runs on `on` and nowhere else. Its pid and consoles
+                    // there are the destination's to report.
+                    let mut moved = None;
                     for (h, state) in act.hosts.iter_mut() {
                         if h != on {
-                            state.facts.vms.retain(|v| v.name != name);
+                            if let Some(i) = state.facts.vms.iter().position(|v| v.name == name) {
+                                moved = Some(state.facts.vms.remove(i));
+                            }
+                        }
+                    }
+                    if let (Some(vm), Some(dest)) = (moved, act.hosts.get_mut(on)) {
+                        if !dest.facts.vms.iter().any(|v| v.name == name) {
+                            dest.facts.vms.push(VmSummary {
+                                pid: 0,
+                                state: "running".into(),
+                                consoles: Vec::new(),
+                                ..vm
+                            });
                         }
                     }
                 }
@@ -799,9 +817,19 @@ impl Handler<Register> for Fleet {
 impl Handler<Heartbeat> for Fleet {
     type Result = ();
 
-    fn handle(&mut self, Heartbeat(facts): Heartbeat, _: &mut Self::Context) {
+    fn handle(&mut self, Heartbeat(mut facts): Heartbeat, _: &mut Self::Context) {
         let host = facts.host.clone();
+        let recent: BTreeMap<String, Option<String>> = self
+            .touched
+            .iter()
+            .filter(|(_, at)| at.elapsed() < self.settings.heartbeat_timeout)
+            .filter_map(|(name, _)| {
+                let row = self.store.get(name).ok().flatten()?;
+                Some((name.clone(), row.placement))
+            })
+            .collect();
         if let Some(h) = self.hosts.get_mut(&host) {
+            facts.vms = overlay_recent(&host, &h.facts.vms, facts.vms, &recent);
             h.facts = facts;
             h.last_seen = Instant::now();
             self.converge(&host);
@@ -1083,12 +1111,45 @@ impl Handler<DrainCall> for Fleet {
 impl Handler<MigrateCall> for Fleet {
     type Result = ResponseActFuture<Self, OperatorResponse>;
 
-    fn handle(&mut self, call: MigrateCall, _: &mut Self::Context) -> Self::Result {
-        match self.migrate(call) {
+    fn handle(&mut self, call: MigrateCall, ctx: &mut Self::Context) -> Self::Result {
+        match self.migrate(call, ctx.address()) {
             Ok(fut) => fut,
             Err(e) => reply(OperatorResponse::Error(e)),
         }
     }
+}
+
+/// A line for the event log from outside the actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct EventLine(String);
+
+impl Handler<EventLine> for Fleet {
+    type Result = ();
+
+    fn handle(&mut self, line: EventLine, _: &mut Self::Context) {
+        self.emit(line.0);
+    }
+}
+
+/// Passes every progress sample to the operator and a sampled few to the event log.
+fn progress_tee(
+    name: String,
+    operator: tokio::sync::mpsc::UnboundedSender<MigrationProgress>,
+    fleet: Addr<Fleet>,
+) -> tokio::sync::mpsc::UnboundedSender<MigrationProgress> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MigrationProgress>();
+    actix::spawn(async move {
+        let mut sampler = crate::events::ProgressSampler::default();
+        while let Some(p) = rx.recv().await {
+            if sampler.should_log(Instant::now(), &p.status) {
+                fleet.do_send(EventLine(crate::events::migration_progress_line(&name, &p)));
+            }
+            // A gone operator (Ctrl-C'd CLI, drain stream) must not stop the log.
+            let _ = operator.send(p);
+        }
+    });
+    tx
 }
 
 impl Handler<EventsCall> for Fleet {

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use flotilla_shared::net::quic;
 use flotilla_shared::proto::{AgentRequest, AgentResponse, MigrationProgress, OperatorResponse};
@@ -103,9 +104,13 @@ async fn call(conn: &quinn::Connection, req: AgentRequest) -> Result<AgentRespon
 }
 
 /// Runs the job to its end and returns the operator's answer.
-pub async fn run(mut job: MigrationJob) -> OperatorResponse {
+pub async fn run(job: MigrationJob) -> OperatorResponse {
+    // Instrumented, not entered: a guard across `.await` leaks the span.
     let span = tracing::info_span!("migration", vm = %job.name, from = %job.source, to = %job.dest);
-    let _enter = span.enter();
+    drive(job).instrument(span).await
+}
+
+async fn drive(mut job: MigrationJob) -> OperatorResponse {
     let started = Instant::now();
     let (mut machine, first) = Migration::start(job.params.clone(), started);
     let mut queue: VecDeque<Step> = first.into_iter().map(Step::Do).collect();
@@ -197,7 +202,12 @@ async fn execute(
     outcome: &mut Option<(Phase, Duration, Option<MigrationStats>)>,
 ) -> Option<Input> {
     let name = job.name.clone();
-    tracing::debug!(command = ?cmd, "migration step");
+    // Steps go to the log at info (the span names VM, source and destination);
+    // per-sample progress is only debug, or it would drown them.
+    match &cmd {
+        Command::Report(Report::Progress(_)) => tracing::debug!(command = ?cmd, "migration step"),
+        _ => tracing::info!(command = ?cmd, "migration step"),
+    }
     match cmd {
         Command::PrepareDestination => {
             let req = AgentRequest::MigrateIncoming {

@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_shared::proto::VmSummary;
+
 use crate::store::VmRow;
 
 /// One change to converge the records.
@@ -97,6 +99,33 @@ pub fn reconcile(
     fixes
 }
 
+/// A host's report with the coordinator's own recent actions laid over it.
+///
+/// A report gathered just before the coordinator started, stopped or moved a
+/// VM can arrive just after. For the VMs in `recent` (name → where the records
+/// now place it), the records win: a VM placed here that the report lacks keeps
+/// its `previous` entry, and a VM placed elsewhere or stopped is dropped from
+/// the report. Without this, `list` and the gauges flicker back to the old
+/// state for a heartbeat. Agents report exits as events, so a VM that really
+/// died is not hidden by this.
+pub fn overlay_recent(
+    host: &str,
+    previous: &[VmSummary],
+    mut reported: Vec<VmSummary>,
+    recent: &BTreeMap<String, Option<String>>,
+) -> Vec<VmSummary> {
+    for (name, placement) in recent {
+        let here = placement.as_deref() == Some(host);
+        let listed = reported.iter().any(|v| &v.name == name);
+        if here && !listed {
+            reported.extend(previous.iter().find(|v| &v.name == name).cloned());
+        } else if !here && listed {
+            reported.retain(|v| &v.name != name);
+        }
+    }
+    reported
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +197,53 @@ mod tests {
     fn agreement_needs_no_fix() {
         let rows = vec![row("a", Some("h1")), row("b", None)];
         assert!(reconcile("h1", &set(&["a"]), &rows, &|_, _| false).is_empty());
+    }
+
+    fn vm(name: &str, state: &str) -> VmSummary {
+        VmSummary {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            pid: 1,
+            state: state.into(),
+            consoles: Vec::new(),
+        }
+    }
+
+    fn names(v: &[VmSummary]) -> Vec<&str> {
+        v.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_report_older_than_the_coordinators_own_action_does_not_undo_it() {
+        let recent: BTreeMap<String, Option<String>> = [
+            ("started".to_string(), Some("a".to_string())),
+            ("moved-away".to_string(), Some("b".to_string())),
+            ("stopped".to_string(), None),
+        ]
+        .into();
+        let previous = vec![vm("started", "running")];
+        // Gathered before any of the three actions took effect.
+        let stale = vec![
+            vm("moved-away", "running"),
+            vm("stopped", "running"),
+            vm("other", "running"),
+        ];
+        let merged = overlay_recent("a", &previous, stale, &recent);
+        assert_eq!(names(&merged), ["other", "started"]);
+    }
+
+    #[test]
+    fn fresh_reports_and_untouched_vms_pass_through() {
+        let recent: BTreeMap<String, Option<String>> =
+            [("started".to_string(), Some("a".to_string()))].into();
+        let fresh = vec![vm("started", "paused"), vm("other", "running")];
+        let merged = overlay_recent("a", &[], fresh.clone(), &recent);
+        assert_eq!(merged, fresh, "the report's own entry wins when it has one");
+        // Not placed here and not listed: nothing to invent.
+        let merged = overlay_recent("b", &[vm("started", "running")], Vec::new(), &recent);
+        assert!(merged.is_empty());
+        // No recent actions: the report as is.
+        let merged = overlay_recent("a", &[vm("gone", "running")], Vec::new(), &BTreeMap::new());
+        assert!(merged.is_empty(), "an untouched VM that vanished is gone");
     }
 }

@@ -13,6 +13,7 @@ use flotilla_shared::proto::{
     AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorRequest, OperatorResponse,
     ServerMessage,
 };
+use tracing::Instrument as _;
 
 use crate::fleet::{
     Disconnected, DrainCall, EventsCall, Fleet, Heartbeat, MigrateCall, OperatorCall, Register,
@@ -43,18 +44,25 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>) {
             return;
         }
     };
+    // Instrumented, not entered: a guard held across `.await` would leak this
+    // span into whatever the executor polls next.
     let span = tracing::info_span!("conn", %remote, role = ?who.role, name = %who.name);
-    let _enter = span.enter();
-    tracing::debug!("connected");
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        actix::spawn(stream(send, recv, who.clone(), conn.clone(), fleet.clone()));
+    async move {
+        tracing::debug!("connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            actix::spawn(
+                stream(send, recv, who.clone(), conn.clone(), fleet.clone()).in_current_span(),
+            );
+        }
+        if who.role == Role::Agent {
+            fleet.do_send(Disconnected {
+                host: who.name.clone(),
+                stable_id: conn.stable_id(),
+            });
+        }
     }
-    if who.role == Role::Agent {
-        fleet.do_send(Disconnected {
-            host: who.name.clone(),
-            stable_id: conn.stable_id(),
-        });
-    }
+    .instrument(span)
+    .await;
 }
 
 async fn stream(

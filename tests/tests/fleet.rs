@@ -839,6 +839,22 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
         text(&o)
     );
     runs_only_on(&f, 0, "stay", &uuid);
+    // The event log tells the same story, with sampled progress in between.
+    let events = text(&f.cli(&["events"]));
+    assert!(
+        events.contains("vm stay migrating from host-a to host-b"),
+        "{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("vm stay migration active ") && l.contains("% (")),
+        "no progress line in:\n{events}"
+    );
+    assert!(
+        events.contains("vm stay migration aborted: aborted by operator"),
+        "{events}"
+    );
 
     // --timeout does the same.
     let mut args = vec!["migrate", "stay", "--timeout", "2"];

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use flotilla_agent::argv::{Accel, QemuHost};
 use flotilla_agent::console::{ConsoleAuth, ConsoleSettings};
 use flotilla_agent::control::{self, AgentCall, Request, Response};
@@ -14,6 +14,7 @@ use flotilla_agent::coordinator_link::{self, LinkSettings};
 use flotilla_agent::host_actor::{AgentSettings, HostAgent};
 use flotilla_agent::host_networks::HostNetworks;
 use flotilla_agent::qemu_process::StartTimeouts;
+use flotilla_shared::config_file;
 
 /// Flotilla host agent: owns this host's networks and QEMU processes.
 ///
@@ -22,8 +23,16 @@ use flotilla_agent::qemu_process::StartTimeouts;
 ///   flotilla-agent --networks-dir N --state-dir S --once-start web01.xml
 ///   flotilla-agent --state-dir S ctl list
 #[derive(Parser)]
-#[command(name = "flotilla-agent", version, verbatim_doc_comment)]
+#[command(
+    name = "flotilla-agent",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 struct Cli {
+    /// TOML file whose keys are these long flags (flags and environment override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This host's name (default: the kernel hostname).
     #[arg(long, env = "FLOTILLA_HOST")]
     name: Option<String>,
@@ -154,7 +163,14 @@ enum Ctl {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config_file::merged_argv(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("flotilla-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_tracing(cli.log_format);
     match run(cli) {
         Ok(code) => code,
@@ -493,4 +509,32 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn with_example(flags: &[&str]) -> Cli {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/config/agent.toml");
+        let mut argv: Vec<OsString> =
+            vec!["flotilla-agent".into(), "--config".into(), example.into()];
+        argv.extend(flags.iter().map(OsString::from));
+        let merged = config_file::merged_argv(argv, &Cli::command()).expect("the example parses");
+        Cli::try_parse_from(merged).expect("merged flags parse")
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_read_and_flags_win() {
+        let cli = with_example(&[]);
+        assert_eq!(cli.networks_dir, PathBuf::from("/etc/flotilla/networks"));
+        assert_eq!(cli.migration_network.as_deref(), Some("mgmt"));
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        assert_eq!(cli.metrics_listen, "0.0.0.0:9465".parse().ok());
+        let cli = with_example(&["--state-dir", "/srv/state", "--log-format=text"]);
+        assert_eq!(cli.state_dir, PathBuf::from("/srv/state"));
+        assert!(matches!(cli.log_format, LogFormat::Text));
+        assert_eq!(cli.networks_dir, PathBuf::from("/etc/flotilla/networks"));
+    }
 }

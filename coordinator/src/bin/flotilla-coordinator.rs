@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use flotilla_coordinator::fleet::{Fleet, FleetSettings};
 use flotilla_coordinator::scheduler::{Policy, Strategy};
 use flotilla_coordinator::server;
 use flotilla_coordinator::store::RedbStore;
+use flotilla_shared::config_file;
 use flotilla_shared::net::tls;
 
 /// Flotilla coordinator: keeps VM definitions, schedules them onto hosts.
@@ -20,8 +21,16 @@ use flotilla_shared::net::tls;
 /// Example:
 ///   flotilla-coordinator --listen 198.19.0.1:7443 --data-dir /var/lib/flotilla-coordinator --tls-dir /etc/flotilla/tls
 #[derive(Parser)]
-#[command(name = "flotilla-coordinator", version, verbatim_doc_comment)]
+#[command(
+    name = "flotilla-coordinator",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 struct Cli {
+    /// TOML file whose keys are these long flags (flags and environment override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// UDP address to listen on for QUIC.
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
@@ -67,7 +76,14 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config_file::merged_argv(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("flotilla-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -122,4 +138,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     endpoint.close(0u32.into(), b"coordinator stopping");
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn with_example(flags: &[&str]) -> Cli {
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/config/coordinator.toml"
+        );
+        let mut argv: Vec<OsString> = vec![
+            "flotilla-coordinator".into(),
+            "--config".into(),
+            example.into(),
+        ];
+        argv.extend(flags.iter().map(OsString::from));
+        let merged = config_file::merged_argv(argv, &Cli::command()).expect("the example parses");
+        Cli::try_parse_from(merged).expect("merged flags parse")
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_read_and_flags_win() {
+        let cli = with_example(&[]);
+        assert_eq!(cli.listen, "0.0.0.0:7443".parse().expect("addr"));
+        assert_eq!(cli.heartbeat_timeout_secs, 10);
+        assert!((cli.cpu_overcommit - 4.0).abs() < f64::EPSILON);
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        let cli = with_example(&["--heartbeat-secs", "5", "--data-dir", "/srv/d"]);
+        assert_eq!(cli.heartbeat_secs, 5);
+        assert_eq!(cli.data_dir, PathBuf::from("/srv/d"));
+        assert_eq!(cli.heartbeat_timeout_secs, 10);
+    }
 }

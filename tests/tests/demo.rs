@@ -1,0 +1,234 @@
+//! The README's first command, `deploy/demo.sh`, run end to end as a newcomer
+//! would, then torn down with `deploy/demo.sh down`.
+//!
+//! It uses the debug binaries this suite already built (`FLOTILLA_DEMO_BIN`)
+//! rather than a second, release build, and its own namespace prefix and
+//! work folder so it can run beside the other tests.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use flotilla_tests::{bin_dir, wait_until};
+
+struct Demo {
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Demo {
+    fn script(&self, args: &[&str]) -> Output {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        Command::new("timeout")
+            .arg("600")
+            .arg(root.join("deploy/demo.sh"))
+            .args(args)
+            .env("FLOTILLA_DEMO_DIR", self.dir.path())
+            .env("FLOTILLA_DEMO_PREFIX", &self.prefix)
+            .env("FLOTILLA_DEMO_BIN", bin_dir())
+            // Kept between runs so the VNC client is installed from PyPI once.
+            .env(
+                "FLOTILLA_DEMO_VENV",
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-venv"),
+            )
+            .current_dir(&root)
+            .output()
+            .expect("run deploy/demo.sh")
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Processes whose command line names the demo's folder: its coordinator,
+    /// agents and QEMUs all do.
+    fn processes(&self) -> Vec<String> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            // A killed process is a zombie with an empty cmdline until reaped.
+            if cmd.contains(&needle) && !cmd.contains("deploy/demo.sh") {
+                found.push(cmd);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Tear down even when an assertion failed.
+        let _ = self.script(&["down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `(address, host)` from each `domdisplay: vnc://ADDR:PORT (HOST)` line.
+fn displays(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("domdisplay: vnc://"))
+        .filter_map(|rest| {
+            let (addr_port, host) = rest.split_once(" (")?;
+            let (addr, _) = addr_port.rsplit_once(':')?;
+            Some((addr.to_string(), host.trim_end_matches(')').to_string()))
+        })
+        .collect()
+}
+
+/// `(path, counter)` from each `screenshot: PATH (guest counter N, …)` line.
+fn screenshots(out: &str) -> Vec<(PathBuf, u64)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("screenshot: "))
+        .filter_map(|rest| {
+            let (path, tail) = rest.split_once(" (guest counter ")?;
+            let n = tail.split(',').next()?.parse().ok()?;
+            Some((PathBuf::from(path), n))
+        })
+        .collect()
+}
+
+/// Decodes the PNG with Pillow (vncdotool's own dependency) and returns its size.
+fn decoded_png_size(path: &Path) -> (u32, u32) {
+    let python = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo-venv/bin/python");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import sys; from PIL import Image\n\
+             im = Image.open(sys.argv[1]); im.load()\n\
+             assert im.format == 'PNG', im.format\n\
+             print(im.size[0], im.size[1])",
+        ])
+        .arg(path)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{} is not a PNG: {}",
+        path.display(),
+        text(&out)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    let mut it = s
+        .split_whitespace()
+        .map(|n| n.parse::<u32>().expect("size"));
+    (it.next().expect("w"), it.next().expect("h"))
+}
+
+fn addresses_in(namespace: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", namespace, "-4", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn check_a_demo_run(demo: &Demo, o: &Output) {
+    let out = text(o);
+    assert!(o.status.success(), "demo.sh failed:\n{out}");
+
+    // The console moved from one host's `public` address to another's.
+    let shown = displays(&out);
+    assert_eq!(shown.len(), 2, "{out}");
+    let ((before, host_before), (after, host_after)) = (&shown[0], &shown[1]);
+    assert_ne!(before, after, "{out}");
+    assert_ne!(host_before, host_after, "{out}");
+    for (addr, host) in &shown {
+        let ns = format!("{}-{host}", demo.prefix);
+        assert!(
+            addresses_in(&ns).contains(&format!("inet {addr}/")),
+            "{addr} is not an address of {host}"
+        );
+    }
+
+    // Two real screenshots, and the guest counted on between them.
+    let shots = screenshots(&out);
+    assert_eq!(shots.len(), 2, "{out}");
+    for (path, _) in &shots {
+        let (w, h) = decoded_png_size(path);
+        assert!(w >= 640 && h >= 400, "{}: {w}x{h}", path.display());
+    }
+    assert_ne!(
+        std::fs::read(&shots[0].0).expect("first"),
+        std::fs::read(&shots[1].0).expect("second"),
+        "the screen did not change"
+    );
+    assert!(shots[0].1 > 0, "{out}");
+    assert!(
+        shots[1].1 > shots[0].1,
+        "counter went {} -> {}: not a live migration",
+        shots[0].1,
+        shots[1].1
+    );
+
+    // Both metrics endpoints answered with the named series while the fleet ran.
+    for series in [
+        "coordinator: flotilla_hosts{state=\"connected\"} 3",
+        "coordinator: flotilla_vms{state=\"running\"} 1",
+        "coordinator: flotilla_starts_total{outcome=\"ok\"} 1",
+        "coordinator: flotilla_migrations_total{outcome=\"completed\"} 1",
+        "coordinator: flotilla_migrations_in_progress 0",
+        "coordinator: flotilla_scheduling_seconds_count 1",
+        "coordinator: flotilla_start_seconds_count 1",
+        "host-a: flotilla_agent_starts_total{outcome=\"ok\"} 1",
+        "host-a: flotilla_agent_start_seconds_count 1",
+    ] {
+        assert!(out.contains(series), "missing {series:?} in:\n{out}");
+    }
+    assert!(out.contains("vm demo migrating from"), "{out}");
+    assert!(out.contains("export FLOTILLA_COORDINATOR="), "{out}");
+    assert!(out.contains("deploy/demo.sh down"), "{out}");
+}
+
+#[test]
+fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
+    let demo = Demo {
+        prefix: format!("fltd{}", std::process::id()),
+        dir: tempfile::Builder::new()
+            .prefix("flt-demo-")
+            .tempdir_in("/tmp")
+            .expect("tmp"),
+    };
+    let first = demo.script(&[]);
+    check_a_demo_run(&demo, &first);
+
+    // A second run while the fleet is up replaces it cleanly.
+    let second = demo.script(&[]);
+    check_a_demo_run(&demo, &second);
+    assert_eq!(demo.namespaces().len(), 5, "{:?}", demo.namespaces());
+
+    let o = demo.script(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(demo.namespaces().is_empty(), "{:?}", demo.namespaces());
+    assert!(
+        wait_until(Duration::from_secs(5), || demo.processes().is_empty()),
+        "left running: {:?}",
+        demo.processes()
+    );
+    let screenshots = demo.dir.path().join("screenshots");
+    assert!(
+        screenshots.join("after-migration.png").exists(),
+        "down keeps the screenshots"
+    );
+}
