@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use flotilla_shared::net::quic;
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, MigrationProgress,
+    AgentRequest, AgentResponse, HelloAck, HostEntry, HostFacts, MigrationProgress, NetStatus,
     OperatorRequest, OperatorResponse, VmListEntry, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
@@ -25,8 +25,9 @@ use crate::events::EventLog;
 use crate::migration::MigrationParams;
 use crate::migration_driver::{self, MigrationJob};
 use crate::reconcile::{overlay_recent, reconcile, Fix};
-use crate::scheduler::{self, HostSnapshot, Policy, VmNeeds};
+use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
 use crate::store::{HostRow, NewDefinition, Store, VmRow};
+use crate::usage::{Footprint, Usage};
 
 /// How long the coordinator waits for an agent to answer a request.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -45,7 +46,24 @@ pub struct FleetSettings {
 struct HostState {
     conn: Option<quinn::Connection>,
     facts: HostFacts,
+    /// `facts.networks` as the scheduler reads them, rebuilt only when they change.
+    networks: Arc<NetworkAddresses>,
     last_seen: Instant,
+}
+
+/// The scheduler's view of a host's reported networks.
+fn network_addresses(networks: &[NetStatus]) -> NetworkAddresses {
+    networks
+        .iter()
+        .map(|n| {
+            let v = match (&n.address, &n.error) {
+                (Some(a), _) => Ok(a.clone()),
+                (None, Some(e)) => Err(e.clone()),
+                (None, None) => Err("no address".to_string()),
+            };
+            (n.name.clone(), v)
+        })
+        .collect()
 }
 
 /// The coordinator actor.
@@ -55,6 +73,10 @@ pub struct Fleet {
     hosts: BTreeMap<String, HostState>,
     /// VMs with a start or stop in flight: a second request waits for none, it is refused.
     busy: BTreeSet<String>,
+    /// The store's placements with each VM's footprint, for the scheduler.
+    usage: Usage,
+    /// The store's host rows, mirrored: read on every start and every second.
+    host_rows: BTreeMap<String, HostRow>,
     /// Migrations in flight, by VM, with the channel that aborts them.
     migrations: BTreeMap<String, tokio::sync::mpsc::UnboundedSender<String>>,
     /// What `flotilla events` shows.
@@ -139,11 +161,25 @@ pub struct OperatorCall {
 impl Fleet {
     /// A fleet over `store`.
     pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Self {
+        let mut usage = Usage::default();
+        for row in store.list().unwrap_or_default() {
+            if let Some(h) = &row.placement {
+                usage.set(&row.name, Some((h, footprint(&row))));
+            }
+        }
+        let host_rows = store
+            .hosts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
         Fleet {
             store,
             settings,
             hosts: BTreeMap::new(),
             busy: BTreeSet::new(),
+            usage,
+            host_rows,
             migrations: BTreeMap::new(),
             events: EventLog::default(),
             host_states: BTreeMap::new(),
@@ -180,13 +216,20 @@ impl Fleet {
             .map(|v| (v.name.clone(), v.state.clone()))
             .collect();
         let conn = h.conn.clone();
-        let rows = match self.store.list() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read store for reconciliation");
-                return;
+        // Only the rows this report can concern: VMs placed here and VMs it lists.
+        let mut names: BTreeSet<&str> = self.usage.vms_on(host).collect();
+        names.extend(reported.keys().map(String::as_str));
+        let mut rows = Vec::with_capacity(names.len());
+        for name in names {
+            match self.store.get(name) {
+                Ok(Some(r)) => rows.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read store for reconciliation");
+                    return;
+                }
             }
-        };
+        }
         let fixes = reconcile(host, &reported, &rows, &|other, vm| {
             other != host && self.runs_on(other, vm)
         });
@@ -194,13 +237,16 @@ impl Fleet {
             match fix {
                 Fix::Place { name } if !self.busy.contains(&name) => {
                     tracing::info!(vm = %name, host, "reconcile: VM runs here; recording placement");
-                    let _ = self
-                        .store
-                        .set_placement(&name, Some(host.to_string()), true);
+                    let fp = rows
+                        .iter()
+                        .find(|r| r.name == name)
+                        .map(footprint)
+                        .unwrap_or_default();
+                    let _ = self.record_placement(&name, Some((host, fp)));
                 }
                 Fix::Stopped { name } if !self.busy.contains(&name) => {
                     tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
-                    let _ = self.store.set_placement(&name, None, false);
+                    let _ = self.record_placement(&name, None);
                 }
                 Fix::Conflict { name, .. }
                 | Fix::Place { name }
@@ -230,60 +276,21 @@ impl Fleet {
         }
     }
 
-    fn snapshots(&self, rows: &[VmRow]) -> Vec<HostSnapshot> {
-        let mut stored: BTreeMap<String, HostRow> = self
-            .store
-            .hosts()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|h| (h.name.clone(), h))
-            .collect();
-        for (name, h) in &self.hosts {
-            stored.entry(name.clone()).or_insert_with(|| HostRow {
-                name: name.clone(),
-                cpus: h.facts.cpus,
-                memory_mib: h.facts.memory_mib,
-                draining: false,
-            });
-        }
-        stored
-            .into_values()
+    fn snapshots(&self) -> Vec<HostSnapshot> {
+        self.host_rows
+            .values()
             .map(|row| {
-                let (mut used_mem, mut used_cpu) = (0u64, 0u32);
-                for r in rows
-                    .iter()
-                    .filter(|r| r.placement.as_deref() == Some(&row.name))
-                {
-                    if let Ok(d) = Domain::parse(&r.name, &r.xml) {
-                        used_mem += d.model.memory.mib();
-                        used_cpu += d.model.vcpus();
-                    }
-                }
+                let used = self.usage.used(&row.name);
                 let live = self.hosts.get(&row.name);
                 HostSnapshot {
                     connected: live.is_some_and(|h| self.connected(h)),
                     draining: row.draining,
                     cpus: live.map_or(row.cpus, |h| h.facts.cpus),
                     memory_mib: live.map_or(row.memory_mib, |h| h.facts.memory_mib),
-                    used_memory_mib: used_mem,
-                    used_vcpus: used_cpu,
-                    networks: live
-                        .map(|h| {
-                            h.facts
-                                .networks
-                                .iter()
-                                .map(|n| {
-                                    let v = match (&n.address, &n.error) {
-                                        (Some(a), _) => Ok(a.clone()),
-                                        (None, Some(e)) => Err(e.clone()),
-                                        (None, None) => Err("no address".to_string()),
-                                    };
-                                    (n.name.clone(), v)
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    name: row.name,
+                    used_memory_mib: used.memory_mib,
+                    used_vcpus: used.vcpus,
+                    networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
+                    name: row.name.clone(),
                 }
             })
             .collect()
@@ -400,8 +407,7 @@ impl Fleet {
             vcpus: domain.vcpus(),
             networks: domain.referenced_networks(),
         };
-        let rows = self.store.list().unwrap_or_default();
-        let snapshots = self.snapshots(&rows);
+        let snapshots = self.snapshots();
         let scheduling = Instant::now();
         let decision = match &host {
             Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
@@ -420,12 +426,15 @@ impl Fleet {
             }
         };
         let target = decision.host.clone();
-        let explanation = decision
+        let mut explanation = decision
             .ranking
             .iter()
             .map(|(h, s)| format!("{h} ({s:.3})"))
             .collect::<Vec<_>>()
             .join(", ");
+        if decision.feasible > decision.ranking.len() {
+            explanation.push_str(&format!(", … of {} hosts that fit", decision.feasible));
+        }
         tracing::info!(vm = %name, host = %target, ranking = %explanation, "placing");
         let conn = match self.agent_conn(&target) {
             Ok(c) => c,
@@ -433,7 +442,11 @@ impl Fleet {
         };
         // Record first: if we crash after the host starts it, the host's next
         // report matches the record instead of surprising us.
-        if let Err(e) = self.store.set_placement(&name, Some(target.clone()), true) {
+        let fp = Footprint {
+            memory_mib: needs.memory_mib,
+            vcpus: needs.vcpus,
+        };
+        if let Err(e) = self.record_placement(&name, Some((&target, fp))) {
             return reply(OperatorResponse::Error(e.to_string()));
         }
         self.busy.insert(name.clone());
@@ -468,7 +481,7 @@ impl Fleet {
                             }
                         }
                         other => {
-                            let _ = act.store.set_placement(&name, None, false);
+                            let _ = act.record_placement(&name, None);
                             let msg = match other {
                                 Ok(AgentResponse::Error(e)) => e,
                                 Ok(r) => format!("unexpected answer {r:?}"),
@@ -515,7 +528,7 @@ impl Fleet {
                         Ok(AgentResponse::Done(msg)) => {
                             act.touch(&name);
                             act.emit(format!("vm {name} stopped on {host}: {msg}"));
-                            let _ = act.store.set_placement(&name, None, false);
+                            let _ = act.record_placement(&name, None);
                             if let Some(h) = act.hosts.get_mut(&host) {
                                 h.facts.vms.retain(|v| v.name != name);
                             }
@@ -619,8 +632,7 @@ impl Fleet {
             vcpus: domain.vcpus(),
             networks: domain.referenced_networks(),
         };
-        let rows = self.store.list().unwrap_or_default();
-        let snapshots = self.snapshots(&rows);
+        let snapshots = self.snapshots();
         let decision = match &to {
             Some(h) if *h == source => return Err(format!("domain '{name}' already runs on {h}")),
             Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
@@ -660,6 +672,10 @@ impl Fleet {
         Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
             move |response, act, _| {
                 act.migrations.remove(&name);
+                if let OperatorResponse::Migrated { on, .. } = &response {
+                    // The driver recorded the new placement in the store.
+                    act.usage.relocate(&name, on);
+                }
                 metrics::gauge!("flotilla_migrations_in_progress").set(act.migrations.len() as f64);
                 act.touch(&name);
                 let outcome = match &response {
@@ -716,6 +732,17 @@ impl Fleet {
     }
 }
 
+/// What a stored definition holds on its host; an unreadable one holds nothing.
+fn footprint(row: &VmRow) -> Footprint {
+    Domain::parse(&row.name, &row.xml).map_or_else(
+        |_| Footprint::default(),
+        |d| Footprint {
+            memory_mib: d.model.memory.mib(),
+            vcpus: d.model.vcpus(),
+        },
+    )
+}
+
 fn reply(r: OperatorResponse) -> ResponseActFuture<Fleet, OperatorResponse> {
     Box::pin(actix::fut::ready(r))
 }
@@ -730,6 +757,21 @@ impl Actor for Fleet {
 }
 
 impl Fleet {
+    /// Records a placement (or none) in the store and mirrors it in `usage`.
+    fn record_placement(
+        &mut self,
+        name: &str,
+        placement: Option<(&str, Footprint)>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store.set_placement(
+            name,
+            placement.map(|(h, _)| h.to_string()),
+            placement.is_some(),
+        )?;
+        self.usage.set(name, placement);
+        Ok(())
+    }
+
     fn touch(&mut self, name: &str) {
         self.touched.insert(name.to_string(), Instant::now());
     }
@@ -745,10 +787,12 @@ impl Fleet {
     }
 
     fn publish_gauges(&mut self) {
+        let grace = self.settings.heartbeat_timeout;
+        self.touched.retain(|_, at| at.elapsed() < grace);
         let mut hosts: BTreeMap<&str, f64> =
             [("connected", 0.0), ("unreachable", 0.0), ("draining", 0.0)].into();
         let mut changes = Vec::new();
-        for row in self.store.hosts().unwrap_or_default() {
+        for row in self.host_rows.values() {
             let state = self.host_state_word(&row.name, row.draining);
             *hosts.entry(state).or_default() += 1.0;
             if self.host_states.insert(row.name.clone(), state) != Some(state) {
@@ -782,32 +826,35 @@ impl Handler<Register> for Fleet {
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
         let host = msg.facts.host.clone();
-        let draining = self
-            .store
-            .hosts()
-            .ok()
-            .and_then(|hs| hs.into_iter().find(|h| h.name == host))
-            .is_some_and(|h| h.draining);
+        let stored = self.host_rows.get(&host);
         let row = HostRow {
             name: host.clone(),
             cpus: msg.facts.cpus,
             memory_mib: msg.facts.memory_mib,
-            draining,
+            draining: stored.is_some_and(|h| h.draining),
         };
-        if let Err(e) = self.store.put_host(&row) {
-            return MessageResult(HelloAck::Refused(e.to_string()));
+        if stored != Some(&row) {
+            if let Err(e) = self.store.put_host(&row, false) {
+                return MessageResult(HelloAck::Refused(e.to_string()));
+            }
+            self.host_rows.insert(host.clone(), row.clone());
         }
         tracing::info!(host = %host, vms = msg.facts.vms.len(), networks = msg.facts.networks.len(), "host registered");
         self.hosts.insert(
             host.clone(),
             HostState {
                 conn: Some(msg.conn),
+                networks: Arc::new(network_addresses(&msg.facts.networks)),
                 facts: msg.facts,
                 last_seen: Instant::now(),
             },
         );
         self.converge(&host);
-        self.publish_gauges();
+        // The gauges catch up within a second; the event should not wait.
+        let state = self.host_state_word(&host, row.draining);
+        if self.host_states.insert(host.clone(), state) != Some(state) {
+            self.emit(format!("host {host} {state}"));
+        }
         MessageResult(HelloAck::Accepted {
             heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
         })
@@ -819,17 +866,24 @@ impl Handler<Heartbeat> for Fleet {
 
     fn handle(&mut self, Heartbeat(mut facts): Heartbeat, _: &mut Self::Context) {
         let host = facts.host.clone();
+        // Only VMs this report can concern: placed here or listed by it.
         let recent: BTreeMap<String, Option<String>> = self
-            .touched
-            .iter()
-            .filter(|(_, at)| at.elapsed() < self.settings.heartbeat_timeout)
-            .filter_map(|(name, _)| {
-                let row = self.store.get(name).ok().flatten()?;
-                Some((name.clone(), row.placement))
+            .usage
+            .vms_on(&host)
+            .chain(facts.vms.iter().map(|v| v.name.as_str()))
+            .filter(|name| self.recently_touched(name))
+            .map(|name| {
+                (
+                    name.to_string(),
+                    self.usage.host_of(name).map(str::to_string),
+                )
             })
             .collect();
         if let Some(h) = self.hosts.get_mut(&host) {
             facts.vms = overlay_recent(&host, &h.facts.vms, facts.vms, &recent);
+            if h.facts.networks != facts.networks {
+                h.networks = Arc::new(network_addresses(&facts.networks));
+            }
             h.facts = facts;
             h.last_seen = Instant::now();
             self.converge(&host);
@@ -852,7 +906,7 @@ impl Handler<VmStopped> for Fleet {
         if !self.busy.contains(&msg.name) {
             if let Ok(Some(row)) = self.store.get(&msg.name) {
                 if row.placement.as_deref() == Some(msg.host.as_str()) {
-                    let _ = self.store.set_placement(&msg.name, None, false);
+                    let _ = self.record_placement(&msg.name, None);
                 }
             }
         }
@@ -938,9 +992,9 @@ impl Handler<OperatorCall> for Fleet {
                 }),
             },
             OperatorRequest::Hosts => {
-                let rows = self.store.hosts().unwrap_or_default();
-                let entries = rows
-                    .iter()
+                let entries = self
+                    .host_rows
+                    .values()
                     .map(|r| {
                         let live = self.hosts.get(&r.name);
                         HostEntry {
@@ -1006,16 +1060,16 @@ pub struct DrainCall {
 }
 
 impl Fleet {
-    fn set_draining(&self, host: &str, draining: bool) -> Result<(), String> {
+    fn set_draining(&mut self, host: &str, draining: bool) -> Result<(), String> {
         let mut row = self
-            .store
-            .hosts()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|h| h.name == host)
+            .host_rows
+            .get(host)
+            .cloned()
             .ok_or_else(|| format!("host '{host}' is not known"))?;
         row.draining = draining;
-        self.store.put_host(&row).map_err(|e| e.to_string())
+        self.store.put_host(&row, true).map_err(|e| e.to_string())?;
+        self.host_rows.insert(host.to_string(), row);
+        Ok(())
     }
 }
 

@@ -13,3 +13,4 @@ pub mod reconcile;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod usage;

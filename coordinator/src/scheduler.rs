@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// What a VM needs from a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +43,13 @@ pub struct HostSnapshot {
     /// vCPUs committed to VMs placed here.
     pub used_vcpus: u32,
     /// Each network defined on the host: its address now, or why it has none.
-    pub networks: BTreeMap<String, Result<String, String>>,
+    /// Shared, because it changes only when the host reports a change and a
+    /// start reads it for every host.
+    pub networks: Arc<NetworkAddresses>,
 }
+
+/// A host's networks by name: the address each resolves to now, or why none.
+pub type NetworkAddresses = BTreeMap<String, Result<String, String>>;
 
 /// How feasible hosts are ranked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -136,13 +142,19 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// How many of the best hosts a decision names to explain itself.
+pub const RANKING_SHOWN: usize = 5;
+
 /// The scheduler's choice.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     /// The chosen host.
     pub host: String,
-    /// Every feasible host with its score, best first, to explain the choice.
+    /// The best feasible hosts with their scores, best first (at most
+    /// [`RANKING_SHOWN`]), to explain the choice.
     pub ranking: Vec<(String, f64)>,
+    /// How many hosts could have taken the VM.
+    pub feasible: usize,
 }
 
 /// No host fits: every host and every reason.
@@ -177,6 +189,19 @@ fn free_memory(h: &HostSnapshot, p: &Policy) -> u64 {
 fn free_vcpus(h: &HostSnapshot, p: &Policy) -> u32 {
     let cap = (f64::from(h.cpus) * p.cpu_ratio).floor() as u32;
     cap.saturating_sub(h.used_vcpus)
+}
+
+/// Whether `h` can take `vm`: [`rejections`] is empty, decided without
+/// allocating, because it runs once per host per decision.
+fn fits(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> bool {
+    h.connected
+        && !h.draining
+        && vm
+            .networks
+            .iter()
+            .all(|n| matches!(h.networks.get(n), Some(Ok(_))))
+        && free_memory(h, p) >= vm.memory_mib
+        && free_vcpus(h, p) >= vm.vcpus
 }
 
 /// Every reason `h` cannot take `vm`; empty when it can.
@@ -232,37 +257,51 @@ fn score(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> f64 {
 
 fn choose<'a>(
     vm: &VmNeeds,
-    hosts: impl Iterator<Item = &'a HostSnapshot>,
+    hosts: impl Iterator<Item = &'a HostSnapshot> + Clone,
     excluded: &dyn Fn(&str) -> bool,
     p: &Policy,
 ) -> Result<Decision, NoPlacement> {
-    let mut ranking = Vec::new();
-    let mut rejected = Vec::new();
-    for h in hosts {
-        let mut why = rejections(vm, h, p);
-        if excluded(&h.name) {
-            why.insert(0, Rejection::Excluded);
-        }
-        if why.is_empty() {
-            ranking.push((h.name.clone(), score(vm, h, p)));
-        } else {
-            rejected.push((h.name.clone(), why));
-        }
-    }
-    ranking.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    match ranking.first() {
-        Some((host, _)) => Ok(Decision {
-            host: host.clone(),
-            ranking,
-        }),
-        None => {
-            rejected.sort_by(|a, b| a.0.cmp(&b.0));
-            Err(NoPlacement {
-                vm: vm.name.clone(),
-                rejections: rejected,
+    let mut feasible: Vec<(&HostSnapshot, f64)> = hosts
+        .clone()
+        .filter(|h| !excluded(&h.name) && fits(vm, h, p))
+        .map(|h| (h, score(vm, h, p)))
+        .collect();
+    if feasible.is_empty() {
+        // The slow path, taken only when nothing fits: every host, every reason.
+        let mut rejected: Vec<(String, Vec<Rejection>)> = hosts
+            .map(|h| {
+                let mut why = rejections(vm, h, p);
+                if excluded(&h.name) {
+                    why.insert(0, Rejection::Excluded);
+                }
+                (h.name.clone(), why)
             })
-        }
+            .collect();
+        rejected.sort_by(|a, b| a.0.cmp(&b.0));
+        return Err(NoPlacement {
+            vm: vm.name.clone(),
+            rejections: rejected,
+        });
     }
+    let count = feasible.len();
+    let better = |a: &(&HostSnapshot, f64), b: &(&HostSnapshot, f64)| {
+        b.1.total_cmp(&a.1).then_with(|| a.0.name.cmp(&b.0.name))
+    };
+    // Only the few shown are ordered: O(hosts), not O(hosts log hosts).
+    if feasible.len() > RANKING_SHOWN {
+        feasible.select_nth_unstable_by(RANKING_SHOWN - 1, better);
+        feasible.truncate(RANKING_SHOWN);
+    }
+    feasible.sort_by(better);
+    let ranking: Vec<(String, f64)> = feasible
+        .iter()
+        .map(|(h, score)| (h.name.clone(), *score))
+        .collect();
+    Ok(Decision {
+        host: ranking[0].0.clone(),
+        ranking,
+        feasible: count,
+    })
 }
 
 /// Chooses a host for `vm`. Deterministic: ties break by host name.
@@ -323,10 +362,11 @@ mod tests {
             memory_mib: mem,
             used_memory_mib: used_mem,
             used_vcpus: 0,
-            networks: nets
-                .iter()
-                .map(|(n, r)| (n.to_string(), r.map(str::to_string).map_err(str::to_string)))
-                .collect(),
+            networks: Arc::new(
+                nets.iter()
+                    .map(|(n, r)| (n.to_string(), r.map(str::to_string).map_err(str::to_string)))
+                    .collect(),
+            ),
         }
     }
 
@@ -508,11 +548,49 @@ mod tests {
             .collect();
         let d = place(&vm(1024, 2), &hosts, &Policy::default()).expect("fits");
         assert_eq!(
-            d.ranking.len(),
+            d.feasible,
             1000 - hosts
                 .iter()
                 .filter(|h| h.memory_mib - h.used_memory_mib < 1024)
                 .count()
         );
+        assert_eq!(d.ranking.len(), RANKING_SHOWN);
+        // The shown few are the best of all, in order.
+        let mut all: Vec<(String, f64)> = hosts
+            .iter()
+            .filter(|h| fits(&vm(1024, 2), h, &Policy::default()))
+            .map(|h| (h.name.clone(), score(&vm(1024, 2), h, &Policy::default())))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(RANKING_SHOWN);
+        assert_eq!(d.ranking, all);
+        assert_eq!(d.host, all[0].0);
+    }
+
+    #[test]
+    fn fits_agrees_with_rejections() {
+        let p = Policy::default();
+        let nets: &[&[(&str, Result<&str, &str>)]] = &[
+            &[PUBLIC],
+            &[("public", Err("no address"))],
+            &[],
+            &[PUBLIC, ("storage", Ok("198.18.9.1"))],
+        ];
+        for (i, n) in nets.iter().enumerate() {
+            for used in [0, 3072, 4096] {
+                for (connected, draining) in [(true, false), (false, false), (true, true)] {
+                    let mut h = host(&format!("h{i}"), 4096, used, n);
+                    h.connected = connected;
+                    h.draining = draining;
+                    for v in [vm(512, 1), vm(1024, 64), vm(2048, 1)] {
+                        assert_eq!(
+                            fits(&v, &h, &p),
+                            rejections(&v, &h, &p).is_empty(),
+                            "{h:?} {v:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

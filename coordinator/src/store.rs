@@ -122,8 +122,13 @@ pub trait Store: Send + Sync {
         placement: Option<String>,
         want_running: bool,
     ) -> Result<VmRow, StoreError>;
-    /// Records a host.
-    fn put_host(&self, host: &HostRow) -> Result<(), StoreError>;
+    /// Records a host, durable on return when `durable` (operator state such as
+    /// draining); host-reported facts need not be, as every registration
+    /// reports them again, and waiting for the disk per host would serialize a
+    /// fleet's reconnect behind one fsync each.
+    fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError>;
+    /// One host.
+    fn get_host(&self, name: &str) -> Result<Option<HostRow>, StoreError>;
     /// Every host, by name.
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
 }
@@ -278,8 +283,13 @@ impl Store for RedbStore {
         Ok(row)
     }
 
-    fn put_host(&self, host: &HostRow) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+    fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        if !durable {
+            // Persisted with the next durable commit, or reported again.
+            txn.set_durability(redb::Durability::None)
+                .map_err(backend)?;
+        }
         {
             let mut hosts = txn.open_table(HOSTS).map_err(backend)?;
             hosts
@@ -287,6 +297,13 @@ impl Store for RedbStore {
                 .map_err(backend)?;
         }
         txn.commit().map_err(backend)
+    }
+
+    fn get_host(&self, name: &str) -> Result<Option<HostRow>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let hosts = txn.open_table(HOSTS).map_err(backend)?;
+        let row = hosts.get(name).map_err(backend)?;
+        row.map(|v| decode(v.value())).transpose()
     }
 
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
@@ -351,5 +368,26 @@ mod tests {
             s.undefine("nope").expect_err("missing").to_string(),
             "failed to get domain 'nope': no domain with matching name"
         );
+    }
+
+    #[test]
+    fn host_facts_need_no_fsync_but_a_drain_flag_is_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let row = |draining| HostRow {
+            name: "host-a".into(),
+            cpus: 4,
+            memory_mib: 4096,
+            draining,
+        };
+        {
+            let s = RedbStore::open(dir.path()).expect("open");
+            assert_eq!(s.get_host("host-a").expect("get"), None);
+            s.put_host(&row(false), false).expect("facts");
+            assert_eq!(s.get_host("host-a").expect("get"), Some(row(false)));
+            s.put_host(&row(true), true).expect("drain");
+        }
+        let s = RedbStore::open(dir.path()).expect("reopen");
+        assert_eq!(s.get_host("host-a").expect("get"), Some(row(true)));
+        assert_eq!(s.hosts().expect("hosts"), vec![row(true)]);
     }
 }

@@ -1,0 +1,599 @@
+//! Fleet-scale benchmarks: the pure scheduler, the coordinator under many
+//! simulated agents (fan-in), and fleet-wide start throughput.
+//!
+//! Simulated agents are real QUIC clients with real agent certificates, in one
+//! process, over loopback inside a namespace of their own: they register,
+//! heartbeat every second and acknowledge starts without running QEMU. The
+//! coordinator is the real binary in its own process, so its CPU and RSS are
+//! its own.
+//!
+//! Run as root after `cargo build --release --workspace --bins`:
+//!
+//! ```text
+//! target/release/bench-fleet scheduler [VMS]
+//! target/release/bench-fleet fanin [N ...]
+//! target/release/bench-fleet fleet-start [VMS] [AGENTS]
+//! ```
+//!
+//! Each prints a markdown table.
+
+#![allow(clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_coordinator::scheduler::{self, HostSnapshot, Policy, VmNeeds};
+use flotilla_shared::net::{pki, quic, tls};
+use flotilla_shared::proto::{
+    AgentEvent, AgentHello, AgentRequest, AgentResponse, ClientMessage, HelloAck, HostFacts,
+    NetStatus, OperatorRequest, OperatorResponse, ServerMessage, VmSummary,
+};
+use flotilla_tests::{flotilla, CoordinatorProcess, Netns};
+
+const NETWORKS: [&str; 5] = ["public", "storage", "backup", "tenant-a", "tenant-b"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    match args.first().map(String::as_str) {
+        Some("scheduler") => scheduler_bench(num(1, 100_000)),
+        Some("fanin") => {
+            let ns: Vec<usize> = args[1..].iter().filter_map(|a| a.parse().ok()).collect();
+            fanin_bench(if ns.is_empty() {
+                vec![100, 1000, 5000]
+            } else {
+                ns
+            });
+        }
+        Some("fleet-start") => fleet_start_bench(num(1, 10_000), num(2, 1000)),
+        _ => {
+            eprintln!(
+                "usage: bench-fleet scheduler [VMS] | fanin [N ...] | fleet-start [VMS] [AGENTS]"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Median, p99 and the like from unsorted samples.
+fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    let i = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[i]
+}
+
+// ------------------------------------------------------------------ scheduler
+
+/// A deterministic pseudo-random sequence, so every run places the same VMs.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+fn scheduler_bench(vms: usize) {
+    println!("| hosts | VMs placed | placements/s | p50 µs | p99 µs | unplaced |");
+    println!("|---|---|---|---|---|---|");
+    for hosts in [1_000usize, 10_000] {
+        let mut rng = Lcg(42);
+        let mut fleet: Vec<HostSnapshot> = (0..hosts)
+            .map(|i| {
+                // Every host defines all five networks; one in ten has
+                // `tenant-b` unresolvable, so filters have work to do.
+                let networks: BTreeMap<String, Result<String, String>> = NETWORKS
+                    .iter()
+                    .enumerate()
+                    .map(|(n, name)| {
+                        let v = if n == 4 && i % 10 == 0 {
+                            Err("device 'br4' has no address".to_string())
+                        } else {
+                            Ok(format!("198.18.{}.{}", n, i % 250 + 1))
+                        };
+                        (name.to_string(), v)
+                    })
+                    .collect();
+                HostSnapshot {
+                    name: format!("host-{i:05}"),
+                    connected: i % 100 != 99,
+                    draining: false,
+                    cpus: 64,
+                    memory_mib: 512 * 1024,
+                    used_memory_mib: 0,
+                    used_vcpus: 0,
+                    networks: Arc::new(networks),
+                }
+            })
+            .collect();
+        let index: BTreeMap<String, usize> = fleet
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.clone(), i))
+            .collect();
+        let policy = Policy::default();
+        let sizes = [512u64, 1024, 2048, 4096, 8192];
+        let mut micros = Vec::with_capacity(vms);
+        let mut unplaced = 0;
+        let all = Instant::now();
+        for v in 0..vms {
+            let needs = VmNeeds {
+                name: format!("vm-{v}"),
+                memory_mib: sizes[(rng.next() % 5) as usize],
+                vcpus: 1 << (rng.next() % 4),
+                networks: (0..1 + rng.next() % 2)
+                    .map(|_| NETWORKS[(rng.next() % 5) as usize].to_string())
+                    .collect(),
+            };
+            let t = Instant::now();
+            let decision = scheduler::place(&needs, &fleet, &policy);
+            micros.push(t.elapsed().as_secs_f64() * 1e6);
+            match decision {
+                Ok(d) => {
+                    let h = &mut fleet[index[&d.host]];
+                    h.used_memory_mib += needs.memory_mib;
+                    h.used_vcpus += needs.vcpus;
+                }
+                Err(_) => unplaced += 1,
+            }
+        }
+        let secs = all.elapsed().as_secs_f64();
+        println!(
+            "| {hosts} | {vms} | {:.0} | {:.0} | {:.0} | {unplaced} |",
+            vms as f64 / secs,
+            quantile(&mut micros, 0.5),
+            quantile(&mut micros, 0.99)
+        );
+    }
+}
+
+// ----------------------------------------------------------- simulated agents
+
+/// Heartbeat round trips and answered requests, shared by all simulated agents.
+#[derive(Default)]
+struct Stats {
+    heartbeat_ms: Mutex<Vec<(Instant, f64)>>,
+    failures: Mutex<Vec<String>>,
+}
+
+/// A test fleet: a coordinator in a namespace and a client endpoint in it.
+struct Bench {
+    ns: Netns,
+    coordinator: CoordinatorProcess,
+    addr: SocketAddr,
+    tls: std::path::PathBuf,
+    endpoint: quinn::Endpoint,
+    _work: tempfile::TempDir,
+}
+
+impl Bench {
+    fn new(agents: usize, rt: &tokio::runtime::Runtime) -> Bench {
+        let work = tempfile::Builder::new()
+            .prefix("flt-bench-fleet-")
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let tls = work.path().join("tls");
+        pki::init(&tls, "admin", &[]).expect("certs init");
+        for i in 0..agents {
+            pki::issue(&tls, pki::Role::Agent, &sim_name(i), &[]).expect("issue");
+        }
+        let ns = Netns::new("bfleet");
+        let addr: SocketAddr = "127.0.0.1:7443".parse().expect("addr");
+        let coordinator = CoordinatorProcess::start_with(
+            &ns,
+            &addr.to_string(),
+            &work.path().join("data"),
+            &tls,
+            &work.path().join("coordinator.log"),
+            &["--heartbeat-timeout-secs", "10"],
+        );
+        // The socket is made inside the namespace, so all its traffic stays there.
+        let socket = ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"));
+        let endpoint = {
+            let _guard = rt.enter();
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .expect("endpoint")
+        };
+        Bench {
+            ns,
+            coordinator,
+            addr,
+            tls,
+            endpoint,
+            _work: work,
+        }
+    }
+
+    async fn connect(&self, role: pki::Role, name: &str) -> quinn::Connection {
+        let config = tls::client_config(&self.tls, role, name).expect("client config");
+        self.endpoint
+            .connect_with(config, self.addr, pki::COORDINATOR_NAME)
+            .expect("connect")
+            .await
+            .expect("handshake")
+    }
+
+    fn pid(&self) -> u32 {
+        self.coordinator.child.id()
+    }
+}
+
+fn sim_name(i: usize) -> String {
+    format!("sim-{i:05}")
+}
+
+fn sim_facts(name: &str, i: usize, vms: Vec<VmSummary>) -> HostFacts {
+    HostFacts {
+        host: name.to_string(),
+        cpus: 64,
+        memory_mib: 512 * 1024,
+        networks: NETWORKS
+            .iter()
+            .enumerate()
+            .map(|(n, net)| NetStatus {
+                name: net.to_string(),
+                mode: "bridge".to_string(),
+                device: Some(format!("br{n}")),
+                address: Some(format!("198.18.{n}.{}", i % 250 + 1)),
+                error: None,
+            })
+            .collect(),
+        vms,
+    }
+}
+
+/// The text of the first `<tag>` in `xml`, enough to answer a start.
+fn element_text(xml: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    xml.split_once(&open)
+        .and_then(|(_, rest)| rest.split_once('<'))
+        .map(|(text, _)| text.to_string())
+        .unwrap_or_default()
+}
+
+/// Handshakes the simulated fleet allows in flight at once.
+static HANDSHAKES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(64);
+
+/// Registers, heartbeats every `interval`, and acknowledges starts and stops.
+async fn sim_agent(
+    bench: Arc<Bench>,
+    i: usize,
+    stats: Arc<Stats>,
+    registered: tokio::sync::mpsc::UnboundedSender<()>,
+) {
+    let name = sim_name(i);
+    // At most HANDSHAKES in flight: a thousand simultaneous Initial packets
+    // overflow a default UDP receive buffer and cost a one-second retransmit.
+    let permit = HANDSHAKES.acquire().await;
+    let conn = bench.connect(pki::Role::Agent, &name).await;
+    drop(permit);
+    let vms: Arc<Mutex<Vec<VmSummary>>> = Arc::default();
+    let hello: ServerMessage = match quic::call(
+        &conn,
+        &ClientMessage::Hello(AgentHello::Register(sim_facts(&name, i, Vec::new()))),
+        Duration::from_secs(60),
+    )
+    .await
+    {
+        Ok(m) => m,
+        Err(e) => {
+            stats
+                .failures
+                .lock()
+                .expect("lock")
+                .push(format!("{name}: register: {e}"));
+            return;
+        }
+    };
+    let interval = match hello {
+        ServerMessage::Hello(HelloAck::Accepted { heartbeat_secs }) => {
+            Duration::from_secs(heartbeat_secs.max(1))
+        }
+        other => {
+            stats
+                .failures
+                .lock()
+                .expect("lock")
+                .push(format!("{name}: {other:?}"));
+            return;
+        }
+    };
+    let _ = registered.send(());
+    let mut tick = tokio::time::interval(interval);
+    // Spread the heartbeats over the interval, as independent hosts would be.
+    tokio::time::sleep(interval.mul_f64((i % 1000) as f64 / 1000.0)).await;
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => {
+                let Ok((mut send, mut recv)) = bi else { return };
+                let vms = vms.clone();
+                tokio::spawn(async move {
+                    let Ok(req) = quic::read_frame::<AgentRequest>(&mut recv).await else { return };
+                    let answer = match req {
+                        AgentRequest::Start { xml, .. } => {
+                            let vm = VmSummary {
+                                name: element_text(&xml, "name"),
+                                uuid: element_text(&xml, "uuid"),
+                                pid: 0,
+                                state: "running".into(),
+                                consoles: Vec::new(),
+                            };
+                            vms.lock().expect("lock").push(vm.clone());
+                            AgentResponse::Started { vm, live_xml: xml, warnings: Vec::new() }
+                        }
+                        AgentRequest::Destroy { name } | AgentRequest::Shutdown { name, .. } => {
+                            vms.lock().expect("lock").retain(|v| v.name != name);
+                            AgentResponse::Done(format!("Domain '{name}' destroyed"))
+                        }
+                        other => AgentResponse::Error(format!("simulated agent: {other:?} not simulated")),
+                    };
+                    let _ = quic::write_frame(&mut send, &answer).await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+            _ = tick.tick() => {
+                let facts = sim_facts(&name, i, vms.lock().expect("lock").clone());
+                let t = Instant::now();
+                let ack: Result<ServerMessage, _> = quic::call(
+                    &conn,
+                    &ClientMessage::Event(AgentEvent::Heartbeat(facts)),
+                    Duration::from_secs(30),
+                ).await;
+                match ack {
+                    Ok(ServerMessage::Ack) => stats
+                        .heartbeat_ms
+                        .lock()
+                        .expect("lock")
+                        .push((Instant::now(), t.elapsed().as_secs_f64() * 1000.0)),
+                    Ok(other) => stats.failures.lock().expect("lock").push(format!("{name}: {other:?}")),
+                    Err(e) => {
+                        stats.failures.lock().expect("lock").push(format!("{name}: heartbeat: {e}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts `n` simulated agents and waits until all registered.
+fn start_agents(
+    bench: &Arc<Bench>,
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    stats: &Arc<Stats>,
+) -> Duration {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    for i in 0..n {
+        rt.spawn(sim_agent(bench.clone(), i, stats.clone(), tx.clone()));
+    }
+    drop(tx);
+    rt.block_on(async {
+        let mut got = 0;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+                Ok(Some(())) => got += 1,
+                _ => break,
+            }
+        }
+        assert_eq!(
+            got,
+            n,
+            "only {got} of {n} agents registered: {:?}",
+            stats.failures.lock().expect("lock").first()
+        );
+    });
+    t.elapsed()
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// Resident set size in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn probe_xml(name: &str) -> String {
+    format!(
+        "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <graphics type='vnc'><listen type='network' network='public'/></graphics>\
+         </devices></domain>"
+    )
+}
+
+fn fanin_bench(sizes: Vec<usize>) {
+    println!("| agents | register all s | coordinator CPU % | coordinator RSS MiB | heartbeat p50 ms | p99 ms | `flotilla start` median ms (range) | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let bench = Arc::new(Bench::new(n, &rt));
+        let stats = Arc::new(Stats::default());
+        let registering = start_agents(&bench, &rt, n, &stats);
+        // Let heartbeats settle into their spread, then measure a window.
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = bench.pid();
+        let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+        std::thread::sleep(Duration::from_secs(10));
+        let cpu_pct = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+        let rss = rss_mib(pid);
+        let mut beats: Vec<f64> = stats
+            .heartbeat_ms
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(at, _)| *at >= t0)
+            .map(|(_, ms)| *ms)
+            .collect();
+        // One operator start while the fleet heartbeats.
+        let xml = bench._work.path().join("probe.xml");
+        std::fs::write(&xml, probe_xml("probe")).expect("xml");
+        let define = flotilla(
+            &bench.ns,
+            &bench.addr.to_string(),
+            &bench.tls,
+            &["define", &xml.to_string_lossy()],
+        );
+        assert!(
+            define.status.success(),
+            "{}",
+            String::from_utf8_lossy(&define.stderr)
+        );
+        let mut starts = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let o = flotilla(
+                &bench.ns,
+                &bench.addr.to_string(),
+                &bench.tls,
+                &["start", "probe"],
+            );
+            starts.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let o = flotilla(
+                &bench.ns,
+                &bench.addr.to_string(),
+                &bench.tls,
+                &["destroy", "probe"],
+            );
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let min = starts.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = starts.iter().copied().fold(0.0, f64::max);
+        let errors = stats.failures.lock().expect("lock").len();
+        println!(
+            "| {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {errors} |",
+            registering.as_secs_f64(),
+            quantile(&mut beats, 0.5),
+            quantile(&mut beats, 0.99),
+            quantile(&mut starts, 0.5),
+        );
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+async fn operator(conn: &quinn::Connection, request: OperatorRequest) -> OperatorResponse {
+    match quic::call::<_, ServerMessage>(
+        conn,
+        &ClientMessage::Operator(request),
+        Duration::from_secs(120),
+    )
+    .await
+    {
+        Ok(ServerMessage::Operator(r)) => r,
+        Ok(other) => OperatorResponse::Error(format!("unexpected {other:?}")),
+        Err(e) => OperatorResponse::Error(e.to_string()),
+    }
+}
+
+/// Runs `requests` over `conn` with at most `in_flight` outstanding; returns
+/// each request's latency in ms and the errors.
+fn run_all(
+    rt: &tokio::runtime::Runtime,
+    conn: &quinn::Connection,
+    requests: Vec<OperatorRequest>,
+    in_flight: usize,
+) -> (Vec<f64>, Vec<String>) {
+    rt.block_on(async {
+        use futures_util::StreamExt as _;
+        let results: Vec<(f64, Option<String>)> = futures_util::stream::iter(requests)
+            .map(|r| async move {
+                let t = Instant::now();
+                let answer = operator(conn, r).await;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                match answer {
+                    OperatorResponse::Error(e) => (ms, Some(e)),
+                    _ => (ms, None),
+                }
+            })
+            .buffer_unordered(in_flight)
+            .collect()
+            .await;
+        let errors = results.iter().filter_map(|(_, e)| e.clone()).collect();
+        (results.into_iter().map(|(ms, _)| ms).collect(), errors)
+    })
+}
+
+fn fleet_start_bench(vms: usize, agents: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let bench = Arc::new(Bench::new(agents, &rt));
+    let stats = Arc::new(Stats::default());
+    start_agents(&bench, &rt, agents, &stats);
+    let conn = rt.block_on(bench.connect(pki::Role::Operator, "admin"));
+    let defines = (0..vms)
+        .map(|v| OperatorRequest::Define {
+            xml: probe_xml(&format!("vm-{v:05}")),
+            source: format!("bench vm-{v:05}"),
+        })
+        .collect();
+    let t = Instant::now();
+    let (_, errors) = run_all(&rt, &conn, defines, 64);
+    let define_s = t.elapsed().as_secs_f64();
+    assert!(errors.is_empty(), "defines failed: {:?}", errors.first());
+    let cpu0 = cpu_seconds(bench.pid());
+    let starts = (0..vms)
+        .map(|v| OperatorRequest::Start {
+            name: format!("vm-{v:05}"),
+            host: None,
+        })
+        .collect();
+    let t = Instant::now();
+    let (mut ms, errors) = run_all(&rt, &conn, starts, 64);
+    let start_s = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(bench.pid()) - cpu0;
+    println!("| VMs | agents | define/s | start/s end to end | start p50 ms | p99 ms | coordinator CPU s | RSS MiB | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {vms} | {agents} | {:.0} | {:.0} | {:.1} | {:.1} | {cpu:.1} | {:.0} | {} |",
+        vms as f64 / define_s,
+        vms as f64 / start_s,
+        quantile(&mut ms, 0.5),
+        quantile(&mut ms, 0.99),
+        rss_mib(bench.pid()),
+        errors.len()
+    );
+    if let Some(e) = errors.first() {
+        eprintln!("first error: {e}");
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
