@@ -419,7 +419,7 @@ impl HostAgent {
                     if std::time::Instant::now() > deadline {
                         return Err("the migration stream never completed".to_string());
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 let cont = QmpCall {
                     command: "cont",

@@ -284,7 +284,9 @@ async fn connect_while_alive(
                 log_tail: log_tail(&paths.log(), 20),
             });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // QEMU creates the socket 30–50 ms after exec; a short poll costs a
+        // stat() and keeps the start from waiting up to a whole interval longer.
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

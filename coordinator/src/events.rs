@@ -51,7 +51,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Decides which of a migration's progress samples become event lines.
 ///
-/// The operator's progress bar gets every sample (25 ms apart); the event log
+/// The operator's progress bar gets every sample (10 ms apart); the event log
 /// is read by people and kept for later, so it gets a status change at once
 /// and otherwise one line per [`PROGRESS_EVERY`].
 #[derive(Debug, Default)]
