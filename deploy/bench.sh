@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Runs every Flotilla benchmark on this machine and rewrites BENCHMARKS.md
-# with the tables they print, the commands, and the machine they ran on.
+# with the tables they print, the commands, and the machine they ran on,
+# followed by deploy/bench-notes.md (method and findings).
 #
 #   deploy/bench.sh            as root; installs QEMU, iproute2 and libvirt when missing
+#   deploy/bench.sh --notes    re-assemble BENCHMARKS.md from the last run's
+#                              tables (target/bench/) and deploy/bench-notes.md
 #
 # Each benchmark creates and removes its own namespaces (198.18.0.0/15 and
 # 198.19.0.0/16 inside them only) and processes. Speed is reported here,
 # never asserted by a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" -eq 0 ] || { echo "deploy/bench.sh: run as root (it creates network namespaces)" >&2; exit 1; }
 
+TABLES=target/bench/tables.md
+HEADER=target/bench/header.md
+assemble() {
+  cat "$HEADER" "$TABLES" deploy/bench-notes.md > BENCHMARKS.md
+  echo "== BENCHMARKS.md written"
+}
+if [ "${1:-}" = --notes ]; then
+  assemble
+  exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || { echo "deploy/bench.sh: run as root (it creates network namespaces)" >&2; exit 1; }
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
-command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
 if ((${#need[@]})); then
   echo "== installing ${need[*]}"
   apt-get update -qq
@@ -26,8 +39,8 @@ fi
 echo "== building (release)"
 cargo build --release --locked --workspace --bins
 BIN=target/release
-OUT=$(mktemp /tmp/flotilla-bench.XXXXXX)
-trap 'rm -f "$OUT"' EXIT
+mkdir -p target/bench
+: > "$TABLES.new"
 began=$(date +%s)
 
 section() { # title command...
@@ -36,10 +49,10 @@ section() { # title command...
   local t0=$SECONDS
   {
     printf '\n## %s\n\n' "$title"
-    printf 'Command: `%s`\n\n' "$*"
+    printf 'Command: `%s` (started %s)\n\n' "$*" "$(date -u +%H:%M:%SZ)"
     "$@"
     printf '\n(%d s)\n' $((SECONDS - t0))
-  } | tee -a "$OUT"
+  } | tee -a "$TABLES.new"
 }
 
 section "1. Start latency, and 6. footprint" "$BIN/bench-start"
@@ -47,30 +60,27 @@ section "2. Live migration" "$BIN/bench-migration"
 section "3. Scheduler throughput (pure module)" "$BIN/bench-fleet" scheduler 100000
 section "4. Coordinator fan-in" "$BIN/bench-fleet" fanin 100 1000 5000
 section "5. Fleet start throughput" "$BIN/bench-fleet" fleet-start 10000 1000
+mv "$TABLES.new" "$TABLES"
 
 kvm=no
 [ -w /dev/kvm ] && kvm=yes
 {
-  cat <<EOF
-# Benchmarks
-
-Written by \`deploy/bench.sh\` (all six, $(( ($(date +%s) - began) / 60 )) min) on $(date -u +%Y-%m-%d).
-Medians over repeated runs with their spread; where two systems are
-compared they ran in the same invocation, alternating, and the ratio is
-given, because the machine is shared and noisy. Notes on method and
-findings follow the tables: see [How to read these](#how-to-read-these).
-
-| machine | |
-|---|---|
-| CPU | $(nproc) × $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1) |
-| memory | $(free -g | awk '/^Mem:/ {print $2}') GiB |
-| kernel | $(uname -r) |
-| KVM | $kvm |
-| QEMU | $(qemu-system-x86_64 --version | head -1) |
-| libvirt | $(libvirtd --version | head -1) |
-| Flotilla | $(git rev-parse --short HEAD) ($(rustc --version)) |
-EOF
-  cat "$OUT"
-  cat deploy/bench-notes.md
-} > BENCHMARKS.md
-echo "== BENCHMARKS.md rewritten ($(( $(date +%s) - began )) s)"
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`deploy/bench.sh\` (all six in $(( ($(date +%s) - began + 59) / 60 )) min) on $(date -u +%Y-%m-%d)."
+  echo "Medians over repeated runs with their spread; where two systems are"
+  echo "compared they ran in the same invocation, alternating, and the ratio is"
+  echo "given, because the machine is shared and noisy. Method and findings follow"
+  echo "the tables, under [Reading these numbers](#reading-these-numbers)."
+  echo
+  echo "| machine | |"
+  echo "|---|---|"
+  echo "| CPU | $(nproc) × $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1) |"
+  echo "| memory | $(free -g | awk '/^Mem:/ {print $2}') GiB |"
+  echo "| kernel | $(uname -r) |"
+  echo "| KVM | $kvm |"
+  echo "| QEMU | $(qemu-system-x86_64 --version | head -1) |"
+  echo "| libvirt | $(libvirtd --version | head -1) |"
+  echo "| Flotilla | $(git rev-parse --short HEAD) ($(rustc --version)) |"
+} > "$HEADER"
+assemble

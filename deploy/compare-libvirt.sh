@@ -91,51 +91,9 @@ listen_addr() { # xml-file
 # libvirt half: runs as `ip netns exec NS unshare -m SELF __libvirt_half WORK`,
 # i.e. in the namespace's network and a private mount namespace.
 libvirt_half() {
-  local lv=$WORK/libvirt d
-  mkdir -p "$lv"/{run,lib,log,cache,etc}
-  # Mounts made here must never propagate back to the host.
-  mount --make-rprivate /
-  # A private copy of libvirt's world. /var/run is a symlink to /run on Debian,
-  # so binding /run/libvirt covers /var/run/libvirt too.
-  cp -a /etc/libvirt/. "$lv/etc/"
-  for d in run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt \
-           cache:/var/cache/libvirt etc:/etc/libvirt; do
-    mkdir -p "${d#*:}"
-    mount --bind "$lv/${d%%:*}" "${d#*:}"
-  done
-  [[ -L /var/run ]] || { mkdir -p /var/run/libvirt; mount --bind "$lv/run" /var/run/libvirt; }
-
-  # libvirt's qemu driver looks up its compiled-in default user/group
-  # 'libvirt-qemu' (virQEMUDriverConfigNew) BEFORE reading qemu.conf, and
-  # fails if it does not exist; libvirt-daemon-system would create it. Add
-  # it to private copies of passwd/group rather than to the real ones.
-  if ! getent passwd libvirt-qemu >/dev/null; then
-    cp /etc/passwd "$lv/passwd"; cp /etc/group "$lv/group"
-    echo 'libvirt-qemu:x:64055:64055:libvirt qemu (compare-libvirt.sh):/nonexistent:/usr/sbin/nologin' >>"$lv/passwd"
-    echo 'libvirt-qemu:x:64055:' >>"$lv/group"
-    mount --bind "$lv/passwd" /etc/passwd
-    mount --bind "$lv/group" /etc/group
-  fi
-
-  # The minimum that works here (tried): QEMU as root, because the
-  # libvirt-qemu above is only a placeholder for the lookup and owns nothing
-  # (/dev/kvm here is root-only, 0600);
-  # and no virtlogd (nothing runs it here, so domain start fails on its
-  # socket): QEMU's stdout/stderr go straight to /var/log/libvirt/qemu/NAME.log.
-  # Default namespaces, cgroups and security driver start fine as they are.
-  cat >"$lv/etc/qemu.conf" <<'CONF'
-user = "root"
-group = "root"
-stdio_handler = "file"
-CONF
-  # Keep libvirtd's own log in the scratch folder, warnings and up.
-  cat >"$lv/etc/libvirtd.conf" <<'CONF'
-log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
-CONF
-
-  # The default pid file is /run/libvirtd.pid, outside the private dirs.
-  libvirtd --daemon --pid-file "$lv/run/libvirtd.pid"
-  local i
+  local lv=$WORK/libvirt i
+  # A private libvirtd (deploy/libvirt-host.sh) in this namespace.
+  "$(dirname "$SELF")/libvirt-host.sh" "$lv" &
   for i in $(seq 300); do
     virsh -q -c qemu:///system version >/dev/null 2>&1 && break
     sleep 0.2

@@ -527,6 +527,7 @@ impl Fleet {
                     match result {
                         Ok(AgentResponse::Done(msg)) => {
                             act.touch(&name);
+                            tracing::info!(vm = %name, host = %host, reason = %msg, "stopped");
                             act.emit(format!("vm {name} stopped on {host}: {msg}"));
                             let _ = act.record_placement(&name, None);
                             if let Some(h) = act.hosts.get_mut(&host) {

@@ -499,3 +499,117 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         .map(|(_, b)| b.to_string())
         .unwrap_or(out))
 }
+
+/// A private libvirtd in a namespace host (`deploy/libvirt-host.sh`), for
+/// benchmarks that compare Flotilla with libvirt on the same host.
+pub struct LibvirtDaemon {
+    /// The `ip netns exec … unshare -m` child; it execs into libvirtd.
+    pub child: Child,
+    /// Its run/state/log/config folders.
+    pub work: PathBuf,
+}
+
+impl LibvirtDaemon {
+    /// Starts libvirtd in `ns` with its state under `work` and waits until it answers.
+    pub fn start(ns: &Netns, work: &Path) -> LibvirtDaemon {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/libvirt-host.sh");
+        std::fs::create_dir_all(work).expect("libvirt work dir");
+        let log = std::fs::File::create(work.join("libvirt-host.out")).expect("log");
+        let mut c = ns.command(Path::new("unshare"));
+        c.arg("-m")
+            .arg(&script)
+            .arg(work)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = c.spawn().expect("spawn libvirtd");
+        let daemon = LibvirtDaemon {
+            child,
+            work: work.to_path_buf(),
+        };
+        // The first start probes QEMU's capabilities, which takes a while.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if daemon.virsh(&["version"]).status.success() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "libvirtd did not come up: {}",
+            std::fs::read_to_string(work.join("log/libvirtd.log")).unwrap_or_default()
+        );
+    }
+
+    /// `qemu:///system` on this daemon's socket.
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.work.join("run/libvirt-sock").display()
+        )
+    }
+
+    /// Runs `virsh -c URI ARGS`.
+    pub fn virsh(&self, args: &[&str]) -> Output {
+        let mut c = Command::new("virsh");
+        c.args(["-q", "-c", &self.uri()]).args(args);
+        output(c)
+    }
+
+    /// Runs `virsh` and panics with its stderr when it fails.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        let o = self.virsh(args);
+        assert!(
+            o.status.success(),
+            "virsh {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for LibvirtDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of `pid` in MiB, from /proc.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system) `pid` has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+/// Median of `samples` (NaN when empty).
+pub fn median(samples: &[f64]) -> f64 {
+    quantile(samples, 0.5)
+}
+
+/// The `q` quantile of `samples`, nearest rank (NaN when empty).
+pub fn quantile(samples: &[f64], q: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}

@@ -30,7 +30,7 @@ use flotilla_shared::proto::{
     AgentEvent, AgentHello, AgentRequest, AgentResponse, ClientMessage, HelloAck, HostFacts,
     NetStatus, OperatorRequest, OperatorResponse, ServerMessage, VmSummary,
 };
-use flotilla_tests::{flotilla, CoordinatorProcess, Netns};
+use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
 
 const NETWORKS: [&str; 5] = ["public", "storage", "backup", "tenant-a", "tenant-b"];
 
@@ -56,16 +56,6 @@ fn main() {
             std::process::exit(2);
         }
     }
-}
-
-/// Median, p99 and the like from unsorted samples.
-fn quantile(samples: &mut [f64], q: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_by(f64::total_cmp);
-    let i = ((samples.len() - 1) as f64 * q).round() as usize;
-    samples[i]
 }
 
 // ------------------------------------------------------------------ scheduler
@@ -104,11 +94,13 @@ fn scheduler_bench(vms: usize) {
                         (name.to_string(), v)
                     })
                     .collect();
+                // Sized so 100,000 VMs fit on 1,000 hosts (about 375 vCPUs and
+                // 310 GiB each): failures would time the slow path instead.
                 HostSnapshot {
                     name: format!("host-{i:05}"),
                     connected: i % 100 != 99,
                     draining: false,
-                    cpus: 64,
+                    cpus: 128,
                     memory_mib: 512 * 1024,
                     used_memory_mib: 0,
                     used_vcpus: 0,
@@ -151,8 +143,8 @@ fn scheduler_bench(vms: usize) {
         println!(
             "| {hosts} | {vms} | {:.0} | {:.0} | {:.0} | {unplaced} |",
             vms as f64 / secs,
-            quantile(&mut micros, 0.5),
-            quantile(&mut micros, 0.99)
+            quantile(&micros, 0.5),
+            quantile(&micros, 0.99)
         );
     }
 }
@@ -403,30 +395,6 @@ fn start_agents(
     t.elapsed()
 }
 
-/// CPU seconds (user + system) the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
-}
-
-/// Resident set size in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn probe_xml(name: &str) -> String {
     format!(
         "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
@@ -454,7 +422,7 @@ fn fanin_bench(sizes: Vec<usize>) {
         std::thread::sleep(Duration::from_secs(10));
         let cpu_pct = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
         let rss = rss_mib(pid);
-        let mut beats: Vec<f64> = stats
+        let beats: Vec<f64> = stats
             .heartbeat_ms
             .lock()
             .expect("lock")
@@ -501,9 +469,9 @@ fn fanin_bench(sizes: Vec<usize>) {
         println!(
             "| {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {errors} |",
             registering.as_secs_f64(),
-            quantile(&mut beats, 0.5),
-            quantile(&mut beats, 0.99),
-            quantile(&mut starts, 0.5),
+            quantile(&beats, 0.5),
+            quantile(&beats, 0.99),
+            quantile(&starts, 0.5),
         );
         rt.shutdown_timeout(Duration::from_secs(1));
     }
@@ -578,7 +546,7 @@ fn fleet_start_bench(vms: usize, agents: usize) {
         })
         .collect();
     let t = Instant::now();
-    let (mut ms, errors) = run_all(&rt, &conn, starts, 64);
+    let (ms, errors) = run_all(&rt, &conn, starts, 64);
     let start_s = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(bench.pid()) - cpu0;
     println!("| VMs | agents | define/s | start/s end to end | start p50 ms | p99 ms | coordinator CPU s | RSS MiB | errors |");
@@ -587,8 +555,8 @@ fn fleet_start_bench(vms: usize, agents: usize) {
         "| {vms} | {agents} | {:.0} | {:.0} | {:.1} | {:.1} | {cpu:.1} | {:.0} | {} |",
         vms as f64 / define_s,
         vms as f64 / start_s,
-        quantile(&mut ms, 0.5),
-        quantile(&mut ms, 0.99),
+        quantile(&ms, 0.5),
+        quantile(&ms, 0.99),
         rss_mib(bench.pid()),
         errors.len()
     );

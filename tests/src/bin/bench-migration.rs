@@ -1,5 +1,8 @@
-//! Live-migration benchmark: `flotilla migrate` against a raw QMP migration
-//! between two hand-started QEMUs, same guest, same hosts, alternating runs.
+//! Live-migration benchmark: `flotilla migrate`, libvirt's `virsh migrate
+//! --live` between two libvirtds, and a raw QMP migration between two
+//! hand-started QEMUs (the floor): same guest, same hosts, alternating runs.
+//! Guests: 64 and 512 MiB, idle (no boot device) and dirtying (the counting
+//! guest, which rewrites 512 KiB continuously).
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `target/release/bench-migration [ROUNDS]`. Prints a table of medians and
@@ -13,22 +16,18 @@ use std::time::{Duration, Instant};
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_command, bin, domain_xml, flotilla, new_uuid, output, wait_until, AgentDaemon, AgentDirs,
-    CoordinatorProcess, Netns,
+    agent_command, bin, domain_xml, flotilla, median, new_uuid, output, wait_until, AgentDaemon,
+    AgentDirs, CoordinatorProcess, LibvirtDaemon, Netns,
 };
 
 const COORD: &str = "198.19.0.1:7443";
 
+/// One path's figures over the rounds.
 #[derive(Default)]
 struct Sample {
     wall_ms: Vec<f64>,
     downtime_ms: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    sent_mib: Vec<f64>,
 }
 
 fn range(v: &[f64]) -> String {
@@ -133,42 +132,81 @@ fn main() {
             == 2
     }));
 
-    println!("| guest | path | runs | wall ms median (range) | downtime ms median (range) |");
-    println!("|---|---|---|---|---|");
-    for mib in [64u64, 512] {
+    // libvirt: one private libvirtd per host, each defining `public` its own
+    // way, exactly as the agents do.
+    let lv_a = LibvirtDaemon::start(&a, &work.path().join("libvirt-a"));
+    let lv_b = LibvirtDaemon::start(&b, &work.path().join("libvirt-b"));
+    for (lv, public) in [
+        (
+            &lv_a,
+            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
+        ),
+        (
+            &lv_b,
+            "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+        ),
+    ] {
+        let f = lv.work.join("public.xml");
+        std::fs::write(&f, public).expect("net xml");
+        lv.virsh_ok(&["net-define", f.to_str().expect("utf8")]);
+        lv.virsh_ok(&["net-start", "public"]);
+    }
+
+    println!("| guest | path | runs | wall ms median (range) | downtime ms median (range) | MiB sent median |");
+    println!("|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for (workload, mib) in [
+        ("idle", 64u64),
+        ("idle", 512),
+        ("dirtying", 64),
+        ("dirtying", 512),
+    ] {
         let mut ours = Sample::default();
         let mut raw = Sample::default();
-        let name = format!("bench{mib}");
-        let xml = domain_xml(
+        let mut raw_launch = Sample::default();
+        let mut lv = Sample::default();
+        let name = format!("bench-{workload}-{mib}");
+        let dirtying = workload == "dirtying";
+        let disk = if dirtying {
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+                 <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>",
+                image.display()
+            )
+        } else {
+            String::new()
+        };
+        let mut xml = domain_xml(
             &name,
             &new_uuid(),
             &format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>\
-             <graphics type='vnc'><listen type='network' network='public'/></graphics>",
-                image.display()
+                "{disk}<graphics type='vnc'><listen type='network' network='public'/></graphics>"
             ),
         )
         .replace(
             "<memory unit='MiB'>64</memory>",
             &format!("<memory unit='MiB'>{mib}</memory>"),
-        )
-        .replace(
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
-            "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
         );
+        if dirtying {
+            xml = xml.replace(
+                "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+                "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+            );
+        }
         let file = work.path().join(format!("{name}.xml"));
-        std::fs::write(&file, xml).expect("xml");
-        assert!(
-            flotilla(&ctl, COORD, &tls, &["define", file.to_str().expect("utf8")])
-                .status
-                .success()
-        );
+        std::fs::write(&file, &xml).expect("xml");
+        let file_s = file.to_str().expect("utf8");
+        assert!(flotilla(&ctl, COORD, &tls, &["define", file_s])
+            .status
+            .success());
         assert!(
             flotilla(&ctl, COORD, &tls, &["start", &name, "--host", "host-a"])
                 .status
                 .success()
         );
+        // The same definition under libvirt, on host-a too.
+        lv_a.virsh_ok(&["define", file_s]);
+        lv_a.virsh_ok(&["start", &name]);
         let booted = |idx: usize| {
             let (ns, host) = if idx == 0 {
                 (&a, "host-a")
@@ -180,14 +218,20 @@ fn main() {
                 .arg(format!("xp /1wx {COUNTER_ADDR:#x}"));
             parse_xp_word(&String::from_utf8_lossy(&output(c).stdout)).is_some_and(|c| c > 0)
         };
-        assert!(
-            wait_until(Duration::from_secs(30), || booted(0)),
-            "guest did not boot"
-        );
+        if dirtying {
+            assert!(
+                wait_until(Duration::from_secs(30), || booted(0)),
+                "guest did not boot"
+            );
+        }
         let mut on_a = true;
         for _ in 0..rounds {
+            let (to, from_lv, to_lv, dest_ip) = if on_a {
+                ("host-b", &lv_a, &lv_b, "198.18.100.2")
+            } else {
+                ("host-a", &lv_b, &lv_a, "198.18.100.1")
+            };
             // Flotilla: CLI invocation to CLI return, through coordinator and agents.
-            let to = if on_a { "host-b" } else { "host-a" };
             let t = Instant::now();
             let o = flotilla(
                 &ctl,
@@ -203,43 +247,141 @@ fn main() {
                 String::from_utf8_lossy(&o.stderr)
             );
             ours.wall_ms.push(wall);
-            if let Some(d) = text
-                .split("downtime ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-            {
-                ours.downtime_ms.push(d.parse().unwrap_or(f64::NAN));
-            }
+            // "…, downtime 4 ms, 1.76 MiB transferred"
+            let after = |key: &str| {
+                text.split(key)
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.trim_end_matches(',').parse::<f64>().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            ours.downtime_ms.push(after("downtime "));
+            ours.sent_mib.push(
+                text.split(" transferred")
+                    .next()
+                    .and_then(|h| h.rsplit(", ").next())
+                    .map_or(f64::NAN, parse_size_mib),
+            );
+
+            // libvirt: virsh migrate --live between the two libvirtds, over the fabric.
+            let t = Instant::now();
+            let o = {
+                let mut c = Command::new("virsh");
+                c.args([
+                    "-q",
+                    "-c",
+                    &from_lv.uri(),
+                    "migrate",
+                    "--live",
+                    &name,
+                    &to_lv.uri(),
+                ])
+                .arg("--migrateuri")
+                .arg(format!("tcp://{dest_ip}:49300"));
+                output(c)
+            };
+            let wall = t.elapsed().as_secs_f64() * 1000.0;
+            assert!(
+                o.status.success(),
+                "virsh migrate: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            lv.wall_ms.push(wall);
+            let info = to_lv.virsh_ok(&["domjobinfo", &name, "--completed"]);
+            let field = |key: &str| {
+                info.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            };
+            lv.downtime_ms.push(
+                field("Total downtime")
+                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(f64::NAN),
+            );
+            lv.sent_mib
+                .push(field("Memory processed").map_or(f64::NAN, |v| parse_size_mib(&v)));
             on_a = !on_a;
+
             // Raw QMP between two QEMUs started by hand: the floor.
-            let (w, d) = raw_qmp(&a, &b, &image, mib, work.path());
-            raw.wall_ms.push(w);
-            raw.downtime_ms.push(d);
+            let r = raw_qmp(&a, &b, &image, mib, dirtying, work.path());
+            raw.wall_ms.push(r.migrate_ms);
+            raw_launch.wall_ms.push(r.with_launch_ms);
+            for s in [&mut raw, &mut raw_launch] {
+                s.downtime_ms.push(r.downtime_ms);
+                s.sent_mib.push(r.sent_mib);
+            }
         }
         let _ = flotilla(&ctl, COORD, &tls, &["destroy", &name]);
-        for (label, s) in [("flotilla migrate", &ours), ("raw QMP migrate", &raw)] {
+        for l in [&lv_a, &lv_b] {
+            let _ = l.virsh(&["destroy", &name]);
+            let _ = l.virsh(&["undefine", &name]);
+        }
+        for (label, s) in [
+            ("`flotilla migrate`", &ours),
+            ("`virsh migrate --live`", &lv),
+            ("raw QMP, destination launch included", &raw_launch),
+            ("raw QMP, `migrate` to completed only", &raw),
+        ] {
             println!(
-                "| {mib} MiB | {label} | {} | {:.0} ({}) | {:.0} ({}) |",
+                "| {workload} {mib} MiB | {label} | {} | {:.0} ({}) | {:.0} ({}) | {:.1} |",
                 s.wall_ms.len(),
                 median(&s.wall_ms),
                 range(&s.wall_ms),
                 median(&s.downtime_ms),
-                range(&s.downtime_ms)
+                range(&s.downtime_ms),
+                median(&s.sent_mib)
             );
         }
+        ratios.push(format!(
+            "{workload} {mib} MiB: flotilla/libvirt {:.2}, flotilla/raw-incl-launch {:.2}, \
+             flotilla − raw-incl-launch {:.0} ms",
+            median(&ours.wall_ms) / median(&lv.wall_ms),
+            median(&ours.wall_ms) / median(&raw_launch.wall_ms),
+            median(&ours.wall_ms) - median(&raw_launch.wall_ms)
+        ));
+    }
+    println!();
+    for r in ratios {
+        println!("- {r}");
     }
     drop(agents);
 }
 
+/// `1.76 MiB`, `512.000 KiB`, `3 GiB`, `1234 B` → MiB.
+fn parse_size_mib(text: &str) -> f64 {
+    let mut it = text.split_whitespace();
+    let n: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    match it.next() {
+        Some("B") | Some("bytes") => n / 1048576.0,
+        Some("KiB") => n / 1024.0,
+        Some("MiB") => n,
+        Some("GiB") => n * 1024.0,
+        _ => f64::NAN,
+    }
+}
+
+/// One raw QMP migration's figures.
+struct RawRun {
+    /// From spawning the destination QEMU to `completed`.
+    with_launch_ms: f64,
+    /// From `migrate` to `completed`.
+    migrate_ms: f64,
+    downtime_ms: f64,
+    sent_mib: f64,
+}
+
 /// Migrates a freshly booted guest from a QEMU in `a` to one in `b` by QMP.
-/// Returns (ms from `migrate` to `completed` seen, QEMU's downtime ms).
-fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dir: &Path) -> (f64, f64) {
+fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dirtying: bool, dir: &Path) -> RawRun {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     let src_sock = dir.join(format!("raw-src-{mib}.sock"));
     let dst_sock = dir.join(format!("raw-dst-{mib}.sock"));
+    for s in [&src_sock, &dst_sock] {
+        let _ = std::fs::remove_file(s);
+    }
     let qemu = |ns: &Netns, sock: &Path, extra: &[&str]| {
         let mut c = ns.command(Path::new("qemu-system-x86_64"));
         c.args([
@@ -251,49 +393,47 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dir: &Path) -> (f64, f6
             &mib.to_string(),
             "-nodefaults",
         ])
-        .args(["-display", "none", "-device", "VGA", "-boot", "order=c"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=d0,readonly=on",
-            image.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=d0"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .args(["-display", "none", "-device", "VGA"]);
+        if dirtying {
+            c.args(["-boot", "order=c", "-drive"])
+                .arg(format!(
+                    "file={},format=raw,if=none,id=d0,readonly=on",
+                    image.display()
+                ))
+                .args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c.spawn().expect("qemu")
     };
-    let mut src = qemu(a, &src_sock, &["-vnc", "198.18.1.1:1"]);
-    let mut dst = qemu(
-        b,
-        &dst_sock,
-        &[
-            "-vnc",
-            "198.18.2.1:1",
-            "-incoming",
-            "tcp:198.18.100.2:49200",
-        ],
-    );
+    // Display :50, clear of the ports the other paths' VMs hold.
+    let mut src = qemu(a, &src_sock, &["-vnc", "198.18.1.1:50"]);
+    let mut dst = None;
     let result = rt.block_on(async {
         use flotilla_agent::qmp::QmpClient;
         let connect = |p: std::path::PathBuf| async move {
-            for _ in 0..500 {
+            for _ in 0..5000 {
                 let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-                if let Ok(q) = QmpClient::connect(&p, Duration::from_secs(2), tx).await {
-                    return q;
+                if p.exists() {
+                    if let Ok(q) = QmpClient::connect(&p, Duration::from_secs(2), tx).await {
+                        return q;
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
             panic!("no QMP at {}", p.display());
         };
         let s = connect(src_sock.clone()).await;
-        let _d = connect(dst_sock.clone()).await;
         let t = Duration::from_secs(5);
-        // Same starting point as the Flotilla run: the guest is counting.
+        // Same starting point as the other paths: the guest is counting.
         for _ in 0..600 {
+            if !dirtying {
+                break;
+            }
             let v = s
                 .execute(
                     "human-monitor-command",
@@ -314,6 +454,20 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dir: &Path) -> (f64, f6
         )
         .await
         .expect("params");
+        // What the orchestrated paths also do: start the destination, paused
+        // and listening, then migrate.
+        let launched = Instant::now();
+        dst = Some(qemu(
+            b,
+            &dst_sock,
+            &[
+                "-vnc",
+                "198.18.2.1:50",
+                "-incoming",
+                "tcp:198.18.100.2:49200",
+            ],
+        ));
+        let _d = connect(dst_sock.clone()).await;
         let start = Instant::now();
         s.execute(
             "migrate",
@@ -329,19 +483,23 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dir: &Path) -> (f64, f6
                 .expect("query");
             match v["status"].as_str() {
                 Some("completed") => {
-                    return (
-                        start.elapsed().as_secs_f64() * 1000.0,
-                        v["downtime"].as_f64().unwrap_or(f64::NAN),
-                    )
+                    return RawRun {
+                        with_launch_ms: launched.elapsed().as_secs_f64() * 1000.0,
+                        migrate_ms: start.elapsed().as_secs_f64() * 1000.0,
+                        downtime_ms: v["downtime"].as_f64().unwrap_or(f64::NAN),
+                        sent_mib: v["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
+                    }
                 }
                 Some("failed") | Some("cancelled") => panic!("raw migration failed: {v}"),
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
     });
     let _ = src.kill();
-    let _ = dst.kill();
     let _ = src.wait();
-    let _ = dst.wait();
+    if let Some(mut d) = dst {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
     result
 }
