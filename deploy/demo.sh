@@ -171,7 +171,9 @@ shot() { # name
   # SeaBIOS takes a moment to reach the boot sector and put the counter on screen.
   for _ in $(seq 100); do [ "$(counter "$host")" -gt 0 ] && break; sleep 0.1; done
   ip netns exec "$P-$host" "$VENV/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
-  echo "screenshot: $DEMO/screenshots/$1.png (guest counter $(counter "$host"), top-left of the screen)" >&2
+  local n
+  n=$(counter "$host")
+  echo "screenshot: $DEMO/screenshots/$1.png (guest counter $n, read just after the capture; the screen shows it in hex at the top left, here $(printf '%08X' "$n"))" >&2
   echo "$addr"
 }
 step "the console, through a real VNC client"
