@@ -2,7 +2,9 @@
 //! --live` between two libvirtds, and a raw QMP migration between two
 //! hand-started QEMUs (the floor): same guest, same hosts, alternating runs.
 //! Guests: 64 and 512 MiB, idle (no boot device) and dirtying (the counting
-//! guest, which rewrites 512 KiB continuously).
+//! guest, which rewrites 512 KiB continuously). While one path is timed, the
+//! other paths' copies of the guest are paused, so no path shares the two
+//! cores with another path's busy vCPU.
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `target/release/bench-migration [ROUNDS]`. Prints a table of medians and
@@ -20,22 +22,37 @@ use flotilla_tests::{
     AgentDirs, CoordinatorProcess, LibvirtDaemon, Netns,
 };
 
+/// The coordinator's listen address, on the management bridge.
 const COORD: &str = "198.19.0.1:7443";
 
 /// One path's figures over the rounds.
 #[derive(Default)]
 struct Sample {
+    /// Command to return (or the raw span), per round.
     wall_ms: Vec<f64>,
+    /// Guest downtime as the path reports it; NaN when it reports none.
     downtime_ms: Vec<f64>,
+    /// Bytes on the migration stream, in MiB; NaN when unreported.
     sent_mib: Vec<f64>,
 }
 
-fn range(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.0}–{max:.0}")
+/// Only the figures a path reported (NaN marks a missing one).
+fn known(v: &[f64]) -> Vec<f64> {
+    v.iter().copied().filter(|x| !x.is_nan()).collect()
 }
 
+/// `median (min–max)` of the known figures, `n/a` when there are none.
+fn summary(v: &[f64]) -> String {
+    let v = known(v);
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.0} ({min:.0}–{max:.0})", median(&v))
+}
+
+/// Sets up the fleet and both libvirtds, runs every guest and path, prints the table.
 fn main() {
     let rounds: usize = std::env::args()
         .nth(1)
@@ -207,20 +224,23 @@ fn main() {
         // The same definition under libvirt, on host-a too.
         lv_a.virsh_ok(&["define", file_s]);
         lv_a.virsh_ok(&["start", &name]);
-        let booted = |idx: usize| {
-            let (ns, host) = if idx == 0 {
-                (&a, "host-a")
+        // An HMP command to Flotilla's copy on host-a (true) or host-b.
+        let hmp = |on_a: bool, line: &str| {
+            let (ns, host, dirs) = if on_a {
+                (&a, "host-a", &dirs_of[0])
             } else {
-                (&b, "host-b")
+                (&b, "host-b", &dirs_of[1])
             };
-            let mut c = agent_command(ns, host, &dirs_of[idx]);
-            c.args(["ctl", "qemu-monitor-command", &name, "--hmp"])
-                .arg(format!("xp /1wx {COUNTER_ADDR:#x}"));
-            parse_xp_word(&String::from_utf8_lossy(&output(c).stdout)).is_some_and(|c| c > 0)
+            let mut c = agent_command(ns, host, dirs);
+            c.args(["ctl", "qemu-monitor-command", &name, "--hmp", line]);
+            String::from_utf8_lossy(&output(c).stdout).into_owned()
         };
         if dirtying {
             assert!(
-                wait_until(Duration::from_secs(30), || booted(0)),
+                wait_until(Duration::from_secs(30), || {
+                    parse_xp_word(&hmp(true, &format!("xp /1wx {COUNTER_ADDR:#x}")))
+                        .is_some_and(|c| c > 0)
+                }),
                 "guest did not boot"
             );
         }
@@ -231,6 +251,10 @@ fn main() {
             } else {
                 ("host-a", &lv_b, &lv_a, "198.18.100.1")
             };
+            // A counting guest keeps a vCPU busy, and this machine has two
+            // cores: while one path is timed the other paths' copies are
+            // paused (untimed), so every path competes with its own guest only.
+            from_lv.virsh_ok(&["suspend", &name]);
             // Flotilla: CLI invocation to CLI return, through coordinator and agents.
             let t = Instant::now();
             let o = flotilla(
@@ -263,7 +287,16 @@ fn main() {
                     .map_or(f64::NAN, parse_size_mib),
             );
 
+            from_lv.virsh_ok(&["resume", &name]);
+            // Flotilla's copy now runs on the destination host; reconciliation
+            // leaves a `paused` VM alone.
+            hmp(!on_a, "stop");
+
             // libvirt: virsh migrate --live between the two libvirtds, over the fabric.
+            // No --unsafe: libvirt's safety check (qemuMigrationSrcIsSafe)
+            // refuses writable disks on a local filesystem such as /tmp, or
+            // with a cache mode other than none/directsync, but skips
+            // read-only disks, and this one is <readonly/>.
             let t = Instant::now();
             let o = {
                 let mut c = Command::new("virsh");
@@ -287,6 +320,8 @@ fn main() {
                 String::from_utf8_lossy(&o.stderr)
             );
             lv.wall_ms.push(wall);
+            // The source has no domain left to ask once the command returns;
+            // the destination keeps the completed job's statistics.
             let info = to_lv.virsh_ok(&["domjobinfo", &name, "--completed"]);
             let field = |key: &str| {
                 info.lines()
@@ -301,10 +336,13 @@ fn main() {
             );
             lv.sent_mib
                 .push(field("Memory processed").map_or(f64::NAN, |v| parse_size_mib(&v)));
-            on_a = !on_a;
 
             // Raw QMP between two QEMUs started by hand: the floor.
+            to_lv.virsh_ok(&["suspend", &name]);
             let r = raw_qmp(&a, &b, &image, mib, dirtying, work.path());
+            to_lv.virsh_ok(&["resume", &name]);
+            hmp(!on_a, "cont");
+            on_a = !on_a;
             raw.wall_ms.push(r.migrate_ms);
             raw_launch.wall_ms.push(r.with_launch_ms);
             for s in [&mut raw, &mut raw_launch] {
@@ -323,14 +361,17 @@ fn main() {
             ("raw QMP, destination launch included", &raw_launch),
             ("raw QMP, `migrate` to completed only", &raw),
         ] {
+            let sent = known(&s.sent_mib);
             println!(
-                "| {workload} {mib} MiB | {label} | {} | {:.0} ({}) | {:.0} ({}) | {:.1} |",
+                "| {workload} {mib} MiB | {label} | {} | {} | {} | {} |",
                 s.wall_ms.len(),
-                median(&s.wall_ms),
-                range(&s.wall_ms),
-                median(&s.downtime_ms),
-                range(&s.downtime_ms),
-                median(&s.sent_mib)
+                summary(&s.wall_ms),
+                summary(&s.downtime_ms),
+                if sent.is_empty() {
+                    "n/a".into()
+                } else {
+                    format!("{:.1}", median(&sent))
+                }
             );
         }
         ratios.push(format!(
@@ -367,7 +408,9 @@ struct RawRun {
     with_launch_ms: f64,
     /// From `migrate` to `completed`.
     migrate_ms: f64,
+    /// QEMU's own `downtime` from `query-migrate`.
     downtime_ms: f64,
+    /// `ram.transferred`, in MiB.
     sent_mib: f64,
 }
 

@@ -19,11 +19,15 @@ use flotilla_tests::{
     CoordinatorProcess, LibvirtDaemon, Netns,
 };
 
+/// The coordinator's listen address, inside the host namespace.
 const COORD: &str = "127.0.0.1:7443";
+/// br0's address: where `public` resolves on this host.
 const PUBLIC: &str = "198.18.31.1";
+/// The same `public` for the agent and for libvirt.
 const PUBLIC_NET: &str =
     "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
 
+/// The benchmark guest: 64 MiB, no disk, one VNC console on `public`.
 fn domain(name: &str, kvm: bool) -> String {
     format!(
         "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
@@ -54,6 +58,7 @@ fn until_rfb(ns: &Netns, port: u16, t0: Instant) -> f64 {
     })
 }
 
+/// One markdown row: runs, median and p10–p90 of `v`.
 fn row(label: &str, v: &[f64]) {
     println!(
         "| {label} | {} | {:.0} | {:.0}–{:.0} |",
@@ -72,6 +77,7 @@ fn footprint(pid: u32, window: Duration) -> (f64, f64) {
     (cpu, rss_mib(pid))
 }
 
+/// Times the three start paths round by round, then measures the footprint.
 fn main() {
     let rounds: usize = std::env::args()
         .nth(1)
@@ -166,6 +172,13 @@ fn main() {
         let t0 = Instant::now();
         libvirt.virsh_ok(&["start", "startbench"]);
         theirs.push(until_rfb(&host, 5900, t0));
+        // Untimed: the banner came from where libvirt itself resolved `public`.
+        let shown = libvirt.virsh_ok(&["domdisplay", "startbench"]);
+        assert_eq!(
+            shown.trim(),
+            format!("vnc://{PUBLIC}:0"),
+            "libvirt's console"
+        );
         libvirt.virsh_ok(&["destroy", "startbench"]);
     }
     println!("| path | runs | median ms | p10–p90 ms |");
