@@ -75,20 +75,30 @@ impl ProgressSampler {
 
 /// `vm web01 migration active 42% (27.0 of 64.0 MiB sent, 118.2 MiB/s, pass 1)`.
 pub fn migration_progress_line(name: &str, p: &MigrationProgress) -> String {
+    format!("vm {name} migration {}", migration_progress(p))
+}
+
+/// `active 42% (27.0 of 64.0 MiB sent, 118.2 MiB/s, pass 1)`: one progress sample.
+pub fn migration_progress(p: &MigrationProgress) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
-    // Remaining shrinks to 0 as pages are sent; transferred may exceed total
-    // when pages are resent, so it is not the measure of completion.
-    let done = (p.total.saturating_sub(p.remaining) * 100)
-        .checked_div(p.total)
-        .map_or(0, |d| d.min(100));
     format!(
-        "vm {name} migration {} {done}% ({:.1} of {:.1} MiB sent, {:.1} MiB/s, pass {})",
+        "{} {}% ({:.1} of {:.1} MiB sent, {:.1} MiB/s, pass {})",
         p.status,
+        migration_percent(p),
         p.transferred as f64 / MIB,
         p.total as f64 / MIB,
         p.throughput_bps as f64 / MIB,
         p.dirty_sync_count
     )
+}
+
+/// How far the migration is, 0–100, from what is left to send.
+pub fn migration_percent(p: &MigrationProgress) -> u64 {
+    // Remaining shrinks to 0 as pages are sent; transferred may exceed total
+    // when pages are resent, so it is not the measure of completion.
+    (p.total.saturating_sub(p.remaining) * 100)
+        .checked_div(p.total)
+        .map_or(0, |d| d.min(100))
 }
 
 /// `2026-11-25T01:50:03Z`.

@@ -838,6 +838,14 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
         "{}",
         text(&o)
     );
+    // Without a terminal the CLI prints a progress line a second instead of a bar.
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .any(|l| l.starts_with("progress: active ") && l.contains(" MiB sent")),
+        "{}",
+        text(&o)
+    );
     runs_only_on(&f, 0, "stay", &uuid);
     // The event log tells the same story, with sampled progress in between.
     let events = text(&f.cli(&["events"]));

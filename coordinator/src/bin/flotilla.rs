@@ -350,7 +350,7 @@ async fn migrate(
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} migrating [{bar:30}] {bytes}/{total_bytes} {msg}",
+            "{spinner} migrating [{bar:30}] {percent}% of {total_bytes}, {msg}",
         )?
         .progress_chars("=> "),
     );
@@ -360,10 +360,13 @@ async fn migrate(
         tokio::select! {
             frame = quic::read_frame::<ServerMessage>(&mut recv) => match frame? {
                 ServerMessage::Progress(p) => {
+                    // The bar fills with what has been sent once: resent
+                    // dirty pages would push `transferred` past the total.
                     bar.set_length(p.total);
-                    bar.set_position(p.transferred);
+                    bar.set_position(p.total.saturating_sub(p.remaining));
                     bar.set_message(format!(
-                        "{}/s, {} dirty-sync passes, expected downtime {} ms",
+                        "{} sent, {}/s, pass {}, expected downtime {} ms",
+                        indicatif::HumanBytes(p.transferred),
                         indicatif::HumanBytes(p.throughput_bps),
                         p.dirty_sync_count,
                         p.expected_downtime_ms
@@ -374,10 +377,7 @@ async fn migrate(
                     // Without a terminal, one line a second is plenty.
                     if !json && last_line.elapsed() >= std::time::Duration::from_secs(1) {
                         last_line = std::time::Instant::now();
-                        eprintln!(
-                            "progress: {} of {} bytes, {} remaining, {} B/s",
-                            p.transferred, p.total, p.remaining, p.throughput_bps
-                        );
+                        eprintln!("progress: {}", flotilla_coordinator::events::migration_progress(&p));
                     }
                 }
                 ServerMessage::Operator(r) => {
