@@ -170,10 +170,13 @@ shot() { # name
   echo "domdisplay: $uri ($host)" >&2
   # SeaBIOS takes a moment to reach the boot sector and put the counter on screen.
   for _ in $(seq 100); do [ "$(counter "$host")" -gt 0 ] && break; sleep 0.1; done
+  # The counter runs on during the capture, so bracket it: the hex number at
+  # the screen's top left lies between the two readings.
+  local lo hi
+  lo=$(counter "$host")
   ip netns exec "$P-$host" "$VENV/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
-  local n
-  n=$(counter "$host")
-  echo "screenshot: $DEMO/screenshots/$1.png (guest counter $n, read just after the capture; the screen shows it in hex at the top left, here $(printf '%08X' "$n"))" >&2
+  hi=$(counter "$host")
+  echo "screenshot: $DEMO/screenshots/$1.png (guest counter $lo to $hi during the capture; on screen in hex at the top left, between $(printf '%08X' "$lo") and $(printf '%08X' "$hi"))" >&2
   echo "$addr"
 }
 step "the console, through a real VNC client"

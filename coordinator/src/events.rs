@@ -73,21 +73,26 @@ impl ProgressSampler {
     }
 }
 
-/// `vm web01 migration active 42% (27.0 of 64.0 MiB sent, 118.2 MiB/s, pass 1)`.
+/// `vm web01 migration active 42% of 64.0 MiB (27.0 MiB sent, 118.2 MiB/s, pass 1)`.
 pub fn migration_progress_line(name: &str, p: &MigrationProgress) -> String {
     format!("vm {name} migration {}", migration_progress(p))
 }
 
-/// `active 42% (27.0 of 64.0 MiB sent, 118.2 MiB/s, pass 1)`: one progress sample.
+/// `active 42% of 64.0 MiB (27.0 MiB sent, 118.2 MiB/s, pass 1)`: one progress sample.
 pub fn migration_progress(p: &MigrationProgress) -> String {
     const MIB: f64 = 1024.0 * 1024.0;
+    // QEMU reports no rate until its first bandwidth sample, and "0.0 MiB/s"
+    // beside a moving percentage reads as a stall.
+    let rate = match p.throughput_bps {
+        0 => String::new(),
+        bps => format!(", {:.1} MiB/s", bps as f64 / MIB),
+    };
     format!(
-        "{} {}% ({:.1} of {:.1} MiB sent, {:.1} MiB/s, pass {})",
+        "{} {}% of {:.1} MiB ({:.1} MiB sent{rate}, pass {})",
         p.status,
         migration_percent(p),
-        p.transferred as f64 / MIB,
         p.total as f64 / MIB,
-        p.throughput_bps as f64 / MIB,
+        p.transferred as f64 / MIB,
         p.dirty_sync_count
     )
 }
@@ -196,10 +201,21 @@ mod tests {
         };
         assert_eq!(
             migration_progress_line("web01", &p),
-            "vm web01 migration active 75% (80.0 of 64.0 MiB sent, 120.0 MiB/s, pass 2)"
+            "vm web01 migration active 75% of 64.0 MiB (80.0 MiB sent, 120.0 MiB/s, pass 2)"
         );
-        let empty = MigrationProgress { total: 0, ..p };
+        let empty = MigrationProgress {
+            total: 0,
+            ..p.clone()
+        };
         assert!(migration_progress_line("web01", &empty).contains(" 0% "));
+        let unrated = MigrationProgress {
+            throughput_bps: 0,
+            ..p
+        };
+        assert_eq!(
+            migration_progress(&unrated),
+            "active 75% of 64.0 MiB (80.0 MiB sent, pass 2)"
+        );
     }
 
     #[test]

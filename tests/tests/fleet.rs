@@ -856,7 +856,7 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
     assert!(
         events
             .lines()
-            .any(|l| l.contains("vm stay migration active ") && l.contains("% (")),
+            .any(|l| l.contains("vm stay migration active ") && l.contains("% of ")),
         "no progress line in:\n{events}"
     );
     assert!(
