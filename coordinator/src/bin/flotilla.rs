@@ -67,7 +67,10 @@ enum Command {
     /// Remove a stopped VM's definition.
     ///
     /// Example: flotilla undefine web01
-    Undefine { name: String },
+    Undefine {
+        /// The VM's name.
+        name: String,
+    },
     /// List running VMs (with --all, every defined VM).
     ///
     /// Example: flotilla list --all --json
@@ -79,6 +82,7 @@ enum Command {
     ///
     /// Example: flotilla dumpxml web01 --live
     Dumpxml {
+        /// The VM's name.
         name: String,
         #[arg(long)]
         live: bool,
@@ -87,6 +91,7 @@ enum Command {
     ///
     /// Example: flotilla start web01 --host host-a
     Start {
+        /// The VM's name.
         name: String,
         #[arg(long)]
         host: Option<String>,
@@ -95,6 +100,7 @@ enum Command {
     ///
     /// Example: flotilla shutdown web01 --timeout 60
     Shutdown {
+        /// The VM's name.
         name: String,
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -102,11 +108,17 @@ enum Command {
     /// Stop a VM immediately.
     ///
     /// Example: flotilla destroy web01
-    Destroy { name: String },
+    Destroy {
+        /// The VM's name.
+        name: String,
+    },
     /// Print where a VM's consoles listen now (vnc://ADDR:PORT).
     ///
     /// Example: flotilla domdisplay web01
-    Domdisplay { name: String },
+    Domdisplay {
+        /// The VM's name.
+        name: String,
+    },
     /// List the fleet's hosts.
     ///
     /// Example: flotilla hosts
@@ -115,6 +127,7 @@ enum Command {
     ///
     /// Example: flotilla net-list --host host-a
     NetList {
+        /// The host's name, as `flotilla hosts` lists it.
         #[arg(long)]
         host: String,
     },
@@ -122,6 +135,7 @@ enum Command {
     ///
     /// Example: flotilla migrate web01 --to host-b --max-downtime 300 --timeout 120
     Migrate {
+        /// The VM's name.
         name: String,
         /// Destination host; the scheduler picks one when absent.
         #[arg(long)]
@@ -145,11 +159,15 @@ enum Command {
     /// Cancel a running migration; the VM keeps running on its source.
     ///
     /// Example: flotilla migrate-abort web01
-    MigrateAbort { name: String },
+    MigrateAbort {
+        /// The VM's name.
+        name: String,
+    },
     /// Stop placing VMs on a host and migrate every VM off it.
     ///
     /// Example: flotilla host-drain host-a --parallel 2
     HostDrain {
+        /// The host's name, as `flotilla hosts` lists it.
         host: String,
         /// Migrations at once.
         #[arg(long, default_value_t = 2)]
@@ -158,7 +176,10 @@ enum Command {
     /// Let the scheduler place VMs on a drained host again.
     ///
     /// Example: flotilla host-undrain host-a
-    HostUndrain { host: String },
+    HostUndrain {
+        /// The host's name, as `flotilla hosts` lists it.
+        host: String,
+    },
     /// Show recent fleet events; with --follow, keep streaming them.
     ///
     /// Example: flotilla events --follow
