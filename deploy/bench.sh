@@ -16,7 +16,13 @@ cd "$(dirname "$0")/.."
 TABLES=target/bench/tables.md
 HEADER=target/bench/header.md
 assemble() {
-  cat "$HEADER" "$TABLES" deploy/bench-notes.md > BENCHMARKS.md
+  local f
+  for f in "$HEADER" "$TABLES" deploy/bench-notes.md; do
+    [ -s "$f" ] || { echo "deploy/bench.sh: $f missing; run deploy/bench.sh first" >&2; exit 1; }
+  done
+  # Written aside and moved, so a failure never leaves a truncated BENCHMARKS.md.
+  cat "$HEADER" "$TABLES" deploy/bench-notes.md > BENCHMARKS.md.tmp
+  mv BENCHMARKS.md.tmp BENCHMARKS.md
   echo "== BENCHMARKS.md written"
 }
 if [ "${1:-}" = --notes ]; then

@@ -94,16 +94,18 @@ libvirt_half() {
   local lv=$WORK/libvirt i
   # A private libvirtd (deploy/libvirt-host.sh) in this namespace.
   "$(dirname "$SELF")/libvirt-host.sh" "$lv" &
+  # By its socket path, never the default URI: until libvirt-host.sh has
+  # mounted its folders, that would reach the host's own libvirtd.
+  export LIBVIRT_DEFAULT_URI="qemu:///system?socket=$lv/run/libvirt-sock"
   for i in $(seq 300); do
-    virsh -q -c qemu:///system version >/dev/null 2>&1 && break
+    virsh -q version >/dev/null 2>&1 && break
     sleep 0.2
   done
-  if ! virsh -q -c qemu:///system version >/dev/null 2>&1; then
+  if ! virsh -q version >/dev/null 2>&1; then
     echo "libvirtd did not come up; its log:" >&2
     tail -20 "$lv/log/libvirtd.log" >&2 || true
     return 1
   fi
-  export LIBVIRT_DEFAULT_URI=qemu:///system
 
   local c out name pid
   for c in "${CASES[@]}"; do

@@ -15,12 +15,21 @@
 set -euo pipefail
 WORK=${1:?usage: libvirt-host.sh WORK}
 lv=$WORK
+# Everything below mounts over the host's libvirt folders: only ever in a
+# mount namespace of our own, never in the host's.
+if [ "$(readlink /proc/self/ns/mnt)" = "$(readlink /proc/1/ns/mnt)" ]; then
+  echo "libvirt-host.sh: run under 'unshare -m'; this is the host's mount namespace" >&2
+  exit 1
+fi
 mkdir -p "$lv"/{run,lib,log,cache,etc}
 # Mounts made here must never propagate back to the host.
 mount --make-rprivate /
 # /var/run is a symlink to /run on Debian, so binding /run/libvirt covers
 # /var/run/libvirt too.
 cp -a /etc/libvirt/. "$lv/etc/"
+# The host's autostart links would start its own domains and networks (the
+# default NAT network's 192.168.122.0/24 among them) in this namespace.
+rm -rf "$lv/etc/qemu/autostart" "$lv/etc/qemu/networks/autostart"
 for d in run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt \
          cache:/var/cache/libvirt etc:/etc/libvirt; do
   mkdir -p "${d#*:}"

@@ -1,9 +1,10 @@
 //! The coordinator's event log: what `flotilla events [--follow]` shows.
 //!
 //! Lines for host and VM transitions (connected, unreachable, started,
-//! stopped, placed or not, migrating with progress, migrated), each stamped in UTC. The newest lines are
-//! kept for operators who ask later; followers get every new line as it
-//! happens and are dropped when they go away. The clock is an input.
+//! stopped, placed or not, migrating with progress, migrated), each stamped
+//! in UTC. The newest lines are kept for operators who ask later; followers
+//! get every new line as it happens and are dropped when they go away. The
+//! clock is an input.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -101,9 +102,10 @@ pub fn migration_progress(p: &MigrationProgress) -> String {
 pub fn migration_percent(p: &MigrationProgress) -> u64 {
     // Remaining shrinks to 0 as pages are sent; transferred may exceed total
     // when pages are resent, so it is not the measure of completion.
-    (p.total.saturating_sub(p.remaining) * 100)
-        .checked_div(p.total)
-        .map_or(0, |d| d.min(100))
+    // In u128: the sizes come from QEMU and must not overflow into a panic.
+    let done = u128::from(p.total.saturating_sub(p.remaining)) * 100;
+    done.checked_div(u128::from(p.total))
+        .map_or(0, |d| d.min(100) as u64)
 }
 
 /// `2026-11-25T01:50:03Z`.
@@ -208,6 +210,12 @@ mod tests {
             ..p.clone()
         };
         assert!(migration_progress_line("web01", &empty).contains(" 0% "));
+        let huge = MigrationProgress {
+            total: u64::MAX,
+            remaining: 0,
+            ..p.clone()
+        };
+        assert_eq!(migration_percent(&huge), 100);
         let unrated = MigrationProgress {
             throughput_bps: 0,
             ..p

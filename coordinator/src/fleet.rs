@@ -26,7 +26,7 @@ use crate::migration::MigrationParams;
 use crate::migration_driver::{self, MigrationJob};
 use crate::reconcile::{overlay_recent, reconcile, Fix};
 use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
-use crate::store::{HostRow, NewDefinition, Store, VmRow};
+use crate::store::{HostRow, NewDefinition, Store, StoreError, VmRow};
 use crate::usage::{Footprint, Usage};
 
 /// How long the coordinator waits for an agent to answer a request.
@@ -159,21 +159,23 @@ pub struct OperatorCall {
 }
 
 impl Fleet {
-    /// A fleet over `store`.
-    pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Self {
+    /// A fleet over `store`, its in-memory mirrors loaded from it.
+    ///
+    /// A store that cannot be read refuses the start: empty mirrors would
+    /// overcommit hosts and write a drained host back as undrained.
+    pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Result<Self, StoreError> {
         let mut usage = Usage::default();
-        for row in store.list().unwrap_or_default() {
+        for row in store.list()? {
             if let Some(h) = &row.placement {
                 usage.set(&row.name, Some((h, footprint(&row))));
             }
         }
         let host_rows = store
-            .hosts()
-            .unwrap_or_default()
+            .hosts()?
             .into_iter()
             .map(|h| (h.name.clone(), h))
             .collect();
-        Fleet {
+        Ok(Fleet {
             store,
             settings,
             hosts: BTreeMap::new(),
@@ -184,7 +186,7 @@ impl Fleet {
             events: EventLog::default(),
             host_states: BTreeMap::new(),
             touched: BTreeMap::new(),
-        }
+        })
     }
 
     fn connected(&self, h: &HostState) -> bool {
@@ -650,6 +652,7 @@ impl Fleet {
         metrics::gauge!("flotilla_migrations_in_progress").set(self.migrations.len() as f64);
         tracing::info!(vm = %name, from = %source, to = %dest, operator = %call.operator, "migrating");
         self.emit(format!("vm {name} migrating from {source} to {dest}"));
+        let (progress, tee) = progress_tee(name.clone(), call.progress, fleet);
         let job = MigrationJob {
             name: name.clone(),
             source,
@@ -666,11 +669,17 @@ impl Fleet {
                 timeout: timeout_secs.map(Duration::from_secs),
             },
             store: self.store.clone(),
-            progress: progress_tee(name.clone(), call.progress, fleet),
+            progress,
             aborts,
             dest_consoles: Vec::new(),
         };
-        Ok(Box::pin(migration_driver::run(job).into_actor(self).map(
+        let run = async move {
+            let response = migration_driver::run(job).await;
+            // The job, and with it the tee's sender, is gone: its last lines land first.
+            let _ = tee.await;
+            response
+        };
+        Ok(Box::pin(run.into_actor(self).map(
             move |response, act, _| {
                 act.migrations.remove(&name);
                 if let OperatorResponse::Migrated { on, .. } = &response {
@@ -763,7 +772,7 @@ impl Fleet {
         &mut self,
         name: &str,
         placement: Option<(&str, Footprint)>,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<(), StoreError> {
         self.store.set_placement(
             name,
             placement.map(|(h, _)| h.to_string()),
@@ -1188,23 +1197,30 @@ impl Handler<EventLine> for Fleet {
 }
 
 /// Passes every progress sample to the operator and a sampled few to the event log.
+///
+/// The task ends once the sender is dropped and every line it logged has been
+/// handled, so awaiting it before the outcome line keeps the log in order.
 fn progress_tee(
     name: String,
     operator: tokio::sync::mpsc::UnboundedSender<MigrationProgress>,
     fleet: Addr<Fleet>,
-) -> tokio::sync::mpsc::UnboundedSender<MigrationProgress> {
+) -> (
+    tokio::sync::mpsc::UnboundedSender<MigrationProgress>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MigrationProgress>();
-    actix::spawn(async move {
+    let task = actix::spawn(async move {
         let mut sampler = crate::events::ProgressSampler::default();
         while let Some(p) = rx.recv().await {
             if sampler.should_log(Instant::now(), &p.status) {
-                fleet.do_send(EventLine(crate::events::migration_progress_line(&name, &p)));
+                let line = crate::events::migration_progress_line(&name, &p);
+                let _ = fleet.send(EventLine(line)).await;
             }
             // A gone operator (Ctrl-C'd CLI, drain stream) must not stop the log.
             let _ = operator.send(p);
         }
     });
-    tx
+    (tx, task)
 }
 
 impl Handler<EventsCall> for Fleet {

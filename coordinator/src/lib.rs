@@ -1,9 +1,9 @@
 //! The Flotilla coordinator: stored definitions, fleet scheduling, orchestration.
 //!
-//! Pure decisions live in [`scheduler`] and [`reconcile`]; durable state in
-//! [`store`]; the [`fleet`] actor owns the live view of hosts and answers
-//! operators; [`server`] is the QUIC shell that authenticates peers and feeds
-//! the actor.
+//! Pure decisions live in [`scheduler`], [`reconcile`], [`migration`] and
+//! [`usage`]; durable state in [`store`]; the [`fleet`] actor owns the live
+//! view of hosts and answers operators; [`server`] is the QUIC shell that
+//! authenticates peers and feeds the actor.
 
 pub mod events;
 pub mod fleet;

@@ -42,6 +42,8 @@ pub struct MigrationParams {
 /// A `query-migrate` sample from the source.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MigrationStats {
+    /// QEMU's status word (`active`, `postcopy-active`, `device`, …).
+    pub status: String,
     /// Bytes sent so far.
     pub transferred: u64,
     /// Bytes still to send.

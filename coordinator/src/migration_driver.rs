@@ -71,6 +71,7 @@ enum Step {
 
 fn stats(p: &MigrationProgress) -> MigrationStats {
     MigrationStats {
+        status: p.status.clone(),
         transferred: p.transferred,
         remaining: p.remaining,
         total: p.total,
@@ -81,9 +82,9 @@ fn stats(p: &MigrationProgress) -> MigrationStats {
     }
 }
 
-fn progress(s: &MigrationStats, status: &str) -> MigrationProgress {
+fn progress(s: &MigrationStats) -> MigrationProgress {
     MigrationProgress {
-        status: status.to_string(),
+        status: s.status.clone(),
         transferred: s.transferred,
         remaining: s.remaining,
         total: s.total,
@@ -168,7 +169,7 @@ async fn drive(mut job: MigrationJob) -> OperatorResponse {
         on,
         outcome: word,
         elapsed_ms: elapsed.as_millis() as u64,
-        stats: stats.map(|s| progress(&s, "completed")),
+        stats: stats.map(|s| progress(&s)),
     }
 }
 
@@ -295,7 +296,7 @@ async fn execute(
             Some(Input::Confirmed)
         }
         Command::Report(Report::Progress(s)) => {
-            let _ = job.progress.send(progress(&s, "active"));
+            let _ = job.progress.send(progress(&s));
             None
         }
         Command::Report(Report::Postcopy) => None,

@@ -2,11 +2,12 @@
 //!
 //! A pure, deterministic function of (VM needs, host snapshots, policy): no
 //! I/O and no clock, so it is tested with tables and benchmarked without
-//! sockets. Every host is checked against every filter, so when nothing fits
-//! the answer names each host with each reason ("host-b: network 'public'
-//! has no address: no IP address found for interface 'br0'"), never a bare
-//! "no valid host". Feasible hosts are scored (spread or binpack) and ties
-//! break by name, so the same inputs always give the same answer.
+//! sockets. A host's check stops at its first failing filter and allocates
+//! nothing; only when nothing fits is every host checked against every
+//! filter, so the answer names each host with each reason ("host-b: network
+//! 'public' has no address: no IP address found for interface 'br0'"), never
+//! a bare "no valid host". Feasible hosts are scored (spread or binpack) and
+//! ties break by name, so the same inputs always give the same answer.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -371,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn host_facts_need_no_fsync_but_a_drain_flag_is_durable() {
+    fn host_rows_read_back_with_or_without_fsync_and_after_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let row = |draining| HostRow {
             name: "host-a".into(),

@@ -4,7 +4,9 @@
 //! Pure. The store is the truth; this is an index over its placements so that
 //! a start costs O(hosts) instead of re-reading and re-parsing every stored
 //! definition (O(VMs) per start, O(VMs²) for a fleet-wide start). Every
-//! placement the coordinator records is mirrored here in the same actor turn.
+//! placement the coordinator records is mirrored here in the same actor turn,
+//! except a migration's, which the driver records and the fleet mirrors when
+//! the migration returns.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -24,7 +24,7 @@ fn run_with(config: &str, extra: &[&str]) -> (Option<i32>, String, bool) {
 
 #[test]
 fn a_bad_config_file_is_refused_with_file_key_and_reason() {
-    let (code, err, touched) = run_with("listen = '0.0.0.0:7443'\nstrategy = 'random'\n", &[]);
+    let (code, err, touched) = run_with("listen = '127.0.0.1:0'\nstrategy = 'random'\n", &[]);
     assert_eq!(code, Some(2), "{err}");
     assert_eq!(
         err.trim(),
@@ -39,10 +39,10 @@ fn a_bad_config_file_is_refused_with_file_key_and_reason() {
         "{err}"
     );
 
-    let (code, err, _) = run_with("listen = '0.0.0.0:7443\n", &[]);
+    let (code, err, _) = run_with("listen = '127.0.0.1:0\n", &[]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.starts_with("flotilla-coordinator: FILE:1:23: error: "),
+        err.starts_with("flotilla-coordinator: FILE:1:22: error: "),
         "{err}"
     );
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
     /// The file could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -64,7 +64,8 @@ pub enum ConfigFileError {
 }
 
 /// Flags that make no sense in a config file.
-const NOT_CONFIGURABLE: &[&str] = &["config", "help", "version"];
+// `once-start` turns a daemon into a one-shot run: never a service's setting.
+const NOT_CONFIGURABLE: &[&str] = &["config", "help", "version", "once-start"];
 
 /// Turns the config file's `text` into arguments for `command`.
 ///
@@ -155,22 +156,24 @@ pub fn config_args(
     Ok(args)
 }
 
-/// The `--config FILE` (or `--config=FILE`) among `argv`, before any `--`.
+/// The last `--config FILE` (or `--config=FILE`) among `argv`, before any `--`.
+///
+/// The last, because the command keeps the last occurrence of a flag.
 pub fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut found = None;
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
         if s == "--" {
-            return None;
+            break;
         }
         if s == "--config" {
-            return it.next().map(PathBuf::from);
-        }
-        if let Some(p) = s.strip_prefix("--config=") {
-            return Some(PathBuf::from(p));
+            found = it.next().map(PathBuf::from);
+        } else if let Some(p) = s.strip_prefix("--config=") {
+            found = Some(PathBuf::from(p));
         }
     }
-    None
+    found
 }
 
 /// `argv` with the arguments of the `--config` file, if any, placed first.
@@ -198,7 +201,12 @@ pub fn merged_argv(
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    // The parser's offset is a byte offset; step back to a character boundary.
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
@@ -351,6 +359,30 @@ mod tests {
         );
         assert_eq!(config_path(&os(&["d", "--", "--config", "/c.toml"])), None);
         assert_eq!(config_path(&os(&["d"])), None);
+        // The command keeps the last occurrence, so the file read must be that one.
+        assert_eq!(
+            config_path(&os(&["d", "--config", "/a.toml", "--config=/b.toml"])),
+            Some(PathBuf::from("/b.toml"))
+        );
+    }
+
+    #[test]
+    fn a_one_shot_flag_is_not_a_setting() {
+        let cmd = daemon().arg(Arg::new("once-start").long("once-start"));
+        let e = config_args(Path::new("a.toml"), "once-start = 'vm.xml'", &cmd, |_| None)
+            .expect_err("refused");
+        assert!(
+            e.to_string()
+                .starts_with("a.toml: error: unknown key 'once-start'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn positions_count_characters_not_bytes() {
+        assert_eq!(line_column("é = 1\nné", 9), (2, 2));
+        // An offset inside a character counts from that character's start.
+        assert_eq!(line_column("aé", 2), (1, 2));
     }
 
     #[test]
@@ -378,10 +410,10 @@ mod tests {
             &daemon(),
         )
         .expect_err("missing");
+        assert_eq!(e.to_string(), format!("{}: cannot read", missing.display()));
         assert!(
-            e.to_string()
-                .starts_with(&format!("{}: ", missing.display())),
-            "{e}"
+            std::error::Error::source(&e).is_some(),
+            "the OS error is the source"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

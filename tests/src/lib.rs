@@ -523,9 +523,13 @@ impl LibvirtDaemon {
             .stdout(Stdio::null())
             .stderr(log);
         let child = c.spawn().expect("spawn libvirtd");
-        let daemon = LibvirtDaemon {
+        let mut daemon = LibvirtDaemon {
             child,
             work: work.to_path_buf(),
+        };
+        let logs = || {
+            let read = |f: &str| std::fs::read_to_string(work.join(f)).unwrap_or_default();
+            format!("{}{}", read("libvirt-host.out"), read("log/libvirtd.log"))
         };
         // The first start probes QEMU's capabilities, which takes a while.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -533,12 +537,12 @@ impl LibvirtDaemon {
             if daemon.virsh(&["version"]).status.success() {
                 return daemon;
             }
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("libvirtd exited ({status}) before answering: {}", logs());
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "libvirtd did not come up: {}",
-            std::fs::read_to_string(work.join("log/libvirtd.log")).unwrap_or_default()
-        );
+        panic!("libvirtd did not come up: {}", logs());
     }
 
     /// `qemu:///system` on this daemon's socket.

@@ -61,7 +61,8 @@ impl Demo {
                 continue;
             };
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            // A killed process is a zombie with an empty cmdline until reaped.
+            // Zombies have an empty cmdline, so only live processes match; the
+            // demo script itself (and its `down`) are the caller's, not leftovers.
             if cmd.contains(&needle) && !cmd.contains("deploy/demo.sh") {
                 found.push(cmd);
             }

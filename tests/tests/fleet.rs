@@ -859,9 +859,16 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
             .any(|l| l.contains("vm stay migration active ") && l.contains("% of ")),
         "no progress line in:\n{events}"
     );
+    let lines: Vec<&str> = events.lines().collect();
+    let last_progress = lines
+        .iter()
+        .rposition(|l| l.contains("vm stay migration active "));
+    let outcome = lines
+        .iter()
+        .position(|l| l.contains("vm stay migration aborted: aborted by operator"));
     assert!(
-        events.contains("vm stay migration aborted: aborted by operator"),
-        "{events}"
+        outcome.is_some() && last_progress < outcome,
+        "the outcome must follow every progress line:\n{events}"
     );
 
     // --timeout does the same.

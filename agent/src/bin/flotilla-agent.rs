@@ -166,7 +166,8 @@ fn main() -> ExitCode {
     let argv = match config_file::merged_argv(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
         Err(e) => {
-            eprintln!("flotilla-agent: {e}");
+            // The whole chain: a read error names the file, its source says why.
+            eprintln!("flotilla-agent: {:#}", anyhow::Error::new(e));
             return ExitCode::from(2);
         }
     };

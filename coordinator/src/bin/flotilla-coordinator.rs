@@ -79,7 +79,8 @@ fn main() -> ExitCode {
     let argv = match config_file::merged_argv(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
         Err(e) => {
-            eprintln!("flotilla-coordinator: {e}");
+            // The whole chain: a read error names the file, its source says why.
+            eprintln!("flotilla-coordinator: {:#}", anyhow::Error::new(e));
             return ExitCode::from(2);
         }
     };
@@ -126,7 +127,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             memory_ratio: cli.memory_overcommit,
         },
     };
-    let fleet = Fleet::new(Arc::new(store), settings).start();
+    let fleet = Fleet::new(Arc::new(store), settings)
+        .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?
+        .start();
     tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
     let serving = actix::spawn(server::serve(endpoint.clone(), fleet));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

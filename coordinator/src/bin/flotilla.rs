@@ -63,7 +63,10 @@ enum Command {
     /// Store a VM definition (libvirt domain XML).
     ///
     /// Example: flotilla define web01.xml
-    Define { file: PathBuf },
+    Define {
+        /// The libvirt domain XML file to store.
+        file: PathBuf,
+    },
     /// Remove a stopped VM's definition.
     ///
     /// Example: flotilla undefine web01
@@ -75,6 +78,7 @@ enum Command {
     ///
     /// Example: flotilla list --all --json
     List {
+        /// Include defined VMs that are not running.
         #[arg(long)]
         all: bool,
     },
@@ -84,6 +88,7 @@ enum Command {
     Dumpxml {
         /// The VM's name.
         name: String,
+        /// The running XML from its host: resolved addresses and ports.
         #[arg(long)]
         live: bool,
     },
@@ -93,6 +98,7 @@ enum Command {
     Start {
         /// The VM's name.
         name: String,
+        /// Start on this host instead of the scheduler's choice.
         #[arg(long)]
         host: Option<String>,
     },
@@ -102,6 +108,7 @@ enum Command {
     Shutdown {
         /// The VM's name.
         name: String,
+        /// Seconds to wait for the guest before stopping QEMU.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
@@ -184,6 +191,7 @@ enum Command {
     ///
     /// Example: flotilla events --follow
     Events {
+        /// Keep streaming new events until interrupted.
         #[arg(long)]
         follow: bool,
     },
@@ -191,6 +199,7 @@ enum Command {
     ///
     /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
     Completion {
+        /// The shell to print the script for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -202,6 +211,7 @@ enum Certs {
     ///
     /// Example: flotilla certs init --dir /etc/flotilla/tls
     Init {
+        /// The TLS directory to create (`--tls-dir` of every binary).
         #[arg(long)]
         dir: PathBuf,
         /// Name of the first operator certificate.
@@ -215,6 +225,7 @@ enum Certs {
     ///
     /// Example: flotilla certs issue --dir /etc/flotilla/tls --agent host-a
     Issue {
+        /// The TLS directory `certs init` created; it holds the CA key.
         #[arg(long)]
         dir: PathBuf,
         #[arg(
@@ -222,7 +233,9 @@ enum Certs {
             conflicts_with = "operator",
             required_unless_present = "operator"
         )]
+        /// An agent certificate for this host name.
         agent: Option<String>,
+        /// An operator certificate with this name.
         #[arg(long)]
         operator: Option<String>,
     },
@@ -376,7 +389,7 @@ async fn migrate(
         .progress_chars("=> "),
     );
     let mut aborting = false;
-    let mut last_line = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let mut last_line: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             frame = quic::read_frame::<ServerMessage>(&mut recv) => match frame? {
@@ -385,10 +398,14 @@ async fn migrate(
                     // dirty pages would push `transferred` past the total.
                     bar.set_length(p.total);
                     bar.set_position(p.total.saturating_sub(p.remaining));
+                    // QEMU has no rate before its first bandwidth sample.
+                    let rate = match p.throughput_bps {
+                        0 => String::new(),
+                        bps => format!(", {}/s", indicatif::HumanBytes(bps)),
+                    };
                     bar.set_message(format!(
-                        "{} sent, {}/s, pass {}, expected downtime {} ms",
+                        "{} sent{rate}, pass {}, expected downtime {} ms",
                         indicatif::HumanBytes(p.transferred),
-                        indicatif::HumanBytes(p.throughput_bps),
                         p.dirty_sync_count,
                         p.expected_downtime_ms
                     ));
@@ -396,8 +413,9 @@ async fn migrate(
                         continue;
                     }
                     // Without a terminal, one line a second is plenty.
-                    if !json && last_line.elapsed() >= std::time::Duration::from_secs(1) {
-                        last_line = std::time::Instant::now();
+                    let due = last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                    if !json && due {
+                        last_line = Some(std::time::Instant::now());
                         eprintln!("progress: {}", flotilla_coordinator::events::migration_progress(&p));
                     }
                 }

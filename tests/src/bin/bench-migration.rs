@@ -233,7 +233,13 @@ fn main() {
             };
             let mut c = agent_command(ns, host, dirs);
             c.args(["ctl", "qemu-monitor-command", &name, "--hmp", line]);
-            String::from_utf8_lossy(&output(c).stdout).into_owned()
+            let o = output(c);
+            assert!(
+                o.status.success(),
+                "hmp {line}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).into_owned()
         };
         if dirtying {
             assert!(
@@ -291,6 +297,8 @@ fn main() {
             // Flotilla's copy now runs on the destination host; reconciliation
             // leaves a `paused` VM alone.
             hmp(!on_a, "stop");
+            let status = hmp(!on_a, "info status");
+            assert!(status.contains("paused"), "not paused: {status}");
 
             // libvirt: virsh migrate --live between the two libvirtds, over the fabric.
             // No --unsafe: libvirt's safety check (qemuMigrationSrcIsSafe)
@@ -425,13 +433,24 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dirtying: bool, dir: &P
     for s in [&src_sock, &dst_sock] {
         let _ = std::fs::remove_file(s);
     }
+    // The same accelerator the agent and libvirt pick on this machine.
+    let accel = if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        "kvm"
+    } else {
+        "tcg"
+    };
     let qemu = |ns: &Netns, sock: &Path, extra: &[&str]| {
         let mut c = ns.command(Path::new("qemu-system-x86_64"));
         c.args([
             "-machine",
             "pc",
             "-accel",
-            "kvm",
+            accel,
             "-m",
             &mib.to_string(),
             "-nodefaults",
@@ -507,14 +526,14 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dirtying: bool, dir: &P
                 "-vnc",
                 "198.18.2.1:50",
                 "-incoming",
-                "tcp:198.18.100.2:49200",
+                "tcp:198.18.100.2:49400",
             ],
         ));
         let _d = connect(dst_sock.clone()).await;
         let start = Instant::now();
         s.execute(
             "migrate",
-            serde_json::json!({"uri": "tcp:198.18.100.2:49200"}),
+            serde_json::json!({"uri": "tcp:198.18.100.2:49400"}),
             t,
         )
         .await
