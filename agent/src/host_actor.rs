@@ -256,8 +256,7 @@ impl HostAgent {
                     Ok(l) => l,
                     Err(e) => {
                         ports.iter().for_each(|p| act.ports.release(*p));
-                        metrics::counter!("flotilla_agent_starts_total", "outcome" => "error")
-                            .increment(1);
+                        count_launch(migration_port.is_some(), "error");
                         tracing::error!(vm = %name, host = %host, error = %e, "start failed");
                         return Response::Error(format!(
                             "VM '{name}' failed to start on host {host}: {e}"
@@ -298,9 +297,11 @@ impl HostAgent {
                     "running"
                 };
                 tracing::info!(vm = %name, host = %host, pid = launched.pid, state, "QEMU up");
-                metrics::counter!("flotilla_agent_starts_total", "outcome" => "ok").increment(1);
-                metrics::histogram!("flotilla_agent_start_seconds")
-                    .record(launched_at.elapsed().as_secs_f64());
+                count_launch(migration_port.is_some(), "ok");
+                if migration_port.is_none() {
+                    metrics::histogram!("flotilla_agent_start_seconds")
+                        .record(launched_at.elapsed().as_secs_f64());
+                }
                 let vm = summary(&record, state);
                 act.vms.insert(
                     name,
@@ -458,6 +459,17 @@ impl HostAgent {
 }
 
 /// Reads QEMU's `query-migrate` answer.
+/// Counts a QEMU launch: a start, or the destination of an incoming migration,
+/// which is not a start and would skew the start latency it sits beside.
+fn count_launch(incoming: bool, outcome: &'static str) {
+    if incoming {
+        metrics::counter!("flotilla_agent_incoming_migrations_total", "outcome" => outcome)
+            .increment(1);
+    } else {
+        metrics::counter!("flotilla_agent_starts_total", "outcome" => outcome).increment(1);
+    }
+}
+
 fn migration_progress(v: &serde_json::Value) -> flotilla_shared::proto::MigrationProgress {
     let ram = &v["ram"];
     let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);

@@ -4,7 +4,7 @@
 
 #![allow(clippy::expect_used)]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -772,6 +772,21 @@ fn live_migration_moves_the_guest_and_its_console() {
         "counter went {before} -> {after}: restarted, not migrated"
     );
     runs_only_on(&f, 1, "mover", &uuid);
+    // The destination launched a QEMU, but it counts as an incoming
+    // migration, not as a start with a start latency.
+    let dest_metrics = f
+        .ctl
+        .run(|| flotilla_tests::http_get(SocketAddr::new(ip("198.19.0.12"), 9465), "/metrics"))
+        .expect("host-b metrics");
+    assert!(
+        dest_metrics.contains("flotilla_agent_incoming_migrations_total{outcome=\"ok\"} 1"),
+        "{dest_metrics}"
+    );
+    assert!(
+        !dest_metrics.contains("flotilla_agent_starts_total")
+            && !dest_metrics.contains("flotilla_agent_start_seconds_count"),
+        "{dest_metrics}"
+    );
     let o = f.cli(&["domdisplay", "mover"]);
     assert!(text(&o).contains("vnc://198.18.2.1:5900"), "{}", text(&o));
     let banner = f.hosts[1]
