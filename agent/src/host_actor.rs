@@ -458,7 +458,6 @@ impl HostAgent {
     }
 }
 
-/// Reads QEMU's `query-migrate` answer.
 /// Counts a QEMU launch: a start, or the destination of an incoming migration,
 /// which is not a start and would skew the start latency it sits beside.
 fn count_launch(incoming: bool, outcome: &'static str) {
@@ -470,6 +469,7 @@ fn count_launch(incoming: bool, outcome: &'static str) {
     }
 }
 
+/// Reads QEMU's `query-migrate` answer.
 fn migration_progress(v: &serde_json::Value) -> flotilla_shared::proto::MigrationProgress {
     let ram = &v["ram"];
     let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
