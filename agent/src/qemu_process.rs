@@ -337,6 +337,15 @@ async fn read_banner(
     Ok(Some(b))
 }
 
+/// Whether this process may use KVM: `/dev/kvm` opens read-write, as QEMU needs it.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
 /// The last `n` lines of a log file, for error messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
     let Ok(mut f) = std::fs::File::open(path) else {

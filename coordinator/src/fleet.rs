@@ -1230,3 +1230,56 @@ impl Handler<EventsCall> for Fleet {
         self.events.subscribe(call.sink, call.follow);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose every read fails, as a damaged database would.
+    struct Unreadable;
+
+    fn broken<T>() -> Result<T, StoreError> {
+        Err(StoreError::Backend("unreadable".into()))
+    }
+
+    impl Store for Unreadable {
+        fn define(&self, _: NewDefinition) -> Result<VmRow, StoreError> {
+            broken()
+        }
+        fn undefine(&self, _: &str) -> Result<(), StoreError> {
+            broken()
+        }
+        fn get(&self, _: &str) -> Result<Option<VmRow>, StoreError> {
+            broken()
+        }
+        fn list(&self) -> Result<Vec<VmRow>, StoreError> {
+            broken()
+        }
+        fn set_placement(&self, _: &str, _: Option<String>, _: bool) -> Result<VmRow, StoreError> {
+            broken()
+        }
+        fn put_host(&self, _: &HostRow, _: bool) -> Result<(), StoreError> {
+            broken()
+        }
+        fn get_host(&self, _: &str) -> Result<Option<HostRow>, StoreError> {
+            broken()
+        }
+        fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+            broken()
+        }
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_read_refuses_the_start() {
+        let settings = FleetSettings {
+            heartbeat: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            policy: Policy::default(),
+        };
+        // Empty mirrors would overcommit hosts and undrain drained ones.
+        match Fleet::new(Arc::new(Unreadable), settings) {
+            Err(e) => assert_eq!(e.to_string(), "store: unreadable"),
+            Ok(_) => panic!("a fleet started over an unreadable store"),
+        }
+    }
+}

@@ -243,12 +243,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
         AccelChoice::Kvm => Accel::Kvm,
         AccelChoice::Tcg => Accel::Tcg,
         AccelChoice::Auto => {
-            let usable = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok();
-            if usable {
+            if flotilla_agent::qemu_process::kvm_usable() {
                 Accel::Kvm
             } else {
                 Accel::Tcg

@@ -434,12 +434,7 @@ fn raw_qmp(a: &Netns, b: &Netns, image: &Path, mib: u64, dirtying: bool, dir: &P
         let _ = std::fs::remove_file(s);
     }
     // The same accelerator the agent and libvirt pick on this machine.
-    let accel = if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
+    let accel = if flotilla_agent::qemu_process::kvm_usable() {
         "kvm"
     } else {
         "tcg"

@@ -83,11 +83,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let kvm = flotilla_agent::qemu_process::kvm_usable();
     let work = tempfile::Builder::new()
         .prefix("flt-bench-start-")
         .tempdir_in("/tmp")
