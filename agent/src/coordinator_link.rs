@@ -7,14 +7,16 @@
 //! redialled with exponential backoff; VMs keep running meanwhile.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
 use flotilla_shared::net::pki::Role;
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, AgentRequest, AgentResponse, ClientMessage, HelloAck, HostFacts,
-    ServerMessage,
+    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
+    HostFacts, ServerMessage,
 };
 
 use crate::control::AgentCall;
@@ -95,21 +97,26 @@ async fn session(
     tracing::info!(coordinator = %settings.coordinator, "registered with coordinator");
     *backoff = Duration::from_millis(250);
     let mut tick = tokio::time::interval(interval);
+    // The registration's facts are number 0 of this connection's sequence.
+    let seq = Arc::new(AtomicU64::new(0));
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
-                    actix::spawn(serve_request(send, recv, agent.clone()));
+                    actix::spawn(serve_request(send, recv, agent.clone(), seq.clone()));
                 }
                 Err(e) => return Err(LinkError::Closed(e.to_string())),
             },
             _ = tick.tick() => {
+                // Numbered before gathering: an action answered after this
+                // number was taken may or may not show in these facts.
+                let seq = seq.fetch_add(1, Ordering::SeqCst) + 1;
                 let facts = gather_facts(agent, &settings.host).await;
                 // An unanswered heartbeat means the coordinator is gone: redial
                 // now rather than at the transport's idle timeout.
                 let ack: ServerMessage = quic::call(
                     &conn,
-                    &ClientMessage::Event(AgentEvent::Heartbeat(facts)),
+                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, facts }),
                     (interval * 3).max(Duration::from_secs(3)),
                 )
                 .await?;
@@ -125,6 +132,7 @@ async fn serve_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     agent: Addr<HostAgent>,
+    seq: Arc<AtomicU64>,
 ) {
     let response = match quic::read_frame::<AgentRequest>(&mut recv).await {
         Ok(req) => {
@@ -136,7 +144,12 @@ async fn serve_request(
         }
         Err(e) => AgentResponse::Error(format!("bad request: {e}")),
     };
-    let _ = quic::write_frame(&mut send, &response).await;
+    // Numbered after the action took effect: every report numbered later shows it.
+    let reply = AgentReply {
+        seq: seq.fetch_add(1, Ordering::SeqCst) + 1,
+        response,
+    };
+    let _ = quic::write_frame(&mut send, &reply).await;
     let _ = send.finish();
     let _ = send.stopped().await;
 }

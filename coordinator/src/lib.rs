@@ -7,8 +7,9 @@
 
 pub mod events;
 pub mod fleet;
+pub mod fleet_core;
+pub mod lifecycle;
 pub mod migration;
-pub mod migration_driver;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

@@ -73,6 +73,12 @@ pub enum Phase {
     Confirming,
     /// Done: the guest runs on the destination only.
     Completed,
+    /// The destination could not resume the guest: it is being removed, and
+    /// the source resumes only once that is confirmed.
+    Reverting {
+        /// Why.
+        reason: String,
+    },
     /// An abort or failure is being undone.
     Aborting {
         /// Why.
@@ -88,6 +94,13 @@ pub enum Phase {
         /// Why.
         reason: String,
     },
+    /// The destination was lost while resuming the guest: its state is there
+    /// and the source stays paused, so the guest belongs to the destination,
+    /// which runs it or holds it paused until it reports again.
+    InDoubt {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Phase {
@@ -95,8 +108,13 @@ impl Phase {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Phase::Completed | Phase::Aborted { .. } | Phase::Failed { .. }
+            Phase::Completed | Phase::Aborted { .. } | Phase::Failed { .. } | Phase::InDoubt { .. }
         )
+    }
+
+    /// True when the guest ended on the destination (or belongs to it).
+    pub fn on_destination(&self) -> bool {
+        matches!(self, Phase::Completed | Phase::InDoubt { .. })
     }
 }
 
@@ -120,12 +138,20 @@ pub enum Input {
     Finished,
     /// The destination could not be resumed.
     FinishFailed(String),
+    /// The destination was lost while resuming: it may run the guest.
+    FinishUnknown(String),
     /// The destination's QEMU died.
     DestinationLost(String),
     /// The source's QEMU is gone (expected after completion).
     SourceQuit,
     /// The new placement is recorded.
     Confirmed,
+    /// The new placement could not be written.
+    RecordFailed(String),
+    /// The destination's QEMU is gone (removed, or was never there).
+    DestinationDestroyed,
+    /// Removing the destination got no answer: it may still run the guest.
+    DestroyUnknown(String),
     /// An operator cancelled the job.
     Abort(String),
     /// Time passes (timeouts).
@@ -160,6 +186,62 @@ pub enum Command {
     RecordPlacement,
     /// Tell the operator.
     Report(Report),
+}
+
+/// How the agent request that carried out a [`Command`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepFailure {
+    /// The agent answered with an error: the step did not happen.
+    Refused(String),
+    /// No answer (connection lost, timeout): the step may or may not have happened.
+    Lost(String),
+}
+
+impl StepFailure {
+    fn text(&self) -> String {
+        match self {
+            StepFailure::Refused(e) => e.clone(),
+            StepFailure::Lost(e) => format!("no answer: {e}"),
+        }
+    }
+}
+
+impl Command {
+    /// The input a failure of this command's agent request means, if any.
+    ///
+    /// Owned here, not by the driver: whether a lost answer may have done the
+    /// step decides between resuming the source and leaving the guest to the
+    /// destination.
+    pub fn failure_input(&self, failure: StepFailure) -> Option<Input> {
+        let e = failure.text();
+        match self {
+            Command::PrepareDestination => Some(Input::PrepareFailed(e)),
+            Command::StartMigration { .. } => Some(Input::SourceFailed(e)),
+            Command::SwitchToPostcopy => {
+                Some(Input::SourceFailed(format!("migrate-start-postcopy: {e}")))
+            }
+            Command::FinishDestination => Some(match failure {
+                StepFailure::Refused(_) => Input::FinishFailed(e),
+                StepFailure::Lost(_) => Input::FinishUnknown(e),
+            }),
+            // The source's QEMU completed its migration, so it cannot run the
+            // guest again unless told to `cont`; whether `quit` reached it or
+            // not, the guest runs on the destination only. A source that
+            // comes back holding the paused copy has it removed as stale.
+            Command::QuitSource => Some(Input::SourceQuit),
+            Command::DestroyDestination => Some(match failure {
+                // "Not running" is what a refused destroy means.
+                StepFailure::Refused(_) => Input::DestinationDestroyed,
+                StepFailure::Lost(_) => Input::DestroyUnknown(e),
+            }),
+            Command::RecordPlacement => Some(Input::RecordFailed(e)),
+            // Polls tell: a cancel that did not arrive leaves the migration to
+            // complete or fail on its own, a failed resume leaves the source
+            // paused, a failed clean-up leaves a paused copy that
+            // reconciliation removes as stale.
+            Command::CancelMigration | Command::ResumeSource | Command::Report(_) => None,
+        }
+    }
 }
 
 /// What the operator sees.
@@ -207,6 +289,24 @@ impl Migration {
             last_stats: None,
         };
         (m, vec![Command::PrepareDestination])
+    }
+
+    /// Takes over a switchover a previous coordinator left half done: the
+    /// source reports `postmigrate` and the destination holds the received
+    /// guest paused. The job starts at `Finishing`, so the destination is
+    /// resumed and the source quits only after it runs, or, if the
+    /// destination refuses, the source resumes.
+    pub fn resume_switchover(now: Instant) -> (Migration, Vec<Command>) {
+        let m = Migration {
+            params: MigrationParams::default(),
+            phase: Phase::Finishing,
+            started: now,
+            postcopy_active: false,
+            source_done: false,
+            placement_recorded: false,
+            last_stats: None,
+        };
+        (m, vec![Command::FinishDestination])
     }
 
     /// The current phase.
@@ -343,7 +443,10 @@ impl Migration {
                 self.phase = Phase::Confirming;
                 vec![Command::QuitSource, Command::RecordPlacement]
             }
-            (Phase::Finishing, Input::FinishFailed(e) | Input::DestinationLost(e)) => {
+            // A lost destination poll says nothing here: the resume may
+            // already have run the guest there, so only the answer to the
+            // resume itself decides between the two hosts.
+            (Phase::Finishing, Input::FinishFailed(e)) => {
                 if self.postcopy_active {
                     return self.end(
                         Phase::Failed {
@@ -353,15 +456,48 @@ impl Migration {
                         vec![Command::DestroyDestination],
                     );
                 }
-                self.end(
-                    Phase::Failed {
-                        reason: format!("destination could not resume the guest: {e}"),
-                    },
-                    now,
-                    vec![Command::DestroyDestination, Command::ResumeSource],
-                )
+                // The resume may have half-happened (it ran, then the console
+                // check failed): the destination goes first, and the source
+                // resumes only once it is gone.
+                self.phase = Phase::Reverting {
+                    reason: format!("destination could not resume the guest: {e}"),
+                };
+                vec![Command::DestroyDestination]
             }
+            (Phase::Reverting { reason }, Input::DestinationDestroyed) => {
+                self.end(Phase::Failed { reason }, now, vec![Command::ResumeSource])
+            }
+            (Phase::Reverting { reason }, Input::DestroyUnknown(e)) => self.end(
+                Phase::InDoubt {
+                    reason: format!(
+                        "{reason}; removing the destination got no answer ({e}), so the source \
+                         stays paused until the destination reports"
+                    ),
+                },
+                now,
+                Vec::new(),
+            ),
 
+            (Phase::Finishing, Input::FinishUnknown(e)) => self.end(
+                Phase::InDoubt {
+                    reason: format!(
+                        "destination lost while resuming the guest ({e}); the source stays \
+                         paused and the guest belongs to the destination"
+                    ),
+                },
+                now,
+                Vec::new(),
+            ),
+
+            (Phase::Confirming, Input::RecordFailed(e)) => {
+                self.placement_recorded = true;
+                let mut cmds = vec![Command::Report(Report::Refused(format!(
+                    "the new placement was not recorded ({e}); the destination's next report \
+                     records it"
+                )))];
+                cmds.extend(self.maybe_complete(now));
+                cmds
+            }
             (Phase::Confirming, Input::SourceQuit) => {
                 self.source_done = true;
                 self.maybe_complete(now)
@@ -569,11 +705,23 @@ mod tests {
         let (mut m, t0) = prepared(MigrationParams::default());
         m.handle(Input::SourceCompleted(stats(1)), t0);
         let cmds = m.handle(Input::FinishFailed("console did not answer".into()), t0);
-        assert_eq!(
-            &cmds[..2],
-            &[Command::DestroyDestination, Command::ResumeSource]
-        );
+        assert_eq!(cmds, vec![Command::DestroyDestination]);
+        let cmds = m.handle(Input::DestinationDestroyed, t0);
+        assert_eq!(cmds[0], Command::ResumeSource);
         assert!(matches!(m.phase(), Phase::Failed { .. }));
+    }
+
+    #[test]
+    fn an_unconfirmed_removal_of_the_destination_keeps_the_source_paused() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        m.handle(Input::FinishFailed("console did not answer".into()), t0);
+        let input = Command::DestroyDestination
+            .failure_input(StepFailure::Lost("timeout".into()))
+            .expect("an input");
+        let cmds = m.handle(input, t0);
+        assert!(!cmds.contains(&Command::ResumeSource), "{cmds:?}");
+        assert!(matches!(outcome(&cmds), Some(Phase::InDoubt { .. })));
     }
 
     #[test]
@@ -612,5 +760,99 @@ mod tests {
         assert!(m.handle(Input::Finished, t0).is_empty());
         assert!(m.handle(Input::SourceCompleted(stats(1)), t0).is_empty());
         assert_eq!(m.phase(), &Phase::Preparing);
+    }
+
+    #[test]
+    fn a_lost_answer_to_finish_leaves_the_guest_to_the_destination() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        let input = Command::FinishDestination
+            .failure_input(StepFailure::Lost("connection lost".into()))
+            .expect("an input");
+        assert_eq!(
+            input,
+            Input::FinishUnknown("no answer: connection lost".into())
+        );
+        let cmds = m.handle(input, t0);
+        // Neither resumes the source nor destroys the destination.
+        assert!(!cmds.contains(&Command::ResumeSource), "{cmds:?}");
+        assert!(!cmds.contains(&Command::DestroyDestination), "{cmds:?}");
+        assert!(
+            matches!(outcome(&cmds), Some(Phase::InDoubt { .. })),
+            "{cmds:?}"
+        );
+        assert!(m.phase().on_destination());
+    }
+
+    #[test]
+    fn failures_map_to_inputs_by_step() {
+        let refused = |c: Command| c.failure_input(StepFailure::Refused("no".into()));
+        assert_eq!(
+            refused(Command::PrepareDestination),
+            Some(Input::PrepareFailed("no".into()))
+        );
+        assert_eq!(
+            refused(Command::FinishDestination),
+            Some(Input::FinishFailed("no".into()))
+        );
+        assert_eq!(
+            refused(Command::SwitchToPostcopy),
+            Some(Input::SourceFailed("migrate-start-postcopy: no".into()))
+        );
+        assert_eq!(refused(Command::QuitSource), Some(Input::SourceQuit));
+        assert_eq!(
+            refused(Command::RecordPlacement),
+            Some(Input::RecordFailed("no".into()))
+        );
+        assert_eq!(refused(Command::CancelMigration), None);
+        assert_eq!(refused(Command::ResumeSource), None);
+        assert_eq!(
+            refused(Command::DestroyDestination),
+            Some(Input::DestinationDestroyed)
+        );
+    }
+
+    #[test]
+    fn a_failed_placement_write_still_completes_and_says_so() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        m.handle(Input::Finished, t0);
+        let cmds = m.handle(Input::RecordFailed("disk full".into()), t0);
+        assert!(
+            matches!(&cmds[0], Command::Report(Report::Refused(t)) if t.contains("disk full")),
+            "{cmds:?}"
+        );
+        let cmds = m.handle(Input::SourceQuit, t0);
+        assert_eq!(outcome(&cmds), Some(&Phase::Completed));
+    }
+
+    #[test]
+    fn a_taken_over_switchover_finishes_or_falls_back_to_the_source() {
+        let t0 = Instant::now();
+        let (mut m, cmds) = Migration::resume_switchover(t0);
+        assert_eq!(cmds, vec![Command::FinishDestination]);
+        assert_eq!(
+            m.handle(Input::Finished, t0),
+            vec![Command::QuitSource, Command::RecordPlacement]
+        );
+        let (mut m, _) = Migration::resume_switchover(t0);
+        let cmds = m.handle(Input::FinishFailed("no such VM".into()), t0);
+        assert_eq!(cmds, vec![Command::DestroyDestination]);
+        let cmds = m.handle(Input::DestinationDestroyed, t0);
+        assert_eq!(cmds[0], Command::ResumeSource);
+    }
+
+    #[test]
+    fn a_lost_destination_during_switchover_waits_for_the_resume_answer() {
+        let (mut m, t0) = prepared(MigrationParams::default());
+        m.handle(Input::SourceCompleted(stats(1)), t0);
+        assert!(m
+            .handle(Input::DestinationLost("connection lost".into()), t0)
+            .is_empty());
+        assert_eq!(m.phase(), &Phase::Finishing);
+        assert_eq!(
+            m.handle(Input::Finished, t0),
+            vec![Command::QuitSource, Command::RecordPlacement]
+        );
     }
 }

@@ -12,8 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_shared::proto::VmSummary;
-
 use crate::store::VmRow;
 
 /// One change to converge the records.
@@ -50,8 +48,9 @@ pub enum Fix {
     },
 }
 
-/// QEMU run states of a migration half that is not running the guest.
-const STALE_STATES: [&str; 2] = ["postmigrate", "inmigrate"];
+/// QEMU run states of a migration half that is not running the guest: a
+/// source after completion, a destination waiting for or holding the stream.
+pub const STALE_STATES: [&str; 3] = ["postmigrate", "inmigrate", "paused"];
 
 /// The fixes that make the records agree with `host` reporting `reported`
 /// (VM name → QEMU run state).
@@ -99,33 +98,6 @@ pub fn reconcile(
     fixes
 }
 
-/// A host's report with the coordinator's own recent actions laid over it.
-///
-/// A report gathered just before the coordinator started, stopped or moved a
-/// VM can arrive just after. For the VMs in `recent` (name → where the records
-/// now place it), the records win: a VM placed here that the report lacks keeps
-/// its `previous` entry, and a VM placed elsewhere or stopped is dropped from
-/// the report. Without this, `list` and the gauges flicker back to the old
-/// state for a heartbeat. Agents report exits as events, so a VM that really
-/// died is not hidden by this.
-pub fn overlay_recent(
-    host: &str,
-    previous: &[VmSummary],
-    mut reported: Vec<VmSummary>,
-    recent: &BTreeMap<String, Option<String>>,
-) -> Vec<VmSummary> {
-    for (name, placement) in recent {
-        let here = placement.as_deref() == Some(host);
-        let listed = reported.iter().any(|v| &v.name == name);
-        if here && !listed {
-            reported.extend(previous.iter().find(|v| &v.name == name).cloned());
-        } else if !here && listed {
-            reported.retain(|v| &v.name != name);
-        }
-    }
-    reported
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +110,7 @@ mod tests {
             generation: 1,
             want_running: placement.is_some(),
             placement: placement.map(str::to_string),
+            migrating_to: None,
         }
     }
 
@@ -177,18 +150,30 @@ mod tests {
 
     #[test]
     fn paused_halves_of_a_migration_are_stale_only_when_the_vm_runs_elsewhere() {
-        let rows = vec![row("m", Some("h2")), row("n", Some("h3")), row("o", None)];
+        let rows = vec![
+            row("m", Some("h2")),
+            row("n", Some("h3")),
+            row("o", None),
+            row("p", Some("h2")),
+        ];
         let mut reported = BTreeMap::new();
         reported.insert("m".to_string(), "postmigrate".to_string());
         reported.insert("n".to_string(), "inmigrate".to_string());
         reported.insert("o".to_string(), "inmigrate".to_string());
+        reported.insert("p".to_string(), "paused".to_string());
         let fixes = reconcile("h1", &reported, &rows, &|host, _| host == "h2");
         assert_eq!(
             fixes,
-            vec![Fix::DestroyStale {
-                name: "m".into(),
-                state: "postmigrate".into()
-            }],
+            vec![
+                Fix::DestroyStale {
+                    name: "m".into(),
+                    state: "postmigrate".into()
+                },
+                Fix::DestroyStale {
+                    name: "p".into(),
+                    state: "paused".into()
+                }
+            ],
             "n: its recorded host is unreachable, keep it; o: a paused copy is never placed"
         );
     }
@@ -197,53 +182,5 @@ mod tests {
     fn agreement_needs_no_fix() {
         let rows = vec![row("a", Some("h1")), row("b", None)];
         assert!(reconcile("h1", &set(&["a"]), &rows, &|_, _| false).is_empty());
-    }
-
-    fn vm(name: &str, state: &str) -> VmSummary {
-        VmSummary {
-            name: name.into(),
-            uuid: format!("uuid-{name}"),
-            pid: 1,
-            state: state.into(),
-            consoles: Vec::new(),
-        }
-    }
-
-    fn names(v: &[VmSummary]) -> Vec<&str> {
-        v.iter().map(|v| v.name.as_str()).collect()
-    }
-
-    #[test]
-    fn a_report_older_than_the_coordinators_own_action_does_not_undo_it() {
-        let recent: BTreeMap<String, Option<String>> = [
-            ("started".to_string(), Some("a".to_string())),
-            ("moved-away".to_string(), Some("b".to_string())),
-            ("stopped".to_string(), None),
-        ]
-        .into();
-        let previous = vec![vm("started", "running")];
-        // Gathered before any of the three actions took effect.
-        let stale = vec![
-            vm("moved-away", "running"),
-            vm("stopped", "running"),
-            vm("other", "running"),
-        ];
-        let merged = overlay_recent("a", &previous, stale, &recent);
-        assert_eq!(names(&merged), ["other", "started"]);
-    }
-
-    #[test]
-    fn fresh_reports_and_untouched_vms_pass_through() {
-        let recent: BTreeMap<String, Option<String>> =
-            [("started".to_string(), Some("a".to_string()))].into();
-        let fresh = vec![vm("started", "paused"), vm("other", "running")];
-        let merged = overlay_recent("a", &[], fresh.clone(), &recent);
-        assert_eq!(merged, fresh, "the report's own entry wins when it has one");
-        // Not placed here and not listed: nothing to invent.
-        let merged = overlay_recent("b", &[vm("started", "running")], Vec::new(), &recent);
-        assert!(merged.is_empty());
-        // No recent actions: the report as is.
-        let merged = overlay_recent("a", &[vm("gone", "running")], Vec::new(), &BTreeMap::new());
-        assert!(merged.is_empty(), "an untouched VM that vanished is gone");
     }
 }

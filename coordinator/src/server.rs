@@ -15,10 +15,7 @@ use flotilla_shared::proto::{
 };
 use tracing::Instrument as _;
 
-use crate::fleet::{
-    Disconnected, DrainCall, EventsCall, Fleet, Heartbeat, MigrateCall, OperatorCall, Register,
-    VmStopped,
-};
+use crate::fleet::{Disconnected, EventsCall, Fleet, HostEvent, OperatorCall, Register};
 
 /// Accepts connections until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>) {
@@ -105,10 +102,11 @@ async fn migrate(
     fleet: &Addr<Fleet>,
 ) -> ServerMessage {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let call = MigrateCall {
+    let call = OperatorCall {
         operator: who.name.clone(),
         request,
-        progress: tx,
+        progress: Some(tx),
+        notes: None,
     };
     let answer = fleet.send(call);
     tokio::pin!(answer);
@@ -154,11 +152,11 @@ async fn drain(
     fleet: &Addr<Fleet>,
 ) -> ServerMessage {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let answer = fleet.send(DrainCall {
+    let answer = fleet.send(OperatorCall {
         operator: who.name.clone(),
-        host,
-        parallel,
-        notes: tx,
+        request: OperatorRequest::HostDrain { host, parallel },
+        progress: None,
+        notes: Some(tx),
     });
     tokio::pin!(answer);
     loop {
@@ -204,6 +202,8 @@ async fn dispatch(
             let call = OperatorCall {
                 operator: who.name.clone(),
                 request,
+                progress: None,
+                notes: None,
             };
             ServerMessage::Operator(
                 fleet
@@ -214,16 +214,13 @@ async fn dispatch(
         }
         (Role::Agent, ClientMessage::Event(event)) => {
             match event {
-                AgentEvent::Heartbeat(facts) if facts.host == who.name => {
-                    fleet.do_send(Heartbeat(facts))
-                }
-                AgentEvent::Heartbeat(facts) => {
+                AgentEvent::Heartbeat { facts, .. } if facts.host != who.name => {
                     tracing::warn!(claimed = %facts.host, "heartbeat for another host ignored")
                 }
-                AgentEvent::VmStopped { name, reason } => fleet.do_send(VmStopped {
+                event => fleet.do_send(HostEvent {
                     host: who.name.clone(),
-                    name,
-                    reason,
+                    conn: conn.stable_id(),
+                    event,
                 }),
             }
             ServerMessage::Ack

@@ -40,6 +40,12 @@ pub struct VmRow {
     pub want_running: bool,
     /// The host it runs on, as far as the coordinator knows.
     pub placement: Option<String>,
+    /// The destination of a live migration that may have moved it there:
+    /// written before the migration starts and cleared once the VM is known
+    /// to run on exactly one of the two hosts, so a coordinator that
+    /// restarts mid-migration knows which other host may run it.
+    #[serde(default)]
+    pub migrating_to: Option<String>,
 }
 
 /// A host the fleet has seen.
@@ -122,6 +128,9 @@ pub trait Store: Send + Sync {
         placement: Option<String>,
         want_running: bool,
     ) -> Result<VmRow, StoreError>;
+    /// Records (or clears) the destination of a migration that may move the
+    /// VM. Durable on return.
+    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError>;
     /// Records a host, durable on return when `durable` (operator state such as
     /// draining); host-reported facts need not be, as every registration
     /// reports them again, and waiting for the disk per host would serialize a
@@ -210,6 +219,7 @@ impl Store for RedbStore {
             let row = VmRow {
                 generation: existing.as_ref().map_or(1, |e| e.generation + 1),
                 want_running: existing.as_ref().is_some_and(|e| e.want_running),
+                migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
                 placement: existing.and_then(|e| e.placement),
                 name: def.name,
                 uuid: def.uuid,
@@ -283,6 +293,23 @@ impl Store for RedbStore {
         Ok(row)
     }
 
+    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let row = {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let mut row: VmRow = match defs.get(name).map_err(backend)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(name.to_string())),
+            };
+            row.migrating_to = dest;
+            defs.insert(name, encode(&row)?.as_slice())
+                .map_err(backend)?;
+            row
+        };
+        txn.commit().map_err(backend)?;
+        Ok(row)
+    }
+
     fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(backend)?;
         if !durable {
@@ -315,6 +342,134 @@ impl Store for RedbStore {
             out.push(decode(v.value())?);
         }
         Ok(out)
+    }
+}
+
+/// An in-memory store with the same rules as [`RedbStore`], for the
+/// deterministic simulation and unit tests. "Durable" means: it outlives the
+/// [`crate::fleet_core::FleetCore`] that wrote it, as a database outlives a
+/// crashed coordinator. `fail_writes` makes every write fail, as a full or
+/// broken disk would.
+#[derive(Default)]
+pub struct MemStore {
+    state: std::sync::Mutex<MemTables>,
+    /// While true, every write fails with a backend error.
+    pub fail_writes: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default, Clone)]
+struct MemTables {
+    definitions: std::collections::BTreeMap<String, VmRow>,
+    uuids: std::collections::BTreeMap<String, String>,
+    hosts: std::collections::BTreeMap<String, HostRow>,
+}
+
+impl MemStore {
+    fn tables(&self) -> Result<std::sync::MutexGuard<'_, MemTables>, StoreError> {
+        self.state
+            .lock()
+            .map_err(|_| StoreError::Backend("poisoned".into()))
+    }
+
+    fn writable(&self) -> Result<std::sync::MutexGuard<'_, MemTables>, StoreError> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend("write failed (injected)".into()));
+        }
+        self.tables()
+    }
+}
+
+impl Store for MemStore {
+    fn define(&self, def: NewDefinition) -> Result<VmRow, StoreError> {
+        let mut t = self.writable()?;
+        let existing = t.definitions.get(&def.name).cloned();
+        if let Some(e) = &existing {
+            if e.uuid != def.uuid {
+                return Err(StoreError::NameTaken {
+                    name: def.name,
+                    uuid: e.uuid.clone(),
+                });
+            }
+        }
+        if let Some(holder) = t.uuids.get(&def.uuid) {
+            if *holder != def.name {
+                return Err(StoreError::UuidTaken {
+                    name: holder.clone(),
+                    uuid: def.uuid,
+                });
+            }
+        }
+        let row = VmRow {
+            generation: existing.as_ref().map_or(1, |e| e.generation + 1),
+            want_running: existing.as_ref().is_some_and(|e| e.want_running),
+            migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
+            placement: existing.and_then(|e| e.placement),
+            name: def.name,
+            uuid: def.uuid,
+            xml: def.xml,
+        };
+        t.uuids.insert(row.uuid.clone(), row.name.clone());
+        t.definitions.insert(row.name.clone(), row.clone());
+        Ok(row)
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), StoreError> {
+        let mut t = self.writable()?;
+        let row = t
+            .definitions
+            .remove(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        t.uuids.remove(&row.uuid);
+        Ok(())
+    }
+
+    fn get(&self, name: &str) -> Result<Option<VmRow>, StoreError> {
+        Ok(self.tables()?.definitions.get(name).cloned())
+    }
+
+    fn list(&self) -> Result<Vec<VmRow>, StoreError> {
+        Ok(self.tables()?.definitions.values().cloned().collect())
+    }
+
+    fn set_placement(
+        &self,
+        name: &str,
+        placement: Option<String>,
+        want_running: bool,
+    ) -> Result<VmRow, StoreError> {
+        let mut t = self.writable()?;
+        let row = t
+            .definitions
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        row.placement = placement;
+        row.want_running = want_running;
+        Ok(row.clone())
+    }
+
+    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
+        let mut t = self.writable()?;
+        let row = t
+            .definitions
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        row.migrating_to = dest;
+        Ok(row.clone())
+    }
+
+    fn put_host(&self, host: &HostRow, _durable: bool) -> Result<(), StoreError> {
+        self.writable()?
+            .hosts
+            .insert(host.name.clone(), host.clone());
+        Ok(())
+    }
+
+    fn get_host(&self, name: &str) -> Result<Option<HostRow>, StoreError> {
+        Ok(self.tables()?.hosts.get(name).cloned())
+    }
+
+    fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        Ok(self.tables()?.hosts.values().cloned().collect())
     }
 }
 

@@ -24,9 +24,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// The oldest version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = PROTOCOL_VERSION.saturating_sub(1);
+///
+/// Version 2 numbers every agent report and reply ([`AgentEvent`],
+/// [`AgentReply`]) so the coordinator can tell a report that predates one of
+/// its actions exactly.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version this build still accepts. Version 1's agent messages
+/// carry no sequence numbers, so it is refused by name rather than misread.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -53,6 +58,16 @@ pub enum FrameError {
     /// The bytes are not a message of the expected type.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// The peer speaks an older version whose messages this build no longer reads.
+    #[error("protocol version {got} is no longer supported (this build speaks {min} to {max}); upgrade the peer")]
+    Retired {
+        /// The peer's version.
+        got: u32,
+        /// Oldest accepted.
+        min: u32,
+        /// Newest accepted.
+        max: u32,
+    },
     /// The peer speaks a version this build does not.
     #[error("unsupported protocol version {got} (this build speaks {min} to {max})")]
     UnsupportedVersion {
@@ -121,7 +136,14 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
     // The version comes first, so a peer from the future is told so rather than "malformed".
     let (version, _): (u32, usize) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+    if version < MIN_PROTOCOL_VERSION {
+        return Err(FrameError::Retired {
+            got: version,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        });
+    }
+    if version > PROTOCOL_VERSION {
         return Err(FrameError::UnsupportedVersion {
             got: version,
             min: MIN_PROTOCOL_VERSION,
@@ -404,16 +426,38 @@ pub enum HelloAck {
 
 /// Unsolicited agent → coordinator messages, each acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Reports, exits and replies share one sequence per connection (see
+/// [`AgentReply`]): a number is taken *before* a report's facts are gathered
+/// and *after* a reply's action took effect, so a report numbered below a
+/// reply may predate that action and is not trusted for its VM.
 pub enum AgentEvent {
     /// Periodic liveness with fresh facts.
-    Heartbeat(HostFacts),
+    Heartbeat {
+        /// Position in this connection's sequence.
+        seq: u64,
+        /// What the host runs now.
+        facts: HostFacts,
+    },
     /// A VM's QEMU went away.
     VmStopped {
+        /// Position in this connection's sequence.
+        seq: u64,
         /// The VM.
         name: String,
         /// Why.
         reason: String,
     },
+}
+
+/// An agent's answer to a coordinator request, numbered in the connection's
+/// sequence once the action it answers has taken effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReply {
+    /// Position in this connection's sequence.
+    pub seq: u64,
+    /// The answer.
+    pub response: AgentResponse,
 }
 
 // ------------------------------------------------------ client → coordinator

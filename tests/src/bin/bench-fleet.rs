@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use flotilla_coordinator::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use flotilla_shared::net::{pki, quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, AgentRequest, AgentResponse, ClientMessage, HelloAck, HostFacts,
-    NetStatus, OperatorRequest, OperatorResponse, ServerMessage, VmSummary,
+    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
+    HostFacts, NetStatus, OperatorRequest, OperatorResponse, ServerMessage, VmSummary,
 };
 use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
 
@@ -307,6 +307,8 @@ async fn sim_agent(
     };
     let _ = registered.send(());
     let mut tick = tokio::time::interval(interval);
+    // One sequence per connection, as the real agent numbers reports and replies.
+    let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Spread the heartbeats over the interval, as independent hosts would be.
     tokio::time::sleep(interval.mul_f64((i % 1000) as f64 / 1000.0)).await;
     loop {
@@ -314,6 +316,7 @@ async fn sim_agent(
             bi = conn.accept_bi() => {
                 let Ok((mut send, mut recv)) = bi else { return };
                 let vms = vms.clone();
+                let seq = seq.clone();
                 tokio::spawn(async move {
                     let Ok(req) = quic::read_frame::<AgentRequest>(&mut recv).await else { return };
                     let answer = match req {
@@ -334,17 +337,22 @@ async fn sim_agent(
                         }
                         other => AgentResponse::Error(format!("simulated agent: {other:?} not simulated")),
                     };
+                    let answer = AgentReply {
+                        seq: seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+                        response: answer,
+                    };
                     let _ = quic::write_frame(&mut send, &answer).await;
                     let _ = send.finish();
                     let _ = send.stopped().await;
                 });
             }
             _ = tick.tick() => {
+                let seq = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 let facts = sim_facts(&name, i, vms.lock().expect("lock").clone());
                 let t = Instant::now();
                 let ack: Result<ServerMessage, _> = quic::call(
                     &conn,
-                    &ClientMessage::Event(AgentEvent::Heartbeat(facts)),
+                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, facts }),
                     Duration::from_secs(30),
                 ).await;
                 match ack {

@@ -1,0 +1,2470 @@
+//! `FleetCore`: every decision the coordinator makes, as a plain struct.
+//!
+//! Sans-IO, like quinn-proto's `Connection`: the shell ([`crate::fleet`], or
+//! the deterministic simulation in `tests/tests/simulation.rs`) feeds it
+//! [`Input`]s with an explicit `now` and carries out the [`Effect`]s it
+//! returns, in order. It holds a synchronous [`Store`], so "record the
+//! placement, then send the start" is ordered by construction: the record is
+//! written before `handle` returns the effect that sends the start.
+//!
+//! ```text
+//!  shell ──Input (register, report, operator request, agent reply, tick)──▶ FleetCore::handle(now, ·)
+//!  shell ◀──Effect (call an agent, reply to an operator, event line, metric, wake me at T)──┘
+//! ```
+//!
+//! Rules it owns, each checked after every step of the simulation:
+//! - A placement is recorded before a start is sent; a VM the records place
+//!   on one host is never started on another.
+//! - A VM's [`VmLifecycle`] changes only through `transition`; while it is
+//!   starting, stopping or migrating, that action owns it.
+//! - Reports are ordered by the agent's sequence numbers, not by time: a
+//!   report numbered below the reply to one of the coordinator's actions may
+//!   predate that action, so it is not trusted for that VM ("fences").
+//! - An agent request that got no answer may have happened: a start stays
+//!   recorded on its host and the host's connection is closed, so its next
+//!   registration (a fresh report) says what runs there.
+//! - Reconciliation never starts a VM and never touches a running copy.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_shared::proto::{
+    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MigrationProgress,
+    NetStatus, OperatorRequest, OperatorResponse, VmListEntry, VmSummary,
+};
+use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
+
+use crate::events::{migration_progress_line, ProgressSampler};
+use crate::lifecycle::{HostState, VmLifecycle};
+use crate::migration::{
+    Command, Input as MigInput, Migration, MigrationParams, MigrationStats, Phase, Report,
+    StepFailure,
+};
+use crate::reconcile::{reconcile, Fix, STALE_STATES};
+use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
+use crate::store::{HostRow, NewDefinition, Store, StoreError, VmRow};
+use crate::usage::{Footprint, Usage};
+
+/// A connection from an agent, numbered by the shell.
+pub type ConnId = u64;
+/// An operator request, numbered by the shell.
+pub type RequestId = u64;
+/// A request to an agent, numbered by the core.
+pub type CallId = u64;
+
+/// How often a migration's source is sampled: completion is noticed at most
+/// this late. One poll is a round trip and a `query-migrate`.
+pub const MIGRATION_POLL: Duration = Duration::from_millis(10);
+/// The destination's liveness is checked every this many polls (200 ms).
+const DEST_CHECK_EVERY: u32 = 20;
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Heartbeat interval asked of agents.
+    pub heartbeat: Duration,
+    /// A host with no heartbeat for this long is `unreachable`.
+    pub heartbeat_timeout: Duration,
+    /// Scheduling policy.
+    pub policy: Policy,
+}
+
+/// Something that happened, for the core to decide on.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A host registered over connection `conn` (its facts are report 0).
+    Register {
+        /// The host, as its certificate names it.
+        host: String,
+        /// What it reported.
+        facts: HostFacts,
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A numbered report from a registered host.
+    Report {
+        /// The host.
+        host: String,
+        /// Over which connection.
+        conn: ConnId,
+        /// Its place in that connection's sequence.
+        seq: u64,
+        /// What it runs now.
+        facts: HostFacts,
+    },
+    /// A host's QEMU exited.
+    VmStopped {
+        /// The host.
+        host: String,
+        /// Over which connection.
+        conn: ConnId,
+        /// Its place in that connection's sequence.
+        seq: u64,
+        /// The VM.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A host's connection ended.
+    Disconnected {
+        /// The host.
+        host: String,
+        /// Which connection (a newer one may already have replaced it).
+        conn: ConnId,
+    },
+    /// An operator's request; exactly one [`Effect::Reply`] answers it.
+    Operator {
+        /// Its number.
+        id: RequestId,
+        /// The request.
+        request: OperatorRequest,
+    },
+    /// An agent answered a call, or the call failed in transport.
+    AgentReplied {
+        /// The call.
+        call: CallId,
+        /// `Ok((seq, response))`, or why no answer came.
+        result: Result<(u64, AgentResponse), String>,
+    },
+    /// Time passed: timeouts, polls, gauges.
+    Tick,
+}
+
+/// Something for the shell to carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Answer a registration.
+    Hello {
+        /// The connection that registered.
+        conn: ConnId,
+        /// The answer.
+        ack: HelloAck,
+    },
+    /// Send `request` to `host` over `conn`; feed the answer back as
+    /// [`Input::AgentReplied`] with `call`.
+    Call {
+        /// Its number.
+        call: CallId,
+        /// The host.
+        host: String,
+        /// The connection to use.
+        conn: ConnId,
+        /// The request.
+        request: AgentRequest,
+    },
+    /// Close a connection whose answers can no longer be trusted to come;
+    /// the host registers again with a fresh report.
+    Close {
+        /// The host.
+        host: String,
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The one answer to an operator request.
+    Reply {
+        /// The request.
+        id: RequestId,
+        /// The answer.
+        response: OperatorResponse,
+    },
+    /// A migration progress sample for the operator who asked for it.
+    Progress {
+        /// The request.
+        id: RequestId,
+        /// The sample.
+        progress: MigrationProgress,
+    },
+    /// A note line for a streaming request (drain).
+    Note {
+        /// The request.
+        id: RequestId,
+        /// The line.
+        line: String,
+    },
+    /// A line for `flotilla events`.
+    Event(String),
+    /// A metric to record.
+    Metric(Metric),
+    /// Feed [`Input::Tick`] at this time.
+    WakeAt(Instant),
+}
+
+/// A metric the shell records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metric {
+    /// A start ended (`ok`, `error`, `no_placement`).
+    Start(&'static str),
+    /// A start's wall time, request to answer.
+    StartSeconds(f64),
+    /// How long one scheduling decision took (measured only by real shells).
+    SchedulingSeconds(f64),
+    /// A migration ended (`completed`, `aborted`, `failed`, `in-doubt`).
+    Migration(&'static str),
+    /// The current counts: hosts by state, VMs by state, migrations in flight.
+    Gauges {
+        /// (state, count) for every host state.
+        hosts: Vec<(&'static str, u64)>,
+        /// (state, count) for every VM state.
+        vms: Vec<(&'static str, u64)>,
+        /// Migrations in flight.
+        migrations: u64,
+    },
+}
+
+struct HostLive {
+    conn: Option<ConnId>,
+    facts: HostFacts,
+    /// `facts.networks` as the scheduler reads them, rebuilt only when they change.
+    networks: Arc<NetworkAddresses>,
+    last_seen: Instant,
+    /// The newest report's number on `conn`.
+    seq: u64,
+}
+
+struct VmEntry {
+    uuid: String,
+    generation: u64,
+    footprint: Footprint,
+    life: VmLifecycle,
+    /// The stored destination of a migration that may have moved it: until
+    /// that host has been heard from, "not on the recorded host" is not
+    /// "shut off".
+    pending_dest: Option<String>,
+}
+
+#[derive(Debug)]
+enum Ask {
+    LiveXml,
+    Display,
+    Networks,
+}
+
+#[derive(Debug)]
+enum Purpose {
+    Start {
+        op: RequestId,
+        vm: String,
+        sent: Instant,
+        explanation: String,
+    },
+    Stop {
+        op: RequestId,
+        vm: String,
+    },
+    Ask {
+        op: RequestId,
+        ask: Ask,
+    },
+    /// Removing the stale half of an interrupted migration.
+    Cleanup {
+        vm: String,
+    },
+    /// Resuming the one remaining half of an interrupted migration.
+    Resume {
+        vm: String,
+    },
+    Migration {
+        vm: String,
+        step: MigStep,
+    },
+}
+
+#[derive(Debug)]
+enum MigStep {
+    Command(Command),
+    /// A SPICE client-migrate-info before `migrate`; then the next one, then `migrate`.
+    ClientInfo,
+    PollSource,
+    PollDest,
+}
+
+struct PendingCall {
+    host: String,
+    conn: ConnId,
+    purpose: Purpose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Operator(RequestId),
+    Drain(RequestId),
+    /// Taking over a switchover that a crashed coordinator left half done.
+    Recovery,
+}
+
+struct MigrationJob {
+    machine: Migration,
+    owner: Owner,
+    source: String,
+    dest: String,
+    xml: String,
+    params: MigrationParams,
+    dest_consoles: Vec<ConsoleInfo>,
+    /// Steps not yet carried out, in order.
+    steps: VecDeque<Command>,
+    /// A step's agent call is in flight; the next waits for its answer.
+    step_in_flight: bool,
+    /// SPICE clients still to tell before `migrate`, then the `migrate` itself.
+    client_infos: VecDeque<(String, u16)>,
+    start: Option<(String, MigrationParams)>,
+    polls: u32,
+    poll_in_flight: bool,
+    next_poll: Instant,
+    /// `migrate` was answered: polls before that could read the status of
+    /// the previous migration of the same QEMU.
+    streaming: bool,
+    sampler: ProgressSampler,
+}
+
+struct DrainJob {
+    host: String,
+    queue: VecDeque<String>,
+    parallel: usize,
+    active: usize,
+    moved: Vec<(String, String)>,
+    failed: Vec<(String, String)>,
+}
+
+/// The coordinator's decisions.
+pub struct FleetCore {
+    store: Arc<dyn Store>,
+    settings: FleetSettings,
+    hosts: BTreeMap<String, HostLive>,
+    host_rows: BTreeMap<String, HostRow>,
+    vms: BTreeMap<String, VmEntry>,
+    usage: Usage,
+    calls: BTreeMap<CallId, PendingCall>,
+    next_call: CallId,
+    migrations: BTreeMap<String, MigrationJob>,
+    drains: BTreeMap<RequestId, DrainJob>,
+    /// Each host's state when last logged, to log transitions once.
+    host_states: BTreeMap<String, HostState>,
+    /// (host, VM) → the sequence number of the host's reply to the newest
+    /// action on the VM there: reports numbered below it may predate it.
+    fences: BTreeMap<(String, String), u64>,
+    /// Repairs in flight per VM (removing a stale half, resuming the last
+    /// one): the VM is owned until each is answered, as by any other action.
+    repairs: BTreeMap<String, u32>,
+    /// Measures scheduling time for the metric; the simulation has no clock.
+    stopwatch: fn() -> Option<Instant>,
+    effects: Vec<Effect>,
+}
+
+/// The scheduler's view of a host's reported networks.
+fn network_addresses(networks: &[NetStatus]) -> NetworkAddresses {
+    networks
+        .iter()
+        .map(|n| {
+            let v = match (&n.address, &n.error) {
+                (Some(a), _) => Ok(a.clone()),
+                (None, Some(e)) => Err(e.clone()),
+                (None, None) => Err("no address".to_string()),
+            };
+            (n.name.clone(), v)
+        })
+        .collect()
+}
+
+/// What a stored definition holds on its host; an unreadable one holds nothing.
+fn footprint(row: &VmRow) -> Footprint {
+    Domain::parse(&row.name, &row.xml).map_or_else(
+        |_| Footprint::default(),
+        |d| Footprint {
+            memory_mib: d.model.memory.mib(),
+            vcpus: d.model.vcpus(),
+        },
+    )
+}
+
+fn not_found(name: &str) -> String {
+    format!("failed to get domain '{name}': no domain with matching name")
+}
+
+fn progress(s: &MigrationStats) -> MigrationProgress {
+    MigrationProgress {
+        status: s.status.clone(),
+        transferred: s.transferred,
+        remaining: s.remaining,
+        total: s.total,
+        throughput_bps: s.throughput_bps,
+        dirty_sync_count: s.dirty_sync_count,
+        expected_downtime_ms: s.expected_downtime_ms,
+        downtime_ms: s.downtime_ms,
+        total_time_ms: None,
+        error: None,
+    }
+}
+
+fn stats(p: &MigrationProgress) -> MigrationStats {
+    MigrationStats {
+        status: p.status.clone(),
+        transferred: p.transferred,
+        remaining: p.remaining,
+        total: p.total,
+        throughput_bps: p.throughput_bps,
+        dirty_sync_count: p.dirty_sync_count,
+        expected_downtime_ms: p.expected_downtime_ms,
+        downtime_ms: p.downtime_ms,
+    }
+}
+
+/// `spice://ADDR:PORT` → (ADDR, PORT); other consoles need no relocation.
+fn spice_target(uri: &str) -> Option<(String, u16)> {
+    let rest = uri.strip_prefix("spice://")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port.parse().ok()?,
+    ))
+}
+
+fn real_stopwatch() -> Option<Instant> {
+    Some(Instant::now())
+}
+
+impl FleetCore {
+    /// A core over `store`, its in-memory mirrors loaded from it.
+    ///
+    /// A store that cannot be read refuses the start: empty mirrors would
+    /// overcommit hosts and write a drained host back as undrained. Every VM
+    /// the records place on a host starts as `Running` there; the host's next
+    /// registration confirms or corrects it.
+    pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Result<Self, StoreError> {
+        let mut usage = Usage::default();
+        let mut vms = BTreeMap::new();
+        for row in store.list()? {
+            let fp = footprint(&row);
+            let life = match &row.placement {
+                Some(h) => {
+                    usage.set(&row.name, Some((h, fp)));
+                    VmLifecycle::Running { host: h.clone() }
+                }
+                None => VmLifecycle::ShutOff,
+            };
+            vms.insert(
+                row.name.clone(),
+                VmEntry {
+                    uuid: row.uuid,
+                    generation: row.generation,
+                    footprint: fp,
+                    life,
+                    pending_dest: row.migrating_to,
+                },
+            );
+        }
+        let host_rows = store
+            .hosts()?
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+        Ok(FleetCore {
+            store,
+            settings,
+            hosts: BTreeMap::new(),
+            host_rows,
+            vms,
+            usage,
+            calls: BTreeMap::new(),
+            next_call: 1,
+            migrations: BTreeMap::new(),
+            drains: BTreeMap::new(),
+            host_states: BTreeMap::new(),
+            fences: BTreeMap::new(),
+            repairs: BTreeMap::new(),
+            stopwatch: real_stopwatch,
+            effects: Vec::new(),
+        })
+    }
+
+    /// Turns off scheduling-time measurement (the simulation has no clock).
+    pub fn without_stopwatch(mut self) -> Self {
+        self.stopwatch = || None;
+        self
+    }
+
+    /// Feeds one input at `now`; returns what to carry out, in order.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        match input {
+            Input::Register { host, facts, conn } => self.register(now, host, facts, conn),
+            Input::Report {
+                host,
+                conn,
+                seq,
+                facts,
+            } => self.report(now, &host, conn, seq, facts),
+            Input::VmStopped {
+                host,
+                conn,
+                seq,
+                name,
+                reason,
+            } => self.vm_stopped(&host, conn, seq, &name, &reason),
+            Input::Disconnected { host, conn } => {
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    if h.conn == Some(conn) {
+                        tracing::warn!(host = %host, "host disconnected; its VMs are not moved (no fencing)");
+                        h.conn = None;
+                    }
+                }
+                self.log_host_transitions(now);
+            }
+            Input::Operator { id, request } => self.operator(now, id, request),
+            Input::AgentReplied { call, result } => self.replied(now, call, result),
+            Input::Tick => self.tick(now),
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    // ------------------------------------------------------------ queries
+
+    /// The lifecycle of every VM, for checkers.
+    pub fn lifecycles(&self) -> impl Iterator<Item = (&str, &VmLifecycle)> {
+        self.vms.iter().map(|(n, v)| (n.as_str(), &v.life))
+    }
+
+    /// Calls sent and not yet answered.
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    fn connected(&self, h: &HostLive, now: Instant) -> bool {
+        h.conn.is_some()
+            && now.saturating_duration_since(h.last_seen) <= self.settings.heartbeat_timeout
+    }
+
+    fn host_state(&self, name: &str, draining: bool, now: Instant) -> HostState {
+        match self.hosts.get(name) {
+            Some(h) if self.connected(h, now) && draining => HostState::Draining,
+            Some(h) if self.connected(h, now) => HostState::Connected,
+            _ => HostState::Unreachable,
+        }
+    }
+
+    fn runs_on(&self, host: &str, vm: &str, now: Instant) -> bool {
+        self.hosts
+            .get(host)
+            .is_some_and(|h| self.connected(h, now) && h.facts.vms.iter().any(|v| v.name == vm))
+    }
+
+    /// The host reports a copy whose vCPUs may run (not a paused migration half).
+    fn runs_guest(&self, host: &str, vm: &str, now: Instant) -> bool {
+        self.hosts.get(host).is_some_and(|h| {
+            self.connected(h, now)
+                && h.facts
+                    .vms
+                    .iter()
+                    .any(|v| v.name == vm && !STALE_STATES.contains(&v.state.as_str()))
+        })
+    }
+
+    /// What `list` shows: running only when its host reports it.
+    fn vm_state_word(
+        &self,
+        name: &str,
+        life: &VmLifecycle,
+        now: Instant,
+    ) -> (&'static str, Option<String>) {
+        match life.host() {
+            Some(h) if self.runs_on(h, name, now) => ("running", Some(h.to_string())),
+            Some(h) if !self.hosts.get(h).is_some_and(|s| self.connected(s, now)) => {
+                ("unknown", Some(h.to_string()))
+            }
+            _ => ("shut off", None),
+        }
+    }
+
+    fn conn_of(&self, host: &str, now: Instant) -> Result<ConnId, String> {
+        match self.hosts.get(host) {
+            Some(h) if self.connected(h, now) => {
+                h.conn.ok_or_else(|| format!("host {host} is unreachable"))
+            }
+            Some(_) => Err(format!("host {host} is unreachable")),
+            None => Err(format!("host '{host}' is not known")),
+        }
+    }
+
+    fn snapshots(&self, now: Instant) -> Vec<HostSnapshot> {
+        self.host_rows
+            .values()
+            .map(|row| {
+                let used = self.usage.used(&row.name);
+                let live = self.hosts.get(&row.name);
+                HostSnapshot {
+                    connected: live.is_some_and(|h| self.connected(h, now)),
+                    draining: row.draining,
+                    cpus: live.map_or(row.cpus, |h| h.facts.cpus),
+                    memory_mib: live.map_or(row.memory_mib, |h| h.facts.memory_mib),
+                    used_memory_mib: used.memory_mib,
+                    used_vcpus: used.vcpus,
+                    networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
+                    name: row.name.clone(),
+                }
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------ effects
+
+    fn emit(&mut self, line: String) {
+        self.effects.push(Effect::Event(line));
+    }
+
+    fn reply(&mut self, id: RequestId, response: OperatorResponse) {
+        self.effects.push(Effect::Reply { id, response });
+    }
+
+    fn call(&mut self, host: &str, conn: ConnId, request: AgentRequest, purpose: Purpose) {
+        if let Purpose::Cleanup { vm } | Purpose::Resume { vm } = &purpose {
+            *self.repairs.entry(vm.clone()).or_default() += 1;
+        }
+        let call = self.next_call;
+        self.next_call += 1;
+        self.calls.insert(
+            call,
+            PendingCall {
+                host: host.to_string(),
+                conn,
+                purpose,
+            },
+        );
+        self.effects.push(Effect::Call {
+            call,
+            host: host.to_string(),
+            conn,
+            request,
+        });
+    }
+
+    /// Moves a VM's lifecycle; a refused move is a bug in this module, logged
+    /// and left undone rather than corrupting the state.
+    fn set_life(&mut self, name: &str, to: VmLifecycle) -> bool {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return false;
+        };
+        match vm.life.transition(to) {
+            Ok(next) => {
+                vm.life = next;
+                true
+            }
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "refused lifecycle move");
+                false
+            }
+        }
+    }
+
+    /// Records a placement (or none) in the store and mirrors it in `usage`.
+    fn record_placement(&mut self, name: &str, host: Option<&str>) -> Result<(), StoreError> {
+        self.store
+            .set_placement(name, host.map(str::to_string), host.is_some())?;
+        let fp = self.vms.get(name).map(|v| v.footprint).unwrap_or_default();
+        self.usage.set(name, host.map(|h| (h, fp)));
+        Ok(())
+    }
+
+    fn fence(&mut self, host: &str, conn: ConnId, vm: &str, seq: u64) {
+        if self.hosts.get(host).is_some_and(|h| h.conn == Some(conn)) {
+            let f = self
+                .fences
+                .entry((host.to_string(), vm.to_string()))
+                .or_default();
+            *f = (*f).max(seq);
+        }
+    }
+
+    fn fenced(&self, host: &str, vm: &str, seq: u64) -> bool {
+        self.fences
+            .get(&(host.to_string(), vm.to_string()))
+            .is_some_and(|f| *f > seq)
+    }
+
+    fn set_reported(&mut self, host: &str, vm: Option<VmSummary>, name: &str) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.facts.vms.retain(|v| v.name != name);
+            h.facts.vms.extend(vm);
+        }
+    }
+
+    // ------------------------------------------------------------ hosts
+
+    fn register(&mut self, now: Instant, host: String, facts: HostFacts, conn: ConnId) {
+        let stored = self.host_rows.get(&host);
+        let row = HostRow {
+            name: host.clone(),
+            cpus: facts.cpus,
+            memory_mib: facts.memory_mib,
+            draining: stored.is_some_and(|h| h.draining),
+        };
+        if stored != Some(&row) {
+            if let Err(e) = self.store.put_host(&row, false) {
+                self.effects.push(Effect::Hello {
+                    conn,
+                    ack: HelloAck::Refused(e.to_string()),
+                });
+                return;
+            }
+            self.host_rows.insert(host.clone(), row);
+        }
+        tracing::info!(host = %host, vms = facts.vms.len(), networks = facts.networks.len(), "host registered");
+        // A new connection starts a new sequence: the old one's fences mean nothing.
+        self.fences.retain(|(h, _), _| h != &host);
+        self.hosts.insert(
+            host.clone(),
+            HostLive {
+                conn: Some(conn),
+                networks: Arc::new(network_addresses(&facts.networks)),
+                facts,
+                last_seen: now,
+                seq: 0,
+            },
+        );
+        self.converge(now, &host, 0);
+        self.log_host_transitions(now);
+        self.effects.push(Effect::Hello {
+            conn,
+            ack: HelloAck::Accepted {
+                heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
+            },
+        });
+    }
+
+    fn report(&mut self, now: Instant, host: &str, conn: ConnId, seq: u64, facts: HostFacts) {
+        let fenced: Vec<String> = {
+            let Some(h) = self.hosts.get(host) else {
+                return;
+            };
+            if h.conn != Some(conn) || seq <= h.seq {
+                // Another connection's, or older than one already applied.
+                return;
+            }
+            h.facts
+                .vms
+                .iter()
+                .chain(facts.vms.iter())
+                .map(|v| v.name.clone())
+                .filter(|vm| self.fenced(host, vm, seq))
+                .collect()
+        };
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        // For a VM the coordinator acted on after this report was numbered,
+        // what it already knows wins over what the report says.
+        let mut vms: Vec<VmSummary> = facts
+            .vms
+            .into_iter()
+            .filter(|v| !fenced.contains(&v.name))
+            .collect();
+        vms.extend(
+            h.facts
+                .vms
+                .iter()
+                .filter(|v| fenced.contains(&v.name))
+                .cloned(),
+        );
+        if h.facts.networks != facts.networks {
+            h.networks = Arc::new(network_addresses(&facts.networks));
+        }
+        h.facts = HostFacts { vms, ..facts };
+        h.last_seen = now;
+        h.seq = seq;
+        self.converge(now, host, seq);
+    }
+
+    fn vm_stopped(&mut self, host: &str, conn: ConnId, seq: u64, name: &str, reason: &str) {
+        if !self.hosts.get(host).is_some_and(|h| h.conn == Some(conn))
+            || self.fenced(host, name, seq)
+        {
+            return;
+        }
+        tracing::info!(vm = %name, host, reason, "VM stopped");
+        self.emit(format!("vm {name} stopped on {host}: {reason}"));
+        self.set_reported(host, None, name);
+        let here = matches!(self.vms.get(name), Some(v) if v.life == VmLifecycle::Running { host: host.to_string() });
+        if here && self.record_placement(name, None).is_ok() {
+            self.set_life(name, VmLifecycle::ShutOff);
+        }
+    }
+
+    /// Converges the records with `host`'s report number `seq`.
+    fn converge(&mut self, now: Instant, host: &str, seq: u64) {
+        let Some(h) = self.hosts.get(host) else {
+            return;
+        };
+        let reported: BTreeMap<String, String> = h
+            .facts
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), v.state.clone()))
+            .collect();
+        // Only the VMs this report can concern, and not those an action owns
+        // or that the coordinator acted on after the report was numbered.
+        let mut names: Vec<String> = self.usage.vms_on(host).map(str::to_string).collect();
+        names.extend(reported.keys().cloned());
+        names.sort();
+        names.dedup();
+        let rows: Vec<VmRow> = names
+            .iter()
+            .filter(|n| !self.fenced(host, n, seq))
+            .filter_map(|n| {
+                let v = self.vms.get(n)?;
+                Some(VmRow {
+                    name: n.clone(),
+                    uuid: v.uuid.clone(),
+                    xml: String::new(),
+                    generation: v.generation,
+                    want_running: v.life.host().is_some(),
+                    placement: v.life.host().map(str::to_string),
+                    migrating_to: v.pending_dest.clone(),
+                })
+            })
+            .collect();
+        let reported: BTreeMap<String, String> = reported
+            .into_iter()
+            .filter(|(n, _)| !self.fenced(host, n, seq))
+            .collect();
+        let fixes = reconcile(host, &reported, &rows, &|other, vm| {
+            other != host && self.runs_guest(other, vm, now)
+        });
+        for fix in fixes {
+            let name = match &fix {
+                Fix::Place { name }
+                | Fix::Stopped { name }
+                | Fix::Conflict { name, .. }
+                | Fix::DestroyStale { name, .. }
+                | Fix::Unmanaged { name } => name.clone(),
+            };
+            let owned = self
+                .vms
+                .get(&name)
+                .is_some_and(|v| v.life.is_transitional());
+            match fix {
+                Fix::Unmanaged { .. } => {
+                    tracing::warn!(vm = %name, host, "host runs a VM with no definition")
+                }
+                _ if owned => {}
+                Fix::Place { .. } => {
+                    tracing::info!(vm = %name, host, "reconcile: VM runs here; recording placement");
+                    if self.record_placement(&name, Some(host)).is_ok() {
+                        self.set_life(
+                            &name,
+                            VmLifecycle::Running {
+                                host: host.to_string(),
+                            },
+                        );
+                    }
+                }
+                Fix::Stopped { .. } if self.may_run_elsewhere(now, &name, host) => {
+                    match self.destination_holds(now, &name) {
+                        None => tracing::info!(vm = %name, host,
+                            "reconcile: VM gone here; waiting for its migration's destination to report"),
+                        Some(dest) => {
+                            // The destination holds the whole guest: the VM is there.
+                            tracing::info!(vm = %name, host, dest = %dest,
+                                "reconcile: VM gone here; its migration's destination holds it");
+                            if self.record_placement(&name, Some(&dest)).is_ok() {
+                                self.set_life(&name, VmLifecycle::Running { host: dest });
+                            }
+                        }
+                    }
+                }
+                Fix::Stopped { .. } => {
+                    tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
+                    if self.record_placement(&name, None).is_ok() {
+                        self.set_life(&name, VmLifecycle::ShutOff);
+                    }
+                }
+                Fix::DestroyStale { state, .. } => {
+                    tracing::warn!(vm = %name, host, state = %state,
+                        "removing the stale half of an interrupted migration");
+                    if let Some(conn) = self.hosts.get(host).and_then(|h| h.conn) {
+                        let vm = name.clone();
+                        self.call(
+                            host,
+                            conn,
+                            AgentRequest::Destroy { name },
+                            Purpose::Cleanup { vm },
+                        );
+                    }
+                }
+                Fix::Conflict { recorded, .. } => {
+                    tracing::error!(vm = %name, host, recorded = %recorded,
+                        "VM reported running on two hosts; not touching either copy")
+                }
+            }
+        }
+        for name in names {
+            if !self.fenced(host, &name, seq) {
+                self.recover_switchover(now, &name);
+                self.settle_migration_record(now, &name);
+            }
+        }
+    }
+
+    /// A migration the records say may have moved `vm` names a host other
+    /// than `host` that has not yet shown it does not run it.
+    fn may_run_elsewhere(&self, now: Instant, vm: &str, host: &str) -> bool {
+        let Some(dest) = self.vms.get(vm).and_then(|v| v.pending_dest.as_deref()) else {
+            return false;
+        };
+        // A destination still waiting for the stream cannot run the guest
+        // once its source is gone, nor can a completed source without the
+        // coordinator; one that holds it whole can.
+        dest != host
+            && !self.hosts.get(dest).is_some_and(|h| {
+                self.connected(h, now)
+                    && !h
+                        .facts
+                        .vms
+                        .iter()
+                        .any(|v| v.name == vm && v.state != "inmigrate" && v.state != "postmigrate")
+            })
+    }
+
+    /// The connected destination of `vm`'s recorded migration, when it
+    /// reports a copy holding the whole guest (running or paused).
+    fn destination_holds(&self, now: Instant, vm: &str) -> Option<String> {
+        let dest = self.vms.get(vm)?.pending_dest.clone()?;
+        let h = self.hosts.get(&dest)?;
+        let holds = self.connected(h, now)
+            && h.facts
+                .vms
+                .iter()
+                .any(|v| v.name == vm && v.state != "inmigrate" && v.state != "postmigrate");
+        holds.then_some(dest)
+    }
+
+    /// Clears a stored migration destination once the VM is known to run on
+    /// exactly one host, or on none.
+    fn settle_migration_record(&mut self, now: Instant, vm: &str) {
+        let Some(entry) = self.vms.get(vm) else {
+            return;
+        };
+        let Some(dest) = entry.pending_dest.clone() else {
+            return;
+        };
+        if entry.life.is_transitional() || self.migrations.contains_key(vm) {
+            return;
+        }
+        let settled = match entry.life.host() {
+            None => true,
+            Some(h) => {
+                self.runs_guest(h, vm, now)
+                    && (h == dest
+                        || self.hosts.get(&dest).is_some_and(|d| {
+                            self.connected(d, now) && !d.facts.vms.iter().any(|v| v.name == vm)
+                        }))
+            }
+        };
+        if settled && self.store.set_migrating_to(vm, None).is_ok() {
+            if let Some(v) = self.vms.get_mut(vm) {
+                v.pending_dest = None;
+            }
+        }
+    }
+
+    /// Finishes a switchover that a crashed coordinator left half done.
+    ///
+    /// Only when no connected host reports a copy that may run: a source in
+    /// `postmigrate` and a destination holding the received guest `paused`
+    /// are driven to the end from `Finishing` (the destination runs before
+    /// the source quits). A lone half is resumed only when every known host
+    /// is connected, since an unreachable one might already run the guest.
+    fn recover_switchover(&mut self, now: Instant, vm: &str) {
+        let Some(entry) = self.vms.get(vm) else {
+            return;
+        };
+        if entry.life.is_transitional()
+            || self.migrations.contains_key(vm)
+            || self.repairs.contains_key(vm)
+        {
+            return;
+        }
+        let (mut sources, mut dest, mut waiting) = (Vec::new(), None, Vec::new());
+        for (h, live) in &self.hosts {
+            if !self.connected(live, now) {
+                continue;
+            }
+            if let Some(v) = live.facts.vms.iter().find(|v| v.name == vm) {
+                match v.state.as_str() {
+                    "postmigrate" => sources.push((h.clone(), live.conn)),
+                    "paused" => dest = Some((h.clone(), live.conn)),
+                    "inmigrate" => waiting.push((h.clone(), live.conn)),
+                    _ => return,
+                }
+            }
+        }
+        let everyone = self
+            .host_rows
+            .keys()
+            .all(|h| self.hosts.get(h).is_some_and(|l| self.connected(l, now)));
+        let recorded = entry.life.host().map(str::to_string);
+        // A completed source other than the recorded host's is an older
+        // migration's leftover: its guest state is stale, never resumed.
+        let pick = sources
+            .iter()
+            .position(|(h, _)| Some(h) == recorded.as_ref())
+            .unwrap_or(0);
+        let source = (!sources.is_empty()).then(|| sources.remove(pick));
+        if recorded.is_some() && recorded != source.as_ref().map(|s| s.0.clone())
+            || source.is_some()
+        {
+            for (other, conn) in std::mem::take(&mut sources) {
+                if let Some(conn) = conn {
+                    tracing::warn!(vm, host = %other, "removing the paused source of an older migration");
+                    self.call(
+                        &other,
+                        conn,
+                        AgentRequest::Destroy {
+                            name: vm.to_string(),
+                        },
+                        Purpose::Cleanup { vm: vm.to_string() },
+                    );
+                }
+            }
+        }
+        match (recorded, source, dest) {
+            // Shut off in the records: a paused half left behind is stale.
+            (None, source, dest) => {
+                for (host, conn) in source.into_iter().chain(dest).chain(waiting) {
+                    if let Some(conn) = conn {
+                        tracing::warn!(vm, host = %host, "removing a paused half of a VM recorded as shut off");
+                        self.call(
+                            &host,
+                            conn,
+                            AgentRequest::Destroy {
+                                name: vm.to_string(),
+                            },
+                            Purpose::Cleanup { vm: vm.to_string() },
+                        );
+                    }
+                }
+            }
+            (Some(r), Some((source, _)), Some((dest, _))) if r == source || r == dest => {
+                tracing::warn!(vm, source = %source, dest = %dest, "finishing an interrupted switchover");
+                // The records stay where they are (either half) until the
+                // machine says which host the guest ends on.
+                if self.store.set_migrating_to(vm, Some(dest.clone())).is_err() {
+                    return;
+                }
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.pending_dest = Some(dest.clone());
+                }
+                self.set_life(
+                    vm,
+                    VmLifecycle::Migrating {
+                        source: source.clone(),
+                        dest: dest.clone(),
+                    },
+                );
+                self.emit(format!(
+                    "vm {vm} finishing an interrupted migration from {source} to {dest}"
+                ));
+                let (machine, first) = Migration::resume_switchover(now);
+                self.migrations.insert(
+                    vm.to_string(),
+                    MigrationJob {
+                        machine,
+                        owner: Owner::Recovery,
+                        source,
+                        dest,
+                        xml: String::new(),
+                        params: MigrationParams::default(),
+                        dest_consoles: Vec::new(),
+                        steps: VecDeque::new(),
+                        step_in_flight: false,
+                        client_infos: VecDeque::new(),
+                        start: None,
+                        polls: 0,
+                        poll_in_flight: false,
+                        next_poll: now,
+                        streaming: false,
+                        sampler: ProgressSampler::default(),
+                    },
+                );
+                self.run_commands(now, vm, first);
+            }
+            // A destination still receiving may yet hold the whole guest:
+            // the source is resumed only when no other copy exists.
+            (Some(r), Some((host, Some(conn))), None)
+                if everyone && r == host && waiting.is_empty() =>
+            {
+                tracing::warn!(vm, host = %host, "resuming the source of an interrupted migration");
+                let request = AgentRequest::Resume {
+                    name: vm.to_string(),
+                };
+                self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
+            }
+            // The source sent everything, so a destination still waiting
+            // can only be stale or about to hold a paused copy: remove it
+            // first, then the source is the one copy left to resume.
+            (Some(r), Some((host, _)), None) if everyone && r == host => {
+                for (other, conn) in waiting {
+                    if let Some(conn) = conn {
+                        tracing::warn!(vm, host = %other, "removing the unfinished destination of an interrupted migration");
+                        self.call(
+                            &other,
+                            conn,
+                            AgentRequest::Destroy {
+                                name: vm.to_string(),
+                            },
+                            Purpose::Cleanup { vm: vm.to_string() },
+                        );
+                    }
+                }
+            }
+            // No source is left, so a destination still waiting can never
+            // receive: it goes, and the one holding the whole guest resumes.
+            (Some(r), None, Some((host, Some(conn)))) if everyone && r == host => {
+                for (other, c) in waiting {
+                    if let Some(c) = c {
+                        let request = AgentRequest::Destroy {
+                            name: vm.to_string(),
+                        };
+                        self.call(&other, c, request, Purpose::Cleanup { vm: vm.to_string() });
+                    }
+                }
+                tracing::warn!(vm, host = %host, "resuming the destination of an interrupted migration");
+                let request = AgentRequest::MigrateFinish {
+                    name: vm.to_string(),
+                };
+                self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
+            }
+            _ => {}
+        }
+    }
+
+    fn log_host_transitions(&mut self, now: Instant) {
+        let mut changes = Vec::new();
+        for row in self.host_rows.values() {
+            let state = self.host_state(&row.name, row.draining, now);
+            if self.host_states.get(&row.name) != Some(&state) {
+                changes.push((row.name.clone(), state));
+            }
+        }
+        for (host, state) in changes {
+            self.host_states.insert(host.clone(), state);
+            self.emit(format!("host {host} {}", state.as_str()));
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.log_host_transitions(now);
+        let mut hosts: BTreeMap<&'static str, u64> =
+            HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for row in self.host_rows.values() {
+            *hosts
+                .entry(self.host_state(&row.name, row.draining, now).as_str())
+                .or_default() += 1;
+        }
+        let mut vms: BTreeMap<&'static str, u64> =
+            [("running", 0), ("shut off", 0), ("unknown", 0)].into();
+        for (name, v) in &self.vms {
+            *vms.entry(self.vm_state_word(name, &v.life, now).0)
+                .or_default() += 1;
+        }
+        self.effects.push(Effect::Metric(Metric::Gauges {
+            hosts: hosts.into_iter().collect(),
+            vms: vms.into_iter().collect(),
+            migrations: self.migrations.len() as u64,
+        }));
+        // Migrations: timeouts, and the polls that are due.
+        let names: Vec<String> = self.migrations.keys().cloned().collect();
+        for vm in names {
+            self.feed_migration(now, &vm, MigInput::Tick);
+            self.poll_migration(now, &vm);
+        }
+    }
+
+    // ------------------------------------------------------------ operator
+
+    fn operator(&mut self, now: Instant, id: RequestId, request: OperatorRequest) {
+        match request {
+            OperatorRequest::Define { xml, source } => {
+                let r = self.define(xml, source);
+                self.reply(id, r);
+            }
+            OperatorRequest::Undefine { name } => {
+                let r = self.undefine(&name);
+                self.reply(id, r);
+            }
+            OperatorRequest::List { all } => {
+                let entries = self
+                    .vms
+                    .iter()
+                    .map(|(name, v)| {
+                        let (state, host) = self.vm_state_word(name, &v.life, now);
+                        VmListEntry {
+                            name: name.clone(),
+                            uuid: v.uuid.clone(),
+                            state: state.to_string(),
+                            host,
+                            generation: v.generation,
+                        }
+                    })
+                    .filter(|e| all || e.state != "shut off")
+                    .collect();
+                self.reply(id, OperatorResponse::Vms(entries));
+            }
+            OperatorRequest::DumpXml { name, live: false } => {
+                let r = match self.store.get(&name) {
+                    Ok(Some(r)) => OperatorResponse::Xml(r.xml),
+                    Ok(None) => OperatorResponse::Error(not_found(&name)),
+                    Err(e) => OperatorResponse::Error(e.to_string()),
+                };
+                self.reply(id, r);
+            }
+            OperatorRequest::DumpXml { name, live: true } => self.ask(
+                now,
+                id,
+                &name,
+                AgentRequest::DumpXml { name: name.clone() },
+                Ask::LiveXml,
+            ),
+            OperatorRequest::DomDisplay { name } => self.ask(
+                now,
+                id,
+                &name,
+                AgentRequest::DomDisplay { name: name.clone() },
+                Ask::Display,
+            ),
+            OperatorRequest::NetList { host } => match self.conn_of(&host, now) {
+                Ok(conn) => self.call(
+                    &host,
+                    conn,
+                    AgentRequest::NetList,
+                    Purpose::Ask {
+                        op: id,
+                        ask: Ask::Networks,
+                    },
+                ),
+                Err(e) => self.reply(id, OperatorResponse::Error(e)),
+            },
+            OperatorRequest::Start { name, host } => self.start(now, id, name, host),
+            OperatorRequest::Shutdown { name, timeout_secs } => {
+                let req = AgentRequest::Shutdown {
+                    name: name.clone(),
+                    timeout_secs,
+                };
+                self.stop(now, id, name, req)
+            }
+            OperatorRequest::Destroy { name } => {
+                let req = AgentRequest::Destroy { name: name.clone() };
+                self.stop(now, id, name, req)
+            }
+            OperatorRequest::Hosts => {
+                let entries = self
+                    .host_rows
+                    .values()
+                    .map(|r| {
+                        let live = self.hosts.get(&r.name);
+                        HostEntry {
+                            name: r.name.clone(),
+                            state: self
+                                .host_state(&r.name, r.draining, now)
+                                .as_str()
+                                .to_string(),
+                            cpus: live.map_or(r.cpus, |h| h.facts.cpus),
+                            memory_mib: live.map_or(r.memory_mib, |h| h.facts.memory_mib),
+                            vms: live.map_or(0, |h| h.facts.vms.len() as u32),
+                            last_seen_secs: live.map_or(u64::MAX, |h| {
+                                now.saturating_duration_since(h.last_seen).as_secs()
+                            }),
+                        }
+                    })
+                    .collect();
+                self.reply(id, OperatorResponse::Hosts(entries));
+            }
+            OperatorRequest::Migrate {
+                name,
+                to,
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+                postcopy,
+                timeout_secs,
+            } => {
+                let params = MigrationParams {
+                    max_downtime_ms,
+                    bandwidth_mib_s,
+                    auto_converge,
+                    postcopy,
+                    timeout: timeout_secs.map(Duration::from_secs),
+                };
+                if let Err(e) = self.migrate(now, Owner::Operator(id), &name, to, params) {
+                    self.reply(id, OperatorResponse::Error(e));
+                }
+            }
+            OperatorRequest::MigrateAbort { name } => {
+                if !self.migrations.contains_key(&name) {
+                    self.reply(
+                        id,
+                        OperatorResponse::Error(format!("no migration of '{name}' is in progress")),
+                    );
+                    return;
+                }
+                let refused =
+                    self.feed_migration(now, &name, MigInput::Abort("aborted by operator".into()));
+                let r = match refused {
+                    Some(reason) => OperatorResponse::Error(reason),
+                    None => OperatorResponse::Done(format!(
+                        "abort of the migration of '{name}' requested"
+                    )),
+                };
+                self.reply(id, r);
+            }
+            OperatorRequest::HostDrain { host, parallel } => self.drain(now, id, host, parallel),
+            OperatorRequest::HostUndrain { host } => {
+                let r = match self.set_draining(&host, false) {
+                    Ok(()) => {
+                        tracing::info!(host = %host, "undrained");
+                        OperatorResponse::Done(format!("host {host} accepts VMs again"))
+                    }
+                    Err(e) => OperatorResponse::Error(e),
+                };
+                self.log_host_transitions(now);
+                self.reply(id, r);
+            }
+            OperatorRequest::Events { .. } => self.reply(
+                id,
+                OperatorResponse::Error("events stream notes; the shell serves them".into()),
+            ),
+        }
+    }
+
+    fn define(&mut self, xml: String, source: String) -> OperatorResponse {
+        let doc = match Domain::parse(&source, &xml) {
+            Ok(d) => d,
+            Err(e) => return OperatorResponse::Error(e.to_string()),
+        };
+        let mut domain = doc.model.without_runtime_state();
+        let mut warnings = Vec::new();
+        for g in domain.graphics() {
+            for l in &g.listens {
+                if let ListenKind::Address { address: Some(a) } = &l.kind {
+                    let loopback = a
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                    if !loopback {
+                        warnings.push(format!(
+                            "{} console of '{}' pins the host-specific address {a}; \
+                             use <listen type='network' network='NAME'/> so each host resolves its own",
+                            g.protocol.as_str(),
+                            domain.name
+                        ));
+                    }
+                }
+            }
+        }
+        // As virsh define: a definition without <uuid> keeps the stored VM's UUID.
+        let has_uuid = tree::parse_document(&source, &xml)
+            .map(|root| root.elements().any(|e| e.name == "uuid"))
+            .unwrap_or(true);
+        if !has_uuid {
+            if let Some(u) = self
+                .vms
+                .get(&domain.name)
+                .and_then(|v| flotilla_shared::xml::domain::parse_uuid(&v.uuid))
+            {
+                domain.uuid = u;
+            }
+        }
+        let def = NewDefinition {
+            name: domain.name.clone(),
+            uuid: domain.uuid.hyphenated().to_string(),
+            xml: domain.to_xml(XmlFlavor::Inactive),
+        };
+        match self.store.define(def) {
+            Ok(row) => {
+                tracing::info!(vm = %row.name, generation = row.generation, "defined");
+                let fp = footprint(&row);
+                match self.vms.get_mut(&row.name) {
+                    Some(v) => {
+                        // A running VM keeps the footprint it started with until it restarts.
+                        v.uuid = row.uuid.clone();
+                        v.generation = row.generation;
+                        if v.life == VmLifecycle::ShutOff {
+                            v.footprint = fp;
+                        }
+                    }
+                    None => {
+                        self.vms.insert(
+                            row.name.clone(),
+                            VmEntry {
+                                uuid: row.uuid.clone(),
+                                generation: row.generation,
+                                footprint: fp,
+                                life: VmLifecycle::ShutOff,
+                                pending_dest: None,
+                            },
+                        );
+                    }
+                }
+                OperatorResponse::Defined {
+                    name: row.name,
+                    uuid: row.uuid,
+                    generation: row.generation,
+                    warnings,
+                }
+            }
+            Err(e) => OperatorResponse::Error(e.to_string()),
+        }
+    }
+
+    fn undefine(&mut self, name: &str) -> OperatorResponse {
+        match self.vms.get(name) {
+            None => OperatorResponse::Error(not_found(name)),
+            Some(v) if v.life != VmLifecycle::ShutOff => OperatorResponse::Error(format!(
+                "Requested operation is not valid: domain '{name}' is running; stop it first"
+            )),
+            Some(_) => match self.store.undefine(name) {
+                Ok(()) => {
+                    self.vms.remove(name);
+                    OperatorResponse::Done(format!("Domain '{name}' has been undefined"))
+                }
+                Err(e) => OperatorResponse::Error(e.to_string()),
+            },
+        }
+    }
+
+    fn repaired(&mut self, vm: &str) {
+        if let Some(n) = self.repairs.get_mut(vm) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.repairs.remove(vm);
+            }
+        }
+    }
+
+    /// While an action owns a VM, other requests are refused.
+    fn busy_error(&self, name: &str) -> Option<String> {
+        if self.repairs.contains_key(name) {
+            return Some(format!(
+                "Requested operation is not valid: domain '{name}' is being repaired after an \
+                 interrupted migration"
+            ));
+        }
+        match self.vms.get(name).map(|v| &v.life) {
+            Some(VmLifecycle::Migrating { .. }) => Some(format!(
+                "Requested operation is not valid: domain '{name}' is migrating \
+                 (flotilla migrate-abort {name} cancels it)"
+            )),
+            Some(l) if l.is_transitional() => Some(format!(
+                "Requested operation is not valid: domain '{name}' has an operation in progress"
+            )),
+            _ => None,
+        }
+    }
+
+    fn ask(&mut self, now: Instant, id: RequestId, name: &str, request: AgentRequest, ask: Ask) {
+        let host = match self.vms.get(name) {
+            None => Err(not_found(name)),
+            Some(v) => v.life.host().map(str::to_string).ok_or_else(|| {
+                format!("Requested operation is not valid: domain '{name}' is not running")
+            }),
+        };
+        match host.and_then(|h| self.conn_of(&h, now).map(|c| (h, c))) {
+            Ok((host, conn)) => self.call(&host, conn, request, Purpose::Ask { op: id, ask }),
+            Err(e) => self.reply(id, OperatorResponse::Error(e)),
+        }
+    }
+
+    fn needs(&self, name: &str) -> Result<(VmNeeds, String, u64), String> {
+        let row = match self.store.get(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(not_found(name)),
+            Err(e) => return Err(e.to_string()),
+        };
+        let domain = Domain::parse(name, &row.xml)
+            .map_err(|e| format!("stored definition unreadable: {e}"))?
+            .model;
+        Ok((
+            VmNeeds {
+                name: name.to_string(),
+                memory_mib: domain.memory.mib(),
+                vcpus: domain.vcpus(),
+                networks: domain.referenced_networks(),
+            },
+            row.xml,
+            row.generation,
+        ))
+    }
+
+    fn start(&mut self, now: Instant, id: RequestId, name: String, host: Option<String>) {
+        let life = match self.vms.get(&name) {
+            Some(v) => v.life.clone(),
+            None => return self.reply(id, OperatorResponse::Error(not_found(&name))),
+        };
+        if let Some(e) = self.busy_error(&name) {
+            return self.reply(id, OperatorResponse::Error(e));
+        }
+        if let Some(h) = life.host() {
+            let state = if self.runs_on(h, &name, now) {
+                "running"
+            } else {
+                "recorded as running (host unreachable)"
+            };
+            let e =
+                format!("Requested operation is not valid: domain '{name}' is {state} on host {h}");
+            return self.reply(id, OperatorResponse::Error(e));
+        }
+        let (needs, xml, generation) = match self.needs(&name) {
+            Ok(n) => n,
+            Err(e) => return self.reply(id, OperatorResponse::Error(e)),
+        };
+        let snapshots = self.snapshots(now);
+        let began = (self.stopwatch)();
+        let decision = match &host {
+            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
+            None => scheduler::place(&needs, &snapshots, &self.settings.policy),
+        };
+        if let (Some(b), Some(e)) = (began, (self.stopwatch)()) {
+            self.effects.push(Effect::Metric(Metric::SchedulingSeconds(
+                e.duration_since(b).as_secs_f64(),
+            )));
+        }
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::info!(vm = %name, reason = %e, "no placement");
+                self.emit(format!("vm {name} not placed: {e}"));
+                self.effects
+                    .push(Effect::Metric(Metric::Start("no_placement")));
+                return self.reply(id, OperatorResponse::Error(e.to_string()));
+            }
+        };
+        let target = decision.host.clone();
+        let mut explanation = decision
+            .ranking
+            .iter()
+            .map(|(h, s)| format!("{h} ({s:.3})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if decision.feasible > decision.ranking.len() {
+            explanation.push_str(&format!(", … of {} hosts that fit", decision.feasible));
+        }
+        tracing::info!(vm = %name, host = %target, ranking = %explanation, "placing");
+        let conn = match self.conn_of(&target, now) {
+            Ok(c) => c,
+            Err(e) => return self.reply(id, OperatorResponse::Error(e)),
+        };
+        // The footprint the scheduler counted is the one it holds while running.
+        if let Some(v) = self.vms.get_mut(&name) {
+            v.footprint = Footprint {
+                memory_mib: needs.memory_mib,
+                vcpus: needs.vcpus,
+            };
+        }
+        // Record first: if we crash after the host starts it, the host's next
+        // report matches the record instead of surprising us.
+        if let Err(e) = self.record_placement(&name, Some(&target)) {
+            return self.reply(id, OperatorResponse::Error(e.to_string()));
+        }
+        self.set_life(
+            &name,
+            VmLifecycle::Starting {
+                host: target.clone(),
+            },
+        );
+        let request = AgentRequest::Start {
+            xml,
+            source: format!("definition of '{name}' (generation {generation})"),
+        };
+        self.call(
+            &target,
+            conn,
+            request,
+            Purpose::Start {
+                op: id,
+                vm: name,
+                sent: now,
+                explanation,
+            },
+        );
+    }
+
+    fn stop(&mut self, now: Instant, id: RequestId, name: String, request: AgentRequest) {
+        let life = match self.vms.get(&name) {
+            Some(v) => v.life.clone(),
+            None => return self.reply(id, OperatorResponse::Error(not_found(&name))),
+        };
+        if let Some(e) = self.busy_error(&name) {
+            return self.reply(id, OperatorResponse::Error(e));
+        }
+        let Some(host) = life.host().map(str::to_string) else {
+            let e = format!("Requested operation is not valid: domain '{name}' is not running");
+            return self.reply(id, OperatorResponse::Error(e));
+        };
+        // Stopping one half of an unsettled migration would record the VM as
+        // shut off while the other half may run it.
+        if let Some(dest) = self.vms.get(&name).and_then(|v| v.pending_dest.clone()) {
+            let e = format!(
+                "Requested operation is not valid: domain '{name}' has an unsettled migration \
+                 to host {dest}; it can be stopped once both hosts have reported"
+            );
+            return self.reply(id, OperatorResponse::Error(e));
+        }
+        let conn = match self.conn_of(&host, now) {
+            Ok(c) => c,
+            Err(e) => return self.reply(id, OperatorResponse::Error(e)),
+        };
+        self.set_life(&name, VmLifecycle::Stopping { host: host.clone() });
+        self.call(&host, conn, request, Purpose::Stop { op: id, vm: name });
+    }
+
+    fn set_draining(&mut self, host: &str, draining: bool) -> Result<(), String> {
+        let mut row = self
+            .host_rows
+            .get(host)
+            .cloned()
+            .ok_or_else(|| format!("host '{host}' is not known"))?;
+        row.draining = draining;
+        self.store.put_host(&row, true).map_err(|e| e.to_string())?;
+        self.host_rows.insert(host.to_string(), row);
+        Ok(())
+    }
+
+    fn drain(&mut self, now: Instant, id: RequestId, host: String, parallel: u32) {
+        if let Err(e) = self.set_draining(&host, true) {
+            return self.reply(id, OperatorResponse::Error(e));
+        }
+        self.log_host_transitions(now);
+        tracing::info!(host = %host, "draining");
+        let queue = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.life.host() == Some(host.as_str()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.drains.insert(
+            id,
+            DrainJob {
+                host,
+                queue,
+                parallel: parallel.max(1) as usize,
+                active: 0,
+                moved: Vec::new(),
+                failed: Vec::new(),
+            },
+        );
+        self.advance_drain(now, id);
+    }
+
+    /// Starts the drain's next migrations up to its parallelism, or answers it.
+    fn advance_drain(&mut self, now: Instant, id: RequestId) {
+        loop {
+            let Some(d) = self.drains.get_mut(&id) else {
+                return;
+            };
+            if d.active >= d.parallel {
+                return;
+            }
+            let Some(vm) = d.queue.pop_front() else {
+                if d.active == 0 {
+                    if let Some(d) = self.drains.remove(&id) {
+                        self.reply(
+                            id,
+                            OperatorResponse::Drained {
+                                host: d.host,
+                                moved: d.moved,
+                                failed: d.failed,
+                            },
+                        );
+                    }
+                }
+                return;
+            };
+            d.active += 1;
+            let host = d.host.clone();
+            self.effects.push(Effect::Note {
+                id,
+                line: format!("{vm}: migrating off {host}"),
+            });
+            let params = MigrationParams {
+                auto_converge: true,
+                timeout: Some(Duration::from_secs(600)),
+                ..MigrationParams::default()
+            };
+            if let Err(e) = self.migrate(now, Owner::Drain(id), &vm, None, params) {
+                self.drain_result(now, id, &vm, Err(e));
+            }
+        }
+    }
+
+    fn drain_result(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        vm: &str,
+        result: Result<(String, u64), String>,
+    ) {
+        let Some(d) = self.drains.get_mut(&id) else {
+            return;
+        };
+        d.active = d.active.saturating_sub(1);
+        let line = match result {
+            Ok((on, elapsed_ms)) => {
+                d.moved.push((vm.to_string(), on.clone()));
+                format!("{vm}: now on {on} ({:.2}s)", elapsed_ms as f64 / 1000.0)
+            }
+            Err(e) => {
+                d.failed.push((vm.to_string(), e.clone()));
+                format!("{vm}: could not move: {e}")
+            }
+        };
+        self.effects.push(Effect::Note { id, line });
+        self.advance_drain(now, id);
+    }
+
+    // ------------------------------------------------------------ migration
+
+    fn migrate(
+        &mut self,
+        now: Instant,
+        owner: Owner,
+        name: &str,
+        to: Option<String>,
+        params: MigrationParams,
+    ) -> Result<(), String> {
+        if !self.vms.contains_key(name) {
+            return Err(not_found(name));
+        }
+        if let Some(e) = self.busy_error(name) {
+            return Err(e);
+        }
+        let source = self
+            .vms
+            .get(name)
+            .and_then(|v| v.life.host().map(str::to_string))
+            .filter(|h| self.runs_guest(h, name, now))
+            .ok_or_else(|| {
+                format!("Requested operation is not valid: domain '{name}' is not running")
+            })?;
+        let (needs, xml, _) = self.needs(name)?;
+        let snapshots = self.snapshots(now);
+        let decision = match &to {
+            Some(h) if *h == source => return Err(format!("domain '{name}' already runs on {h}")),
+            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
+            None => {
+                scheduler::place_excluding(&needs, &snapshots, &[&source], &self.settings.policy)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let dest = decision.host;
+        self.conn_of(&source, now)?;
+        self.conn_of(&dest, now)?;
+        // Recorded before the destination hears of it: a coordinator that
+        // restarts mid-migration must know which other host may run the VM.
+        self.store
+            .set_migrating_to(name, Some(dest.clone()))
+            .map_err(|e| e.to_string())?;
+        if let Some(v) = self.vms.get_mut(name) {
+            v.pending_dest = Some(dest.clone());
+        }
+        self.set_life(
+            name,
+            VmLifecycle::Migrating {
+                source: source.clone(),
+                dest: dest.clone(),
+            },
+        );
+        tracing::info!(vm = %name, from = %source, to = %dest, "migrating");
+        self.emit(format!("vm {name} migrating from {source} to {dest}"));
+        let (machine, first) = Migration::start(params.clone(), now);
+        self.migrations.insert(
+            name.to_string(),
+            MigrationJob {
+                machine,
+                owner,
+                source,
+                dest,
+                xml,
+                params,
+                dest_consoles: Vec::new(),
+                steps: VecDeque::new(),
+                step_in_flight: false,
+                client_infos: VecDeque::new(),
+                start: None,
+                polls: 0,
+                poll_in_flight: false,
+                next_poll: now,
+                streaming: false,
+                sampler: ProgressSampler::default(),
+            },
+        );
+        self.run_commands(now, name, first);
+        Ok(())
+    }
+
+    /// Feeds the migration of `vm` one input; returns a refusal it reported.
+    fn feed_migration(&mut self, now: Instant, vm: &str, input: MigInput) -> Option<String> {
+        let job = self.migrations.get_mut(vm)?;
+        let cmds = job.machine.handle(input, now);
+        self.run_commands(now, vm, cmds)
+    }
+
+    /// Takes a migration's commands: reports at once, agent steps in order,
+    /// one at a time, as each step's answer may change what comes next.
+    /// Returns a refusal it reported.
+    fn run_commands(&mut self, now: Instant, vm: &str, cmds: Vec<Command>) -> Option<String> {
+        let mut refused = None;
+        for cmd in cmds {
+            match cmd {
+                Command::Report(Report::Progress(s)) => {
+                    let p = progress(&s);
+                    let Some(job) = self.migrations.get_mut(vm) else {
+                        continue;
+                    };
+                    let log = job.sampler.should_log(now, &p.status);
+                    if let Owner::Operator(id) = job.owner {
+                        self.effects.push(Effect::Progress {
+                            id,
+                            progress: p.clone(),
+                        });
+                    }
+                    if log {
+                        self.emit(migration_progress_line(vm, &p));
+                    }
+                }
+                Command::Report(Report::Postcopy) => {}
+                Command::Report(Report::Refused(msg)) => {
+                    tracing::warn!(vm, "{msg}");
+                    refused = Some(msg);
+                }
+                other => {
+                    if let Some(job) = self.migrations.get_mut(vm) {
+                        job.steps.push_back(other);
+                    }
+                }
+            }
+        }
+        self.pump(now, vm);
+        refused
+    }
+
+    /// Carries out the migration's next steps until one waits for an answer.
+    fn pump(&mut self, now: Instant, vm: &str) {
+        loop {
+            let Some(job) = self.migrations.get_mut(vm) else {
+                return;
+            };
+            if job.step_in_flight {
+                return;
+            }
+            let Some(cmd) = job.steps.pop_front() else {
+                return;
+            };
+            let (source, dest) = (job.source.clone(), job.dest.clone());
+            tracing::info!(vm, command = ?cmd, "migration step");
+            let name = vm.to_string();
+            let call = match &cmd {
+                Command::PrepareDestination => Some((
+                    dest.clone(),
+                    AgentRequest::MigrateIncoming {
+                        xml: job.xml.clone(),
+                        source: format!("migration of '{vm}' from {source}"),
+                        postcopy: job.params.postcopy,
+                    },
+                )),
+                Command::SwitchToPostcopy => {
+                    Some((source.clone(), AgentRequest::StartPostcopy { name }))
+                }
+                Command::CancelMigration => {
+                    Some((source.clone(), AgentRequest::MigrateCancel { name }))
+                }
+                Command::FinishDestination => {
+                    Some((dest.clone(), AgentRequest::MigrateFinish { name }))
+                }
+                Command::ResumeSource => Some((source.clone(), AgentRequest::Resume { name })),
+                Command::QuitSource => Some((source.clone(), AgentRequest::Destroy { name })),
+                Command::DestroyDestination => Some((dest.clone(), AgentRequest::Destroy { name })),
+                _ => None,
+            };
+            if let Some((host, request)) = call {
+                match self.hosts.get(&host).and_then(|h| h.conn) {
+                    Some(conn) => {
+                        job.step_in_flight = true;
+                        self.call(
+                            &host,
+                            conn,
+                            request,
+                            Purpose::Migration {
+                                vm: vm.to_string(),
+                                step: MigStep::Command(cmd),
+                            },
+                        );
+                    }
+                    None => {
+                        let failure = StepFailure::Lost(format!("host {host} is unreachable"));
+                        if let Some(input) = cmd.failure_input(failure) {
+                            let more = job.machine.handle(input, now);
+                            self.run_commands(now, vm, more);
+                        }
+                    }
+                }
+                continue;
+            }
+            match cmd {
+                Command::StartMigration { uri, params } => {
+                    // As libvirt does: SPICE clients learn the destination before switchover.
+                    job.client_infos = job
+                        .dest_consoles
+                        .iter()
+                        .filter_map(|c| spice_target(&c.uri))
+                        .collect();
+                    job.start = Some((uri, params));
+                    self.next_start_step(now, vm);
+                }
+                Command::RecordPlacement => {
+                    let input = match self.record_placement(vm, Some(&dest)) {
+                        Ok(()) => MigInput::Confirmed,
+                        Err(e) => {
+                            tracing::error!(vm, error = %e, "cannot record the new placement");
+                            MigInput::RecordFailed(e.to_string())
+                        }
+                    };
+                    self.feed_migration(now, vm, input);
+                }
+                Command::Report(Report::Outcome {
+                    phase,
+                    elapsed,
+                    stats,
+                }) => {
+                    self.end_migration(now, vm, phase, elapsed, stats);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next step of starting the stream: a SPICE client to tell, or `migrate`.
+    fn next_start_step(&mut self, now: Instant, vm: &str) {
+        let Some(job) = self.migrations.get_mut(vm) else {
+            return;
+        };
+        let source = job.source.clone();
+        let (request, step) = match job.client_infos.pop_front() {
+            Some((hostname, port)) => (
+                AgentRequest::ClientMigrateInfo {
+                    name: vm.to_string(),
+                    hostname,
+                    port,
+                },
+                MigStep::ClientInfo,
+            ),
+            None => {
+                let Some((uri, params)) = job.start.take() else {
+                    return;
+                };
+                (
+                    AgentRequest::MigrateOut {
+                        name: vm.to_string(),
+                        uri: uri.clone(),
+                        max_downtime_ms: params.max_downtime_ms,
+                        bandwidth_mib_s: params.bandwidth_mib_s,
+                        auto_converge: params.auto_converge,
+                        postcopy: params.postcopy,
+                    },
+                    MigStep::Command(Command::StartMigration { uri, params }),
+                )
+            }
+        };
+        match self.hosts.get(&source).and_then(|h| h.conn) {
+            Some(conn) => {
+                job.step_in_flight = true;
+                self.call(
+                    &source,
+                    conn,
+                    request,
+                    Purpose::Migration {
+                        vm: vm.to_string(),
+                        step,
+                    },
+                )
+            }
+            None => {
+                let e = format!("host {source} is unreachable");
+                self.feed_migration(now, vm, MigInput::SourceFailed(e));
+            }
+        }
+    }
+
+    fn poll_migration(&mut self, now: Instant, vm: &str) {
+        let Some(job) = self.migrations.get_mut(vm) else {
+            return;
+        };
+        if !matches!(
+            job.machine.phase(),
+            Phase::Performing | Phase::Aborting { .. }
+        ) || job.poll_in_flight
+            || !job.streaming
+            || now < job.next_poll
+        {
+            return;
+        }
+        job.poll_in_flight = true;
+        job.polls = job.polls.wrapping_add(1);
+        let check_dest = job.polls.is_multiple_of(DEST_CHECK_EVERY);
+        let (source, dest) = (job.source.clone(), job.dest.clone());
+        if check_dest {
+            if let Some(conn) = self.hosts.get(&dest).and_then(|h| h.conn) {
+                self.call(
+                    &dest,
+                    conn,
+                    AgentRequest::MigrationStatus {
+                        name: vm.to_string(),
+                    },
+                    Purpose::Migration {
+                        vm: vm.to_string(),
+                        step: MigStep::PollDest,
+                    },
+                );
+            }
+        }
+        match self.hosts.get(&source).and_then(|h| h.conn) {
+            Some(conn) => self.call(
+                &source,
+                conn,
+                AgentRequest::MigrationStatus {
+                    name: vm.to_string(),
+                },
+                Purpose::Migration {
+                    vm: vm.to_string(),
+                    step: MigStep::PollSource,
+                },
+            ),
+            None => {
+                if let Some(job) = self.migrations.get_mut(vm) {
+                    job.poll_in_flight = false;
+                }
+                let e = format!("host {source} is unreachable");
+                self.feed_migration(now, vm, MigInput::SourceFailed(e));
+            }
+        }
+    }
+
+    fn end_migration(
+        &mut self,
+        now: Instant,
+        vm: &str,
+        phase: Phase,
+        elapsed: Duration,
+        stats: Option<MigrationStats>,
+    ) {
+        let Some(job) = self.migrations.remove(vm) else {
+            return;
+        };
+        let on = if phase.on_destination() {
+            job.dest.clone()
+        } else {
+            job.source.clone()
+        };
+        if phase == Phase::Completed {
+            self.usage.relocate(vm, &on);
+            // Until the next reports arrive, reflect the move at once: the VM
+            // runs on `on` and nowhere else. Its pid and consoles there are
+            // the destination's to report.
+            let moved = self
+                .hosts
+                .get(&job.source)
+                .and_then(|h| h.facts.vms.iter().find(|v| v.name == vm).cloned());
+            self.set_reported(&job.source, None, vm);
+            if let Some(v) = moved {
+                let here = self
+                    .hosts
+                    .get(&on)
+                    .is_some_and(|h| h.facts.vms.iter().any(|x| x.name == vm));
+                if !here {
+                    let summary = VmSummary {
+                        pid: 0,
+                        state: "running".into(),
+                        consoles: Vec::new(),
+                        ..v
+                    };
+                    self.set_reported(&on, Some(summary), vm);
+                }
+            }
+        }
+        if matches!(phase, Phase::InDoubt { .. }) {
+            // The records still name the source; the guest belongs to the
+            // destination. Both hosts' next reports say what each holds.
+            let _ = self.record_placement(vm, Some(&on));
+        }
+        if self.usage.host_of(vm) != Some(on.as_str()) {
+            // A taken-over switchover may end on the half the records did not name.
+            let _ = self.record_placement(vm, Some(&on));
+        }
+        self.set_life(vm, VmLifecycle::Running { host: on.clone() });
+        let (word, metric) = match &phase {
+            Phase::Completed => ("completed".to_string(), "completed"),
+            Phase::Aborted { reason } => (format!("aborted: {reason}"), "aborted"),
+            Phase::Failed { reason } => (format!("failed: {reason}"), "failed"),
+            Phase::InDoubt { reason } => (format!("in doubt: {reason}"), "in-doubt"),
+            other => (format!("{other:?}"), "failed"),
+        };
+        let elapsed_ms = elapsed.as_millis() as u64;
+        tracing::info!(vm, outcome = %word, elapsed_ms, "migration ended");
+        self.emit(format!(
+            "vm {vm} migration {word} after {:.2}s; runs on {on}",
+            elapsed_ms as f64 / 1000.0
+        ));
+        self.effects.push(Effect::Metric(Metric::Migration(metric)));
+        match job.owner {
+            Owner::Operator(id) => self.reply(
+                id,
+                OperatorResponse::Migrated {
+                    name: vm.to_string(),
+                    from: job.source,
+                    on,
+                    outcome: word,
+                    elapsed_ms,
+                    stats: stats.map(|s| progress(&s)),
+                },
+            ),
+            Owner::Recovery => {}
+            Owner::Drain(id) => {
+                let result = if phase == Phase::Completed {
+                    Ok((on, elapsed_ms))
+                } else {
+                    Err(word)
+                };
+                self.drain_result(now, id, vm, result);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ replies
+
+    fn replied(
+        &mut self,
+        now: Instant,
+        call: CallId,
+        result: Result<(u64, AgentResponse), String>,
+    ) {
+        let Some(pending) = self.calls.remove(&call) else {
+            return;
+        };
+        let PendingCall {
+            host,
+            conn,
+            purpose,
+        } = pending;
+        // A call that got no answer on a connection still thought alive: close
+        // it, so the host's next registration says what really happened.
+        if let Err(e) = &result {
+            if self.hosts.get(&host).is_some_and(|h| h.conn == Some(conn)) {
+                tracing::warn!(host = %host, error = %e, "no answer; closing the connection");
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    h.conn = None;
+                }
+                self.effects.push(Effect::Close {
+                    host: host.clone(),
+                    conn,
+                });
+                self.log_host_transitions(now);
+            }
+        }
+        match purpose {
+            Purpose::Start {
+                op,
+                vm,
+                sent,
+                explanation,
+            } => self.start_replied(now, op, &vm, &host, conn, sent, explanation, result),
+            Purpose::Stop { op, vm } => self.stop_replied(op, &vm, &host, conn, result),
+            Purpose::Ask { op, ask } => {
+                let r = match (ask, result) {
+                    (_, Err(e)) => OperatorResponse::Error(format!("host {host}: {e}")),
+                    (_, Ok((_, AgentResponse::Error(e)))) => {
+                        OperatorResponse::Error(format!("host {host}: {e}"))
+                    }
+                    (Ask::LiveXml, Ok((_, AgentResponse::Xml(x)))) => OperatorResponse::Xml(x),
+                    (Ask::Display, Ok((_, AgentResponse::Consoles(consoles)))) => {
+                        OperatorResponse::Consoles { host, consoles }
+                    }
+                    (Ask::Networks, Ok((_, AgentResponse::Networks { networks, .. }))) => {
+                        OperatorResponse::Networks { host, networks }
+                    }
+                    (_, Ok((_, other))) => {
+                        OperatorResponse::Error(format!("unexpected answer {other:?}"))
+                    }
+                };
+                self.reply(op, r);
+            }
+            Purpose::Cleanup { vm } => self.repaired(&vm),
+            Purpose::Resume { vm } => {
+                self.repaired(&vm);
+                if let Ok((seq, AgentResponse::Done(_))) = result {
+                    // Until the host's next report: it runs there now.
+                    self.fence(&host, conn, &vm, seq);
+                    if let Some(h) = self.hosts.get_mut(&host) {
+                        for v in h.facts.vms.iter_mut().filter(|v| v.name == vm) {
+                            v.state = "running".into();
+                        }
+                    }
+                }
+            }
+            Purpose::Migration { vm, step } => {
+                self.migration_replied(now, &vm, &host, conn, step, result)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_replied(
+        &mut self,
+        now: Instant,
+        op: RequestId,
+        vm: &str,
+        host: &str,
+        conn: ConnId,
+        sent: Instant,
+        explanation: String,
+        result: Result<(u64, AgentResponse), String>,
+    ) {
+        match result {
+            Ok((
+                seq,
+                AgentResponse::Started {
+                    vm: summary,
+                    warnings,
+                    ..
+                },
+            )) => {
+                self.fence(host, conn, vm, seq);
+                let consoles = summary.consoles.clone();
+                self.set_reported(host, Some(summary), vm);
+                self.set_life(
+                    vm,
+                    VmLifecycle::Running {
+                        host: host.to_string(),
+                    },
+                );
+                tracing::info!(vm, host, "started");
+                self.emit(format!("vm {vm} started on {host} (ranked: {explanation})"));
+                self.effects.push(Effect::Metric(Metric::Start("ok")));
+                self.effects.push(Effect::Metric(Metric::StartSeconds(
+                    now.saturating_duration_since(sent).as_secs_f64(),
+                )));
+                self.reply(
+                    op,
+                    OperatorResponse::Started {
+                        name: vm.to_string(),
+                        host: host.to_string(),
+                        consoles,
+                        explanation: format!("ranked: {explanation}"),
+                        warnings,
+                    },
+                );
+            }
+            Err(e) => {
+                // It may have started: it stays recorded there, and the host's
+                // next registration (its connection is closed) says.
+                self.set_life(
+                    vm,
+                    VmLifecycle::Running {
+                        host: host.to_string(),
+                    },
+                );
+                tracing::warn!(vm, host, error = %e, "start unanswered");
+                self.emit(format!("vm {vm} start on {host} unanswered: {e}"));
+                self.effects.push(Effect::Metric(Metric::Start("error")));
+                self.reply(
+                    op,
+                    OperatorResponse::Error(format!(
+                        "host {host}: no answer to the start ({e}); '{vm}' stays recorded on \
+                         {host} until the host reports whether it runs"
+                    )),
+                );
+            }
+            Ok((seq, other)) => {
+                self.fence(host, conn, vm, seq);
+                let msg = match other {
+                    AgentResponse::Error(e) => e,
+                    r => format!("unexpected answer {r:?}"),
+                };
+                if self.record_placement(vm, None).is_ok() {
+                    self.set_life(vm, VmLifecycle::ShutOff);
+                } else {
+                    self.set_life(
+                        vm,
+                        VmLifecycle::Running {
+                            host: host.to_string(),
+                        },
+                    );
+                }
+                tracing::warn!(vm, host, error = %msg, "start failed");
+                self.emit(format!("vm {vm} failed to start on {host}: {msg}"));
+                self.effects.push(Effect::Metric(Metric::Start("error")));
+                self.reply(op, OperatorResponse::Error(format!("host {host}: {msg}")));
+            }
+        }
+    }
+
+    fn stop_replied(
+        &mut self,
+        op: RequestId,
+        vm: &str,
+        host: &str,
+        conn: ConnId,
+        result: Result<(u64, AgentResponse), String>,
+    ) {
+        let r = match result {
+            Ok((seq, AgentResponse::Done(msg))) => {
+                self.fence(host, conn, vm, seq);
+                tracing::info!(vm, host, reason = %msg, "stopped");
+                self.emit(format!("vm {vm} stopped on {host}: {msg}"));
+                self.set_reported(host, None, vm);
+                match self.record_placement(vm, None) {
+                    Ok(()) => {
+                        self.set_life(vm, VmLifecycle::ShutOff);
+                        OperatorResponse::Done(msg)
+                    }
+                    Err(e) => {
+                        // It is gone; the next report records that.
+                        self.set_life(
+                            vm,
+                            VmLifecycle::Running {
+                                host: host.to_string(),
+                            },
+                        );
+                        OperatorResponse::Error(format!(
+                            "{msg}, but the records still place it: {e}"
+                        ))
+                    }
+                }
+            }
+            Ok((seq, other)) => {
+                self.fence(host, conn, vm, seq);
+                self.set_life(
+                    vm,
+                    VmLifecycle::Running {
+                        host: host.to_string(),
+                    },
+                );
+                match other {
+                    AgentResponse::Error(e) => OperatorResponse::Error(format!("host {host}: {e}")),
+                    r => OperatorResponse::Error(format!("host {host}: unexpected answer {r:?}")),
+                }
+            }
+            Err(e) => {
+                self.set_life(
+                    vm,
+                    VmLifecycle::Running {
+                        host: host.to_string(),
+                    },
+                );
+                OperatorResponse::Error(format!("host {host}: {e}"))
+            }
+        };
+        self.reply(op, r);
+    }
+
+    fn migration_replied(
+        &mut self,
+        now: Instant,
+        vm: &str,
+        host: &str,
+        conn: ConnId,
+        step: MigStep,
+        result: Result<(u64, AgentResponse), String>,
+    ) {
+        if let Ok((seq, _)) = &result {
+            if !matches!(step, MigStep::PollSource | MigStep::PollDest) {
+                self.fence(host, conn, vm, *seq);
+            }
+        }
+        let failure = match &result {
+            Ok((_, AgentResponse::Error(e))) => Some(StepFailure::Refused(e.clone())),
+            Err(e) => Some(StepFailure::Lost(e.clone())),
+            Ok(_) => None,
+        };
+        if matches!(step, MigStep::Command(_) | MigStep::ClientInfo) {
+            if let Some(job) = self.migrations.get_mut(vm) {
+                job.step_in_flight = false;
+            }
+        }
+        match step {
+            MigStep::PollDest => {
+                if let Some(f) = failure {
+                    let e = match f {
+                        StepFailure::Refused(e) | StepFailure::Lost(e) => e,
+                    };
+                    self.feed_migration(now, vm, MigInput::DestinationLost(e));
+                }
+            }
+            MigStep::PollSource => {
+                if let Some(job) = self.migrations.get_mut(vm) {
+                    job.poll_in_flight = false;
+                    job.next_poll = now + MIGRATION_POLL;
+                    self.effects.push(Effect::WakeAt(now + MIGRATION_POLL));
+                }
+                let input = match result {
+                    Ok((_, AgentResponse::Migration(p))) => match p.status.as_str() {
+                        "completed" => MigInput::SourceCompleted(stats(&p)),
+                        "failed" => MigInput::SourceFailed(
+                            p.error.clone().unwrap_or_else(|| "failed".into()),
+                        ),
+                        "cancelled" => MigInput::SourceFailed("cancelled".into()),
+                        _ => MigInput::Progress(stats(&p)),
+                    },
+                    Ok((_, AgentResponse::Error(e))) | Err(e) => MigInput::SourceFailed(e),
+                    Ok((_, other)) => {
+                        MigInput::SourceFailed(format!("unexpected answer {other:?}"))
+                    }
+                };
+                self.feed_migration(now, vm, input);
+            }
+            MigStep::ClientInfo => match failure {
+                Some(f) => {
+                    let cmd = Command::StartMigration {
+                        uri: String::new(),
+                        params: MigrationParams::default(),
+                    };
+                    if let Some(input) = cmd.failure_input(f) {
+                        self.feed_migration(now, vm, input);
+                    }
+                }
+                None => self.next_start_step(now, vm),
+            },
+            MigStep::Command(cmd) => {
+                let input = match (failure, &cmd, result) {
+                    (Some(f), _, _) => cmd.failure_input(f),
+                    (
+                        None,
+                        Command::PrepareDestination,
+                        Ok((_, AgentResponse::Incoming { uri, vm: summary })),
+                    ) => {
+                        if let Some(job) = self.migrations.get_mut(vm) {
+                            job.dest_consoles = summary.consoles;
+                        }
+                        Some(MigInput::Prepared { uri })
+                    }
+                    (None, Command::PrepareDestination, Ok((_, other))) => Some(
+                        MigInput::PrepareFailed(format!("unexpected answer {other:?}")),
+                    ),
+                    (None, Command::StartMigration { .. }, _) => {
+                        if let Some(job) = self.migrations.get_mut(vm) {
+                            job.streaming = true;
+                            job.next_poll = now + MIGRATION_POLL;
+                            self.effects.push(Effect::WakeAt(now + MIGRATION_POLL));
+                        }
+                        None
+                    }
+                    (None, Command::FinishDestination, _) => Some(MigInput::Finished),
+                    (None, Command::QuitSource, _) => Some(MigInput::SourceQuit),
+                    (None, Command::DestroyDestination, _) => Some(MigInput::DestinationDestroyed),
+                    (None, _, _) => None,
+                };
+                if let Some(input) = input {
+                    self.feed_migration(now, vm, input);
+                }
+                self.pump(now, vm);
+            }
+        }
+    }
+}

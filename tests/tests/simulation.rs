@@ -1,0 +1,1545 @@
+//! The deterministic fleet simulation: one [`FleetCore`] and N simulated
+//! hosts in one process, on virtual time, driven by a seeded fault plan.
+//!
+//! No root, no sockets, no QEMU. Every message between the coordinator and a
+//! host goes through a simulated network with latency, reordering (each
+//! request is its own stream), one-way and two-way partitions, and connection
+//! deaths, following QUIC's rules: a partition delays messages until it heals,
+//! and kills the connection once a heartbeat goes unanswered for 3 s; a dead
+//! connection drops what was in flight and fails every call on it. Agents
+//! crash and restart (their QEMUs keep running, their state directory is
+//! kept), QEMUs crash, the coordinator crashes and restarts over the same
+//! store with its memory lost, and operators issue random verbs. Fault kinds
+//! are weighted per seed (swarm testing).
+//!
+//! After every step the checker, which is separate from the system, checks:
+//! - at most one running copy of each VM (a copy whose vCPUs run);
+//! - every acknowledged define survives in the store;
+//! - every operator request gets at most one answer, and in the end exactly one;
+//! - at the end, with faults healed and the fleet quiet: the records agree
+//!   with what runs (a VM recorded on a host has exactly one QEMU, there; a
+//!   shut-off VM has none), and a VM whose last acknowledged verb started or
+//!   moved it, with no fault since that could stop it, is running.
+//!
+//! `FLOTILLA_SIM_SEEDS=N` runs N seeds (default: as many as fit in 60 s, at
+//! least 500); `FLOTILLA_SIM_SEED=S` replays one seed. A failure prints its
+//! seed and the trace of its last 50 steps.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_coordinator::fleet_core::{
+    CallId, ConnId, Effect, FleetCore, FleetSettings, Input, RequestId,
+};
+use flotilla_coordinator::lifecycle::VmLifecycle;
+use flotilla_coordinator::scheduler::Policy;
+use flotilla_coordinator::store::{MemStore, Store};
+use flotilla_shared::proto::{
+    AgentRequest, AgentResponse, HelloAck, HostFacts, MigrationProgress, OperatorRequest,
+    OperatorResponse, VmSummary,
+};
+use flotilla_shared::xml::Domain;
+
+/// SplitMix64: small, fast, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi.saturating_sub(lo) + 1))
+    }
+}
+
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An agent drops a connection whose heartbeat is unanswered this long.
+const HEARTBEAT_ANSWER: Duration = Duration::from_secs(3);
+/// A crashed peer's connection is noticed by the other side after this.
+const IDLE: Duration = Duration::from_secs(6);
+/// Faults and operator verbs stop here; the fleet then settles.
+const ACTIVE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(40);
+const HOSTS: usize = 3;
+const MAX_VMS: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QState {
+    Running,
+    /// `-incoming` waiting for the stream.
+    InMigrate,
+    /// The stream arrived; paused until `cont`.
+    Received,
+    /// The source after a completed migration: paused.
+    PostMigrate,
+}
+
+impl QState {
+    fn word(self) -> &'static str {
+        match self {
+            QState::Running => "running",
+            QState::InMigrate => "inmigrate",
+            QState::Received => "paused",
+            QState::PostMigrate => "postmigrate",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Qemu {
+    uuid: String,
+    state: QState,
+    /// An outgoing migration: destination host, and whether it was cancelled.
+    outgoing: Option<usize>,
+    /// QEMU's `query-migrate` status word.
+    mig_status: &'static str,
+}
+
+/// One simulated host: the agent process and the QEMUs it started, which
+/// outlive it.
+struct HostSim {
+    name: String,
+    agent_up: bool,
+    /// (connection, this connection's next sequence number), once registered.
+    session: Option<(ConnId, u64)>,
+    /// A heartbeat sent at this time and not yet answered.
+    heartbeat_out: Option<Duration>,
+    dialing: bool,
+    qemus: BTreeMap<String, Qemu>,
+    /// Messages toward the coordinator are held.
+    cut_out: bool,
+    /// Messages toward this host are held.
+    cut_in: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    /// A message reaches the core (from an agent over `conn`, or an operator when None).
+    ToCore {
+        conn: Option<ConnId>,
+        epoch: u64,
+        input: Input,
+    },
+    /// A request reaches an agent.
+    ToAgent {
+        host: usize,
+        conn: ConnId,
+        call: CallId,
+        epoch: u64,
+        request: AgentRequest,
+    },
+    /// An agent's answer leaves it (after the action's time).
+    AgentAnswer {
+        host: usize,
+        conn: ConnId,
+        call: CallId,
+        epoch: u64,
+        response: AgentResponse,
+    },
+    /// A registration answer reaches an agent.
+    HelloAck {
+        host: usize,
+        conn: ConnId,
+        ack: HelloAck,
+    },
+    /// A heartbeat answer reaches an agent.
+    HeartbeatAck {
+        host: usize,
+        conn: ConnId,
+    },
+    AgentTick {
+        host: usize,
+    },
+    Dial {
+        host: usize,
+    },
+    CoreTick,
+    CoreWake {
+        epoch: u64,
+    },
+    /// An answer reaches the operator.
+    OperatorGets {
+        id: RequestId,
+        response: OperatorResponse,
+    },
+    Operator,
+    Fault,
+    Heal {
+        host: usize,
+    },
+    AgentStart {
+        host: usize,
+    },
+    CoreStart,
+    MigrationArrives {
+        source: usize,
+        vm: String,
+    },
+    /// A dead connection is noticed by the coordinator.
+    CoreNoticesDeath {
+        conn: ConnId,
+        host: usize,
+        epoch: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Running,
+    ShutOff,
+    /// A fault or an unanswered verb: either is right, as long as records agree.
+    Either,
+}
+
+struct Op {
+    request: OperatorRequest,
+    answers: u32,
+    /// When it was issued: a fault on its VM after this makes its outcome uncertain.
+    issued: Duration,
+}
+
+/// Swarm testing: each seed weights the fault kinds differently.
+struct Weights {
+    partition: u64,
+    one_way: u64,
+    agent_crash: u64,
+    core_crash: u64,
+    qemu_crash: u64,
+    reset: u64,
+    operator_rate_ms: u64,
+    slow_link: u64,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    base: Instant,
+    now: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    next_event: u64,
+    store: Arc<MemStore>,
+    core: Option<FleetCore>,
+    /// Bumped at each coordinator restart; messages to an older one are dropped.
+    epoch: u64,
+    hosts: Vec<HostSim>,
+    /// Live connections: id → host.
+    conns: BTreeMap<ConnId, usize>,
+    next_conn: ConnId,
+    /// Calls in flight per connection, failed when it dies.
+    calls: BTreeMap<ConnId, BTreeSet<CallId>>,
+    ops: BTreeMap<RequestId, Op>,
+    /// Requests the current coordinator holds, answered by the transport if it dies.
+    ops_at_core: BTreeSet<RequestId>,
+    next_op: RequestId,
+    acked_defines: BTreeMap<String, String>,
+    /// The order in which the coordinator took requests.
+    processed: u64,
+    processed_at: BTreeMap<RequestId, u64>,
+    undefine_processed: BTreeMap<String, u64>,
+    /// Undefines in flight: request → (name, uuid) no longer checked meanwhile.
+    undefining: BTreeMap<RequestId, (String, String)>,
+    expect: BTreeMap<String, Expect>,
+    uuids: BTreeMap<String, String>,
+    /// When each VM's QEMU last crashed.
+    faulted: BTreeMap<String, Duration>,
+    weights: Weights,
+    trace: VecDeque<String>,
+    steps: u64,
+    wake_at: Option<Duration>,
+    /// Print every step (FLOTILLA_SIM_TRACE=1 with a replayed seed).
+    verbose: bool,
+    /// Each host's last reported VM list, to trace only changes.
+    last_reported: BTreeMap<String, Vec<String>>,
+}
+
+fn domain_xml(name: &str, uuid: &str) -> String {
+    format!(
+        "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>\
+         <memory unit='MiB'>512</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+    )
+}
+
+fn settings() -> FleetSettings {
+    FleetSettings {
+        heartbeat: HEARTBEAT,
+        heartbeat_timeout: HEARTBEAT_TIMEOUT,
+        policy: Policy::default(),
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let weights = Weights {
+            partition: rng.below(4),
+            one_way: rng.below(3),
+            agent_crash: rng.below(3),
+            core_crash: rng.below(3),
+            qemu_crash: rng.below(3),
+            reset: rng.below(3),
+            operator_rate_ms: 100 + rng.below(600),
+            slow_link: rng.below(3),
+        };
+        let store = Arc::new(MemStore::default());
+        let hosts = (0..HOSTS)
+            .map(|i| HostSim {
+                name: format!("host-{}", (b'a' + i as u8) as char),
+                agent_up: true,
+                session: None,
+                heartbeat_out: None,
+                dialing: false,
+                qemus: BTreeMap::new(),
+                cut_out: false,
+                cut_in: false,
+            })
+            .collect();
+        let mut w = World {
+            seed,
+            rng,
+            base: Instant::now(),
+            now: Duration::ZERO,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_event: 0,
+            core: None,
+            store,
+            epoch: 0,
+            hosts,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            calls: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            ops_at_core: BTreeSet::new(),
+            next_op: 1,
+            acked_defines: BTreeMap::new(),
+            undefining: BTreeMap::new(),
+            processed: 0,
+            processed_at: BTreeMap::new(),
+            undefine_processed: BTreeMap::new(),
+            expect: BTreeMap::new(),
+            uuids: BTreeMap::new(),
+            faulted: BTreeMap::new(),
+            weights,
+            trace: VecDeque::new(),
+            steps: 0,
+            wake_at: None,
+            verbose: std::env::var("FLOTILLA_SIM_TRACE").is_ok_and(|v| v == "1"),
+            last_reported: BTreeMap::new(),
+        };
+        w.start_core();
+        for h in 0..HOSTS {
+            w.at(Duration::from_millis(10 * h as u64), Ev::Dial { host: h });
+            w.at(HEARTBEAT, Ev::AgentTick { host: h });
+        }
+        w.at(Duration::from_millis(500), Ev::Operator);
+        w.at(Duration::from_secs(2), Ev::Fault);
+        w.at(HEARTBEAT, Ev::CoreTick);
+        w
+    }
+
+    fn at(&mut self, after: Duration, ev: Ev) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.queue.push(Reverse((self.now + after, id)));
+        self.events.insert(id, ev);
+    }
+
+    fn note(&mut self, line: String) {
+        if self.verbose {
+            println!("[{:>8.3}s] {line}", self.now.as_secs_f64());
+        }
+        if self.trace.len() == 50 {
+            self.trace.pop_front();
+        }
+        self.trace
+            .push_back(format!("[{:>8.3}s] {line}", self.now.as_secs_f64()));
+    }
+
+    fn latency(&mut self) -> Duration {
+        if self.weights.slow_link > 0 && self.rng.chance(0.05 * self.weights.slow_link as f64) {
+            self.rng.ms(200, 2500)
+        } else {
+            self.rng.ms(1, 40)
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.now < ACTIVE
+    }
+
+    // ------------------------------------------------------------ coordinator
+
+    fn start_core(&mut self) {
+        match FleetCore::new(self.store.clone(), settings()) {
+            Ok(core) => self.core = Some(core.without_stopwatch()),
+            Err(e) => panic!("seed {}: core cannot start: {e}", self.seed),
+        }
+    }
+
+    fn core_input(&mut self, input: Input) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let now = self.base + self.now;
+        let effects = core.handle(now, input);
+        for e in effects {
+            self.effect(e);
+        }
+    }
+
+    fn effect(&mut self, e: Effect) {
+        match e {
+            Effect::Hello { conn, ack } => {
+                if let Some(&host) = self.conns.get(&conn) {
+                    let d = self.latency();
+                    self.at(d, Ev::HelloAck { host, conn, ack });
+                }
+            }
+            Effect::Call {
+                call,
+                conn,
+                request,
+                ..
+            } => match self.conns.get(&conn) {
+                Some(&host) => {
+                    self.calls.entry(conn).or_default().insert(call);
+                    let d = self.latency();
+                    let epoch = self.epoch;
+                    self.at(
+                        d,
+                        Ev::ToAgent {
+                            host,
+                            conn,
+                            call,
+                            epoch,
+                            request,
+                        },
+                    );
+                }
+                None => {
+                    let epoch = self.epoch;
+                    self.at(
+                        Duration::ZERO,
+                        Ev::ToCore {
+                            conn: None,
+                            epoch,
+                            input: Input::AgentReplied {
+                                call,
+                                result: Err("connection closed".into()),
+                            },
+                        },
+                    );
+                }
+            },
+            Effect::Close { conn, .. } => self.kill_conn(conn, "closed by the coordinator"),
+            Effect::Reply { id, response } => {
+                self.ops_at_core.remove(&id);
+                let d = self.rng.ms(1, 20);
+                self.at(d, Ev::OperatorGets { id, response });
+            }
+            Effect::Progress { .. }
+            | Effect::Note { .. }
+            | Effect::Event(_)
+            | Effect::Metric(_) => {}
+            Effect::WakeAt(t) => {
+                let at = t.saturating_duration_since(self.base);
+                if self.wake_at.is_none_or(|w| w > at || w < self.now) {
+                    self.wake_at = Some(at);
+                    let epoch = self.epoch;
+                    let after = at.saturating_sub(self.now);
+                    self.at(after, Ev::CoreWake { epoch });
+                }
+            }
+        }
+    }
+
+    fn crash_core(&mut self) {
+        self.note("FAULT coordinator crash".into());
+        self.core = None;
+        // Every connection dies with it; agents redial. Nobody is left to
+        // notice on this side, so the notices go to the dead epoch.
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in conns {
+            self.kill_conn(c, "coordinator crashed");
+        }
+        self.calls.clear();
+        self.epoch += 1;
+        self.wake_at = None;
+        // Operators waiting on it get a transport error.
+        for id in std::mem::take(&mut self.ops_at_core) {
+            self.at(
+                Duration::ZERO,
+                Ev::OperatorGets {
+                    id,
+                    response: OperatorResponse::Error("connection lost".into()),
+                },
+            );
+        }
+        let d = self.rng.ms(200, 4000);
+        self.at(d, Ev::CoreStart);
+    }
+
+    // ------------------------------------------------------------ network
+
+    fn kill_conn(&mut self, conn: ConnId, why: &str) {
+        let Some(host) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.note(format!(
+            "conn {conn} of {} dies: {why}",
+            self.hosts[host].name
+        ));
+        if self.hosts[host].session.is_some_and(|(c, _)| c == conn) {
+            self.hosts[host].session = None;
+            self.hosts[host].heartbeat_out = None;
+            if self.hosts[host].agent_up && !self.hosts[host].dialing {
+                self.hosts[host].dialing = true;
+                let d = self.rng.ms(250, 1000);
+                self.at(d, Ev::Dial { host });
+            }
+        }
+        let epoch = self.epoch;
+        // The coordinator notices at once when the agent closed it or a reply
+        // is due; a crashed agent only at the idle timeout.
+        let notice = if self.hosts[host].agent_up {
+            Duration::ZERO
+        } else {
+            IDLE
+        };
+        self.at(notice, Ev::CoreNoticesDeath { conn, host, epoch });
+    }
+
+    /// When a message sent now over `conn` toward (`to_host`) arrives, if at all.
+    fn send_delay(&mut self, host: usize, to_host: bool) -> Duration {
+        let cut = if to_host {
+            self.hosts[host].cut_in
+        } else {
+            self.hosts[host].cut_out
+        };
+        let d = self.latency();
+        if cut {
+            // Held until the partition heals; the connection dies before that
+            // if it lasts, and the message with it.
+            d + HEARTBEAT_ANSWER + Duration::from_secs(1)
+        } else {
+            d
+        }
+    }
+
+    // ------------------------------------------------------------ agents
+
+    fn facts(&self, host: usize) -> HostFacts {
+        let h = &self.hosts[host];
+        HostFacts {
+            host: h.name.clone(),
+            cpus: 4,
+            memory_mib: 4096,
+            networks: Vec::new(),
+            vms: h
+                .qemus
+                .iter()
+                .map(|(name, q)| VmSummary {
+                    name: name.clone(),
+                    uuid: q.uuid.clone(),
+                    pid: 1,
+                    state: q.state.word().into(),
+                    consoles: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn summary(&self, host: usize, name: &str) -> VmSummary {
+        let q = &self.hosts[host].qemus[name];
+        VmSummary {
+            name: name.to_string(),
+            uuid: q.uuid.clone(),
+            pid: 1,
+            state: q.state.word().into(),
+            consoles: Vec::new(),
+        }
+    }
+
+    /// The agent carries out a request: returns its answer and how long it took.
+    fn agent_serves(&mut self, host: usize, request: AgentRequest) -> (AgentResponse, Duration) {
+        let quick = self.rng.ms(0, 5);
+        let not_running =
+            |name: &str| AgentResponse::Error(format!("domain '{name}' is not running"));
+        match request {
+            AgentRequest::Start { xml, source } => {
+                let d = match Domain::parse(&source, &xml) {
+                    Ok(d) => d.model,
+                    Err(e) => return (AgentResponse::Error(e.to_string()), quick),
+                };
+                let name = d.name.clone();
+                if self.hosts[host].qemus.contains_key(&name) {
+                    return (
+                        AgentResponse::Error(format!("domain '{name}' is already running")),
+                        quick,
+                    );
+                }
+                let uuid = d.uuid.hyphenated().to_string();
+                self.hosts[host].qemus.insert(
+                    name.clone(),
+                    Qemu {
+                        uuid,
+                        state: QState::Running,
+                        outgoing: None,
+                        mig_status: "none",
+                    },
+                );
+                let took = self.rng.ms(50, 400);
+                let vm = self.summary(host, &name);
+                (
+                    AgentResponse::Started {
+                        vm,
+                        live_xml: xml,
+                        warnings: Vec::new(),
+                    },
+                    took,
+                )
+            }
+            AgentRequest::Shutdown { name, .. } | AgentRequest::Destroy { name } => {
+                match self.hosts[host].qemus.remove(&name) {
+                    Some(_) => (
+                        AgentResponse::Done(format!("Domain '{name}' destroyed")),
+                        self.rng.ms(1, 200),
+                    ),
+                    None => (not_running(&name), quick),
+                }
+            }
+            AgentRequest::MigrateIncoming { xml, source, .. } => {
+                let d = match Domain::parse(&source, &xml) {
+                    Ok(d) => d.model,
+                    Err(e) => return (AgentResponse::Error(e.to_string()), quick),
+                };
+                let name = d.name.clone();
+                if self.hosts[host].qemus.contains_key(&name) {
+                    return (
+                        AgentResponse::Error(format!("domain '{name}' is already running")),
+                        quick,
+                    );
+                }
+                self.hosts[host].qemus.insert(
+                    name.clone(),
+                    Qemu {
+                        uuid: d.uuid.hyphenated().to_string(),
+                        state: QState::InMigrate,
+                        outgoing: None,
+                        mig_status: "none",
+                    },
+                );
+                let vm = self.summary(host, &name);
+                let uri = format!("tcp:{}:49152", self.hosts[host].name);
+                (AgentResponse::Incoming { uri, vm }, self.rng.ms(30, 200))
+            }
+            AgentRequest::MigrateOut { name, uri, .. } => {
+                let dest = self
+                    .hosts
+                    .iter()
+                    .position(|h| uri.contains(&format!(":{}:", h.name)));
+                let Some(q) = self.hosts[host].qemus.get_mut(&name) else {
+                    return (not_running(&name), quick);
+                };
+                if q.state != QState::Running || q.outgoing.is_some() {
+                    return (
+                        AgentResponse::Error("not in a state to migrate".into()),
+                        quick,
+                    );
+                }
+                let Some(dest) = dest else {
+                    return (AgentResponse::Error(format!("bad uri {uri}")), quick);
+                };
+                q.outgoing = Some(dest);
+                q.mig_status = "active";
+                let d = self.rng.ms(50, 1500);
+                self.at(
+                    d,
+                    Ev::MigrationArrives {
+                        source: host,
+                        vm: name,
+                    },
+                );
+                (AgentResponse::Done("migrating".into()), quick)
+            }
+            AgentRequest::MigrationStatus { name } => match self.hosts[host].qemus.get(&name) {
+                Some(q) => (
+                    AgentResponse::Migration(MigrationProgress {
+                        status: q.mig_status.into(),
+                        transferred: 1,
+                        remaining: 1,
+                        total: 2,
+                        ..Default::default()
+                    }),
+                    quick,
+                ),
+                None => (not_running(&name), quick),
+            },
+            AgentRequest::MigrateCancel { name } => match self.hosts[host].qemus.get_mut(&name) {
+                Some(q) if q.outgoing.is_some() => {
+                    q.outgoing = None;
+                    q.mig_status = "cancelled";
+                    (AgentResponse::Done("cancelled".into()), quick)
+                }
+                Some(_) => (AgentResponse::Done("nothing to cancel".into()), quick),
+                None => (not_running(&name), quick),
+            },
+            AgentRequest::MigrateFinish { name } => match self.hosts[host].qemus.get_mut(&name) {
+                Some(q) if q.state == QState::Received => {
+                    q.state = QState::Running;
+                    (AgentResponse::Done("resumed".into()), self.rng.ms(5, 100))
+                }
+                // As the agent does: resuming a guest that already runs is done.
+                Some(q) if q.state == QState::Running && q.outgoing.is_none() => {
+                    (AgentResponse::Done("running".into()), quick)
+                }
+                Some(_) => (
+                    AgentResponse::Error("migration has not completed".into()),
+                    quick,
+                ),
+                None => (not_running(&name), quick),
+            },
+            AgentRequest::Resume { name } => match self.hosts[host].qemus.get_mut(&name) {
+                Some(q) if q.state == QState::PostMigrate => {
+                    q.state = QState::Running;
+                    q.mig_status = "none";
+                    (AgentResponse::Done("resumed".into()), quick)
+                }
+                Some(_) => (AgentResponse::Done("running".into()), quick),
+                None => (not_running(&name), quick),
+            },
+            AgentRequest::DumpXml { name } | AgentRequest::DomDisplay { name } => {
+                if self.hosts[host].qemus.contains_key(&name) {
+                    (AgentResponse::Xml(String::new()), quick)
+                } else {
+                    (not_running(&name), quick)
+                }
+            }
+            AgentRequest::NetList => (
+                AgentResponse::Networks {
+                    networks: Vec::new(),
+                    problems: Vec::new(),
+                },
+                quick,
+            ),
+            AgentRequest::List => (AgentResponse::Vms(self.facts(host).vms), quick),
+            AgentRequest::ReloadNetworks
+            | AgentRequest::StartPostcopy { .. }
+            | AgentRequest::ClientMigrateInfo { .. } => (AgentResponse::Done("ok".into()), quick),
+            AgentRequest::MonitorCommand { .. } => (AgentResponse::Done(String::new()), quick),
+        }
+    }
+
+    fn agent_send_core(&mut self, host: usize, conn: ConnId, input: Input) {
+        let d = self.send_delay(host, false);
+        let epoch = self.epoch;
+        self.at(
+            d,
+            Ev::ToCore {
+                conn: Some(conn),
+                epoch,
+                input,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------ operators
+
+    fn operator(&mut self) {
+        let names: Vec<String> = self.uuids.keys().cloned().collect();
+        let pick = |rng: &mut Rng, v: &[String]| -> Option<String> {
+            if v.is_empty() {
+                None
+            } else {
+                Some(v[rng.below(v.len() as u64) as usize].clone())
+            }
+        };
+        let host =
+            |rng: &mut Rng| format!("host-{}", (b'a' + rng.below(HOSTS as u64) as u8) as char);
+        let roll = self.rng.below(100);
+        let request = match roll {
+            0..=14 if names.len() < MAX_VMS || roll < 3 => {
+                let name = format!("vm{}", self.rng.below(MAX_VMS as u64 + 1));
+                let uuid = self.uuids.get(&name).cloned().unwrap_or_else(|| {
+                    let a = self.rng.next();
+                    let b = self.rng.next();
+                    format!(
+                        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                        a >> 32,
+                        (a >> 16) & 0xffff,
+                        a & 0xfff,
+                        b >> 52,
+                        b & 0xffff_ffff_ffff
+                    )
+                });
+                self.uuids.insert(name.clone(), uuid.clone());
+                OperatorRequest::Define {
+                    xml: domain_xml(&name, &uuid),
+                    source: format!("{name}.xml"),
+                }
+            }
+            0..=44 => match pick(&mut self.rng, &names) {
+                Some(name) => {
+                    let host = self.rng.chance(0.3).then(|| host(&mut self.rng));
+                    OperatorRequest::Start { name, host }
+                }
+                None => OperatorRequest::Hosts,
+            },
+            45..=54 => match pick(&mut self.rng, &names) {
+                Some(name) if self.rng.chance(0.5) => OperatorRequest::Destroy { name },
+                Some(name) => OperatorRequest::Shutdown {
+                    name,
+                    timeout_secs: 5,
+                },
+                None => OperatorRequest::Hosts,
+            },
+            55..=74 => match pick(&mut self.rng, &names) {
+                Some(name) => OperatorRequest::Migrate {
+                    name,
+                    to: self.rng.chance(0.3).then(|| host(&mut self.rng)),
+                    max_downtime_ms: None,
+                    bandwidth_mib_s: None,
+                    auto_converge: false,
+                    postcopy: false,
+                    timeout_secs: self.rng.chance(0.2).then_some(1),
+                },
+                None => OperatorRequest::Hosts,
+            },
+            75..=79 => match pick(&mut self.rng, &names) {
+                Some(name) => OperatorRequest::MigrateAbort { name },
+                None => OperatorRequest::Hosts,
+            },
+            80..=82 => OperatorRequest::HostDrain {
+                host: host(&mut self.rng),
+                parallel: 1 + self.rng.below(2) as u32,
+            },
+            83..=87 => OperatorRequest::HostUndrain {
+                host: host(&mut self.rng),
+            },
+            88..=91 => match pick(&mut self.rng, &names) {
+                Some(name) => OperatorRequest::Undefine { name },
+                None => OperatorRequest::Hosts,
+            },
+            92..=95 => OperatorRequest::List { all: true },
+            _ => OperatorRequest::Hosts,
+        };
+        let id = self.next_op;
+        self.next_op += 1;
+        self.note(format!("operator #{id}: {}", short(&request)));
+        if let OperatorRequest::Undefine { name } = &request {
+            // It may vanish from now on; its answer says whether it did.
+            let uuid = self.acked_defines.remove(name).unwrap_or_default();
+            self.undefining.insert(id, (name.clone(), uuid));
+        }
+        self.ops.insert(
+            id,
+            Op {
+                request: request.clone(),
+                answers: 0,
+                issued: self.now,
+            },
+        );
+        let d = self.rng.ms(1, 20);
+        let epoch = self.epoch;
+        self.at(
+            d,
+            Ev::ToCore {
+                conn: None,
+                epoch,
+                input: Input::Operator { id, request },
+            },
+        );
+    }
+
+    fn operator_gets(&mut self, id: RequestId, response: OperatorResponse) -> Result<(), String> {
+        let Some(op) = self.ops.get_mut(&id) else {
+            return Err(format!("answer to unknown request #{id}"));
+        };
+        op.answers += 1;
+        if op.answers > 1 {
+            return Err(format!("request #{id} answered {} times", op.answers));
+        }
+        let ok = !matches!(response, OperatorResponse::Error(_));
+        let request = op.request.clone();
+        let issued = op.issued;
+        self.note(format!(
+            "operator #{id} answered: {}",
+            short_response(&response)
+        ));
+        match (&request, &response) {
+            (OperatorRequest::Define { .. }, OperatorResponse::Defined { name, uuid, .. }) => {
+                // An undefine the coordinator took after it, or one still
+                // unanswered, may have removed it.
+                let mine = self.processed_at.get(&id).copied().unwrap_or(0);
+                let later = self.undefine_processed.get(name).is_some_and(|u| *u > mine);
+                if !later && !self.undefining.values().any(|(n, _)| n == name) {
+                    self.acked_defines.insert(name.clone(), uuid.clone());
+                }
+                self.expect.entry(name.clone()).or_insert(Expect::ShutOff);
+            }
+            (OperatorRequest::Undefine { name }, OperatorResponse::Done(_)) => {
+                self.undefining.remove(&id);
+                self.expect.remove(name);
+            }
+            (OperatorRequest::Undefine { .. }, OperatorResponse::Error(e)) => {
+                // Refused by the coordinator: it must still be there. Lost in
+                // transport: it may or may not be.
+                if let Some((name, uuid)) = self.undefining.remove(&id) {
+                    if e != "connection lost" && e != "connection refused" && !uuid.is_empty() {
+                        self.acked_defines.insert(name, uuid);
+                    }
+                }
+            }
+            (OperatorRequest::Start { name, .. }, OperatorResponse::Started { .. }) => {
+                let faulted = self.faulted.get(name).is_some_and(|t| *t >= issued);
+                let e = if faulted {
+                    Expect::Either
+                } else {
+                    Expect::Running
+                };
+                self.expect.insert(name.clone(), e);
+            }
+            (
+                OperatorRequest::Shutdown { name, .. } | OperatorRequest::Destroy { name },
+                OperatorResponse::Done(_),
+            ) => {
+                self.expect.insert(name.clone(), Expect::ShutOff);
+            }
+            (OperatorRequest::Migrate { name, .. }, OperatorResponse::Migrated { outcome, .. })
+                if outcome == "completed"
+                    || outcome.starts_with("aborted")
+                    || outcome.starts_with("failed") =>
+            {
+                let _ = name;
+            }
+            (
+                OperatorRequest::Start { name, .. }
+                | OperatorRequest::Shutdown { name, .. }
+                | OperatorRequest::Destroy { name }
+                | OperatorRequest::Migrate { name, .. },
+                _,
+            ) if !ok || matches!(response, OperatorResponse::Migrated { .. }) => {
+                // An unanswered or failed verb may have half-happened.
+                if self.expect.contains_key(name) {
+                    self.expect.insert(name.clone(), Expect::Either);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ faults
+
+    fn fault(&mut self) {
+        let w = &self.weights;
+        let total = w.partition + w.one_way + w.agent_crash + w.core_crash + w.qemu_crash + w.reset;
+        if total == 0 {
+            return;
+        }
+        let mut roll = self.rng.below(total);
+        let host = self.rng.below(HOSTS as u64) as usize;
+        let name = self.hosts[host].name.clone();
+        let mut pick = |weight: u64| {
+            if roll < weight {
+                true
+            } else {
+                roll -= weight;
+                false
+            }
+        };
+        if pick(self.weights.partition) {
+            self.note(format!("FAULT two-way partition of {name}"));
+            self.hosts[host].cut_in = true;
+            self.hosts[host].cut_out = true;
+            let d = self.rng.ms(500, 12_000);
+            self.at(d, Ev::Heal { host });
+        } else if pick(self.weights.one_way) {
+            let out = self.rng.chance(0.5);
+            self.note(format!(
+                "FAULT one-way partition of {name} ({})",
+                if out {
+                    "host→coordinator"
+                } else {
+                    "coordinator→host"
+                }
+            ));
+            if out {
+                self.hosts[host].cut_out = true;
+            } else {
+                self.hosts[host].cut_in = true;
+            }
+            let d = self.rng.ms(500, 12_000);
+            self.at(d, Ev::Heal { host });
+        } else if pick(self.weights.agent_crash) {
+            if self.hosts[host].agent_up {
+                self.note(format!("FAULT agent of {name} crashes"));
+                self.hosts[host].agent_up = false;
+                self.hosts[host].dialing = false;
+                if let Some((c, _)) = self.hosts[host].session {
+                    self.kill_conn(c, "agent crashed");
+                }
+                let d = self.rng.ms(100, 8000);
+                self.at(d, Ev::AgentStart { host });
+            }
+        } else if pick(self.weights.core_crash) {
+            if self.core.is_some() {
+                self.crash_core();
+            }
+        } else if pick(self.weights.qemu_crash) {
+            let vms: Vec<String> = self.hosts[host].qemus.keys().cloned().collect();
+            if !vms.is_empty() {
+                let vm = vms[self.rng.below(vms.len() as u64) as usize].clone();
+                self.note(format!("FAULT QEMU of {vm} on {name} crashes"));
+                self.hosts[host].qemus.remove(&vm);
+                self.faulted.insert(vm.clone(), self.now);
+                if self.expect.contains_key(&vm) {
+                    self.expect.insert(vm, Expect::Either);
+                }
+            }
+        } else if pick(self.weights.reset) {
+            if let Some((c, _)) = self.hosts[host].session {
+                self.kill_conn(c, "connection reset");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ the loop
+
+    fn step(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::ToCore { conn, epoch, input } => {
+                if epoch != self.epoch {
+                    // An operator's stream to a coordinator that died meanwhile.
+                    if let Input::Operator { id, .. } = input {
+                        self.at(
+                            Duration::ZERO,
+                            Ev::OperatorGets {
+                                id,
+                                response: OperatorResponse::Error("connection lost".into()),
+                            },
+                        );
+                    }
+                    return Ok(());
+                }
+                if let Some(c) = conn {
+                    if !self.conns.contains_key(&c) {
+                        return Ok(());
+                    }
+                    // The shell answers every heartbeat.
+                    if let Input::Report { .. } = &input {
+                        if let Some(&host) = self.conns.get(&c) {
+                            let d = self.send_delay(host, true);
+                            self.at(d, Ev::HeartbeatAck { host, conn: c });
+                        }
+                    }
+                }
+                if let Input::AgentReplied { call, result } = &input {
+                    if let Some(c) = conn {
+                        if let Some(set) = self.calls.get_mut(&c) {
+                            if !set.remove(call) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    self.note(format!(
+                        "core gets reply to call {call}: {}",
+                        match result {
+                            Ok((s, r)) => format!("seq {s} {}", short_agent(r)),
+                            Err(e) => format!("error {e}"),
+                        }
+                    ));
+                }
+                if let Input::Operator { id, request } = &input {
+                    self.processed += 1;
+                    self.processed_at.insert(*id, self.processed);
+                    if let OperatorRequest::Undefine { name } = request {
+                        self.undefine_processed.insert(name.clone(), self.processed);
+                    }
+                    if self.core.is_none() {
+                        let id = *id;
+                        self.at(
+                            Duration::ZERO,
+                            Ev::OperatorGets {
+                                id,
+                                response: OperatorResponse::Error("connection refused".into()),
+                            },
+                        );
+                        return Ok(());
+                    }
+                    self.ops_at_core.insert(*id);
+                }
+                if let Input::Report {
+                    host, seq, facts, ..
+                }
+                | Input::Register {
+                    host,
+                    facts,
+                    conn: seq,
+                } = &input
+                {
+                    let vms: Vec<String> = facts
+                        .vms
+                        .iter()
+                        .map(|v| format!("{}:{}", v.name, v.state))
+                        .collect();
+                    if self.last_reported.get(host) != Some(&vms) {
+                        self.note(format!("core gets report {seq} of {host}: {vms:?}"));
+                        self.last_reported.insert(host.clone(), vms);
+                    }
+                }
+                self.core_input(input);
+            }
+            Ev::ToAgent {
+                host,
+                conn,
+                call,
+                epoch,
+                request,
+            } => {
+                if epoch != self.epoch
+                    || !self.conns.contains_key(&conn)
+                    || !self.hosts[host].agent_up
+                {
+                    return Ok(());
+                }
+                self.note(format!(
+                    "{} serves call {call}: {}",
+                    self.hosts[host].name,
+                    short_agent_req(&request)
+                ));
+                let (response, took) = self.agent_serves(host, request);
+                self.at(
+                    took,
+                    Ev::AgentAnswer {
+                        host,
+                        conn,
+                        call,
+                        epoch,
+                        response,
+                    },
+                );
+            }
+            Ev::AgentAnswer {
+                host,
+                conn,
+                call,
+                epoch,
+                response,
+            } => {
+                if epoch != self.epoch
+                    || !self.conns.contains_key(&conn)
+                    || !self.hosts[host].agent_up
+                {
+                    return Ok(());
+                }
+                let Some((c, seq)) = self.hosts[host].session.as_mut() else {
+                    return Ok(());
+                };
+                if *c != conn {
+                    return Ok(());
+                }
+                *seq += 1;
+                let seq = *seq;
+                self.agent_send_core(
+                    host,
+                    conn,
+                    Input::AgentReplied {
+                        call,
+                        result: Ok((seq, response)),
+                    },
+                );
+            }
+            Ev::HelloAck { host, conn, ack } => {
+                if !self.conns.contains_key(&conn) || !self.hosts[host].agent_up {
+                    return Ok(());
+                }
+                match ack {
+                    HelloAck::Accepted { .. } => {
+                        self.hosts[host].dialing = false;
+                    }
+                    HelloAck::Refused(e) => {
+                        self.kill_conn(conn, &format!("refused: {e}"));
+                    }
+                }
+            }
+            Ev::HeartbeatAck { host, conn } => {
+                if self.hosts[host].session.is_some_and(|(c, _)| c == conn) {
+                    self.hosts[host].heartbeat_out = None;
+                }
+            }
+            Ev::AgentTick { host } => {
+                self.at(HEARTBEAT, Ev::AgentTick { host });
+                if !self.hosts[host].agent_up {
+                    return Ok(());
+                }
+                if let Some(sent) = self.hosts[host].heartbeat_out {
+                    if self.now.saturating_sub(sent) >= HEARTBEAT_ANSWER {
+                        if let Some((c, _)) = self.hosts[host].session {
+                            self.kill_conn(c, "heartbeat unanswered");
+                        }
+                    }
+                    return Ok(());
+                }
+                if let Some((conn, seq)) = self.hosts[host].session.as_mut() {
+                    *seq += 1;
+                    let (conn, seq) = (*conn, *seq);
+                    self.hosts[host].heartbeat_out = Some(self.now);
+                    let facts = self.facts(host);
+                    let name = self.hosts[host].name.clone();
+                    self.agent_send_core(
+                        host,
+                        conn,
+                        Input::Report {
+                            host: name,
+                            conn,
+                            seq,
+                            facts,
+                        },
+                    );
+                }
+            }
+            Ev::Dial { host } => {
+                let h = &self.hosts[host];
+                if !h.agent_up || h.session.is_some() {
+                    self.hosts[host].dialing = false;
+                    return Ok(());
+                }
+                if h.cut_in || h.cut_out || self.core.is_none() {
+                    let d = self.rng.ms(250, 1000);
+                    self.at(d, Ev::Dial { host });
+                    return Ok(());
+                }
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                self.conns.insert(conn, host);
+                // Re-registration: the agent re-attached to its QEMUs first.
+                self.hosts[host].session = None;
+                let facts = self.facts(host);
+                let name = self.hosts[host].name.clone();
+                self.note(format!("{name} registers over conn {conn}"));
+                self.hosts[host].session = Some((conn, 0));
+                self.hosts[host].heartbeat_out = None;
+                self.hosts[host].dialing = false;
+                self.agent_send_core(
+                    host,
+                    conn,
+                    Input::Register {
+                        host: name,
+                        facts,
+                        conn,
+                    },
+                );
+            }
+            Ev::CoreTick => {
+                self.at(HEARTBEAT, Ev::CoreTick);
+                self.core_input(Input::Tick);
+            }
+            Ev::CoreWake { epoch } => {
+                if epoch == self.epoch {
+                    self.wake_at = None;
+                    self.core_input(Input::Tick);
+                }
+            }
+            Ev::OperatorGets { id, response } => self.operator_gets(id, response)?,
+            Ev::Operator => {
+                if self.active() {
+                    self.operator();
+                    let d = self.rng.ms(10, self.weights.operator_rate_ms);
+                    self.at(d, Ev::Operator);
+                }
+            }
+            Ev::Fault => {
+                if self.active() {
+                    self.fault();
+                    let d = self.rng.ms(500, 4000);
+                    self.at(d, Ev::Fault);
+                }
+            }
+            Ev::Heal { host } => {
+                self.note(format!("heal {}", self.hosts[host].name));
+                self.hosts[host].cut_in = false;
+                self.hosts[host].cut_out = false;
+            }
+            Ev::AgentStart { host } => {
+                if self.hosts[host].agent_up {
+                    return Ok(());
+                }
+                self.note(format!("agent of {} starts", self.hosts[host].name));
+                self.hosts[host].agent_up = true;
+                self.hosts[host].session = None;
+                self.hosts[host].dialing = true;
+                self.at(Duration::from_millis(1), Ev::Dial { host });
+            }
+            Ev::CoreStart => {
+                if self.core.is_some() {
+                    return Ok(());
+                }
+                self.note("coordinator starts".into());
+                self.start_core();
+            }
+            Ev::MigrationArrives { source, vm } => {
+                let Some(q) = self.hosts[source].qemus.get(&vm) else {
+                    return Ok(());
+                };
+                let Some(dest) = q.outgoing else {
+                    return Ok(());
+                };
+                let ok = self.hosts[dest]
+                    .qemus
+                    .get(&vm)
+                    .is_some_and(|d| d.state == QState::InMigrate);
+                let q = self.hosts[source].qemus.get_mut(&vm).ok_or("gone")?;
+                q.outgoing = None;
+                if ok {
+                    q.state = QState::PostMigrate;
+                    q.mig_status = "completed";
+                    if let Some(d) = self.hosts[dest].qemus.get_mut(&vm) {
+                        d.state = QState::Received;
+                    }
+                    self.note(format!(
+                        "migration of {vm} arrives on {}",
+                        self.hosts[dest].name
+                    ));
+                } else {
+                    q.mig_status = "failed";
+                }
+            }
+            Ev::CoreNoticesDeath { conn, host, epoch } => {
+                if epoch != self.epoch {
+                    return Ok(());
+                }
+                // Every call still waiting on the connection fails.
+                let calls = self.calls.remove(&conn).unwrap_or_default();
+                for call in calls {
+                    self.core_input(Input::AgentReplied {
+                        call,
+                        result: Err("connection lost".into()),
+                    });
+                }
+                let name = self.hosts[host].name.clone();
+                self.core_input(Input::Disconnected { host: name, conn });
+            }
+        }
+        self.check()
+    }
+
+    // ------------------------------------------------------------ checker
+
+    fn check(&self) -> Result<(), String> {
+        let mut running: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for h in &self.hosts {
+            for (vm, q) in &h.qemus {
+                if q.state == QState::Running {
+                    running.entry(vm).or_default().push(&h.name);
+                }
+            }
+        }
+        for (vm, hosts) in &running {
+            if hosts.len() > 1 {
+                return Err(format!(
+                    "VM {vm} runs on {} hosts at once: {hosts:?}",
+                    hosts.len()
+                ));
+            }
+        }
+        for (name, uuid) in &self.acked_defines {
+            match self.store.get(name) {
+                Ok(Some(row)) if &row.uuid == uuid => {}
+                other => return Err(format!("acknowledged define of {name} lost: {other:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn final_check(&self) -> Result<(), String> {
+        for (id, op) in &self.ops {
+            if op.answers != 1 {
+                return Err(format!(
+                    "request #{id} ({}) got {} answers",
+                    short(&op.request),
+                    op.answers
+                ));
+            }
+        }
+        let rows = self.store.list().map_err(|e| e.to_string())?;
+        let lifecycles: BTreeMap<&str, &VmLifecycle> = self
+            .core
+            .as_ref()
+            .map(|c| c.lifecycles().collect())
+            .unwrap_or_default();
+        for row in &rows {
+            let copies: Vec<(&str, QState)> = self
+                .hosts
+                .iter()
+                .filter_map(|h| h.qemus.get(&row.name).map(|q| (h.name.as_str(), q.state)))
+                .collect();
+            let life = lifecycles.get(row.name.as_str());
+            match &row.placement {
+                Some(h) => {
+                    if copies.len() != 1 || copies[0].0 != h {
+                        return Err(format!(
+                            "{} is recorded on {h} ({life:?}) but its QEMUs are {copies:?}",
+                            row.name
+                        ));
+                    }
+                }
+                None => {
+                    if !copies.is_empty() {
+                        return Err(format!(
+                            "{} is recorded shut off ({life:?}) but its QEMUs are {copies:?}",
+                            row.name
+                        ));
+                    }
+                }
+            }
+            match self.expect.get(&row.name) {
+                Some(Expect::Running) if copies.first().map(|c| c.1) != Some(QState::Running) => {
+                    return Err(format!(
+                        "{} was started or moved, with no fault since, but its QEMUs are {copies:?}",
+                        row.name
+                    ))
+                }
+                Some(Expect::ShutOff) if !copies.is_empty() => {
+                    return Err(format!("{} was stopped but its QEMUs are {copies:?}", row.name))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let end = ACTIVE + SETTLE;
+        let mut healed = false;
+        while let Some(Reverse((t, id))) = self.queue.pop() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            if !healed && t >= ACTIVE {
+                healed = true;
+                self.note("faults stop; everything heals".into());
+                for h in 0..HOSTS {
+                    self.hosts[h].cut_in = false;
+                    self.hosts[h].cut_out = false;
+                    if !self.hosts[h].agent_up {
+                        self.at(Duration::ZERO, Ev::AgentStart { host: h });
+                    }
+                }
+                if self.core.is_none() {
+                    self.at(Duration::ZERO, Ev::CoreStart);
+                }
+            }
+            let Some(ev) = self.events.remove(&id) else {
+                continue;
+            };
+            self.steps += 1;
+            self.step(ev)?;
+        }
+        self.final_check()
+    }
+}
+
+fn short(r: &OperatorRequest) -> String {
+    match r {
+        OperatorRequest::Define { source, .. } => format!("define {source}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn short_response(r: &OperatorResponse) -> String {
+    let s = format!("{r:?}");
+    s.chars().take(160).collect()
+}
+
+fn short_agent(r: &AgentResponse) -> String {
+    match r {
+        AgentResponse::Started { vm, .. } => format!("Started {}", vm.name),
+        AgentResponse::Incoming { vm, .. } => format!("Incoming {}", vm.name),
+        AgentResponse::Migration(p) => format!("Migration {}", p.status),
+        other => format!("{other:?}").chars().take(100).collect(),
+    }
+}
+
+fn short_agent_req(r: &AgentRequest) -> String {
+    match r {
+        AgentRequest::Start { source, .. } => format!("Start({source})"),
+        AgentRequest::MigrateIncoming { source, .. } => format!("MigrateIncoming({source})"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs one seed; on failure, the seed and the trace.
+fn run_seed(seed: u64) -> Result<u64, String> {
+    let mut w = World::new(seed);
+    match w.run() {
+        Ok(()) => Ok(w.steps),
+        Err(e) => {
+            let trace: Vec<String> = w.trace.iter().cloned().collect();
+            Err(format!(
+                "seed {seed} (replay: FLOTILLA_SIM_SEED={seed}): {e}\nlast {} steps:\n{}",
+                trace.len(),
+                trace.join("\n")
+            ))
+        }
+    }
+}
+
+#[test]
+fn fleet_simulation_keeps_its_invariants() {
+    if let Some(seed) = std::env::var("FLOTILLA_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        match run_seed(seed) {
+            Ok(steps) => println!("seed {seed}: ok ({steps} steps)"),
+            Err(e) => panic!("{e}"),
+        }
+        return;
+    }
+    let wanted: Option<u64> = std::env::var("FLOTILLA_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let began = Instant::now();
+    let budget = Duration::from_secs(60);
+    let (mut seeds, mut steps) = (0u64, 0u64);
+    let first = 1u64;
+    loop {
+        let done = match wanted {
+            Some(n) => seeds >= n,
+            None => seeds >= 500 && began.elapsed() >= budget,
+        };
+        if done {
+            break;
+        }
+        match run_seed(first + seeds) {
+            Ok(s) => steps += s,
+            Err(e) => panic!("{e}"),
+        }
+        seeds += 1;
+    }
+    println!(
+        "simulation: {seeds} seeds, {steps} steps, 0 violations in {:.1}s",
+        began.elapsed().as_secs_f64()
+    );
+}
