@@ -7,18 +7,30 @@
 //! which is how the VM's owner learns QEMU is gone. Every call has a timeout
 //! and every line read is bounded, so a wedged or hostile QEMU cannot hang or
 //! balloon the agent.
+//!
+//! Lines are read through a [`FramedRead`] with a [`LinesCodec`], whose
+//! `next()` is cancel-safe: the connection task waits for a reply line and a
+//! command to send in one `select!`, and a command that wins the race must
+//! not drop the part of a reply already read (a large `query-migrate` or
+//! human-monitor answer often arrives in several pieces).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 /// Longest line accepted from QEMU; replies we use are a few KiB.
-const MAX_LINE: u64 = 4 * 1024 * 1024;
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// QEMU's side of the monitor, one JSON document per line.
+type Lines = FramedRead<OwnedReadHalf, LinesCodec>;
 
 /// A QMP failure.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +102,7 @@ impl QmpClient {
                 source,
             })?;
         let (read, mut write) = stream.into_split();
-        let mut reader = BufReader::new(read);
+        let mut reader = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
         let greeting = tokio::time::timeout(timeout, read_json(&mut reader))
             .await
             .map_err(|_| QmpError::Handshake("no greeting".into()))??;
@@ -145,24 +157,18 @@ impl QmpClient {
     }
 }
 
-async fn read_json(
-    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-) -> Result<Value, QmpError> {
-    let mut line = Vec::new();
-    let n = reader
-        .take(MAX_LINE)
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|_| QmpError::Closed)?;
-    if n == 0 {
-        return Err(QmpError::Closed);
-    }
-    if !line.ends_with(b"\n") {
-        return Err(QmpError::Handshake(format!(
+/// The next JSON line from QEMU. Cancel-safe: a partly received line stays
+/// in the codec's buffer for the next call.
+async fn read_json(reader: &mut Lines) -> Result<Value, QmpError> {
+    match reader.next().await {
+        None | Some(Err(LinesCodecError::Io(_))) => Err(QmpError::Closed),
+        Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Err(QmpError::Handshake(format!(
             "QMP line longer than {MAX_LINE} bytes"
-        )));
+        ))),
+        Some(Ok(line)) => {
+            serde_json::from_str(&line).map_err(|e| QmpError::Handshake(format!("bad JSON: {e}")))
+        }
     }
-    serde_json::from_slice(&line).map_err(|e| QmpError::Handshake(format!("bad JSON: {e}")))
 }
 
 async fn write_json(
@@ -175,7 +181,7 @@ async fn write_json(
 }
 
 async fn run_connection(
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut reader: Lines,
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut commands: mpsc::Receiver<(String, Value, Pending)>,
     events: mpsc::UnboundedSender<QmpEvent>,
@@ -225,5 +231,89 @@ async fn run_connection(
     }
     for (_, (_, reply)) in pending.drain() {
         let _ = reply.send(Err(QmpError::Closed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+    use tokio::net::UnixListener;
+
+    /// Size of each reply's payload: far more than one socket read.
+    const BLOB: usize = 200 * 1024;
+
+    /// A fake QEMU monitor: greeting, capabilities, then for each command a
+    /// `BLOB`-byte reply written a few bytes at a time, yielding between
+    /// pieces so the client sees the reply arrive in many partial reads.
+    async fn fake_qemu(listener: UnixListener) {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n";
+        if write.write_all(greeting).await.is_err() {
+            return;
+        }
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(cmd) = serde_json::from_str::<Value>(&line) else {
+                return;
+            };
+            let id = cmd["id"].clone();
+            let reply = if cmd["execute"] == "qmp_capabilities" {
+                json!({"return": {}, "id": id})
+            } else {
+                json!({"return": {"blob": "x".repeat(BLOB)}, "id": id})
+            };
+            let mut bytes = reply.to_string().into_bytes();
+            bytes.push(b'\n');
+            for piece in bytes.chunks(13) {
+                if write.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Replies that arrive in pieces while further commands are being sent
+    /// must each reach their caller intact: the reader may be interrupted by
+    /// the command branch of its `select!` at any point of a line.
+    #[tokio::test]
+    async fn replies_in_pieces_survive_concurrent_commands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(fake_qemu(listener));
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let timeout = Duration::from_secs(20);
+        let qmp = QmpClient::connect(&path, timeout, events)
+            .await
+            .expect("connect");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Issue commands without waiting for earlier replies, spaced so that
+        // each lands while some reply is only partly received.
+        let mut calls = Vec::new();
+        for _ in 0..12 {
+            let qmp = qmp.clone();
+            calls.push(tokio::spawn(async move {
+                qmp.execute("query-status", Value::Null, timeout).await
+            }));
+            for _ in 0..700 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for call in calls {
+            let result = tokio::time::timeout_at(deadline, call)
+                .await
+                .expect("every reply arrives before the deadline")
+                .expect("caller task");
+            match result {
+                Ok(v) => assert_eq!(v["blob"].as_str().map(str::len), Some(BLOB)),
+                Err(e) => panic!("a command failed: {e:?}"),
+            }
+        }
+        server.abort();
     }
 }
