@@ -74,6 +74,164 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
+/// A migration capability the agent sets (`migrate-set-capabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationCapability {
+    /// `auto-converge`: throttle the guest's vCPUs until the copy converges.
+    AutoConverge,
+    /// `postcopy-ram`: allow switching to post-copy.
+    PostcopyRam,
+}
+
+impl MigrationCapability {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationCapability::AutoConverge => "auto-converge",
+            MigrationCapability::PostcopyRam => "postcopy-ram",
+        }
+    }
+}
+
+/// Every QMP command the agent sends: a closed set, each encoded to the
+/// exact JSON QEMU expects by [`QmpCommand::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpCommand {
+    /// `cont`: resume the guest.
+    Cont,
+    /// `stop`: pause the guest.
+    Stop,
+    /// `quit`: QEMU exits.
+    Quit,
+    /// `system_powerdown`: ACPI power button.
+    SystemPowerdown,
+    /// `query-status`: the run state (`running`, `paused`, `inmigrate`, …).
+    QueryStatus,
+    /// `query-migrate`: migration progress.
+    QueryMigrate,
+    /// `migrate-incoming`: listen for the migration stream (after `-incoming defer`).
+    MigrateIncoming {
+        /// Where to listen, e.g. `tcp:198.18.100.2:49152`.
+        uri: String,
+    },
+    /// `migrate`: send this VM to `uri`.
+    Migrate {
+        /// The destination's listening URI.
+        uri: String,
+    },
+    /// `migrate-set-parameters`; absent fields are left as QEMU has them.
+    MigrateSetParameters {
+        /// `downtime-limit`, in milliseconds.
+        downtime_limit_ms: Option<u64>,
+        /// `max-bandwidth`, in bytes per second.
+        max_bandwidth: Option<u64>,
+    },
+    /// `migrate-set-capabilities`.
+    MigrateSetCapabilities {
+        /// Each capability and its state, in this order.
+        capabilities: Vec<(MigrationCapability, bool)>,
+    },
+    /// `migrate_cancel`.
+    MigrateCancel,
+    /// `migrate-start-postcopy`.
+    MigrateStartPostcopy,
+    /// `client_migrate_info`: tell SPICE clients where the VM goes.
+    ClientMigrateInfo {
+        /// The destination host's console address.
+        hostname: String,
+        /// The destination's SPICE port.
+        port: u16,
+    },
+    /// `set_password` for a console protocol.
+    SetPassword {
+        /// `vnc` or `spice`.
+        protocol: String,
+        /// The password.
+        password: String,
+    },
+    /// `expire_password` for a console protocol.
+    ExpirePassword {
+        /// `vnc` or `spice`.
+        protocol: String,
+        /// `now`, `never`, or seconds since the epoch.
+        time: String,
+    },
+    /// `human-monitor-command`: an HMP command line, passed through.
+    HumanMonitor(String),
+}
+
+impl QmpCommand {
+    /// The QMP command name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QmpCommand::Cont => "cont",
+            QmpCommand::Stop => "stop",
+            QmpCommand::Quit => "quit",
+            QmpCommand::SystemPowerdown => "system_powerdown",
+            QmpCommand::QueryStatus => "query-status",
+            QmpCommand::QueryMigrate => "query-migrate",
+            QmpCommand::MigrateIncoming { .. } => "migrate-incoming",
+            QmpCommand::Migrate { .. } => "migrate",
+            QmpCommand::MigrateSetParameters { .. } => "migrate-set-parameters",
+            QmpCommand::MigrateSetCapabilities { .. } => "migrate-set-capabilities",
+            QmpCommand::MigrateCancel => "migrate_cancel",
+            QmpCommand::MigrateStartPostcopy => "migrate-start-postcopy",
+            QmpCommand::ClientMigrateInfo { .. } => "client_migrate_info",
+            QmpCommand::SetPassword { .. } => "set_password",
+            QmpCommand::ExpirePassword { .. } => "expire_password",
+            QmpCommand::HumanMonitor(_) => "human-monitor-command",
+        }
+    }
+
+    /// The command name and its `arguments` (`null` for none).
+    pub fn encode(&self) -> (&'static str, Value) {
+        let arguments = match self {
+            QmpCommand::Cont
+            | QmpCommand::Stop
+            | QmpCommand::Quit
+            | QmpCommand::SystemPowerdown
+            | QmpCommand::QueryStatus
+            | QmpCommand::QueryMigrate
+            | QmpCommand::MigrateCancel
+            | QmpCommand::MigrateStartPostcopy => Value::Null,
+            QmpCommand::MigrateIncoming { uri } | QmpCommand::Migrate { uri } => {
+                json!({ "uri": uri })
+            }
+            QmpCommand::MigrateSetParameters {
+                downtime_limit_ms,
+                max_bandwidth,
+            } => {
+                let mut parameters = serde_json::Map::new();
+                if let Some(ms) = downtime_limit_ms {
+                    parameters.insert("downtime-limit".into(), (*ms).into());
+                }
+                if let Some(bps) = max_bandwidth {
+                    parameters.insert("max-bandwidth".into(), (*bps).into());
+                }
+                Value::Object(parameters)
+            }
+            QmpCommand::MigrateSetCapabilities { capabilities } => {
+                let caps: Vec<Value> = capabilities
+                    .iter()
+                    .map(|(c, state)| json!({"capability": c.as_str(), "state": state}))
+                    .collect();
+                json!({ "capabilities": caps })
+            }
+            QmpCommand::ClientMigrateInfo { hostname, port } => {
+                json!({"protocol": "spice", "hostname": hostname, "port": port})
+            }
+            QmpCommand::SetPassword { protocol, password } => {
+                json!({"protocol": protocol, "password": password})
+            }
+            QmpCommand::ExpirePassword { protocol, time } => {
+                json!({"protocol": protocol, "time": time})
+            }
+            QmpCommand::HumanMonitor(line) => json!({ "command-line": line }),
+        };
+        (self.name(), arguments)
+    }
+}
+
 type Pending = oneshot::Sender<Result<Value, QmpError>>;
 
 /// A handle to a connected QMP monitor. Cheap to clone.
@@ -145,6 +303,12 @@ impl QmpClient {
             Ok(Err(_)) => Err(QmpError::Closed),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// Runs one of the agent's [`QmpCommand`]s and returns its `return` value.
+    pub async fn run(&self, command: &QmpCommand, timeout: Duration) -> Result<Value, QmpError> {
+        let (name, arguments) = command.encode();
+        self.execute(name, arguments, timeout).await
     }
 
     /// `query-status`'s `status` field (`running`, `paused`, `inmigrate`, …).
@@ -274,6 +438,73 @@ mod tests {
                 }
                 tokio::task::yield_now().await;
             }
+        }
+    }
+
+    #[test]
+    fn commands_encode_as_qemu_expects() {
+        use MigrationCapability::*;
+        let cases: Vec<(QmpCommand, &str, Value)> = vec![
+            (QmpCommand::Cont, "cont", Value::Null),
+            (QmpCommand::Quit, "quit", Value::Null),
+            (QmpCommand::SystemPowerdown, "system_powerdown", Value::Null),
+            (QmpCommand::MigrateCancel, "migrate_cancel", Value::Null),
+            (
+                QmpCommand::Migrate {
+                    uri: "tcp:10.0.0.2:49152".into(),
+                },
+                "migrate",
+                json!({"uri": "tcp:10.0.0.2:49152"}),
+            ),
+            (
+                QmpCommand::MigrateSetParameters {
+                    downtime_limit_ms: Some(300),
+                    max_bandwidth: None,
+                },
+                "migrate-set-parameters",
+                json!({"downtime-limit": 300}),
+            ),
+            (
+                QmpCommand::MigrateSetParameters {
+                    downtime_limit_ms: None,
+                    max_bandwidth: None,
+                },
+                "migrate-set-parameters",
+                json!({}),
+            ),
+            (
+                QmpCommand::MigrateSetCapabilities {
+                    capabilities: vec![(AutoConverge, true), (PostcopyRam, false)],
+                },
+                "migrate-set-capabilities",
+                json!({"capabilities": [
+                    {"capability": "auto-converge", "state": true},
+                    {"capability": "postcopy-ram", "state": false}]}),
+            ),
+            (
+                QmpCommand::ClientMigrateInfo {
+                    hostname: "h2".into(),
+                    port: 5901,
+                },
+                "client_migrate_info",
+                json!({"protocol": "spice", "hostname": "h2", "port": 5901}),
+            ),
+            (
+                QmpCommand::ExpirePassword {
+                    protocol: "vnc".into(),
+                    time: "never".into(),
+                },
+                "expire_password",
+                json!({"protocol": "vnc", "time": "never"}),
+            ),
+            (
+                QmpCommand::HumanMonitor("info status".into()),
+                "human-monitor-command",
+                json!({"command-line": "info status"}),
+            ),
+        ];
+        for (cmd, name, args) in cases {
+            assert_eq!(cmd.encode(), (name, args), "{cmd:?}");
         }
     }
 
