@@ -2540,6 +2540,139 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_start_does_not_hold_up_other_requests() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        drive(&mut c, &mut fake, now, req(1, start("web01")));
+        // web02's launch is under way and stays so.
+        let xml2 = xml("web02").replace(UUID, "00000000-0000-4000-8000-000000000002");
+        let out = c.handle(
+            now,
+            req(
+                2,
+                Request::Start {
+                    xml: xml2,
+                    source: "w".into(),
+                },
+            ),
+        );
+        let (op, call) = hv_calls(&out)[0].clone();
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: fake.call_now(call),
+            },
+        );
+        assert!(matches!(&hv_calls(&out)[..], [(_, HvCall::Launch(_))]));
+        // Meanwhile web01 is served: a status poll, a console listing.
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                3,
+                Request::MigrationStatus {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Migration(p) if p.status == "none"));
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                4,
+                Request::DomDisplay {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Consoles(c) if c.len() == 1));
+        // And web02 counts as not running yet.
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                5,
+                Request::DumpXml {
+                    name: "web02".into(),
+                },
+            ),
+        );
+        assert_eq!(
+            reply(&out),
+            &Response::Error(
+                "Requested operation is not valid: domain 'web02' is not running on host h1".into()
+            )
+        );
+        assert_eq!(c.vm_state("web02"), Some(VmState::Starting));
+    }
+
+    #[test]
+    fn qmp_passthrough_and_errors_are_worded_as_before() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        drive(&mut c, &mut fake, now, req(1, start("web01")));
+        let cases: Vec<(Request, Response)> = vec![
+            (
+                Request::MonitorCommand {
+                    name: "web01".into(),
+                    command: "info status".into(),
+                },
+                Response::Done(String::new()),
+            ),
+            (
+                Request::StartPostcopy {
+                    name: "web01".into(),
+                },
+                Response::Error(
+                    "migrate-start-postcopy: QMP command 'migrate-start-postcopy' failed: \
+                     GenericError: Postcopy must be started after migration has been started"
+                        .into(),
+                ),
+            ),
+            (
+                Request::ClientMigrateInfo {
+                    name: "web01".into(),
+                    hostname: "h2".into(),
+                    port: 5901,
+                },
+                Response::Done("SPICE clients told to reconnect".into()),
+            ),
+            (
+                Request::MigrateCancel {
+                    name: "web01".into(),
+                },
+                Response::Done("migration cancel requested".into()),
+            ),
+            (
+                Request::Resume {
+                    name: "web01".into(),
+                },
+                Response::Done("resumed".into()),
+            ),
+        ];
+        for (i, (request, expected)) in cases.into_iter().enumerate() {
+            let out = drive(&mut c, &mut fake, now, req(10 + i as u64, request));
+            assert_eq!(reply(&out), &expected);
+        }
+        let sent: Vec<QmpCommand> = fake.process("web01").expect("runs").commands;
+        assert_eq!(sent[0], QmpCommand::HumanMonitor("info status".into()));
+        assert_eq!(
+            sent[2],
+            QmpCommand::ClientMigrateInfo {
+                hostname: "h2".into(),
+                port: 5901
+            }
+        );
+    }
+
+    #[test]
     fn list_queries_each_vm_and_unknown_on_failure() {
         let now = Instant::now();
         let mut fake = fake("198.18.4.1");
