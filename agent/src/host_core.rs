@@ -64,10 +64,8 @@
 //! records and processes survive), followed by `HostInput::Boot`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use flotilla_shared::proto::{AgentEvent, HostFacts, MigrationProgress};
@@ -84,6 +82,11 @@ use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
 use crate::resolver::{AddressSource, NetworkResolver};
 use crate::vm_record::{vm_dir, VmRecord};
+
+pub use crate::hypervisor::{
+    FoundRecord, HostRead, HvCall, HvFuture, HvResult, Hypervisor, LaunchPlan, VmSignal,
+};
+pub use crate::vm_state::{InvalidTransition, VmState};
 
 /// Everything the agent is configured with.
 #[derive(Debug, Clone)]
@@ -117,91 +120,6 @@ const FINISH_DEADLINE: Duration = Duration::from_secs(60);
 const FINISH_POLL: Duration = Duration::from_millis(5);
 /// `query-status` timeout while the stream lands.
 const FINISH_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
-
-// ------------------------------------------------------------------ lifecycle
-
-/// The agent's view of one VM's lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum VmState {
-    /// QEMU is being spawned, given its secrets and resumed.
-    Starting,
-    /// Started with `-incoming defer`, waiting for (or receiving) a migration stream.
-    Incoming,
-    /// The guest runs.
-    Running,
-    /// The guest is paused (the stream landed, or `stop`).
-    Paused,
-    /// The guest runs and is being migrated away.
-    Outgoing,
-    /// The outgoing migration completed; this copy is paused for good unless resumed.
-    PostMigrate,
-    /// A shutdown or destroy is under way.
-    Stopping,
-}
-
-/// A lifecycle move the agent refuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a VM cannot go from {from:?} to {to:?}")]
-pub struct InvalidTransition {
-    /// Where the VM is.
-    pub from: VmState,
-    /// Where it was asked to go.
-    pub to: VmState,
-}
-
-impl VmState {
-    /// The state after moving to `to`, or why that move is refused.
-    pub fn transition(&self, to: VmState) -> Result<VmState, InvalidTransition> {
-        use VmState::*;
-        let allowed = matches!(
-            (*self, to),
-            (Starting, Running)
-                | (Starting, Incoming)
-                | (Incoming, Paused)
-                | (Incoming, Running)
-                | (Incoming, Stopping)
-                | (Running, Paused)
-                | (Running, Outgoing)
-                | (Running, Stopping)
-                | (Paused, Running)
-                | (Paused, Outgoing)
-                | (Paused, Stopping)
-                | (Outgoing, Running)
-                | (Outgoing, PostMigrate)
-                | (Outgoing, Stopping)
-                | (PostMigrate, Running)
-                | (PostMigrate, Stopping)
-                | (Stopping, Stopping)
-        );
-        if allowed {
-            Ok(to)
-        } else {
-            Err(InvalidTransition { from: *self, to })
-        }
-    }
-
-    /// QEMU's run state for this lifecycle state, as listings report it.
-    pub fn qemu_status(&self) -> &'static str {
-        match self {
-            VmState::Starting => "prelaunch",
-            VmState::Incoming => "inmigrate",
-            VmState::Running | VmState::Outgoing | VmState::Stopping => "running",
-            VmState::Paused => "paused",
-            VmState::PostMigrate => "postmigrate",
-        }
-    }
-
-    /// The lifecycle state a QEMU run state (`query-status`) stands for.
-    pub fn from_qemu_status(status: &str) -> Option<VmState> {
-        match status {
-            "running" => Some(VmState::Running),
-            "paused" => Some(VmState::Paused),
-            "inmigrate" => Some(VmState::Incoming),
-            "postmigrate" => Some(VmState::PostMigrate),
-            _ => None,
-        }
-    }
-}
 
 // ------------------------------------------------------------ inputs, effects
 
@@ -260,167 +178,6 @@ pub enum HostEffect {
     Event(AgentEvent),
     /// Feed [`HostInput::Tick`] at or after this instant.
     WakeAt(Instant),
-}
-
-/// A signal for a VM's QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmSignal {
-    /// SIGTERM: QEMU exits cleanly.
-    Term,
-    /// SIGKILL.
-    Kill,
-}
-
-/// A QEMU start, fully decided by the core.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LaunchPlan {
-    /// The VM.
-    pub name: String,
-    /// Its UUID (on the command line, how a restarted agent recognises it).
-    pub uuid: String,
-    /// The command line; it holds no secret.
-    pub argv: QemuArgv,
-    /// Its state files.
-    pub paths: VmPaths,
-    /// Console passwords, applied over QMP while QEMU is paused.
-    pub secrets: Vec<ConsoleSecret>,
-    /// Consoles to confirm once the guest runs (`LaunchMode::Run`).
-    pub endpoints: Vec<ConsoleEndpoint>,
-    /// Run, or wait for an incoming migration.
-    pub mode: LaunchMode,
-    /// Step timeouts.
-    pub timeouts: StartTimeouts,
-}
-
-/// An operation for the [`Hypervisor`]: the core's only way to touch the host.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HvCall {
-    /// Find every VM record under `state_dir` and whether its QEMU still runs
-    /// ([`HvResult::Records`]).
-    ScanRecords {
-        /// The agent's state directory.
-        state_dir: PathBuf,
-    },
-    /// Take over a running QEMU found at boot: connect its monitor, watch it.
-    Attach {
-        /// The VM.
-        name: String,
-        /// Its UUID.
-        uuid: String,
-        /// Its pid.
-        pid: i32,
-        /// Its state files.
-        paths: VmPaths,
-    },
-    /// Read the interface table and report which of `paths` do not exist
-    /// ([`HvResult::Host`]).
-    ReadHost {
-        /// Files that must exist (disk sources of an incoming migration).
-        paths: Vec<String>,
-    },
-    /// Load the network definitions ([`HvResult::Networks`]).
-    LoadNetworks {
-        /// The networks directory.
-        dir: PathBuf,
-    },
-    /// Spawn QEMU paused, apply secrets, then resume and confirm consoles or
-    /// listen for a migration ([`HvResult::Launched`]); watch it afterwards.
-    Launch(Box<LaunchPlan>),
-    /// One QMP command to a VM ([`HvResult::Qmp`] with its `return`).
-    Qmp {
-        /// The VM.
-        vm: String,
-        /// The command.
-        cmd: QmpCommand,
-        /// How long to wait for the answer.
-        timeout: Duration,
-    },
-    /// Confirm each console accepts connections (VNC: read the RFB banner).
-    ConfirmConsoles {
-        /// The VM.
-        vm: String,
-        /// Its consoles.
-        endpoints: Vec<ConsoleEndpoint>,
-        /// Per console.
-        timeout: Duration,
-    },
-    /// Signal a VM's QEMU.
-    Signal {
-        /// The VM.
-        vm: String,
-        /// Its pid.
-        pid: i32,
-        /// Which signal.
-        signal: VmSignal,
-    },
-    /// Write the VM's record (and its live definition) atomically.
-    WriteRecord {
-        /// Where.
-        paths: VmPaths,
-        /// The record.
-        record: VmRecord,
-        /// The live XML, when it changed.
-        live_xml: Option<String>,
-    },
-    /// Remove a stopped VM's record, live XML, socket and pidfile (not its log).
-    RemoveRecord {
-        /// The VM.
-        name: String,
-        /// Where.
-        paths: VmPaths,
-    },
-}
-
-/// A VM record found at boot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FoundRecord {
-    /// The record.
-    pub record: VmRecord,
-    /// Whether its QEMU (pid and `-uuid`) still runs.
-    pub alive: bool,
-    /// Its live XML (empty when unreadable).
-    pub live_xml: String,
-}
-
-/// What [`HvCall::ReadHost`] found.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostRead {
-    /// The interface table, or why it could not be read.
-    pub interfaces: Result<InterfaceTable, String>,
-    /// The asked-for paths that do not exist.
-    pub missing: Vec<String>,
-}
-
-/// The result of an [`HvCall`].
-#[derive(Debug, Clone)]
-pub enum HvResult {
-    /// Done, nothing to report.
-    Done,
-    /// Failed; the text is the cause.
-    Failed(String),
-    /// [`HvCall::ScanRecords`].
-    Records(Vec<FoundRecord>),
-    /// [`HvCall::ReadHost`].
-    Host(HostRead),
-    /// [`HvCall::LoadNetworks`].
-    Networks(HostNetworks),
-    /// [`HvCall::Launch`]: QEMU runs (or listens) as `pid`.
-    Launched {
-        /// QEMU's pid.
-        pid: i32,
-    },
-    /// [`HvCall::Qmp`]: the command's `return` value.
-    Qmp(Value),
-}
-
-/// A future carrying out one [`HvCall`].
-pub type HvFuture = Pin<Box<dyn Future<Output = HvResult> + Send + 'static>>;
-
-/// Carries out [`HvCall`]s: real QEMU ([`crate::qemu_hypervisor`]) or the
-/// in-memory [`crate::fake_qemu::FakeQemu`].
-pub trait Hypervisor {
-    /// Starts `call`; the future yields its result.
-    fn call(&self, call: HvCall) -> HvFuture;
 }
 
 /// The port bind probe: whether a port is free on this host.
@@ -1957,65 +1714,6 @@ mod tests {
                 _ => None,
             })
             .collect()
-    }
-
-    #[test]
-    fn every_allowed_transition_and_some_refused_ones() {
-        use VmState::*;
-        let allowed = [
-            (Starting, Running),
-            (Starting, Incoming),
-            (Incoming, Paused),
-            (Incoming, Running),
-            (Incoming, Stopping),
-            (Running, Paused),
-            (Running, Outgoing),
-            (Running, Stopping),
-            (Paused, Running),
-            (Paused, Outgoing),
-            (Paused, Stopping),
-            (Outgoing, Running),
-            (Outgoing, PostMigrate),
-            (Outgoing, Stopping),
-            (PostMigrate, Running),
-            (PostMigrate, Stopping),
-            (Stopping, Stopping),
-        ];
-        let all = [
-            Starting,
-            Incoming,
-            Running,
-            Paused,
-            Outgoing,
-            PostMigrate,
-            Stopping,
-        ];
-        for from in all {
-            for to in all {
-                let expected = if allowed.contains(&(from, to)) {
-                    Ok(to)
-                } else {
-                    Err(InvalidTransition { from, to })
-                };
-                assert_eq!(from.transition(to), expected, "{from:?} → {to:?}");
-            }
-        }
-        let refused = [
-            (Running, Incoming),
-            (Running, Starting),
-            (Stopping, Running),
-            (PostMigrate, Outgoing),
-            (Incoming, Outgoing),
-            (Starting, Stopping),
-        ];
-        for (from, to) in refused {
-            let e = from.transition(to).expect_err("refused");
-            assert_eq!(e, InvalidTransition { from, to });
-            assert_eq!(
-                e.to_string(),
-                format!("a VM cannot go from {from:?} to {to:?}")
-            );
-        }
     }
 
     #[test]
