@@ -380,6 +380,19 @@ impl HostCore {
         self.vms.get(name).map(|v| v.state)
     }
 
+    /// Every VM this core knows, starting ones included, with its state (for
+    /// a simulation's invariant checks).
+    pub fn vm_states(&self) -> Vec<(String, VmState)> {
+        let mut all: Vec<(String, VmState)> = self
+            .vms
+            .iter()
+            .map(|(n, v)| (n.clone(), v.state))
+            .chain(self.starting.iter().map(|n| (n.clone(), VmState::Starting)))
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Whether `port` is reserved (consoles, migrations, re-attached VMs).
     pub fn port_reserved(&self, port: u16) -> bool {
         self.ports.is_reserved(port)
@@ -2158,7 +2171,7 @@ mod tests {
             reply(&out),
             &Response::Done("Domain 'web01' resumed on host h2".into())
         );
-        assert_eq!(b.vm_state("web01"), Some(VmState::Running));
+        assert_eq!(b.vm_states(), vec![("web01".to_string(), VmState::Running)]);
         assert_eq!(
             dst.record("web01").map(|r| r.ports),
             Some(vec![5900]),
