@@ -2,19 +2,26 @@
 //!
 //! Pure decisions ([`resolver`], [`console`], [`argv`], [`ports`]) are kept
 //! apart from the shells that do I/O ([`interfaces::InterfaceTable::read_host`],
-//! [`qmp`], [`qemu_process`], and the actors [`host_actor`] and [`vm_actor`]),
-//! so the decisions are testable without QEMU, sockets or clocks.
+//! [`qmp`], [`qemu_process`], [`qemu_hypervisor`] and the actor [`host_actor`]),
+//! so the decisions are testable without QEMU, sockets or clocks. The agent's
+//! own decisions (requests, lifecycles, re-attach) are [`host_core::HostCore`],
+//! a synchronous state machine that a simulation drives over
+//! [`fake_qemu::FakeQemu`].
 
 pub mod argv;
 pub mod console;
 pub mod control;
 pub mod coordinator_link;
+pub mod fake_qemu;
 pub mod host_actor;
+pub mod host_core;
 pub mod host_networks;
+pub mod hypervisor;
 pub mod interfaces;
 pub mod ports;
+pub mod qemu_hypervisor;
 pub mod qemu_process;
 pub mod qmp;
 pub mod resolver;
-pub mod vm_actor;
 pub mod vm_record;
+pub mod vm_state;

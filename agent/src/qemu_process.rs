@@ -13,16 +13,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::argv::{QemuArgv, VmPaths};
 use crate::console::{ConsoleEndpoint, ConsoleTarget};
-use crate::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::qmp::{MigrationCapability, QmpClient, QmpCommand, QmpError, QmpEvent};
 
 /// How long each start step may take.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartTimeouts {
     /// From spawn until QMP answers.
     pub qmp: Duration,
@@ -43,7 +42,7 @@ impl Default for StartTimeouts {
 }
 
 /// A console secret to apply over QMP before the guest runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleSecret {
     /// `vnc` or `spice`.
     pub protocol: &'static str,
@@ -192,30 +191,30 @@ pub async fn launch(
     };
     let result: Result<(), LaunchError> = async {
         for s in secrets {
-            qmp.execute(
-                "set_password",
-                json!({"protocol": s.protocol, "password": s.password}),
-                timeouts.command,
-            )
-            .await
-            .map_err(qmp_step("set_password"))?;
+            let set = QmpCommand::SetPassword {
+                protocol: s.protocol.to_string(),
+                password: s.password.clone(),
+            };
+            qmp.run(&set, timeouts.command)
+                .await
+                .map_err(qmp_step("set_password"))?;
             let time = match &s.valid_to {
                 Some(t) => parse_valid_to(t)
                     .map(|secs| secs.to_string())
                     .unwrap_or_else(|| "now".to_string()),
                 None => "never".to_string(),
             };
-            qmp.execute(
-                "expire_password",
-                json!({"protocol": s.protocol, "time": time}),
-                timeouts.command,
-            )
-            .await
-            .map_err(qmp_step("expire_password"))?;
+            let expire = QmpCommand::ExpirePassword {
+                protocol: s.protocol.to_string(),
+                time,
+            };
+            qmp.run(&expire, timeouts.command)
+                .await
+                .map_err(qmp_step("expire_password"))?;
         }
         match &mode {
             LaunchMode::Run => {
-                qmp.execute("cont", serde_json::Value::Null, timeouts.command)
+                qmp.run(&QmpCommand::Cont, timeouts.command)
                     .await
                     .map_err(qmp_step("cont"))?;
                 for e in endpoints {
@@ -224,13 +223,15 @@ pub async fn launch(
             }
             LaunchMode::Incoming { uri, postcopy } => {
                 if *postcopy {
-                    let caps =
-                        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
-                    qmp.execute("migrate-set-capabilities", caps, timeouts.command)
+                    let caps = QmpCommand::MigrateSetCapabilities {
+                        capabilities: vec![(MigrationCapability::PostcopyRam, true)],
+                    };
+                    qmp.run(&caps, timeouts.command)
                         .await
                         .map_err(qmp_step("migrate-set-capabilities"))?;
                 }
-                qmp.execute("migrate-incoming", json!({ "uri": uri }), timeouts.command)
+                let incoming = QmpCommand::MigrateIncoming { uri: uri.clone() };
+                qmp.run(&incoming, timeouts.command)
                     .await
                     .map_err(qmp_step("migrate-incoming"))?;
             }

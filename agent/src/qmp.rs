@@ -7,18 +7,30 @@
 //! which is how the VM's owner learns QEMU is gone. Every call has a timeout
 //! and every line read is bounded, so a wedged or hostile QEMU cannot hang or
 //! balloon the agent.
+//!
+//! Lines are read through a [`FramedRead`] with a [`LinesCodec`], whose
+//! `next()` is cancel-safe: the connection task waits for a reply line and a
+//! command to send in one `select!`, and a command that wins the race must
+//! not drop the part of a reply already read (a large `query-migrate` or
+//! human-monitor answer often arrives in several pieces).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 /// Longest line accepted from QEMU; replies we use are a few KiB.
-const MAX_LINE: u64 = 4 * 1024 * 1024;
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// QEMU's side of the monitor, one JSON document per line.
+type Lines = FramedRead<OwnedReadHalf, LinesCodec>;
 
 /// A QMP failure.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +74,164 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
+/// A migration capability the agent sets (`migrate-set-capabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationCapability {
+    /// `auto-converge`: throttle the guest's vCPUs until the copy converges.
+    AutoConverge,
+    /// `postcopy-ram`: allow switching to post-copy.
+    PostcopyRam,
+}
+
+impl MigrationCapability {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationCapability::AutoConverge => "auto-converge",
+            MigrationCapability::PostcopyRam => "postcopy-ram",
+        }
+    }
+}
+
+/// Every QMP command the agent sends: a closed set, each encoded to the
+/// exact JSON QEMU expects by [`QmpCommand::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpCommand {
+    /// `cont`: resume the guest.
+    Cont,
+    /// `stop`: pause the guest.
+    Stop,
+    /// `quit`: QEMU exits.
+    Quit,
+    /// `system_powerdown`: ACPI power button.
+    SystemPowerdown,
+    /// `query-status`: the run state (`running`, `paused`, `inmigrate`, …).
+    QueryStatus,
+    /// `query-migrate`: migration progress.
+    QueryMigrate,
+    /// `migrate-incoming`: listen for the migration stream (after `-incoming defer`).
+    MigrateIncoming {
+        /// Where to listen, e.g. `tcp:198.18.100.2:49152`.
+        uri: String,
+    },
+    /// `migrate`: send this VM to `uri`.
+    Migrate {
+        /// The destination's listening URI.
+        uri: String,
+    },
+    /// `migrate-set-parameters`; absent fields are left as QEMU has them.
+    MigrateSetParameters {
+        /// `downtime-limit`, in milliseconds.
+        downtime_limit_ms: Option<u64>,
+        /// `max-bandwidth`, in bytes per second.
+        max_bandwidth: Option<u64>,
+    },
+    /// `migrate-set-capabilities`.
+    MigrateSetCapabilities {
+        /// Each capability and its state, in this order.
+        capabilities: Vec<(MigrationCapability, bool)>,
+    },
+    /// `migrate_cancel`.
+    MigrateCancel,
+    /// `migrate-start-postcopy`.
+    MigrateStartPostcopy,
+    /// `client_migrate_info`: tell SPICE clients where the VM goes.
+    ClientMigrateInfo {
+        /// The destination host's console address.
+        hostname: String,
+        /// The destination's SPICE port.
+        port: u16,
+    },
+    /// `set_password` for a console protocol.
+    SetPassword {
+        /// `vnc` or `spice`.
+        protocol: String,
+        /// The password.
+        password: String,
+    },
+    /// `expire_password` for a console protocol.
+    ExpirePassword {
+        /// `vnc` or `spice`.
+        protocol: String,
+        /// `now`, `never`, or seconds since the epoch.
+        time: String,
+    },
+    /// `human-monitor-command`: an HMP command line, passed through.
+    HumanMonitor(String),
+}
+
+impl QmpCommand {
+    /// The QMP command name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QmpCommand::Cont => "cont",
+            QmpCommand::Stop => "stop",
+            QmpCommand::Quit => "quit",
+            QmpCommand::SystemPowerdown => "system_powerdown",
+            QmpCommand::QueryStatus => "query-status",
+            QmpCommand::QueryMigrate => "query-migrate",
+            QmpCommand::MigrateIncoming { .. } => "migrate-incoming",
+            QmpCommand::Migrate { .. } => "migrate",
+            QmpCommand::MigrateSetParameters { .. } => "migrate-set-parameters",
+            QmpCommand::MigrateSetCapabilities { .. } => "migrate-set-capabilities",
+            QmpCommand::MigrateCancel => "migrate_cancel",
+            QmpCommand::MigrateStartPostcopy => "migrate-start-postcopy",
+            QmpCommand::ClientMigrateInfo { .. } => "client_migrate_info",
+            QmpCommand::SetPassword { .. } => "set_password",
+            QmpCommand::ExpirePassword { .. } => "expire_password",
+            QmpCommand::HumanMonitor(_) => "human-monitor-command",
+        }
+    }
+
+    /// The command name and its `arguments` (`null` for none).
+    pub fn encode(&self) -> (&'static str, Value) {
+        let arguments = match self {
+            QmpCommand::Cont
+            | QmpCommand::Stop
+            | QmpCommand::Quit
+            | QmpCommand::SystemPowerdown
+            | QmpCommand::QueryStatus
+            | QmpCommand::QueryMigrate
+            | QmpCommand::MigrateCancel
+            | QmpCommand::MigrateStartPostcopy => Value::Null,
+            QmpCommand::MigrateIncoming { uri } | QmpCommand::Migrate { uri } => {
+                json!({ "uri": uri })
+            }
+            QmpCommand::MigrateSetParameters {
+                downtime_limit_ms,
+                max_bandwidth,
+            } => {
+                let mut parameters = serde_json::Map::new();
+                if let Some(ms) = downtime_limit_ms {
+                    parameters.insert("downtime-limit".into(), (*ms).into());
+                }
+                if let Some(bps) = max_bandwidth {
+                    parameters.insert("max-bandwidth".into(), (*bps).into());
+                }
+                Value::Object(parameters)
+            }
+            QmpCommand::MigrateSetCapabilities { capabilities } => {
+                let caps: Vec<Value> = capabilities
+                    .iter()
+                    .map(|(c, state)| json!({"capability": c.as_str(), "state": state}))
+                    .collect();
+                json!({ "capabilities": caps })
+            }
+            QmpCommand::ClientMigrateInfo { hostname, port } => {
+                json!({"protocol": "spice", "hostname": hostname, "port": port})
+            }
+            QmpCommand::SetPassword { protocol, password } => {
+                json!({"protocol": protocol, "password": password})
+            }
+            QmpCommand::ExpirePassword { protocol, time } => {
+                json!({"protocol": protocol, "time": time})
+            }
+            QmpCommand::HumanMonitor(line) => json!({ "command-line": line }),
+        };
+        (self.name(), arguments)
+    }
+}
+
 type Pending = oneshot::Sender<Result<Value, QmpError>>;
 
 /// A handle to a connected QMP monitor. Cheap to clone.
@@ -90,7 +260,7 @@ impl QmpClient {
                 source,
             })?;
         let (read, mut write) = stream.into_split();
-        let mut reader = BufReader::new(read);
+        let mut reader = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
         let greeting = tokio::time::timeout(timeout, read_json(&mut reader))
             .await
             .map_err(|_| QmpError::Handshake("no greeting".into()))??;
@@ -135,6 +305,12 @@ impl QmpClient {
         }
     }
 
+    /// Runs one of the agent's [`QmpCommand`]s and returns its `return` value.
+    pub async fn run(&self, command: &QmpCommand, timeout: Duration) -> Result<Value, QmpError> {
+        let (name, arguments) = command.encode();
+        self.execute(name, arguments, timeout).await
+    }
+
     /// `query-status`'s `status` field (`running`, `paused`, `inmigrate`, …).
     pub async fn status(&self, timeout: Duration) -> Result<String, QmpError> {
         let v = self.execute("query-status", Value::Null, timeout).await?;
@@ -145,24 +321,18 @@ impl QmpClient {
     }
 }
 
-async fn read_json(
-    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-) -> Result<Value, QmpError> {
-    let mut line = Vec::new();
-    let n = reader
-        .take(MAX_LINE)
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|_| QmpError::Closed)?;
-    if n == 0 {
-        return Err(QmpError::Closed);
-    }
-    if !line.ends_with(b"\n") {
-        return Err(QmpError::Handshake(format!(
+/// The next JSON line from QEMU. Cancel-safe: a partly received line stays
+/// in the codec's buffer for the next call.
+async fn read_json(reader: &mut Lines) -> Result<Value, QmpError> {
+    match reader.next().await {
+        None | Some(Err(LinesCodecError::Io(_))) => Err(QmpError::Closed),
+        Some(Err(LinesCodecError::MaxLineLengthExceeded)) => Err(QmpError::Handshake(format!(
             "QMP line longer than {MAX_LINE} bytes"
-        )));
+        ))),
+        Some(Ok(line)) => {
+            serde_json::from_str(&line).map_err(|e| QmpError::Handshake(format!("bad JSON: {e}")))
+        }
     }
-    serde_json::from_slice(&line).map_err(|e| QmpError::Handshake(format!("bad JSON: {e}")))
 }
 
 async fn write_json(
@@ -175,7 +345,7 @@ async fn write_json(
 }
 
 async fn run_connection(
-    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut reader: Lines,
     mut write: tokio::net::unix::OwnedWriteHalf,
     mut commands: mpsc::Receiver<(String, Value, Pending)>,
     events: mpsc::UnboundedSender<QmpEvent>,
@@ -225,5 +395,156 @@ async fn run_connection(
     }
     for (_, (_, reply)) in pending.drain() {
         let _ = reply.send(Err(QmpError::Closed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+    use tokio::net::UnixListener;
+
+    /// Size of each reply's payload: far more than one socket read.
+    const BLOB: usize = 200 * 1024;
+
+    /// A fake QEMU monitor: greeting, capabilities, then for each command a
+    /// `BLOB`-byte reply written a few bytes at a time, yielding between
+    /// pieces so the client sees the reply arrive in many partial reads.
+    async fn fake_qemu(listener: UnixListener) {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n";
+        if write.write_all(greeting).await.is_err() {
+            return;
+        }
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(cmd) = serde_json::from_str::<Value>(&line) else {
+                return;
+            };
+            let id = cmd["id"].clone();
+            let reply = if cmd["execute"] == "qmp_capabilities" {
+                json!({"return": {}, "id": id})
+            } else {
+                json!({"return": {"blob": "x".repeat(BLOB)}, "id": id})
+            };
+            let mut bytes = reply.to_string().into_bytes();
+            bytes.push(b'\n');
+            for piece in bytes.chunks(13) {
+                if write.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    #[test]
+    fn commands_encode_as_qemu_expects() {
+        use MigrationCapability::*;
+        let cases: Vec<(QmpCommand, &str, Value)> = vec![
+            (QmpCommand::Cont, "cont", Value::Null),
+            (QmpCommand::Quit, "quit", Value::Null),
+            (QmpCommand::SystemPowerdown, "system_powerdown", Value::Null),
+            (QmpCommand::MigrateCancel, "migrate_cancel", Value::Null),
+            (
+                QmpCommand::Migrate {
+                    uri: "tcp:10.0.0.2:49152".into(),
+                },
+                "migrate",
+                json!({"uri": "tcp:10.0.0.2:49152"}),
+            ),
+            (
+                QmpCommand::MigrateSetParameters {
+                    downtime_limit_ms: Some(300),
+                    max_bandwidth: None,
+                },
+                "migrate-set-parameters",
+                json!({"downtime-limit": 300}),
+            ),
+            (
+                QmpCommand::MigrateSetParameters {
+                    downtime_limit_ms: None,
+                    max_bandwidth: None,
+                },
+                "migrate-set-parameters",
+                json!({}),
+            ),
+            (
+                QmpCommand::MigrateSetCapabilities {
+                    capabilities: vec![(AutoConverge, true), (PostcopyRam, false)],
+                },
+                "migrate-set-capabilities",
+                json!({"capabilities": [
+                    {"capability": "auto-converge", "state": true},
+                    {"capability": "postcopy-ram", "state": false}]}),
+            ),
+            (
+                QmpCommand::ClientMigrateInfo {
+                    hostname: "h2".into(),
+                    port: 5901,
+                },
+                "client_migrate_info",
+                json!({"protocol": "spice", "hostname": "h2", "port": 5901}),
+            ),
+            (
+                QmpCommand::ExpirePassword {
+                    protocol: "vnc".into(),
+                    time: "never".into(),
+                },
+                "expire_password",
+                json!({"protocol": "vnc", "time": "never"}),
+            ),
+            (
+                QmpCommand::HumanMonitor("info status".into()),
+                "human-monitor-command",
+                json!({"command-line": "info status"}),
+            ),
+        ];
+        for (cmd, name, args) in cases {
+            assert_eq!(cmd.encode(), (name, args), "{cmd:?}");
+        }
+    }
+
+    /// Replies that arrive in pieces while further commands are being sent
+    /// must each reach their caller intact: the reader may be interrupted by
+    /// the command branch of its `select!` at any point of a line.
+    #[tokio::test]
+    async fn replies_in_pieces_survive_concurrent_commands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(fake_qemu(listener));
+        let (events, _events_rx) = mpsc::unbounded_channel();
+        let timeout = Duration::from_secs(20);
+        let qmp = QmpClient::connect(&path, timeout, events)
+            .await
+            .expect("connect");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Issue commands without waiting for earlier replies, spaced so that
+        // each lands while some reply is only partly received.
+        let mut calls = Vec::new();
+        for _ in 0..12 {
+            let qmp = qmp.clone();
+            calls.push(tokio::spawn(async move {
+                qmp.execute("query-status", Value::Null, timeout).await
+            }));
+            for _ in 0..700 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for call in calls {
+            let result = tokio::time::timeout_at(deadline, call)
+                .await
+                .expect("every reply arrives before the deadline")
+                .expect("caller task");
+            match result {
+                Ok(v) => assert_eq!(v["blob"].as_str().map(str::len), Some(BLOB)),
+                Err(e) => panic!("a command failed: {e:?}"),
+            }
+        }
+        server.abort();
     }
 }

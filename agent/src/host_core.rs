@@ -1,0 +1,2412 @@
+//! `HostCore`: every decision the host agent makes, as a synchronous state
+//! machine with no I/O, in the shape of quinn-proto's `Connection`.
+//!
+//! The core owns this host's network definitions, its console and migration
+//! port reservations and its VMs' lifecycles ([`VmState`]). It is driven by
+//! [`HostCore::handle`]`(now, input)`, which returns [`HostEffect`]s:
+//!
+//! ```text
+//!   shell ── HostInput::Boot ───────────────▶ core ── Hv(ScanRecords) ──▶ hypervisor
+//!   shell ── HostInput::Request{id, req} ──▶ core ── Hv{op, call} ─────▶ hypervisor
+//!                                             ▲                              │
+//!   shell ── HostInput::HvDone{op, result} ───┘◀─────────── result ──────────┘
+//!   shell ── HostInput::VmExited{..} ────────▶ core ── Event(VmStopped), Hv(RemoveRecord)
+//!   shell ── HostInput::Tick (at WakeAt) ────▶ core ── escalations, polls
+//!                                             core ── Reply{id, response} ──▶ caller
+//! ```
+//!
+//! Everything the core must learn from the outside world is an [`HvCall`]
+//! carried out by a [`Hypervisor`]: reading the interface table and checking
+//! disk paths ([`HvCall::ReadHost`]), loading the networks directory, finding
+//! recorded VMs at boot, spawning QEMU with the argv the core built, each QMP
+//! command (a closed [`QmpCommand`]), signals, and writing or removing VM
+//! records. The one synchronous query is the port bind probe given to
+//! [`HostCore::new`] (a real bind in the agent, `|_| true` in a simulation).
+//! The only clock is the `now` passed in: deadlines (shutdown escalation, the
+//! 60 s wait for an incoming stream) become [`HostEffect::WakeAt`], and the
+//! shell answers with [`HostInput::Tick`] at or after that instant.
+//!
+//! Until the boot scan and every re-attach have finished, requests are queued
+//! and served in order afterwards: a restarted agent re-attaches before it
+//! serves anything.
+//!
+//! # Driving it from a simulation
+//!
+//! [`crate::fake_qemu::FakeQemu`] is an in-memory [`Hypervisor`] whose calls
+//! complete at once. A deterministic simulation owns one `FakeQemu` and one
+//! `HostCore` per host and runs each step to quiescence with
+//! [`crate::fake_qemu::drive`]:
+//!
+//! ```
+//! use std::time::Instant;
+//! use flotilla_agent::fake_qemu::{drive, sim_settings, FakeQemu};
+//! use flotilla_agent::host_core::{HostCore, HostEffect, HostInput};
+//! use flotilla_agent::interfaces::InterfaceTable;
+//! use flotilla_shared::proto::{AgentRequest, AgentResponse};
+//!
+//! let now = Instant::now();
+//! let mut fake = FakeQemu::new(InterfaceTable::new().with("br0", &["198.18.4.1"]));
+//! let mut core = HostCore::new(sim_settings("h1"), fake.networks(), true, Box::new(|_| true));
+//! drive(&mut core, &mut fake, now, HostInput::Boot);
+//! let xml = "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory>\
+//!            <os><type>hvm</type></os></domain>";
+//! let request = AgentRequest::Start { xml: xml.into(), source: "vm1.xml".into() };
+//! let out = drive(&mut core, &mut fake, now, HostInput::Request { id: 1, request });
+//! assert!(matches!(&out[..], [HostEffect::Reply { id: 1, response: AgentResponse::Started { .. } }]));
+//! fake.crash("vm1");
+//! for exit in fake.take_exits() {
+//!     let out = drive(&mut core, &mut fake, now, exit); // → HostEffect::Event(VmStopped)
+//!     assert!(matches!(&out[..], [HostEffect::Event(_)]));
+//! }
+//! ```
+//!
+//! An agent restart is `HostCore::new` again over the same `FakeQemu` (its
+//! records and processes survive), followed by `HostInput::Boot`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use flotilla_shared::proto::{AgentEvent, HostFacts, MigrationProgress};
+use flotilla_shared::xml::{Domain, XmlFlavor};
+use serde_json::Value;
+
+use crate::argv::{QemuArgv, QemuHost, VmPaths};
+use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
+use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
+use crate::host_networks::HostNetworks;
+use crate::interfaces::InterfaceTable;
+use crate::ports::{PortAllocator, MIGRATION_PORTS};
+use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
+use crate::qmp::{MigrationCapability, QmpCommand};
+use crate::resolver::{AddressSource, NetworkResolver};
+use crate::vm_record::{vm_dir, VmRecord};
+
+pub use crate::hypervisor::{
+    FoundRecord, HostRead, HvCall, HvFuture, HvResult, Hypervisor, LaunchPlan, VmSignal,
+};
+pub use crate::vm_state::{InvalidTransition, VmState};
+
+/// Everything the agent is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Directory of libvirt network XML files.
+    pub networks_dir: PathBuf,
+    /// Directory for VM state (records, sockets, logs) and the control socket.
+    pub state_dir: PathBuf,
+    /// Console defaults and policy; `console.host` is this host's name.
+    pub console: ConsoleSettings,
+    /// QEMU binary and accelerator.
+    pub qemu: QemuHost,
+    /// Start step timeouts.
+    pub timeouts: StartTimeouts,
+    /// The network whose address receives incoming migrations; default: the
+    /// first network (by name) that resolves.
+    pub migration_network: Option<String>,
+}
+
+/// Timeout of each QMP command the core sends, unless stated otherwise.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `query-status` for a listing: a busy QEMU must not delay heartbeats.
+const LIST_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+/// `system_powerdown` and `quit` during a shutdown, and each wait after `quit`/SIGKILL.
+const STOP_STEP: Duration = Duration::from_secs(5);
+/// How long a destroy waits after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+/// How long `MigrateFinish` waits for the incoming stream to complete.
+const FINISH_DEADLINE: Duration = Duration::from_secs(60);
+/// Interval between `query-status` polls while the stream lands.
+const FINISH_POLL: Duration = Duration::from_millis(5);
+/// `query-status` timeout while the stream lands.
+const FINISH_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ------------------------------------------------------------ inputs, effects
+
+/// Everything that happens to the core.
+#[derive(Debug, Clone)]
+pub enum HostInput {
+    /// The agent starts: find recorded VMs and re-attach to the live ones.
+    Boot,
+    /// A request from the control socket or the coordinator.
+    Request {
+        /// Chosen by the shell; the reply carries it back.
+        id: u64,
+        /// The request.
+        request: Request,
+    },
+    /// An earlier [`HostEffect::Hv`] finished.
+    HvDone {
+        /// The operation's id.
+        op: u64,
+        /// Its result.
+        result: HvResult,
+    },
+    /// A VM's QEMU is gone.
+    VmExited {
+        /// The VM.
+        name: String,
+        /// The pid that exited (an older QEMU of the same name is ignored).
+        pid: i32,
+        /// Why, as far as the hypervisor knows.
+        reason: String,
+        /// QEMU's last output lines.
+        log_tail: String,
+    },
+    /// Time passed: deadlines at or before `now` fire.
+    Tick,
+}
+
+/// Everything the core asks its shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostEffect {
+    /// Answer request `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        response: Response,
+    },
+    /// Carry out `call` and feed its result back as [`HostInput::HvDone`] with `op`.
+    Hv {
+        /// The operation's id.
+        op: u64,
+        /// What to do.
+        call: HvCall,
+    },
+    /// Tell whoever watches this host (e.g. `VmStopped`).
+    Event(AgentEvent),
+    /// Feed [`HostInput::Tick`] at or after this instant.
+    WakeAt(Instant),
+}
+
+/// The port bind probe: whether a port is free on this host.
+pub type PortProbe = Box<dyn FnMut(u16) -> bool + Send>;
+
+// ---------------------------------------------------------------- the core
+
+struct Vm {
+    state: VmState,
+    /// QEMU's last known run state, as listings report it.
+    status: String,
+    record: VmRecord,
+    live_xml: String,
+    /// The port an incoming migration listens on, released when it finishes.
+    migration_port: Option<u16>,
+    stops: Vec<StopWait>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopPhase {
+    /// `system_powerdown` sent.
+    Powerdown,
+    /// Waiting for the guest to power off.
+    Acpi,
+    /// `quit` sent.
+    Quit,
+    /// Waiting for QEMU to quit.
+    QuitWait,
+    /// SIGTERM sent (destroy).
+    Term,
+    /// SIGKILL sent.
+    Kill,
+}
+
+struct StopWait {
+    id: u64,
+    /// `Some(timeout)` for a shutdown, `None` for a destroy.
+    shutdown: Option<Duration>,
+    phase: StopPhase,
+    deadline: Option<Instant>,
+}
+
+struct StartCtx {
+    id: u64,
+    domain: Domain,
+    incoming: Option<bool>,
+}
+
+struct LaunchCtx {
+    id: u64,
+    name: String,
+    uuid: String,
+    ports: Vec<u16>,
+    endpoints: Vec<ConsoleEndpoint>,
+    live_xml: String,
+    warnings: Vec<String>,
+    migration_port: Option<u16>,
+    uri: Option<String>,
+    launched_at: Instant,
+}
+
+/// What to answer when a single QMP command succeeds.
+#[derive(Debug, Clone, Copy)]
+enum QmpThen {
+    Postcopy,
+    ClientMigrateInfo,
+    MigrationStatus,
+    Cancel,
+    Resume,
+    Monitor,
+}
+
+enum Pending {
+    Scan,
+    Attach(Box<FoundRecord>),
+    Observe(String),
+    StartRead(Box<StartCtx>),
+    Launch(Box<LaunchCtx>),
+    StartRecord {
+        id: u64,
+        name: String,
+        response: Response,
+    },
+    NetList {
+        id: u64,
+    },
+    Reload {
+        id: u64,
+    },
+    Qmp {
+        id: u64,
+        name: String,
+        cmd: &'static str,
+        then: QmpThen,
+    },
+    MigrateOut {
+        id: u64,
+        name: String,
+        cmd: &'static str,
+        uri: String,
+        rest: VecDeque<QmpCommand>,
+    },
+    ListStatus {
+        id: u64,
+        index: usize,
+    },
+    FinishPoll {
+        id: u64,
+        name: String,
+        deadline: Instant,
+    },
+    FinishCont {
+        id: u64,
+        name: String,
+    },
+    FinishConsoles {
+        id: u64,
+        name: String,
+    },
+    FinishRecord {
+        id: u64,
+        name: String,
+    },
+    Stop {
+        name: String,
+        id: u64,
+    },
+    Ignore,
+}
+
+struct ListGather {
+    rows: Vec<(VmRecord, Option<String>)>,
+    remaining: usize,
+}
+
+/// The host agent's decisions: networks, ports, VM lifecycles.
+pub struct HostCore {
+    settings: AgentSettings,
+    networks: HostNetworks,
+    ports: PortAllocator,
+    probe: PortProbe,
+    reattach: bool,
+    vms: BTreeMap<String, Vm>,
+    starting: BTreeSet<String>,
+    pending: HashMap<u64, Pending>,
+    next_op: u64,
+    lists: HashMap<u64, ListGather>,
+    /// Finish polls due: (when, request id, VM, deadline).
+    polls: Vec<(Instant, u64, String, Instant)>,
+    /// `None` until boot; `Some(n)`: n re-attaches outstanding.
+    booting: Option<usize>,
+    ready: bool,
+    queued: VecDeque<(u64, Request)>,
+}
+
+impl HostCore {
+    /// A core for this host. With `reattach`, boot takes over running VMs
+    /// and removes the records of dead ones; without it (one-shot starts)
+    /// boot only reserves the live VMs' ports. `probe` says whether a port
+    /// is free (a real bind in the agent).
+    pub fn new(
+        settings: AgentSettings,
+        networks: HostNetworks,
+        reattach: bool,
+        probe: PortProbe,
+    ) -> Self {
+        HostCore {
+            settings,
+            networks,
+            ports: PortAllocator::new(),
+            probe,
+            reattach,
+            vms: BTreeMap::new(),
+            starting: BTreeSet::new(),
+            pending: HashMap::new(),
+            next_op: 1,
+            lists: HashMap::new(),
+            polls: Vec::new(),
+            booting: None,
+            ready: false,
+            queued: VecDeque::new(),
+        }
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.settings.console.host
+    }
+
+    /// Whether boot (scan and re-attach) has finished and requests are served.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// A VM's lifecycle state; `None` when it does not run here.
+    pub fn vm_state(&self, name: &str) -> Option<VmState> {
+        if self.starting.contains(name) {
+            return Some(VmState::Starting);
+        }
+        self.vms.get(name).map(|v| v.state)
+    }
+
+    /// Every VM this core knows, starting ones included, with its state (for
+    /// a simulation's invariant checks).
+    pub fn vm_states(&self) -> Vec<(String, VmState)> {
+        let mut all: Vec<(String, VmState)> = self
+            .vms
+            .iter()
+            .map(|(n, v)| (n.clone(), v.state))
+            .chain(self.starting.iter().map(|n| (n.clone(), VmState::Starting)))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Whether `port` is reserved (consoles, migrations, re-attached VMs).
+    pub fn port_reserved(&self, port: u16) -> bool {
+        self.ports.is_reserved(port)
+    }
+
+    /// Host facts for a heartbeat: the VMs with their last known QEMU run
+    /// state, the networks resolved against `interfaces`.
+    pub fn facts(&self, cpus: u32, memory_mib: u64, interfaces: &InterfaceTable) -> HostFacts {
+        HostFacts {
+            host: self.host().to_string(),
+            cpus,
+            memory_mib,
+            networks: self.net_statuses(interfaces),
+            vms: self
+                .vms
+                .values()
+                .map(|v| summary(&v.record, &v.status))
+                .collect(),
+        }
+    }
+
+    /// Feeds one input; returns what to do, in order.
+    pub fn handle(&mut self, now: Instant, input: HostInput) -> Vec<HostEffect> {
+        let mut out = Vec::new();
+        match input {
+            HostInput::Boot => {
+                if self.booting.is_none() {
+                    self.booting = Some(0);
+                    let state_dir = self.settings.state_dir.clone();
+                    self.hv(&mut out, Pending::Scan, HvCall::ScanRecords { state_dir });
+                }
+            }
+            HostInput::Request { id, request } => {
+                if self.ready {
+                    self.request(now, id, request, &mut out);
+                } else {
+                    self.queued.push_back((id, request));
+                }
+            }
+            HostInput::HvDone { op, result } => {
+                if let Some(p) = self.pending.remove(&op) {
+                    self.done(now, p, result, &mut out);
+                }
+            }
+            HostInput::VmExited {
+                name,
+                pid,
+                reason,
+                log_tail,
+            } => self.exited(name, pid, reason, log_tail, &mut out),
+            HostInput::Tick => self.tick(now, &mut out),
+        }
+        out
+    }
+
+    fn hv(&mut self, out: &mut Vec<HostEffect>, pending: Pending, call: HvCall) {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.pending.insert(op, pending);
+        out.push(HostEffect::Hv { op, call });
+    }
+
+    fn qmp(&mut self, out: &mut Vec<HostEffect>, pending: Pending, vm: &str, cmd: QmpCommand) {
+        self.qmp_timeout(out, pending, vm, cmd, QMP_TIMEOUT);
+    }
+
+    fn qmp_timeout(
+        &mut self,
+        out: &mut Vec<HostEffect>,
+        pending: Pending,
+        vm: &str,
+        cmd: QmpCommand,
+        timeout: Duration,
+    ) {
+        let call = HvCall::Qmp {
+            vm: vm.to_string(),
+            cmd,
+            timeout,
+        };
+        self.hv(out, pending, call);
+    }
+
+    fn not_running(&self, name: &str) -> Response {
+        Response::Error(format!(
+            "Requested operation is not valid: domain '{name}' is not running on host {}",
+            self.host()
+        ))
+    }
+
+    fn paths(&self, name: &str) -> VmPaths {
+        VmPaths::new(vm_dir(&self.settings.state_dir, name))
+    }
+
+    /// Moves a VM to `to` if that is a valid move; logs and stays otherwise.
+    fn set_state(&mut self, name: &str, to: VmState) {
+        if let Some(vm) = self.vms.get_mut(name) {
+            match vm.state.transition(to) {
+                Ok(s) => {
+                    vm.state = s;
+                    vm.status = s.qemu_status().to_string();
+                }
+                Err(e) => tracing::debug!(vm = %name, error = %e, "lifecycle move ignored"),
+            }
+        }
+    }
+
+    /// Records a `query-status` answer.
+    fn observe(&mut self, name: &str, status: &str) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.status = status.to_string();
+        // While the guest is sent away it keeps running; query-migrate decides.
+        if matches!(vm.state, VmState::Stopping | VmState::Outgoing) {
+            return;
+        }
+        if let Some(to) = VmState::from_qemu_status(status) {
+            if to != vm.state {
+                if let Ok(s) = vm.state.transition(to) {
+                    vm.state = s;
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ requests
+
+    fn request(&mut self, now: Instant, id: u64, req: Request, out: &mut Vec<HostEffect>) {
+        let reply =
+            |out: &mut Vec<HostEffect>, response| out.push(HostEffect::Reply { id, response });
+        match req {
+            Request::Start { xml, source } => self.start(id, xml, source, None, out),
+            Request::MigrateIncoming {
+                xml,
+                source,
+                postcopy,
+            } => self.start(id, xml, source, Some(postcopy), out),
+            Request::StartPostcopy { name } => self.simple_qmp(
+                id,
+                name,
+                QmpCommand::MigrateStartPostcopy,
+                QmpThen::Postcopy,
+                out,
+            ),
+            Request::ClientMigrateInfo {
+                name,
+                hostname,
+                port,
+            } => self.simple_qmp(
+                id,
+                name,
+                QmpCommand::ClientMigrateInfo { hostname, port },
+                QmpThen::ClientMigrateInfo,
+                out,
+            ),
+            Request::MigrateOut {
+                name,
+                uri,
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+                postcopy,
+            } => {
+                if !self.vms.contains_key(&name) {
+                    return reply(out, self.not_running(&name));
+                }
+                let rest: VecDeque<QmpCommand> = VecDeque::from([
+                    QmpCommand::MigrateSetParameters {
+                        downtime_limit_ms: max_downtime_ms,
+                        max_bandwidth: bandwidth_mib_s.map(|mib| mib << 20),
+                    },
+                    QmpCommand::Migrate { uri: uri.clone() },
+                ]);
+                let first = QmpCommand::MigrateSetCapabilities {
+                    capabilities: vec![
+                        (MigrationCapability::AutoConverge, auto_converge),
+                        (MigrationCapability::PostcopyRam, postcopy),
+                    ],
+                };
+                let pending = Pending::MigrateOut {
+                    id,
+                    name: name.clone(),
+                    cmd: first.name(),
+                    uri,
+                    rest,
+                };
+                self.qmp(out, pending, &name, first);
+            }
+            Request::MigrationStatus { name } => self.simple_qmp(
+                id,
+                name,
+                QmpCommand::QueryMigrate,
+                QmpThen::MigrationStatus,
+                out,
+            ),
+            Request::MigrateCancel { name } => {
+                self.simple_qmp(id, name, QmpCommand::MigrateCancel, QmpThen::Cancel, out)
+            }
+            Request::Resume { name } => {
+                self.simple_qmp(id, name, QmpCommand::Cont, QmpThen::Resume, out)
+            }
+            Request::MonitorCommand { name, command } => self.simple_qmp(
+                id,
+                name,
+                QmpCommand::HumanMonitor(command),
+                QmpThen::Monitor,
+                out,
+            ),
+            Request::MigrateFinish { name } => {
+                if !self.vms.contains_key(&name) {
+                    return reply(out, self.not_running(&name));
+                }
+                let deadline = now + FINISH_DEADLINE;
+                let pending = Pending::FinishPoll {
+                    id,
+                    name: name.clone(),
+                    deadline,
+                };
+                self.qmp_timeout(
+                    out,
+                    pending,
+                    &name,
+                    QmpCommand::QueryStatus,
+                    FINISH_STATUS_TIMEOUT,
+                );
+            }
+            Request::Shutdown { name, timeout_secs } => {
+                if !self.vms.contains_key(&name) {
+                    return reply(out, self.not_running(&name));
+                }
+                self.set_state(&name, VmState::Stopping);
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.stops.push(StopWait {
+                        id,
+                        shutdown: Some(Duration::from_secs(timeout_secs)),
+                        phase: StopPhase::Powerdown,
+                        deadline: None,
+                    });
+                }
+                let pending = Pending::Stop {
+                    name: name.clone(),
+                    id,
+                };
+                self.qmp_timeout(out, pending, &name, QmpCommand::SystemPowerdown, STOP_STEP);
+            }
+            Request::Destroy { name } => {
+                let Some(vm) = self.vms.get_mut(&name) else {
+                    return reply(out, self.not_running(&name));
+                };
+                let pid = vm.record.pid;
+                vm.stops.push(StopWait {
+                    id,
+                    shutdown: None,
+                    phase: StopPhase::Term,
+                    deadline: Some(now + TERM_GRACE),
+                });
+                self.set_state(&name, VmState::Stopping);
+                let call = HvCall::Signal {
+                    vm: name,
+                    pid,
+                    signal: VmSignal::Term,
+                };
+                self.hv(out, Pending::Ignore, call);
+                out.push(HostEffect::WakeAt(now + TERM_GRACE));
+            }
+            Request::List => {
+                if self.vms.is_empty() {
+                    return reply(out, Response::Vms(Vec::new()));
+                }
+                let rows: Vec<(VmRecord, Option<String>)> = self
+                    .vms
+                    .values()
+                    .map(|v| (v.record.clone(), None))
+                    .collect();
+                let names: Vec<String> = self.vms.keys().cloned().collect();
+                self.lists.insert(
+                    id,
+                    ListGather {
+                        remaining: rows.len(),
+                        rows,
+                    },
+                );
+                for (index, name) in names.iter().enumerate() {
+                    let pending = Pending::ListStatus { id, index };
+                    self.qmp_timeout(
+                        out,
+                        pending,
+                        name,
+                        QmpCommand::QueryStatus,
+                        LIST_STATUS_TIMEOUT,
+                    );
+                }
+            }
+            Request::DomDisplay { name } => {
+                let response = match self.vms.get(&name) {
+                    Some(vm) => Response::Consoles(consoles(&vm.record.endpoints)),
+                    None => self.not_running(&name),
+                };
+                reply(out, response)
+            }
+            Request::DumpXml { name } => {
+                let response = match self.vms.get(&name) {
+                    Some(vm) => Response::Xml(vm.live_xml.clone()),
+                    None => self.not_running(&name),
+                };
+                reply(out, response)
+            }
+            Request::NetList => self.hv(
+                out,
+                Pending::NetList { id },
+                HvCall::ReadHost { paths: Vec::new() },
+            ),
+            Request::ReloadNetworks => {
+                let dir = self.settings.networks_dir.clone();
+                self.hv(out, Pending::Reload { id }, HvCall::LoadNetworks { dir })
+            }
+        }
+    }
+
+    fn simple_qmp(
+        &mut self,
+        id: u64,
+        name: String,
+        cmd: QmpCommand,
+        then: QmpThen,
+        out: &mut Vec<HostEffect>,
+    ) {
+        if !self.vms.contains_key(&name) {
+            let response = self.not_running(&name);
+            out.push(HostEffect::Reply { id, response });
+            return;
+        }
+        let pending = Pending::Qmp {
+            id,
+            name: name.clone(),
+            cmd: cmd.name(),
+            then,
+        };
+        self.qmp(out, pending, &name, cmd);
+    }
+
+    fn start(
+        &mut self,
+        id: u64,
+        xml: String,
+        source: String,
+        incoming: Option<bool>,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let mut reply = |response| out.push(HostEffect::Reply { id, response });
+        let domain = match Domain::parse(&source, &xml) {
+            Ok(d) => d.model,
+            Err(e) => return reply(Response::Error(e.to_string())),
+        };
+        let name = domain.name.clone();
+        if self.vms.contains_key(&name) || self.starting.contains(&name) {
+            return reply(Response::Error(format!(
+                "Requested operation is not valid: domain '{name}' is already running on host {}",
+                self.host()
+            )));
+        }
+        let uuid = domain.uuid.hyphenated().to_string();
+        if let Some(other) = self.vms.values().find(|v| v.record.uuid == uuid) {
+            return reply(Response::Error(format!(
+                "domain '{name}' has the UUID {uuid} of running domain '{}'",
+                other.record.name
+            )));
+        }
+        // Migration moves memory, not disks: they must already be here.
+        let paths = match incoming {
+            Some(_) => domain
+                .disks()
+                .filter_map(|d| d.source_path())
+                .map(str::to_string)
+                .collect(),
+            None => Vec::new(),
+        };
+        self.starting.insert(name);
+        let ctx = StartCtx {
+            id,
+            domain,
+            incoming,
+        };
+        self.hv(
+            out,
+            Pending::StartRead(Box::new(ctx)),
+            HvCall::ReadHost { paths },
+        );
+    }
+
+    /// Plans consoles, argv and the migration listener once the host is read.
+    fn plan_start(
+        &mut self,
+        now: Instant,
+        ctx: StartCtx,
+        read: HostRead,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let StartCtx {
+            id,
+            domain,
+            incoming,
+        } = ctx;
+        let name = domain.name.clone();
+        let host = self.host().to_string();
+        let fail = |core: &mut Self, out: &mut Vec<HostEffect>, ports: &[u16], msg: String| {
+            ports.iter().for_each(|p| core.ports.release(*p));
+            core.starting.remove(&name);
+            out.push(HostEffect::Reply {
+                id,
+                response: Response::Error(msg),
+            });
+        };
+        let table = match read.interfaces {
+            Ok(t) => t,
+            Err(e) => return fail(self, out, &[], e),
+        };
+        let paths = self.paths(&name);
+        let plan = match plan_consoles(
+            &domain,
+            &self.networks.networks,
+            &table,
+            &self.settings.console,
+            &paths.dir,
+            &mut self.ports,
+            &mut *self.probe,
+        ) {
+            Ok(p) => p,
+            Err(e) => return fail(self, out, &[], e.to_string()),
+        };
+        for w in &plan.warnings {
+            tracing::warn!(vm = %name, host = %host, "{w}");
+        }
+        let argv = match QemuArgv::build(&plan.live, &self.settings.qemu, &paths) {
+            Ok(a) => a,
+            Err(e) => return fail(self, out, &plan.ports, e.to_string()),
+        };
+        let mut ports = plan.ports.clone();
+        let (argv, mode, migration_port) = if let Some(postcopy) = incoming {
+            if let Some(missing) = read.missing.first() {
+                let msg = format!(
+                    "cannot accept VM '{name}' on host {host}: disk source {missing} does not exist \
+                     here (live migration needs storage both hosts see)"
+                );
+                return fail(self, out, &ports, msg);
+            }
+            let addr = match self.migration_address(&table) {
+                Ok(a) => a,
+                Err(e) => return fail(self, out, &ports, e),
+            };
+            let Some(port) = self.ports.allocate(MIGRATION_PORTS, &mut *self.probe) else {
+                return fail(
+                    self,
+                    out,
+                    &ports,
+                    format!("no free migration port on host {host}"),
+                );
+            };
+            ports.push(port);
+            let uri = match addr {
+                IpAddr::V6(a) => format!("tcp:[{a}]:{port}"),
+                IpAddr::V4(a) => format!("tcp:{a}:{port}"),
+            };
+            (
+                argv.with_incoming_defer(),
+                LaunchMode::Incoming { uri, postcopy },
+                Some(port),
+            )
+        } else {
+            (argv, LaunchMode::Run, None)
+        };
+        let secrets: Vec<ConsoleSecret> = plan
+            .live
+            .graphics()
+            .filter_map(|g| {
+                g.passwd.as_ref().map(|p| ConsoleSecret {
+                    protocol: g.protocol.as_str(),
+                    password: p.clone(),
+                    valid_to: g.passwd_valid_to.clone(),
+                })
+            })
+            .collect();
+        tracing::info!(vm = %name, host = %host, argv = %argv, "starting QEMU");
+        let uri = match &mode {
+            LaunchMode::Incoming { uri, .. } => Some(uri.clone()),
+            LaunchMode::Run => None,
+        };
+        let uuid = domain.uuid.hyphenated().to_string();
+        let launch = LaunchPlan {
+            name: name.clone(),
+            uuid: uuid.clone(),
+            argv,
+            paths,
+            secrets,
+            endpoints: plan.endpoints.clone(),
+            mode,
+            timeouts: self.settings.timeouts,
+        };
+        let ctx = LaunchCtx {
+            id,
+            name,
+            uuid,
+            ports,
+            endpoints: plan.endpoints,
+            live_xml: plan.live.to_xml(XmlFlavor::Live),
+            warnings: plan.warnings,
+            migration_port,
+            uri,
+            launched_at: now,
+        };
+        self.hv(
+            out,
+            Pending::Launch(Box::new(ctx)),
+            HvCall::Launch(Box::new(launch)),
+        );
+    }
+
+    fn migration_address(&self, table: &InterfaceTable) -> Result<IpAddr, String> {
+        let resolver = NetworkResolver::new(self.host(), table);
+        match &self.settings.migration_network {
+            Some(n) => resolver
+                .resolve_name(n, &self.networks.networks)
+                .map(|r| r.address)
+                .map_err(|e| format!("migration network: {e}")),
+            None => self
+                .networks
+                .networks
+                .iter()
+                .find_map(|n| resolver.resolve(n).ok())
+                .map(|r| r.address)
+                .ok_or_else(|| {
+                    format!(
+                        "host {} has no network with an address to receive migrations \
+                         (define one, or pass --migration-network)",
+                        self.host()
+                    )
+                }),
+        }
+    }
+
+    fn net_statuses(&self, table: &InterfaceTable) -> Vec<NetStatus> {
+        let resolver = NetworkResolver::new(self.host(), table);
+        self.networks
+            .networks
+            .iter()
+            .map(|n| {
+                let resolved = resolver.resolve(n);
+                let device = n
+                    .bridge_name
+                    .clone()
+                    .or_else(|| n.first_forward_dev().map(str::to_string));
+                NetStatus {
+                    name: n.name.clone(),
+                    mode: n
+                        .forward_mode()
+                        .map_or("isolated", |m| m.as_str())
+                        .to_string(),
+                    device: match &resolved {
+                        Ok(r) => match &r.source {
+                            AddressSource::Device(d) => Some(d.clone()),
+                            AddressSource::DefinitionIp => device,
+                        },
+                        Err(_) => device,
+                    },
+                    address: resolved.as_ref().ok().map(|r| r.address.to_string()),
+                    error: resolved.err().map(|e| e.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------ results
+
+    fn done(
+        &mut self,
+        now: Instant,
+        pending: Pending,
+        result: HvResult,
+        out: &mut Vec<HostEffect>,
+    ) {
+        match pending {
+            Pending::Ignore => {}
+            Pending::Scan => self.scanned(now, result, out),
+            Pending::Attach(found) => {
+                let record = found.record;
+                match result {
+                    HvResult::Done => {
+                        tracing::info!(vm = %record.name, pid = record.pid, "re-attached to running VM");
+                        let name = record.name.clone();
+                        self.vms.insert(
+                            name.clone(),
+                            Vm {
+                                state: VmState::Running,
+                                status: "running".into(),
+                                record,
+                                live_xml: found.live_xml,
+                                migration_port: None,
+                                stops: Vec::new(),
+                            },
+                        );
+                        self.qmp(
+                            out,
+                            Pending::Observe(name.clone()),
+                            &name,
+                            QmpCommand::QueryStatus,
+                        );
+                    }
+                    other => {
+                        tracing::error!(vm = %record.name, pid = record.pid, error = %failure(&other),
+                            "VM runs but its monitor is unreachable; ports stay reserved");
+                    }
+                }
+                self.attach_finished(now, out);
+            }
+            Pending::Observe(name) => {
+                if let HvResult::Qmp(v) = result {
+                    if let Some(status) = v.get("status").and_then(Value::as_str) {
+                        // A re-attached VM takes whatever state QEMU is in.
+                        if let (Some(vm), Some(s)) =
+                            (self.vms.get_mut(&name), VmState::from_qemu_status(status))
+                        {
+                            vm.state = s;
+                        }
+                        self.observe(&name, status);
+                    }
+                }
+            }
+            Pending::StartRead(ctx) => match result {
+                HvResult::Host(read) => self.plan_start(now, *ctx, read, out),
+                other => {
+                    let name = ctx.domain.name.clone();
+                    self.starting.remove(&name);
+                    out.push(HostEffect::Reply {
+                        id: ctx.id,
+                        response: Response::Error(failure(&other)),
+                    });
+                }
+            },
+            Pending::Launch(ctx) => self.launched(now, *ctx, result, out),
+            Pending::StartRecord { id, name, response } => {
+                if let HvResult::Failed(e) = &result {
+                    tracing::error!(vm = %name, error = %e, "cannot record VM; it runs unrecorded");
+                }
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::NetList { id } => {
+                let response = match result {
+                    HvResult::Host(HostRead {
+                        interfaces: Ok(table),
+                        ..
+                    }) => Response::Networks {
+                        networks: self.net_statuses(&table),
+                        problems: self.networks.problems.clone(),
+                    },
+                    HvResult::Host(HostRead {
+                        interfaces: Err(e), ..
+                    }) => Response::Error(e),
+                    other => Response::Error(failure(&other)),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::Reload { id } => {
+                let response = match result {
+                    HvResult::Networks(n) => {
+                        let msg = format!(
+                            "reloaded {} network(s) from {}",
+                            n.networks.len(),
+                            n.dir.display()
+                        );
+                        for p in &n.problems {
+                            tracing::warn!("{p}");
+                        }
+                        self.networks = n;
+                        Response::Done(msg)
+                    }
+                    other => Response::Error(failure(&other)),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::Qmp {
+                id,
+                name,
+                cmd,
+                then,
+            } => {
+                let response = match result {
+                    HvResult::Qmp(v) => self.qmp_answer(&name, then, v),
+                    other if matches!(then, QmpThen::Monitor) => Response::Error(failure(&other)),
+                    other => Response::Error(format!("{cmd}: {}", failure(&other))),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::MigrateOut {
+                id,
+                name,
+                cmd,
+                uri,
+                mut rest,
+            } => match result {
+                HvResult::Qmp(_) => match rest.pop_front() {
+                    Some(next) => {
+                        if matches!(next, QmpCommand::Migrate { .. }) {
+                            self.set_state(&name, VmState::Outgoing);
+                        }
+                        let pending = Pending::MigrateOut {
+                            id,
+                            name: name.clone(),
+                            cmd: next.name(),
+                            uri,
+                            rest,
+                        };
+                        self.qmp(out, pending, &name, next);
+                    }
+                    None => out.push(HostEffect::Reply {
+                        id,
+                        response: Response::Done(format!("migration of '{name}' to {uri} started")),
+                    }),
+                },
+                other => {
+                    if cmd == "migrate" {
+                        self.set_state(&name, VmState::Running);
+                    }
+                    out.push(HostEffect::Reply {
+                        id,
+                        response: Response::Error(format!("{cmd}: {}", failure(&other))),
+                    });
+                }
+            },
+            Pending::ListStatus { id, index } => {
+                let status = match &result {
+                    HvResult::Qmp(v) => v
+                        .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
+                    _ => "unknown".to_string(),
+                };
+                let Some(g) = self.lists.get_mut(&id) else {
+                    return;
+                };
+                let mut observed = None;
+                if let Some(row) = g.rows.get_mut(index) {
+                    row.1 = Some(status.clone());
+                    observed = Some(row.0.name.clone());
+                }
+                g.remaining = g.remaining.saturating_sub(1);
+                let finished = g.remaining == 0;
+                if let (Some(name), HvResult::Qmp(_)) = (observed, &result) {
+                    self.observe(&name, &status);
+                }
+                if finished {
+                    if let Some(g) = self.lists.remove(&id) {
+                        let vms = g
+                            .rows
+                            .iter()
+                            .map(|(r, s)| summary(r, s.as_deref().unwrap_or("unknown")))
+                            .collect();
+                        out.push(HostEffect::Reply {
+                            id,
+                            response: Response::Vms(vms),
+                        });
+                    }
+                }
+            }
+            Pending::FinishPoll { id, name, deadline } => {
+                let status = match result {
+                    HvResult::Qmp(v) => v
+                        .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
+                    other => return self.finish_failed(id, &name, failure(&other), out),
+                };
+                self.observe(&name, &status);
+                match status.as_str() {
+                    "inmigrate" => {
+                        if now > deadline {
+                            return self.finish_failed(
+                                id,
+                                &name,
+                                "the migration stream never completed".into(),
+                                out,
+                            );
+                        }
+                        let due = now + FINISH_POLL;
+                        self.polls.push((due, id, name, deadline));
+                        out.push(HostEffect::WakeAt(due));
+                    }
+                    "paused" | "running" => {
+                        self.qmp(
+                            out,
+                            Pending::FinishCont {
+                                id,
+                                name: name.clone(),
+                            },
+                            &name,
+                            QmpCommand::Cont,
+                        );
+                    }
+                    s => {
+                        let msg = format!("unexpected state '{s}' after migration");
+                        self.finish_failed(id, &name, msg, out)
+                    }
+                }
+            }
+            Pending::FinishCont { id, name } => match result {
+                HvResult::Qmp(_) => {
+                    self.set_state(&name, VmState::Running);
+                    let endpoints = self
+                        .vms
+                        .get(&name)
+                        .map(|v| v.record.endpoints.clone())
+                        .unwrap_or_default();
+                    let call = HvCall::ConfirmConsoles {
+                        vm: name.clone(),
+                        endpoints,
+                        timeout: self.settings.timeouts.console,
+                    };
+                    self.hv(out, Pending::FinishConsoles { id, name }, call);
+                }
+                other => self.finish_failed(id, &name, format!("cont: {}", failure(&other)), out),
+            },
+            Pending::FinishConsoles { id, name } => match result {
+                HvResult::Done => {
+                    let paths = self.paths(&name);
+                    let mut write = None;
+                    if let Some(vm) = self.vms.get_mut(&name) {
+                        if let Some(p) = vm.migration_port.take() {
+                            self.ports.release(p);
+                            vm.record.ports.retain(|x| *x != p);
+                            write = Some(vm.record.clone());
+                        }
+                    }
+                    match write {
+                        Some(record) => {
+                            let call = HvCall::WriteRecord {
+                                paths,
+                                record,
+                                live_xml: None,
+                            };
+                            self.hv(out, Pending::FinishRecord { id, name }, call);
+                        }
+                        None => self.finish_ok(id, &name, out),
+                    }
+                }
+                other => self.finish_failed(id, &name, failure(&other), out),
+            },
+            Pending::FinishRecord { id, name } => {
+                if let HvResult::Failed(e) = &result {
+                    tracing::error!(vm = %name, error = %e, "cannot update VM record");
+                }
+                self.finish_ok(id, &name, out);
+            }
+            Pending::Stop { name, id } => {
+                let mut wake = None;
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    if let Some(w) = vm.stops.iter_mut().find(|w| w.id == id) {
+                        let (phase, wait) = match (w.phase, w.shutdown) {
+                            (StopPhase::Powerdown, Some(t)) => (StopPhase::Acpi, t),
+                            _ => (StopPhase::QuitWait, STOP_STEP),
+                        };
+                        w.phase = phase;
+                        w.deadline = Some(now + wait);
+                        wake = w.deadline;
+                    }
+                }
+                if let Some(t) = wake {
+                    out.push(HostEffect::WakeAt(t));
+                }
+            }
+        }
+    }
+
+    fn qmp_answer(&mut self, name: &str, then: QmpThen, v: Value) -> Response {
+        match then {
+            QmpThen::Postcopy => Response::Done("switched to post-copy".into()),
+            QmpThen::ClientMigrateInfo => Response::Done("SPICE clients told to reconnect".into()),
+            QmpThen::MigrationStatus => {
+                let progress = migration_progress(&v);
+                if self.vm_state(name) == Some(VmState::Outgoing) {
+                    match progress.status.as_str() {
+                        "completed" => self.set_state(name, VmState::PostMigrate),
+                        "failed" | "cancelled" => self.set_state(name, VmState::Running),
+                        _ => {}
+                    }
+                }
+                Response::Migration(progress)
+            }
+            QmpThen::Cancel => Response::Done("migration cancel requested".into()),
+            QmpThen::Resume => {
+                self.set_state(name, VmState::Running);
+                Response::Done("resumed".into())
+            }
+            QmpThen::Monitor => Response::Done(v.as_str().unwrap_or_default().to_string()),
+        }
+    }
+
+    fn finish_ok(&mut self, id: u64, name: &str, out: &mut Vec<HostEffect>) {
+        let host = self.host().to_string();
+        tracing::info!(vm = %name, host = %host, "incoming migration finished; VM running");
+        out.push(HostEffect::Reply {
+            id,
+            response: Response::Done(format!("Domain '{name}' resumed on host {host}")),
+        });
+    }
+
+    fn finish_failed(&mut self, id: u64, name: &str, e: String, out: &mut Vec<HostEffect>) {
+        let host = self.host();
+        out.push(HostEffect::Reply {
+            id,
+            response: Response::Error(format!("VM '{name}' on host {host}: {e}")),
+        });
+    }
+
+    fn launched(
+        &mut self,
+        now: Instant,
+        ctx: LaunchCtx,
+        result: HvResult,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let host = self.host().to_string();
+        let LaunchCtx {
+            id,
+            name,
+            uuid,
+            ports,
+            endpoints,
+            live_xml,
+            warnings,
+            migration_port,
+            uri,
+            launched_at,
+        } = ctx;
+        self.starting.remove(&name);
+        let incoming = migration_port.is_some();
+        let pid = match result {
+            HvResult::Launched { pid } => pid,
+            other => {
+                ports.iter().for_each(|p| self.ports.release(*p));
+                count_launch(incoming, "error");
+                let e = failure(&other);
+                tracing::error!(vm = %name, host = %host, error = %e, "start failed");
+                out.push(HostEffect::Reply {
+                    id,
+                    response: Response::Error(format!(
+                        "VM '{name}' failed to start on host {host}: {e}"
+                    )),
+                });
+                return;
+            }
+        };
+        let record = VmRecord {
+            name: name.clone(),
+            uuid,
+            pid,
+            ports,
+            endpoints,
+        };
+        let state = if incoming {
+            VmState::Incoming
+        } else {
+            VmState::Running
+        };
+        tracing::info!(vm = %name, host = %host, pid, state = state.qemu_status(), "QEMU up");
+        count_launch(incoming, "ok");
+        if !incoming {
+            metrics::histogram!("flotilla_agent_start_seconds")
+                .record(now.saturating_duration_since(launched_at).as_secs_f64());
+        }
+        let vm = summary(&record, state.qemu_status());
+        let response = match uri {
+            Some(uri) => Response::Incoming { vm, uri },
+            None => Response::Started {
+                vm,
+                live_xml: live_xml.clone(),
+                warnings,
+            },
+        };
+        let state = VmState::Starting.transition(state).unwrap_or(state);
+        self.vms.insert(
+            name.clone(),
+            Vm {
+                state,
+                status: state.qemu_status().to_string(),
+                record: record.clone(),
+                live_xml: live_xml.clone(),
+                migration_port,
+                stops: Vec::new(),
+            },
+        );
+        metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
+        // The record must be on disk before we report success: it is how a
+        // restarted agent finds this QEMU again.
+        let call = HvCall::WriteRecord {
+            paths: self.paths(&name),
+            record,
+            live_xml: Some(live_xml),
+        };
+        self.hv(out, Pending::StartRecord { id, name, response }, call);
+    }
+
+    fn scanned(&mut self, now: Instant, result: HvResult, out: &mut Vec<HostEffect>) {
+        let found = match result {
+            HvResult::Records(r) => r,
+            other => {
+                tracing::warn!(error = %failure(&other), "cannot scan VM records");
+                Vec::new()
+            }
+        };
+        let mut attaching = 0;
+        for f in found {
+            let record = &f.record;
+            if f.alive {
+                for p in &record.ports {
+                    self.ports.reserve(*p);
+                }
+                if self.reattach {
+                    let call = HvCall::Attach {
+                        name: record.name.clone(),
+                        uuid: record.uuid.clone(),
+                        pid: record.pid,
+                        paths: self.paths(&record.name),
+                    };
+                    attaching += 1;
+                    self.hv(out, Pending::Attach(Box::new(f)), call);
+                }
+            } else if self.reattach {
+                tracing::info!(vm = %record.name, pid = record.pid, "recorded VM is no longer running");
+                let call = HvCall::RemoveRecord {
+                    name: record.name.clone(),
+                    paths: self.paths(&record.name),
+                };
+                self.hv(out, Pending::Ignore, call);
+            }
+        }
+        self.booting = Some(attaching);
+        if attaching == 0 {
+            self.become_ready(now, out);
+        }
+    }
+
+    fn attach_finished(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
+        if let Some(n) = self.booting.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 && !self.ready {
+                self.become_ready(now, out);
+            }
+        }
+    }
+
+    fn become_ready(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
+        self.ready = true;
+        metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
+        while let Some((id, request)) = self.queued.pop_front() {
+            self.request(now, id, request, out);
+        }
+    }
+
+    // ------------------------------------------------------------ exits, time
+
+    fn exited(
+        &mut self,
+        name: String,
+        pid: i32,
+        reason: String,
+        log_tail: String,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let matches = self.vms.get(&name).is_some_and(|v| v.record.pid == pid);
+        if !matches {
+            tracing::debug!(vm = %name, pid, "exit of a QEMU the agent no longer owns");
+            return;
+        }
+        tracing::info!(vm = %name, pid, reason = %reason, log_tail = %log_tail, "VM stopped");
+        let Some(vm) = self.vms.remove(&name) else {
+            return;
+        };
+        for p in &vm.record.ports {
+            self.ports.release(*p);
+        }
+        metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
+        for w in vm.stops {
+            let msg = match (w.shutdown, w.phase) {
+                (None, _) => format!("Domain '{name}' destroyed"),
+                (Some(_), StopPhase::Powerdown | StopPhase::Acpi) => {
+                    format!("Domain '{name}' is being shutdown: guest powered off")
+                }
+                (Some(t), StopPhase::Quit | StopPhase::QuitWait) => format!(
+                    "Domain '{name}' shut down: guest ignored ACPI power-down for {t:?}, QEMU quit"
+                ),
+                (Some(_), _) => format!("Domain '{name}' shut down: QEMU killed after quit failed"),
+            };
+            out.push(HostEffect::Reply {
+                id: w.id,
+                response: Response::Done(msg),
+            });
+        }
+        let call = HvCall::RemoveRecord {
+            name: name.clone(),
+            paths: self.paths(&name),
+        };
+        self.hv(out, Pending::Ignore, call);
+        out.push(HostEffect::Event(AgentEvent::VmStopped { name, reason }));
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
+        // Incoming-migration polls that are due.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.polls)
+            .into_iter()
+            .partition(|(at, ..)| *at <= now);
+        self.polls = later;
+        for (_, id, name, deadline) in due {
+            if !self.vms.contains_key(&name) {
+                self.finish_failed(id, &name, "the VM's QEMU exited".into(), out);
+                continue;
+            }
+            let pending = Pending::FinishPoll {
+                id,
+                name: name.clone(),
+                deadline,
+            };
+            self.qmp_timeout(
+                out,
+                pending,
+                &name,
+                QmpCommand::QueryStatus,
+                FINISH_STATUS_TIMEOUT,
+            );
+        }
+        // Shutdown and destroy escalations that are due.
+        let mut calls = Vec::new();
+        let mut replies = Vec::new();
+        let mut wakes = Vec::new();
+        for (name, vm) in self.vms.iter_mut() {
+            let pid = vm.record.pid;
+            vm.stops.retain_mut(|w| {
+                let Some(deadline) = w.deadline else {
+                    return true;
+                };
+                if deadline > now {
+                    return true;
+                }
+                match w.phase {
+                    StopPhase::Acpi => {
+                        tracing::warn!(vm = %name, pid, "guest ignored ACPI power-down; escalating to quit");
+                        w.phase = StopPhase::Quit;
+                        w.deadline = None;
+                        calls.push((name.clone(), Some(w.id), None));
+                        true
+                    }
+                    StopPhase::QuitWait | StopPhase::Term => {
+                        w.phase = StopPhase::Kill;
+                        w.deadline = Some(now + STOP_STEP);
+                        wakes.push(now + STOP_STEP);
+                        calls.push((name.clone(), None, Some(pid)));
+                        true
+                    }
+                    StopPhase::Kill => {
+                        replies.push((
+                            w.id,
+                            format!("Domain '{name}': QEMU pid {pid} did not exit"),
+                        ));
+                        false
+                    }
+                    StopPhase::Powerdown | StopPhase::Quit => true,
+                }
+            });
+        }
+        for (name, quit_for, kill) in calls {
+            if let Some(id) = quit_for {
+                let pending = Pending::Stop {
+                    name: name.clone(),
+                    id,
+                };
+                self.qmp_timeout(out, pending, &name, QmpCommand::Quit, STOP_STEP);
+            }
+            if let Some(pid) = kill {
+                let call = HvCall::Signal {
+                    vm: name,
+                    pid,
+                    signal: VmSignal::Kill,
+                };
+                self.hv(out, Pending::Ignore, call);
+            }
+        }
+        for (id, msg) in replies {
+            out.push(HostEffect::Reply {
+                id,
+                response: Response::Error(msg),
+            });
+        }
+        out.extend(wakes.into_iter().map(HostEffect::WakeAt));
+    }
+}
+
+/// The text of a failed hypervisor result.
+fn failure(r: &HvResult) -> String {
+    match r {
+        HvResult::Failed(e) => e.clone(),
+        other => format!("unexpected hypervisor result {other:?}"),
+    }
+}
+
+/// Counts a QEMU launch: a start, or the destination of an incoming migration,
+/// which is not a start and would skew the start latency it sits beside.
+fn count_launch(incoming: bool, outcome: &'static str) {
+    if incoming {
+        metrics::counter!("flotilla_agent_incoming_migrations_total", "outcome" => outcome)
+            .increment(1);
+    } else {
+        metrics::counter!("flotilla_agent_starts_total", "outcome" => outcome).increment(1);
+    }
+}
+
+/// Reads QEMU's `query-migrate` answer.
+pub fn migration_progress(v: &Value) -> MigrationProgress {
+    let ram = &v["ram"];
+    let u = |x: &Value| x.as_u64().unwrap_or(0);
+    MigrationProgress {
+        status: v["status"].as_str().unwrap_or("none").to_string(),
+        transferred: u(&ram["transferred"]),
+        remaining: u(&ram["remaining"]),
+        total: u(&ram["total"]),
+        throughput_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1_000_000.0 / 8.0) as u64,
+        dirty_sync_count: u(&ram["dirty-sync-count"]),
+        expected_downtime_ms: u(&v["expected-downtime"]),
+        downtime_ms: v["downtime"].as_u64(),
+        total_time_ms: v["total-time"].as_u64(),
+        error: v["error-desc"].as_str().map(str::to_string),
+    }
+}
+
+fn consoles(endpoints: &[ConsoleEndpoint]) -> Vec<ConsoleInfo> {
+    endpoints
+        .iter()
+        .map(|e| ConsoleInfo {
+            uri: e.uri(),
+            network: e.network.clone(),
+            authenticated: !e.is_exposed_unauthenticated(),
+        })
+        .collect()
+}
+
+fn summary(r: &VmRecord, state: &str) -> VmSummary {
+    VmSummary {
+        name: r.name.clone(),
+        uuid: r.uuid.clone(),
+        pid: r.pid,
+        state: state.to_string(),
+        consoles: consoles(&r.endpoints),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_qemu::{drive, sim_settings, FakeFabric, FakeQemu};
+    use flotilla_shared::xml::Network;
+
+    fn networks() -> HostNetworks {
+        let xml =
+            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
+        HostNetworks {
+            dir: PathBuf::from("/sim/networks"),
+            networks: vec![Network::parse("public.xml", xml).expect("valid").model],
+            problems: Vec::new(),
+        }
+    }
+
+    fn fake(addr: &str) -> FakeQemu {
+        let fake = FakeQemu::new(InterfaceTable::new().with("br0", &[addr]));
+        fake.set_networks(networks());
+        fake
+    }
+
+    fn core(host: &str, fake: &FakeQemu) -> HostCore {
+        HostCore::new(
+            sim_settings(host),
+            fake.networks(),
+            true,
+            Box::new(|_| true),
+        )
+    }
+
+    fn booted(host: &str, fake: &mut FakeQemu, now: Instant) -> HostCore {
+        let mut c = core(host, fake);
+        assert_eq!(drive(&mut c, fake, now, HostInput::Boot), vec![]);
+        assert!(c.is_ready());
+        c
+    }
+
+    const UUID: &str = "6f1c1d5e-0b7a-4c33-9a56-1b2c3d4e5f60";
+
+    fn xml(name: &str) -> String {
+        format!(
+            "<domain type='kvm'><name>{name}</name><uuid>{UUID}</uuid><memory unit='MiB'>64</memory>\
+             <os><type>hvm</type></os><devices><graphics type='vnc' passwd='s3cret'>\
+             <listen type='network' network='public'/></graphics></devices></domain>"
+        )
+    }
+
+    fn start(name: &str) -> Request {
+        Request::Start {
+            xml: xml(name),
+            source: format!("{name}.xml"),
+        }
+    }
+
+    fn req(id: u64, request: Request) -> HostInput {
+        HostInput::Request { id, request }
+    }
+
+    /// The single reply among `effects`.
+    fn reply(effects: &[HostEffect]) -> &Response {
+        let replies: Vec<&Response> = effects
+            .iter()
+            .filter_map(|e| match e {
+                HostEffect::Reply { response, .. } => Some(response),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replies.len(), 1, "{effects:?}");
+        replies[0]
+    }
+
+    fn hv_calls(effects: &[HostEffect]) -> Vec<(u64, HvCall)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                HostEffect::Hv { op, call } => Some((*op, call.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn start_reads_the_host_launches_records_then_replies() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        let out = c.handle(now, req(7, start("web01")));
+        let calls = hv_calls(&out);
+        assert!(matches!(&calls[..], [(_, HvCall::ReadHost { paths })] if paths.is_empty()));
+        assert_eq!(c.vm_state("web01"), Some(VmState::Starting));
+        let (op, call) = calls[0].clone();
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: fake.call_now(call),
+            },
+        );
+        let calls = hv_calls(&out);
+        let [(op, HvCall::Launch(plan))] = &calls[..] else {
+            panic!("expected a launch, got {out:?}");
+        };
+        assert_eq!(plan.mode, LaunchMode::Run);
+        assert_eq!(plan.secrets.len(), 1);
+        assert!(
+            !plan.argv.args.iter().any(|a| a.contains("s3cret")),
+            "secret on argv"
+        );
+        assert_eq!(plan.endpoints[0].uri(), "vnc://198.18.4.1:5900");
+        assert!(c.port_reserved(5900));
+        let result = fake.call_now(HvCall::Launch(plan.clone()));
+        let out = c.handle(now, HostInput::HvDone { op: *op, result });
+        let calls = hv_calls(&out);
+        let [(
+            op,
+            call @ HvCall::WriteRecord {
+                live_xml: Some(_), ..
+            },
+        )] = &calls[..]
+        else {
+            panic!("expected the record write, got {out:?}");
+        };
+        assert!(
+            !out.iter().any(|e| matches!(e, HostEffect::Reply { .. })),
+            "reply before record"
+        );
+        let result = fake.call_now(call.clone());
+        let out = c.handle(now, HostInput::HvDone { op: *op, result });
+        match &out[..] {
+            [HostEffect::Reply {
+                id: 7,
+                response: Response::Started { vm, .. },
+            }] => {
+                assert_eq!(vm.state, "running");
+                assert_eq!(vm.consoles[0].uri, "vnc://198.18.4.1:5900");
+            }
+            other => panic!("expected Started, got {other:?}"),
+        }
+        assert_eq!(c.vm_state("web01"), Some(VmState::Running));
+        assert_eq!(fake.record("web01").map(|r| r.ports), Some(vec![5900]));
+    }
+
+    #[test]
+    fn refusals_table() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        let out = drive(&mut c, &mut fake, now, req(1, start("web01")));
+        assert!(matches!(reply(&out), Response::Started { .. }));
+        let other_name = xml("web02");
+        let cases: Vec<(Request, String)> =
+            vec![
+            (
+                start("web01"),
+                "Requested operation is not valid: domain 'web01' is already running on host h1"
+                    .into(),
+            ),
+            (
+                Request::Start { xml: other_name, source: "web02.xml".into() },
+                format!("domain 'web02' has the UUID {UUID} of running domain 'web01'"),
+            ),
+            (
+                Request::Destroy { name: "nope".into() },
+                "Requested operation is not valid: domain 'nope' is not running on host h1".into(),
+            ),
+            (
+                Request::MigrateFinish { name: "nope".into() },
+                "Requested operation is not valid: domain 'nope' is not running on host h1".into(),
+            ),
+            (
+                Request::MigrateOut {
+                    name: "nope".into(),
+                    uri: "tcp:1.2.3.4:5".into(),
+                    max_downtime_ms: None,
+                    bandwidth_mib_s: None,
+                    auto_converge: false,
+                    postcopy: false,
+                },
+                "Requested operation is not valid: domain 'nope' is not running on host h1".into(),
+            ),
+        ];
+        for (i, (request, expected)) in cases.into_iter().enumerate() {
+            let out = drive(&mut c, &mut fake, now, req(10 + i as u64, request));
+            assert_eq!(reply(&out), &Response::Error(expected));
+        }
+        // A failed launch releases its ports and leaves no VM behind.
+        fake.fail_next_launch("web09", "QEMU exited during start");
+        let xml9 = xml("web09").replace(UUID, "00000000-0000-4000-8000-000000000009");
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                20,
+                Request::Start {
+                    xml: xml9,
+                    source: "w".into(),
+                },
+            ),
+        );
+        assert_eq!(
+            reply(&out),
+            &Response::Error(
+                "VM 'web09' failed to start on host h1: QEMU exited during start".into()
+            )
+        );
+        assert!(!c.port_reserved(5901));
+        assert_eq!(c.vm_state("web09"), None);
+    }
+
+    #[test]
+    fn destroy_escalates_and_exit_replies_with_an_event() {
+        let t0 = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, t0);
+        drive(&mut c, &mut fake, t0, req(1, start("web01")));
+        let pid = fake.process("web01").map(|p| p.pid).expect("runs");
+        let out = c.handle(
+            t0,
+            req(
+                2,
+                Request::Destroy {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert_eq!(
+            hv_calls(&out)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect::<Vec<_>>(),
+            vec![HvCall::Signal {
+                vm: "web01".into(),
+                pid,
+                signal: VmSignal::Term
+            }]
+        );
+        assert!(out.contains(&HostEffect::WakeAt(t0 + TERM_GRACE)));
+        assert_eq!(c.vm_state("web01"), Some(VmState::Stopping));
+        // QEMU ignores SIGTERM (we never deliver the fake's exit): SIGKILL at 3 s.
+        let out = c.handle(t0 + TERM_GRACE, HostInput::Tick);
+        assert_eq!(
+            hv_calls(&out)
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect::<Vec<_>>(),
+            vec![HvCall::Signal {
+                vm: "web01".into(),
+                pid,
+                signal: VmSignal::Kill
+            }]
+        );
+        // Not gone 5 s later either: the destroy fails.
+        let out = c.handle(t0 + TERM_GRACE + STOP_STEP, HostInput::Tick);
+        assert_eq!(
+            reply(&out),
+            &Response::Error(format!("Domain 'web01': QEMU pid {pid} did not exit"))
+        );
+        // A second destroy whose SIGTERM works.
+        let out = drive(
+            &mut c,
+            &mut fake,
+            t0,
+            req(
+                3,
+                Request::Destroy {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(!out.iter().any(|e| matches!(e, HostEffect::Reply { .. })));
+        let exits = fake.take_exits();
+        assert_eq!(exits.len(), 1);
+        let out = drive(&mut c, &mut fake, t0, exits[0].clone());
+        assert_eq!(
+            out,
+            vec![
+                HostEffect::Reply {
+                    id: 3,
+                    response: Response::Done("Domain 'web01' destroyed".into())
+                },
+                HostEffect::Event(AgentEvent::VmStopped {
+                    name: "web01".into(),
+                    reason: "QEMU exited (signal: 15 (SIGTERM))".into()
+                }),
+            ]
+        );
+        assert_eq!(c.vm_state("web01"), None);
+        assert!(!c.port_reserved(5900));
+        assert_eq!(fake.record("web01"), None);
+        // The exit of a QEMU the core no longer owns is ignored.
+        let stale = HostInput::VmExited {
+            name: "web01".into(),
+            pid,
+            reason: "x".into(),
+            log_tail: String::new(),
+        };
+        assert_eq!(c.handle(t0, stale), vec![]);
+    }
+
+    #[test]
+    fn shutdown_escalation_messages() {
+        let t0 = Instant::now();
+        // (guest obeys ACPI, expected message)
+        let cases = [
+            (true, "Domain 'web01' is being shutdown: guest powered off"),
+            (
+                false,
+                "Domain 'web01' shut down: guest ignored ACPI power-down for 2s, QEMU quit",
+            ),
+        ];
+        for (obeys, expected) in cases {
+            let mut fake = fake("198.18.4.1");
+            let mut c = booted("h1", &mut fake, t0);
+            drive(&mut c, &mut fake, t0, req(1, start("web01")));
+            fake.set_ignores_acpi("web01", !obeys);
+            let shutdown = Request::Shutdown {
+                name: "web01".into(),
+                timeout_secs: 2,
+            };
+            let out = drive(&mut c, &mut fake, t0, req(2, shutdown));
+            assert_eq!(out, vec![HostEffect::WakeAt(t0 + Duration::from_secs(2))]);
+            if !obeys {
+                assert!(fake.take_exits().is_empty());
+                let out = drive(
+                    &mut c,
+                    &mut fake,
+                    t0 + Duration::from_secs(2),
+                    HostInput::Tick,
+                );
+                assert_eq!(
+                    out,
+                    vec![HostEffect::WakeAt(t0 + Duration::from_secs(2) + STOP_STEP)]
+                );
+                let cmds = fake.process("web01").map(|p| p.commands);
+                assert!(cmds.is_none(), "quit ended QEMU");
+            }
+            let exits = fake.take_exits();
+            let out = drive(&mut c, &mut fake, t0, exits[0].clone());
+            assert_eq!(reply(&out), &Response::Done(expected.into()));
+        }
+    }
+
+    #[test]
+    fn requests_wait_for_reattach_and_dead_records_go() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        drive(&mut c, &mut fake, now, req(1, start("web01")));
+        let xml2 = xml("web02").replace(UUID, "00000000-0000-4000-8000-000000000002");
+        drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                2,
+                Request::Start {
+                    xml: xml2,
+                    source: "w".into(),
+                },
+            ),
+        );
+        fake.crash("web02");
+        fake.take_exits(); // the old agent is gone before it hears of it
+        drop(c);
+        let mut c = core("h1", &fake);
+        // A request before boot waits.
+        assert_eq!(
+            c.handle(
+                now,
+                req(
+                    5,
+                    Request::DumpXml {
+                        name: "web01".into()
+                    }
+                )
+            ),
+            vec![]
+        );
+        let out = c.handle(now, HostInput::Boot);
+        let mut calls: Vec<HvCall> = hv_calls(&out).into_iter().map(|(_, c)| c).collect();
+        calls.sort_by_key(|c| format!("{c:?}"));
+        assert!(matches!(&calls[..], [HvCall::ScanRecords { .. }]));
+        let (op, call) = hv_calls(&out)[0].clone();
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: fake.call_now(call),
+            },
+        );
+        let calls = hv_calls(&out);
+        assert!(calls
+            .iter()
+            .any(|(_, c)| matches!(c, HvCall::Attach { name, .. } if name == "web01")));
+        assert!(calls
+            .iter()
+            .any(|(_, c)| matches!(c, HvCall::RemoveRecord { name, .. } if name == "web02")));
+        assert!(!c.is_ready());
+        assert!(
+            c.port_reserved(5900),
+            "a live VM's ports are reserved before anything else"
+        );
+        let mut replies = Vec::new();
+        for (op, call) in calls {
+            let result = fake.call_now(call);
+            replies.extend(drive(
+                &mut c,
+                &mut fake,
+                now,
+                HostInput::HvDone { op, result },
+            ));
+        }
+        assert!(c.is_ready());
+        assert!(matches!(reply(&replies), Response::Xml(x) if x.contains("<name>web01</name>")));
+        assert_eq!(fake.record("web02"), None);
+        assert_eq!(c.vm_state("web01"), Some(VmState::Running));
+    }
+
+    #[test]
+    fn incoming_migration_finishes_after_the_stream_lands() {
+        let t0 = Instant::now();
+        let fabric = FakeFabric::new();
+        let mut src = fake("198.18.4.1");
+        let mut dst = fake("198.18.4.2");
+        src.join(&fabric);
+        dst.join(&fabric);
+        src.set_auto_complete(false);
+        let mut a = booted("h1", &mut src, t0);
+        let mut b = booted("h2", &mut dst, t0);
+        drive(&mut a, &mut src, t0, req(1, start("web01")));
+        let incoming = Request::MigrateIncoming {
+            xml: xml("web01"),
+            source: "w".into(),
+            postcopy: false,
+        };
+        let out = drive(&mut b, &mut dst, t0, req(1, incoming));
+        let Response::Incoming { vm, uri } = reply(&out) else {
+            panic!("{out:?}");
+        };
+        assert_eq!(uri, "tcp:198.18.4.2:49152");
+        assert_eq!(vm.state, "inmigrate");
+        assert_eq!(b.vm_state("web01"), Some(VmState::Incoming));
+        let out = drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(
+                2,
+                Request::MigrateOut {
+                    name: "web01".into(),
+                    uri: uri.clone(),
+                    max_downtime_ms: Some(300),
+                    bandwidth_mib_s: None,
+                    auto_converge: true,
+                    postcopy: false,
+                },
+            ),
+        );
+        assert_eq!(
+            reply(&out),
+            &Response::Done(format!("migration of 'web01' to {uri} started"))
+        );
+        assert_eq!(a.vm_state("web01"), Some(VmState::Outgoing));
+        let names: Vec<&str> = src
+            .process("web01")
+            .expect("runs")
+            .commands
+            .iter()
+            .map(|c| c.name())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "migrate-set-capabilities",
+                "migrate-set-parameters",
+                "migrate"
+            ]
+        );
+        // The destination waits for the stream, polling every 5 ms.
+        let out = drive(
+            &mut b,
+            &mut dst,
+            t0,
+            req(
+                2,
+                Request::MigrateFinish {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert_eq!(out, vec![HostEffect::WakeAt(t0 + FINISH_POLL)]);
+        let out = drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(
+                3,
+                Request::MigrationStatus {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Migration(p) if p.status == "active"));
+        assert!(src.complete_migration("web01"));
+        let out = drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(
+                4,
+                Request::MigrationStatus {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Migration(p) if p.status == "completed"));
+        assert_eq!(a.vm_state("web01"), Some(VmState::PostMigrate));
+        let out = drive(&mut b, &mut dst, t0 + FINISH_POLL, HostInput::Tick);
+        assert_eq!(
+            reply(&out),
+            &Response::Done("Domain 'web01' resumed on host h2".into())
+        );
+        assert_eq!(b.vm_states(), vec![("web01".to_string(), VmState::Running)]);
+        assert_eq!(
+            dst.record("web01").map(|r| r.ports),
+            Some(vec![5900]),
+            "migration port released"
+        );
+        assert!(!b.port_reserved(49152));
+        let facts = b.facts(4, 1024, &dst.interfaces());
+        assert_eq!(facts.vms[0].state, "running");
+        assert_eq!(
+            a.facts(4, 1024, &src.interfaces()).vms[0].state,
+            "postmigrate"
+        );
+        assert_eq!(facts.networks[0].address.as_deref(), Some("198.18.4.2"));
+    }
+
+    #[test]
+    fn finish_gives_up_after_a_minute_and_missing_disks_refuse() {
+        let t0 = Instant::now();
+        let mut dst = fake("198.18.4.2");
+        let mut b = booted("h2", &mut dst, t0);
+        let incoming = Request::MigrateIncoming {
+            xml: xml("web01"),
+            source: "w".into(),
+            postcopy: true,
+        };
+        drive(&mut b, &mut dst, t0, req(1, incoming));
+        let caps = &dst.process("web01").expect("runs").plan.mode;
+        assert!(matches!(caps, LaunchMode::Incoming { postcopy: true, .. }));
+        drive(
+            &mut b,
+            &mut dst,
+            t0,
+            req(
+                2,
+                Request::MigrateFinish {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        let late = t0 + FINISH_DEADLINE + Duration::from_secs(1);
+        let out = drive(&mut b, &mut dst, late, HostInput::Tick);
+        assert_eq!(
+            reply(&out),
+            &Response::Error("VM 'web01' on host h2: the migration stream never completed".into())
+        );
+        // A disk that is not on this host refuses the migration before QEMU starts.
+        let with_disk = xml("web03")
+            .replace(UUID, "00000000-0000-4000-8000-000000000003")
+            .replace(
+                "<devices>",
+                "<devices><disk type='file' device='disk'><source file='/images/web03.qcow2'/>\
+             <target dev='vda' bus='virtio'/></disk>",
+            );
+        dst.set_missing("/images/web03.qcow2", true);
+        let out = drive(
+            &mut b,
+            &mut dst,
+            t0,
+            req(
+                3,
+                Request::MigrateIncoming {
+                    xml: with_disk,
+                    source: "w".into(),
+                    postcopy: false,
+                },
+            ),
+        );
+        assert_eq!(
+            reply(&out),
+            &Response::Error(
+                "cannot accept VM 'web03' on host h2: disk source /images/web03.qcow2 does not exist \
+                 here (live migration needs storage both hosts see)"
+                    .into()
+            )
+        );
+        assert!(!b.port_reserved(5901), "console port released on refusal");
+    }
+
+    #[test]
+    fn a_pending_start_does_not_hold_up_other_requests() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        drive(&mut c, &mut fake, now, req(1, start("web01")));
+        // web02's launch is under way and stays so.
+        let xml2 = xml("web02").replace(UUID, "00000000-0000-4000-8000-000000000002");
+        let out = c.handle(
+            now,
+            req(
+                2,
+                Request::Start {
+                    xml: xml2,
+                    source: "w".into(),
+                },
+            ),
+        );
+        let (op, call) = hv_calls(&out)[0].clone();
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: fake.call_now(call),
+            },
+        );
+        assert!(matches!(&hv_calls(&out)[..], [(_, HvCall::Launch(_))]));
+        // Meanwhile web01 is served: a status poll, a console listing.
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                3,
+                Request::MigrationStatus {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Migration(p) if p.status == "none"));
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                4,
+                Request::DomDisplay {
+                    name: "web01".into(),
+                },
+            ),
+        );
+        assert!(matches!(reply(&out), Response::Consoles(c) if c.len() == 1));
+        // And web02 counts as not running yet.
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            req(
+                5,
+                Request::DumpXml {
+                    name: "web02".into(),
+                },
+            ),
+        );
+        assert_eq!(
+            reply(&out),
+            &Response::Error(
+                "Requested operation is not valid: domain 'web02' is not running on host h1".into()
+            )
+        );
+        assert_eq!(c.vm_state("web02"), Some(VmState::Starting));
+    }
+
+    #[test]
+    fn qmp_passthrough_and_errors_are_worded_as_before() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        drive(&mut c, &mut fake, now, req(1, start("web01")));
+        let cases: Vec<(Request, Response)> = vec![
+            (
+                Request::MonitorCommand {
+                    name: "web01".into(),
+                    command: "info status".into(),
+                },
+                Response::Done(String::new()),
+            ),
+            (
+                Request::StartPostcopy {
+                    name: "web01".into(),
+                },
+                Response::Error(
+                    "migrate-start-postcopy: QMP command 'migrate-start-postcopy' failed: \
+                     GenericError: Postcopy must be started after migration has been started"
+                        .into(),
+                ),
+            ),
+            (
+                Request::ClientMigrateInfo {
+                    name: "web01".into(),
+                    hostname: "h2".into(),
+                    port: 5901,
+                },
+                Response::Done("SPICE clients told to reconnect".into()),
+            ),
+            (
+                Request::MigrateCancel {
+                    name: "web01".into(),
+                },
+                Response::Done("migration cancel requested".into()),
+            ),
+            (
+                Request::Resume {
+                    name: "web01".into(),
+                },
+                Response::Done("resumed".into()),
+            ),
+        ];
+        for (i, (request, expected)) in cases.into_iter().enumerate() {
+            let out = drive(&mut c, &mut fake, now, req(10 + i as u64, request));
+            assert_eq!(reply(&out), &expected);
+        }
+        let sent: Vec<QmpCommand> = fake.process("web01").expect("runs").commands;
+        assert_eq!(sent[0], QmpCommand::HumanMonitor("info status".into()));
+        assert_eq!(
+            sent[2],
+            QmpCommand::ClientMigrateInfo {
+                hostname: "h2".into(),
+                port: 5901
+            }
+        );
+    }
+
+    #[test]
+    fn list_queries_each_vm_and_unknown_on_failure() {
+        let now = Instant::now();
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        assert_eq!(
+            drive(&mut c, &mut fake, now, req(1, Request::List)),
+            vec![HostEffect::Reply {
+                id: 1,
+                response: Response::Vms(vec![])
+            }]
+        );
+        drive(&mut c, &mut fake, now, req(2, start("web01")));
+        let out = c.handle(now, req(3, Request::List));
+        let calls = hv_calls(&out);
+        assert_eq!(calls.len(), 1);
+        let (op, _) = calls[0];
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: HvResult::Failed("QMP command 'query-status' timed out".into()),
+            },
+        );
+        assert!(matches!(reply(&out), Response::Vms(v) if v[0].state == "unknown"));
+    }
+}

@@ -1,0 +1,184 @@
+//! The hypervisor boundary: every operation [`crate::host_core::HostCore`]
+//! asks of the host ([`HvCall`]), its result ([`HvResult`]), and the
+//! [`Hypervisor`] trait that carries them out.
+//!
+//! Two implementations: [`crate::qemu_hypervisor::QemuHypervisor`] (real
+//! processes, QMP sockets, files) and [`crate::fake_qemu::FakeQemu`] (in
+//! memory, for simulations). `HvCall` is closed: the core can do nothing to
+//! the host that is not listed here.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::argv::{QemuArgv, VmPaths};
+use crate::console::ConsoleEndpoint;
+use crate::host_networks::HostNetworks;
+use crate::interfaces::InterfaceTable;
+use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
+use crate::qmp::QmpCommand;
+use crate::vm_record::VmRecord;
+
+/// A signal for a VM's QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSignal {
+    /// SIGTERM: QEMU exits cleanly.
+    Term,
+    /// SIGKILL.
+    Kill,
+}
+
+/// A QEMU start, fully decided by the core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan {
+    /// The VM.
+    pub name: String,
+    /// Its UUID (on the command line, how a restarted agent recognises it).
+    pub uuid: String,
+    /// The command line; it holds no secret.
+    pub argv: QemuArgv,
+    /// Its state files.
+    pub paths: VmPaths,
+    /// Console passwords, applied over QMP while QEMU is paused.
+    pub secrets: Vec<ConsoleSecret>,
+    /// Consoles to confirm once the guest runs (`LaunchMode::Run`).
+    pub endpoints: Vec<ConsoleEndpoint>,
+    /// Run, or wait for an incoming migration.
+    pub mode: LaunchMode,
+    /// Step timeouts.
+    pub timeouts: StartTimeouts,
+}
+
+/// An operation for the [`Hypervisor`]: the core's only way to touch the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HvCall {
+    /// Find every VM record under `state_dir` and whether its QEMU still runs
+    /// ([`HvResult::Records`]).
+    ScanRecords {
+        /// The agent's state directory.
+        state_dir: PathBuf,
+    },
+    /// Take over a running QEMU found at boot: connect its monitor, watch it.
+    Attach {
+        /// The VM.
+        name: String,
+        /// Its UUID.
+        uuid: String,
+        /// Its pid.
+        pid: i32,
+        /// Its state files.
+        paths: VmPaths,
+    },
+    /// Read the interface table and report which of `paths` do not exist
+    /// ([`HvResult::Host`]).
+    ReadHost {
+        /// Files that must exist (disk sources of an incoming migration).
+        paths: Vec<String>,
+    },
+    /// Load the network definitions ([`HvResult::Networks`]).
+    LoadNetworks {
+        /// The networks directory.
+        dir: PathBuf,
+    },
+    /// Spawn QEMU paused, apply secrets, then resume and confirm consoles or
+    /// listen for a migration ([`HvResult::Launched`]); watch it afterwards.
+    Launch(Box<LaunchPlan>),
+    /// One QMP command to a VM ([`HvResult::Qmp`] with its `return`).
+    Qmp {
+        /// The VM.
+        vm: String,
+        /// The command.
+        cmd: QmpCommand,
+        /// How long to wait for the answer.
+        timeout: Duration,
+    },
+    /// Confirm each console accepts connections (VNC: read the RFB banner).
+    ConfirmConsoles {
+        /// The VM.
+        vm: String,
+        /// Its consoles.
+        endpoints: Vec<ConsoleEndpoint>,
+        /// Per console.
+        timeout: Duration,
+    },
+    /// Signal a VM's QEMU.
+    Signal {
+        /// The VM.
+        vm: String,
+        /// Its pid.
+        pid: i32,
+        /// Which signal.
+        signal: VmSignal,
+    },
+    /// Write the VM's record (and its live definition) atomically.
+    WriteRecord {
+        /// Where.
+        paths: VmPaths,
+        /// The record.
+        record: VmRecord,
+        /// The live XML, when it changed.
+        live_xml: Option<String>,
+    },
+    /// Remove a stopped VM's record, live XML, socket and pidfile (not its log).
+    RemoveRecord {
+        /// The VM.
+        name: String,
+        /// Where.
+        paths: VmPaths,
+    },
+}
+
+/// A VM record found at boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundRecord {
+    /// The record.
+    pub record: VmRecord,
+    /// Whether its QEMU (pid and `-uuid`) still runs.
+    pub alive: bool,
+    /// Its live XML (empty when unreadable).
+    pub live_xml: String,
+}
+
+/// What [`HvCall::ReadHost`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRead {
+    /// The interface table, or why it could not be read.
+    pub interfaces: Result<InterfaceTable, String>,
+    /// The asked-for paths that do not exist.
+    pub missing: Vec<String>,
+}
+
+/// The result of an [`HvCall`].
+#[derive(Debug, Clone)]
+pub enum HvResult {
+    /// Done, nothing to report.
+    Done,
+    /// Failed; the text is the cause.
+    Failed(String),
+    /// [`HvCall::ScanRecords`].
+    Records(Vec<FoundRecord>),
+    /// [`HvCall::ReadHost`].
+    Host(HostRead),
+    /// [`HvCall::LoadNetworks`].
+    Networks(HostNetworks),
+    /// [`HvCall::Launch`]: QEMU runs (or listens) as `pid`.
+    Launched {
+        /// QEMU's pid.
+        pid: i32,
+    },
+    /// [`HvCall::Qmp`]: the command's `return` value.
+    Qmp(Value),
+}
+
+/// A future carrying out one [`HvCall`].
+pub type HvFuture = Pin<Box<dyn Future<Output = HvResult> + Send + 'static>>;
+
+/// Carries out [`HvCall`]s: real QEMU ([`crate::qemu_hypervisor`]) or the
+/// in-memory [`crate::fake_qemu::FakeQemu`].
+pub trait Hypervisor {
+    /// Starts `call`; the future yields its result.
+    fn call(&self, call: HvCall) -> HvFuture;
+}

@@ -1,0 +1,303 @@
+//! `QemuHypervisor`: the real [`Hypervisor`], carrying out the core's
+//! [`HvCall`]s on this host.
+//!
+//! It spawns QEMU through [`crate::qemu_process::launch`], speaks QMP through
+//! [`crate::qmp::QmpClient`] (one per VM, kept here by name), signals
+//! processes, reads the interface table and the networks directory, and
+//! writes or removes VM records. After a launch or a re-attach a watcher task
+//! logs the VM's QMP events and, once the monitor closes, waits for the
+//! process to be gone and reports a [`VmExit`] on the channel given at
+//! construction; the shell feeds it to the core as
+//! [`crate::host_core::HostInput::VmExited`]. Nothing here decides anything.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+
+use crate::argv::VmPaths;
+use crate::host_core::{
+    FoundRecord, HostRead, HvCall, HvFuture, HvResult, Hypervisor, LaunchPlan, VmSignal,
+};
+use crate::host_networks::HostNetworks;
+use crate::interfaces::InterfaceTable;
+use crate::qemu_process::{confirm_console, launch, log_tail, process_matches, signal};
+use crate::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::vm_record::{vms_dir, write_atomic, VmRecord};
+
+/// How long a re-attach waits for a running QEMU's monitor.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A VM's QEMU is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// The VM.
+    pub name: String,
+    /// Its pid.
+    pub pid: i32,
+    /// Why, as far as the agent knows.
+    pub reason: String,
+    /// The last lines QEMU wrote to stderr.
+    pub log_tail: String,
+}
+
+/// A QEMU this hypervisor owns.
+struct Owned {
+    name: String,
+    uuid: String,
+    pid: i32,
+    paths: VmPaths,
+}
+
+#[derive(Debug, Clone)]
+struct Handle {
+    pid: i32,
+    qmp: QmpClient,
+}
+
+/// Real QEMU processes on this host. Cheap to clone; clones share the VMs.
+#[derive(Debug, Clone)]
+pub struct QemuHypervisor {
+    vms: Arc<Mutex<HashMap<String, Handle>>>,
+    exits: mpsc::UnboundedSender<VmExit>,
+}
+
+impl QemuHypervisor {
+    /// A hypervisor reporting QEMU exits to `exits`.
+    pub fn new(exits: mpsc::UnboundedSender<VmExit>) -> Self {
+        QemuHypervisor {
+            vms: Arc::new(Mutex::new(HashMap::new())),
+            exits,
+        }
+    }
+
+    fn handle(&self, name: &str) -> Option<Handle> {
+        self.vms.lock().ok().and_then(|vms| vms.get(name).cloned())
+    }
+
+    /// Keeps `qmp` for `name` and watches the process until it is gone.
+    fn adopt(
+        &self,
+        Owned {
+            name,
+            uuid,
+            pid,
+            paths,
+        }: Owned,
+        qmp: QmpClient,
+        mut events: mpsc::UnboundedReceiver<QmpEvent>,
+        child: Option<tokio::process::Child>,
+    ) {
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.insert(name.clone(), Handle { pid, qmp });
+        }
+        let vms = self.vms.clone();
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                tracing::info!(vm = %name, event = %event.name, data = %event.data, "QEMU event");
+            }
+            let reason = wait_for_exit(pid, &uuid, child).await;
+            if let Ok(mut vms) = vms.lock() {
+                if vms.get(&name).is_some_and(|h| h.pid == pid) {
+                    vms.remove(&name);
+                }
+            }
+            let _ = exits.send(VmExit {
+                name,
+                pid,
+                reason,
+                log_tail: log_tail(&paths.log(), 10),
+            });
+        });
+    }
+
+    async fn launch(self, plan: LaunchPlan) -> HvResult {
+        let LaunchPlan {
+            name,
+            uuid,
+            argv,
+            paths,
+            secrets,
+            endpoints,
+            mode,
+            timeouts,
+        } = plan;
+        match launch(&argv, &paths, &secrets, &endpoints, mode, timeouts).await {
+            Ok(l) => {
+                let pid = l.pid;
+                let owned = Owned {
+                    name,
+                    uuid,
+                    pid,
+                    paths,
+                };
+                self.adopt(owned, l.qmp, l.events, Some(l.child));
+                HvResult::Launched { pid }
+            }
+            Err(e) => HvResult::Failed(e.to_string()),
+        }
+    }
+
+    async fn attach(self, name: String, uuid: String, pid: i32, paths: VmPaths) -> HvResult {
+        let (tx, rx) = mpsc::unbounded_channel();
+        match QmpClient::connect(&paths.qmp_socket(), ATTACH_TIMEOUT, tx).await {
+            Ok(qmp) => {
+                let owned = Owned {
+                    name,
+                    uuid,
+                    pid,
+                    paths,
+                };
+                self.adopt(owned, qmp, rx, None);
+                HvResult::Done
+            }
+            Err(e) => HvResult::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Hypervisor for QemuHypervisor {
+    fn call(&self, call: HvCall) -> HvFuture {
+        match call {
+            HvCall::ScanRecords { state_dir } => {
+                Box::pin(std::future::ready(HvResult::Records(scan(&state_dir))))
+            }
+            HvCall::Attach {
+                name,
+                uuid,
+                pid,
+                paths,
+            } => Box::pin(self.clone().attach(name, uuid, pid, paths)),
+            HvCall::ReadHost { paths } => {
+                let read = HostRead {
+                    interfaces: InterfaceTable::read_host().map_err(|e| e.to_string()),
+                    missing: paths
+                        .into_iter()
+                        .filter(|p| !Path::new(p).exists())
+                        .collect(),
+                };
+                Box::pin(std::future::ready(HvResult::Host(read)))
+            }
+            HvCall::LoadNetworks { dir } => {
+                Box::pin(std::future::ready(match HostNetworks::load(&dir) {
+                    Ok(n) => HvResult::Networks(n),
+                    Err(e) => HvResult::Failed(e.to_string()),
+                }))
+            }
+            HvCall::Launch(plan) => Box::pin(self.clone().launch(*plan)),
+            HvCall::Qmp { vm, cmd, timeout } => {
+                let handle = self.handle(&vm);
+                Box::pin(async move {
+                    let Some(h) = handle else {
+                        return HvResult::Failed(QmpError::Closed.to_string());
+                    };
+                    match h.qmp.run(&cmd, timeout).await {
+                        Ok(v) => HvResult::Qmp(v),
+                        Err(e) => HvResult::Failed(e.to_string()),
+                    }
+                })
+            }
+            HvCall::ConfirmConsoles {
+                endpoints, timeout, ..
+            } => Box::pin(async move {
+                for e in &endpoints {
+                    if let Err(e) = confirm_console(e, timeout).await {
+                        return HvResult::Failed(e.to_string());
+                    }
+                }
+                HvResult::Done
+            }),
+            HvCall::Signal { pid, signal: s, .. } => {
+                signal(
+                    pid,
+                    match s {
+                        VmSignal::Term => Signal::SIGTERM,
+                        VmSignal::Kill => Signal::SIGKILL,
+                    },
+                );
+                Box::pin(std::future::ready(HvResult::Done))
+            }
+            HvCall::WriteRecord {
+                paths,
+                record,
+                live_xml,
+            } => {
+                let written = match &live_xml {
+                    Some(xml) => write_atomic(&paths.live_xml(), xml.as_bytes()),
+                    None => Ok(()),
+                }
+                .and_then(|()| record.save(&paths.dir));
+                Box::pin(std::future::ready(match written {
+                    Ok(()) => HvResult::Done,
+                    Err(e) => HvResult::Failed(e.to_string()),
+                }))
+            }
+            HvCall::RemoveRecord { paths, .. } => {
+                for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
+                    let _ = std::fs::remove_file(paths.dir.join(f));
+                }
+                Box::pin(std::future::ready(HvResult::Done))
+            }
+        }
+    }
+}
+
+/// Every readable record under `state_dir`, and whether its QEMU still runs.
+fn scan(state_dir: &Path) -> Vec<FoundRecord> {
+    let Ok(entries) = std::fs::read_dir(vms_dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let dir = e.path();
+        match VmRecord::load(&dir) {
+            Ok(record) => {
+                let alive = process_matches(record.pid, &record.uuid);
+                let live_xml = if alive {
+                    std::fs::read_to_string(VmPaths::new(dir.clone()).live_xml())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                out.push(FoundRecord {
+                    record,
+                    alive,
+                    live_xml,
+                });
+            }
+            Err(err) if VmRecord::path(&dir).exists() => {
+                tracing::warn!(error = %err, "skipping unreadable VM record")
+            }
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+/// Waits until the process is really gone after its QMP connection closed.
+async fn wait_for_exit(pid: i32, uuid: &str, child: Option<tokio::process::Child>) -> String {
+    if let Some(mut child) = child {
+        return match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(Ok(status)) => format!("QEMU exited ({status})"),
+            Ok(Err(e)) => format!("QEMU exited (status unknown: {e})"),
+            Err(_) => {
+                // The monitor closed but the process lingers: it is unmanageable, end it.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                "QEMU closed its monitor and was killed".to_string()
+            }
+        };
+    }
+    for _ in 0..1000 {
+        if !process_matches(pid, uuid) {
+            return "QEMU exited".to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(pid, Signal::SIGKILL);
+    "QEMU closed its monitor and was killed".to_string()
+}
