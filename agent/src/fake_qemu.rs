@@ -769,6 +769,7 @@ mod tests {
         assert_eq!(
             out,
             vec![HostEffect::Event(AgentEvent::VmStopped {
+                seq: 0,
                 name: "web02".into(),
                 reason: "QEMU exited (signal: 6 (SIGABRT))".into()
             })]

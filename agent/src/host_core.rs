@@ -380,6 +380,22 @@ impl HostCore {
         self.vms.get(name).map(|v| v.state)
     }
 
+    /// VMs whose start has begun but not finished, as `prelaunch`: a report
+    /// must list every VM the host may run, or a coordinator whose start got
+    /// no answer would record it as shut off and could start it elsewhere.
+    fn starting_summaries(&self) -> Vec<VmSummary> {
+        self.starting
+            .iter()
+            .map(|name| VmSummary {
+                name: name.clone(),
+                uuid: String::new(),
+                pid: 0,
+                state: VmState::Starting.qemu_status().to_string(),
+                consoles: Vec::new(),
+            })
+            .collect()
+    }
+
     /// Every VM this core knows, starting ones included, with its state (for
     /// a simulation's invariant checks).
     pub fn vm_states(&self) -> Vec<(String, VmState)> {
@@ -660,7 +676,8 @@ impl HostCore {
             }
             Request::List => {
                 if self.vms.is_empty() {
-                    return reply(out, Response::Vms(Vec::new()));
+                    let vms = self.starting_summaries();
+                    return reply(out, Response::Vms(vms));
                 }
                 let rows: Vec<(VmRecord, Option<String>)> = self
                     .vms
@@ -1145,11 +1162,12 @@ impl HostCore {
                 }
                 if finished {
                     if let Some(g) = self.lists.remove(&id) {
-                        let vms = g
+                        let mut vms: Vec<VmSummary> = g
                             .rows
                             .iter()
                             .map(|(r, s)| summary(r, s.as_deref().unwrap_or("unknown")))
                             .collect();
+                        vms.extend(self.starting_summaries());
                         out.push(HostEffect::Reply {
                             id,
                             response: Response::Vms(vms),
@@ -1496,7 +1514,12 @@ impl HostCore {
             paths: self.paths(&name),
         };
         self.hv(out, Pending::Ignore, call);
-        out.push(HostEffect::Event(AgentEvent::VmStopped { name, reason }));
+        // Numbered by the coordinator link, which owns the connection's sequence.
+        out.push(HostEffect::Event(AgentEvent::VmStopped {
+            seq: 0,
+            name,
+            reason,
+        }));
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
@@ -1930,6 +1953,7 @@ mod tests {
                     response: Response::Done("Domain 'web01' destroyed".into())
                 },
                 HostEffect::Event(AgentEvent::VmStopped {
+                    seq: 0,
                     name: "web01".into(),
                     reason: "QEMU exited (signal: 15 (SIGTERM))".into()
                 }),
