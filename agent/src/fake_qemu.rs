@@ -666,7 +666,10 @@ mod tests {
 
     fn list(core: &mut HostCore, fake: &mut FakeQemu, now: Instant) -> Vec<(String, String)> {
         match call(core, fake, now, 99, Request::List) {
-            Response::Vms(vms) => vms.into_iter().map(|v| (v.name, v.state)).collect(),
+            Response::Vms(vms) => vms
+                .into_iter()
+                .map(|v| (v.name, v.state.as_str().to_string()))
+                .collect(),
             other => panic!("{other:?}"),
         }
     }

@@ -82,6 +82,7 @@ use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
 use crate::resolver::{AddressSource, NetworkResolver};
 use crate::vm_record::{vm_dir, VmRecord};
+use flotilla_shared::proto::VmRunState;
 
 pub use crate::hypervisor::{
     FoundRecord, HostRead, HvCall, HvFuture, HvResult, Hypervisor, LaunchPlan, VmSignal,
@@ -390,7 +391,7 @@ impl HostCore {
                 name: name.clone(),
                 uuid: String::new(),
                 pid: 0,
-                state: VmState::Starting.qemu_status().to_string(),
+                state: VmRunState::Prelaunch,
                 consoles: Vec::new(),
             })
             .collect()
@@ -1665,7 +1666,7 @@ fn summary(r: &VmRecord, state: &str) -> VmSummary {
         name: r.name.clone(),
         uuid: r.uuid.clone(),
         pid: r.pid,
-        state: state.to_string(),
+        state: VmRunState::from_qemu(state),
         consoles: consoles(&r.endpoints),
     }
 }
@@ -1804,7 +1805,7 @@ mod tests {
                 id: 7,
                 response: Response::Started { vm, .. },
             }] => {
-                assert_eq!(vm.state, "running");
+                assert_eq!(vm.state, VmRunState::Running);
                 assert_eq!(vm.consoles[0].uri, "vnc://198.18.4.1:5900");
             }
             other => panic!("expected Started, got {other:?}"),
@@ -2113,7 +2114,7 @@ mod tests {
             panic!("{out:?}");
         };
         assert_eq!(uri, "tcp:198.18.4.2:49152");
-        assert_eq!(vm.state, "inmigrate");
+        assert_eq!(vm.state, VmRunState::InMigrate);
         assert_eq!(b.vm_state("web01"), Some(VmState::Incoming));
         let out = drive(
             &mut a,
@@ -2203,10 +2204,10 @@ mod tests {
         );
         assert!(!b.port_reserved(49152));
         let facts = b.facts(4, 1024, &dst.interfaces());
-        assert_eq!(facts.vms[0].state, "running");
+        assert_eq!(facts.vms[0].state, VmRunState::Running);
         assert_eq!(
             a.facts(4, 1024, &src.interfaces()).vms[0].state,
-            "postmigrate"
+            VmRunState::PostMigrate
         );
         assert_eq!(facts.networks[0].address.as_deref(), Some("198.18.4.2"));
     }
@@ -2431,6 +2432,6 @@ mod tests {
                 result: HvResult::Failed("QMP command 'query-status' timed out".into()),
             },
         );
-        assert!(matches!(reply(&out), Response::Vms(v) if v[0].state == "unknown"));
+        assert!(matches!(reply(&out), Response::Vms(v) if v[0].state == VmRunState::Unknown));
     }
 }

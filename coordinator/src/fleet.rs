@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 use actix::prelude::*;
 use flotilla_shared::net::quic;
 use flotilla_shared::proto::{
-    AgentReply, HelloAck, HostFacts, MigrationProgress, OperatorRequest, OperatorResponse,
+    AgentReply, HelloAck, HostFacts, MigrationProgress, OperatorError, OperatorRequest,
+    OperatorResponse,
 };
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
@@ -353,8 +354,9 @@ impl Handler<OperatorCall> for Fleet {
             request: call.request,
         });
         Box::pin(async move {
-            rx.await
-                .unwrap_or_else(|_| OperatorResponse::Error("coordinator shutting down".into()))
+            rx.await.unwrap_or_else(|_| {
+                OperatorResponse::Error(OperatorError::Unavailable("shutting down".into()))
+            })
         })
     }
 }

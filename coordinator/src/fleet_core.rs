@@ -30,8 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MigrationProgress,
-    NetStatus, OperatorRequest, OperatorResponse, VmListEntry, VmSummary,
+    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MigrationOutcome,
+    MigrationProgress, NetStatus, OperatorError, OperatorRequest, OperatorResponse, VmListEntry,
+    VmRunState, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
@@ -41,7 +42,7 @@ use crate::migration::{
     Command, Input as MigInput, Migration, MigrationParams, MigrationStats, Phase, Report,
     StepFailure,
 };
-use crate::reconcile::{reconcile, Fix, STALE_STATES};
+use crate::reconcile::{reconcile, Fix};
 use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
 use crate::store::{HostRow, NewDefinition, Store, StoreError, VmRow};
 use crate::usage::{Footprint, Usage};
@@ -377,8 +378,16 @@ fn footprint(row: &VmRow) -> Footprint {
     )
 }
 
-fn not_found(name: &str) -> String {
-    format!("failed to get domain '{name}': no domain with matching name")
+fn not_found(name: &str) -> OperatorError {
+    OperatorError::NoSuchDomain {
+        name: name.to_string(),
+    }
+}
+
+fn not_running(name: &str) -> OperatorError {
+    OperatorError::NotRunning {
+        name: name.to_string(),
+    }
 }
 
 fn progress(s: &MigrationStats) -> MigrationProgress {
@@ -556,7 +565,7 @@ impl FleetCore {
                 && h.facts
                     .vms
                     .iter()
-                    .any(|v| v.name == vm && !STALE_STATES.contains(&v.state.as_str()))
+                    .any(|v| v.name == vm && !v.state.is_migration_half())
         })
     }
 
@@ -576,13 +585,16 @@ impl FleetCore {
         }
     }
 
-    fn conn_of(&self, host: &str, now: Instant) -> Result<ConnId, String> {
+    fn conn_of(&self, host: &str, now: Instant) -> Result<ConnId, OperatorError> {
+        let unreachable = || OperatorError::HostUnreachable {
+            host: host.to_string(),
+        };
         match self.hosts.get(host) {
-            Some(h) if self.connected(h, now) => {
-                h.conn.ok_or_else(|| format!("host {host} is unreachable"))
-            }
-            Some(_) => Err(format!("host {host} is unreachable")),
-            None => Err(format!("host '{host}' is not known")),
+            Some(h) if self.connected(h, now) => h.conn.ok_or_else(unreachable),
+            Some(_) => Err(unreachable()),
+            None => Err(OperatorError::UnknownHost {
+                host: host.to_string(),
+            }),
         }
     }
 
@@ -775,9 +787,8 @@ impl FleetCore {
     }
 
     fn vm_stopped(&mut self, host: &str, conn: ConnId, seq: u64, name: &str, reason: &str) {
-        if !self.hosts.get(host).is_some_and(|h| h.conn == Some(conn))
-            || self.fenced(host, name, seq)
-        {
+        let current = self.hosts.get(host).is_some_and(|h| h.conn == Some(conn));
+        if !current || self.fenced(host, name, seq) {
             return;
         }
         tracing::info!(vm = %name, host, reason, "VM stopped");
@@ -794,11 +805,11 @@ impl FleetCore {
         let Some(h) = self.hosts.get(host) else {
             return;
         };
-        let reported: BTreeMap<String, String> = h
+        let reported: BTreeMap<String, VmRunState> = h
             .facts
             .vms
             .iter()
-            .map(|v| (v.name.clone(), v.state.clone()))
+            .map(|v| (v.name.clone(), v.state))
             .collect();
         // Only the VMs this report can concern, and not those an action owns
         // or that the coordinator acted on after the report was numbered.
@@ -822,7 +833,7 @@ impl FleetCore {
                 })
             })
             .collect();
-        let reported: BTreeMap<String, String> = reported
+        let reported: BTreeMap<String, VmRunState> = reported
             .into_iter()
             .filter(|(n, _)| !self.fenced(host, n, seq))
             .collect();
@@ -916,11 +927,10 @@ impl FleetCore {
         dest != host
             && !self.hosts.get(dest).is_some_and(|h| {
                 self.connected(h, now)
-                    && !h
-                        .facts
-                        .vms
-                        .iter()
-                        .any(|v| v.name == vm && v.state != "inmigrate" && v.state != "postmigrate")
+                    && !h.facts.vms.iter().any(|v| {
+                        v.name == vm
+                            && !matches!(v.state, VmRunState::InMigrate | VmRunState::PostMigrate)
+                    })
             })
     }
 
@@ -930,10 +940,9 @@ impl FleetCore {
         let dest = self.vms.get(vm)?.pending_dest.clone()?;
         let h = self.hosts.get(&dest)?;
         let holds = self.connected(h, now)
-            && h.facts
-                .vms
-                .iter()
-                .any(|v| v.name == vm && v.state != "inmigrate" && v.state != "postmigrate");
+            && h.facts.vms.iter().any(|v| {
+                v.name == vm && !matches!(v.state, VmRunState::InMigrate | VmRunState::PostMigrate)
+            });
         holds.then_some(dest)
     }
 
@@ -997,9 +1006,12 @@ impl FleetCore {
                 }
             }
         }
+        // Every host that might hold a copy has reported: each known host,
+        // and the recorded migration's destination even if it is not known.
         let everyone = self
             .host_rows
             .keys()
+            .chain(entry.pending_dest.as_ref())
             .all(|h| self.hosts.get(h).is_some_and(|l| self.connected(l, now)));
         let recorded = entry.life.host().map(str::to_string);
         // A completed source other than the recorded host's is an older
@@ -1213,7 +1225,7 @@ impl FleetCore {
                 let r = match self.store.get(&name) {
                     Ok(Some(r)) => OperatorResponse::Xml(r.xml),
                     Ok(None) => OperatorResponse::Error(not_found(&name)),
-                    Err(e) => OperatorResponse::Error(e.to_string()),
+                    Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
                 };
                 self.reply(id, r);
             }
@@ -1302,14 +1314,14 @@ impl FleetCore {
                 if !self.migrations.contains_key(&name) {
                     self.reply(
                         id,
-                        OperatorResponse::Error(format!("no migration of '{name}' is in progress")),
+                        OperatorResponse::Error(OperatorError::NoMigration { name }),
                     );
                     return;
                 }
                 let refused =
                     self.feed_migration(now, &name, MigInput::Abort("aborted by operator".into()));
                 let r = match refused {
-                    Some(reason) => OperatorResponse::Error(reason),
+                    Some(reason) => OperatorResponse::Error(OperatorError::AbortRefused { reason }),
                     None => OperatorResponse::Done(format!(
                         "abort of the migration of '{name}' requested"
                     )),
@@ -1330,7 +1342,9 @@ impl FleetCore {
             }
             OperatorRequest::Events { .. } => self.reply(
                 id,
-                OperatorResponse::Error("events stream notes; the shell serves them".into()),
+                OperatorResponse::Error(OperatorError::UnexpectedAnswer(
+                    "events stream notes; the shell serves them".into(),
+                )),
             ),
         }
     }
@@ -1338,7 +1352,9 @@ impl FleetCore {
     fn define(&mut self, xml: String, source: String) -> OperatorResponse {
         let doc = match Domain::parse(&source, &xml) {
             Ok(d) => d,
-            Err(e) => return OperatorResponse::Error(e.to_string()),
+            Err(e) => {
+                return OperatorResponse::Error(OperatorError::InvalidDefinition(e.to_string()))
+            }
         };
         let mut domain = doc.model.without_runtime_state();
         let mut warnings = Vec::new();
@@ -1410,22 +1426,24 @@ impl FleetCore {
                     warnings,
                 }
             }
-            Err(e) => OperatorResponse::Error(e.to_string()),
+            Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
         }
     }
 
     fn undefine(&mut self, name: &str) -> OperatorResponse {
         match self.vms.get(name) {
             None => OperatorResponse::Error(not_found(name)),
-            Some(v) if v.life != VmLifecycle::ShutOff => OperatorResponse::Error(format!(
-                "Requested operation is not valid: domain '{name}' is running; stop it first"
-            )),
+            Some(v) if v.life != VmLifecycle::ShutOff => {
+                OperatorResponse::Error(OperatorError::StillRunning {
+                    name: name.to_string(),
+                })
+            }
             Some(_) => match self.store.undefine(name) {
                 Ok(()) => {
                     self.vms.remove(name);
                     OperatorResponse::Done(format!("Domain '{name}' has been undefined"))
                 }
-                Err(e) => OperatorResponse::Error(e.to_string()),
+                Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
             },
         }
     }
@@ -1440,21 +1458,14 @@ impl FleetCore {
     }
 
     /// While an action owns a VM, other requests are refused.
-    fn busy_error(&self, name: &str) -> Option<String> {
-        if self.repairs.contains_key(name) {
-            return Some(format!(
-                "Requested operation is not valid: domain '{name}' is being repaired after an \
-                 interrupted migration"
-            ));
+    fn busy_error(&self, name: &str) -> Option<OperatorError> {
+        let name = name.to_string();
+        if self.repairs.contains_key(&name) {
+            return Some(OperatorError::Repairing { name });
         }
-        match self.vms.get(name).map(|v| &v.life) {
-            Some(VmLifecycle::Migrating { .. }) => Some(format!(
-                "Requested operation is not valid: domain '{name}' is migrating \
-                 (flotilla migrate-abort {name} cancels it)"
-            )),
-            Some(l) if l.is_transitional() => Some(format!(
-                "Requested operation is not valid: domain '{name}' has an operation in progress"
-            )),
+        match self.vms.get(&name).map(|v| &v.life) {
+            Some(VmLifecycle::Migrating { .. }) => Some(OperatorError::Migrating { name }),
+            Some(l) if l.is_transitional() => Some(OperatorError::Busy { name }),
             _ => None,
         }
     }
@@ -1462,9 +1473,11 @@ impl FleetCore {
     fn ask(&mut self, now: Instant, id: RequestId, name: &str, request: AgentRequest, ask: Ask) {
         let host = match self.vms.get(name) {
             None => Err(not_found(name)),
-            Some(v) => v.life.host().map(str::to_string).ok_or_else(|| {
-                format!("Requested operation is not valid: domain '{name}' is not running")
-            }),
+            Some(v) => v
+                .life
+                .host()
+                .map(str::to_string)
+                .ok_or_else(|| not_running(name)),
         };
         match host.and_then(|h| self.conn_of(&h, now).map(|c| (h, c))) {
             Ok((host, conn)) => self.call(&host, conn, request, Purpose::Ask { op: id, ask }),
@@ -1472,14 +1485,14 @@ impl FleetCore {
         }
     }
 
-    fn needs(&self, name: &str) -> Result<(VmNeeds, String, u64), String> {
+    fn needs(&self, name: &str) -> Result<(VmNeeds, String, u64), OperatorError> {
         let row = match self.store.get(name) {
             Ok(Some(r)) => r,
             Ok(None) => return Err(not_found(name)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(OperatorError::Store(e.to_string())),
         };
         let domain = Domain::parse(name, &row.xml)
-            .map_err(|e| format!("stored definition unreadable: {e}"))?
+            .map_err(|e| OperatorError::StoredDefinitionUnreadable(e.to_string()))?
             .model;
         Ok((
             VmNeeds {
@@ -1502,13 +1515,12 @@ impl FleetCore {
             return self.reply(id, OperatorResponse::Error(e));
         }
         if let Some(h) = life.host() {
-            let state = if self.runs_on(h, &name, now) {
-                "running"
+            let host = h.to_string();
+            let e = if self.runs_on(h, &name, now) {
+                OperatorError::RunningOn { name, host }
             } else {
-                "recorded as running (host unreachable)"
+                OperatorError::RecordedOnUnreachable { name, host }
             };
-            let e =
-                format!("Requested operation is not valid: domain '{name}' is {state} on host {h}");
             return self.reply(id, OperatorResponse::Error(e));
         }
         let (needs, xml, generation) = match self.needs(&name) {
@@ -1533,7 +1545,10 @@ impl FleetCore {
                 self.emit(format!("vm {name} not placed: {e}"));
                 self.effects
                     .push(Effect::Metric(Metric::Start("no_placement")));
-                return self.reply(id, OperatorResponse::Error(e.to_string()));
+                let e = OperatorError::NoPlacement {
+                    explanation: e.to_string(),
+                };
+                return self.reply(id, OperatorResponse::Error(e));
             }
         };
         let target = decision.host.clone();
@@ -1561,7 +1576,10 @@ impl FleetCore {
         // Record first: if we crash after the host starts it, the host's next
         // report matches the record instead of surprising us.
         if let Err(e) = self.record_placement(&name, Some(&target)) {
-            return self.reply(id, OperatorResponse::Error(e.to_string()));
+            return self.reply(
+                id,
+                OperatorResponse::Error(OperatorError::Store(e.to_string())),
+            );
         }
         self.set_life(
             &name,
@@ -1595,16 +1613,12 @@ impl FleetCore {
             return self.reply(id, OperatorResponse::Error(e));
         }
         let Some(host) = life.host().map(str::to_string) else {
-            let e = format!("Requested operation is not valid: domain '{name}' is not running");
-            return self.reply(id, OperatorResponse::Error(e));
+            return self.reply(id, OperatorResponse::Error(not_running(&name)));
         };
         // Stopping one half of an unsettled migration would record the VM as
         // shut off while the other half may run it.
         if let Some(dest) = self.vms.get(&name).and_then(|v| v.pending_dest.clone()) {
-            let e = format!(
-                "Requested operation is not valid: domain '{name}' has an unsettled migration \
-                 to host {dest}; it can be stopped once both hosts have reported"
-            );
+            let e = OperatorError::UnsettledMigration { name, dest };
             return self.reply(id, OperatorResponse::Error(e));
         }
         let conn = match self.conn_of(&host, now) {
@@ -1615,14 +1629,18 @@ impl FleetCore {
         self.call(&host, conn, request, Purpose::Stop { op: id, vm: name });
     }
 
-    fn set_draining(&mut self, host: &str, draining: bool) -> Result<(), String> {
-        let mut row = self
-            .host_rows
-            .get(host)
-            .cloned()
-            .ok_or_else(|| format!("host '{host}' is not known"))?;
+    fn set_draining(&mut self, host: &str, draining: bool) -> Result<(), OperatorError> {
+        let mut row =
+            self.host_rows
+                .get(host)
+                .cloned()
+                .ok_or_else(|| OperatorError::UnknownHost {
+                    host: host.to_string(),
+                })?;
         row.draining = draining;
-        self.store.put_host(&row, true).map_err(|e| e.to_string())?;
+        self.store
+            .put_host(&row, true)
+            .map_err(|e| OperatorError::Store(e.to_string()))?;
         self.host_rows.insert(host.to_string(), row);
         Ok(())
     }
@@ -1689,7 +1707,7 @@ impl FleetCore {
                 ..MigrationParams::default()
             };
             if let Err(e) = self.migrate(now, Owner::Drain(id), &vm, None, params) {
-                self.drain_result(now, id, &vm, Err(e));
+                self.drain_result(now, id, &vm, Err(e.to_string()));
             }
         }
     }
@@ -1728,7 +1746,7 @@ impl FleetCore {
         name: &str,
         to: Option<String>,
         params: MigrationParams,
-    ) -> Result<(), String> {
+    ) -> Result<(), OperatorError> {
         if !self.vms.contains_key(name) {
             return Err(not_found(name));
         }
@@ -1740,19 +1758,24 @@ impl FleetCore {
             .get(name)
             .and_then(|v| v.life.host().map(str::to_string))
             .filter(|h| self.runs_guest(h, name, now))
-            .ok_or_else(|| {
-                format!("Requested operation is not valid: domain '{name}' is not running")
-            })?;
+            .ok_or_else(|| not_running(name))?;
         let (needs, xml, _) = self.needs(name)?;
         let snapshots = self.snapshots(now);
         let decision = match &to {
-            Some(h) if *h == source => return Err(format!("domain '{name}' already runs on {h}")),
+            Some(h) if *h == source => {
+                return Err(OperatorError::AlreadyOn {
+                    name: name.to_string(),
+                    host: h.clone(),
+                })
+            }
             Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
             None => {
                 scheduler::place_excluding(&needs, &snapshots, &[&source], &self.settings.policy)
             }
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| OperatorError::NoPlacement {
+            explanation: e.to_string(),
+        })?;
         let dest = decision.host;
         self.conn_of(&source, now)?;
         self.conn_of(&dest, now)?;
@@ -1760,7 +1783,7 @@ impl FleetCore {
         // restarts mid-migration must know which other host may run the VM.
         self.store
             .set_migrating_to(name, Some(dest.clone()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OperatorError::Store(e.to_string()))?;
         if let Some(v) = self.vms.get_mut(name) {
             v.pending_dest = Some(dest.clone());
         }
@@ -2081,7 +2104,7 @@ impl FleetCore {
                 if !here {
                     let summary = VmSummary {
                         pid: 0,
-                        state: "running".into(),
+                        state: VmRunState::Running,
                         consoles: Vec::new(),
                         ..v
                     };
@@ -2099,13 +2122,35 @@ impl FleetCore {
             let _ = self.record_placement(vm, Some(&on));
         }
         self.set_life(vm, VmLifecycle::Running { host: on.clone() });
-        let (word, metric) = match &phase {
-            Phase::Completed => ("completed".to_string(), "completed"),
-            Phase::Aborted { reason } => (format!("aborted: {reason}"), "aborted"),
-            Phase::Failed { reason } => (format!("failed: {reason}"), "failed"),
-            Phase::InDoubt { reason } => (format!("in doubt: {reason}"), "in-doubt"),
-            other => (format!("{other:?}"), "failed"),
+        let (outcome, metric) = match &phase {
+            Phase::Completed => (MigrationOutcome::Completed, "completed"),
+            Phase::Aborted { reason } => (
+                MigrationOutcome::Aborted {
+                    reason: reason.clone(),
+                },
+                "aborted",
+            ),
+            Phase::Failed { reason } => (
+                MigrationOutcome::Failed {
+                    reason: reason.clone(),
+                },
+                "failed",
+            ),
+            Phase::InDoubt { reason } => (
+                MigrationOutcome::InDoubt {
+                    reason: reason.clone(),
+                },
+                "in-doubt",
+            ),
+            // Not terminal: end_migration is only called with an outcome.
+            other => (
+                MigrationOutcome::Failed {
+                    reason: format!("ended in {other:?}"),
+                },
+                "failed",
+            ),
         };
+        let word = outcome.to_string();
         let elapsed_ms = elapsed.as_millis() as u64;
         tracing::info!(vm, outcome = %word, elapsed_ms, "migration ended");
         self.emit(format!(
@@ -2120,7 +2165,7 @@ impl FleetCore {
                     name: vm.to_string(),
                     from: job.source,
                     on,
-                    outcome: word,
+                    outcome,
                     elapsed_ms,
                     stats: stats.map(|s| progress(&s)),
                 },
@@ -2178,9 +2223,11 @@ impl FleetCore {
             Purpose::Stop { op, vm } => self.stop_replied(op, &vm, &host, conn, result),
             Purpose::Ask { op, ask } => {
                 let r = match (ask, result) {
-                    (_, Err(e)) => OperatorResponse::Error(format!("host {host}: {e}")),
-                    (_, Ok((_, AgentResponse::Error(e)))) => {
-                        OperatorResponse::Error(format!("host {host}: {e}"))
+                    (_, Err(detail)) => {
+                        OperatorResponse::Error(OperatorError::NoAnswer { host, detail })
+                    }
+                    (_, Ok((_, AgentResponse::Error(message)))) => {
+                        OperatorResponse::Error(OperatorError::Agent { host, message })
                     }
                     (Ask::LiveXml, Ok((_, AgentResponse::Xml(x)))) => OperatorResponse::Xml(x),
                     (Ask::Display, Ok((_, AgentResponse::Consoles(consoles)))) => {
@@ -2189,9 +2236,9 @@ impl FleetCore {
                     (Ask::Networks, Ok((_, AgentResponse::Networks { networks, .. }))) => {
                         OperatorResponse::Networks { host, networks }
                     }
-                    (_, Ok((_, other))) => {
-                        OperatorResponse::Error(format!("unexpected answer {other:?}"))
-                    }
+                    (_, Ok((_, other))) => OperatorResponse::Error(
+                        OperatorError::UnexpectedAnswer(format!("{other:?}")),
+                    ),
                 };
                 self.reply(op, r);
             }
@@ -2203,7 +2250,7 @@ impl FleetCore {
                     self.fence(&host, conn, &vm, seq);
                     if let Some(h) = self.hosts.get_mut(&host) {
                         for v in h.facts.vms.iter_mut().filter(|v| v.name == vm) {
-                            v.state = "running".into();
+                            v.state = VmRunState::Running;
                         }
                     }
                 }
@@ -2275,10 +2322,11 @@ impl FleetCore {
                 self.effects.push(Effect::Metric(Metric::Start("error")));
                 self.reply(
                     op,
-                    OperatorResponse::Error(format!(
-                        "host {host}: no answer to the start ({e}); '{vm}' stays recorded on \
-                         {host} until the host reports whether it runs"
-                    )),
+                    OperatorResponse::Error(OperatorError::StartUnanswered {
+                        name: vm.to_string(),
+                        host: host.to_string(),
+                        detail: e,
+                    }),
                 );
             }
             Ok((seq, other)) => {
@@ -2300,7 +2348,11 @@ impl FleetCore {
                 tracing::warn!(vm, host, error = %msg, "start failed");
                 self.emit(format!("vm {vm} failed to start on {host}: {msg}"));
                 self.effects.push(Effect::Metric(Metric::Start("error")));
-                self.reply(op, OperatorResponse::Error(format!("host {host}: {msg}")));
+                let e = OperatorError::Agent {
+                    host: host.to_string(),
+                    message: msg,
+                };
+                self.reply(op, OperatorResponse::Error(e));
             }
         }
     }
@@ -2332,9 +2384,10 @@ impl FleetCore {
                                 host: host.to_string(),
                             },
                         );
-                        OperatorResponse::Error(format!(
-                            "{msg}, but the records still place it: {e}"
-                        ))
+                        OperatorResponse::Error(OperatorError::StoppedUnrecorded {
+                            message: msg,
+                            store: e.to_string(),
+                        })
                     }
                 }
             }
@@ -2347,8 +2400,15 @@ impl FleetCore {
                     },
                 );
                 match other {
-                    AgentResponse::Error(e) => OperatorResponse::Error(format!("host {host}: {e}")),
-                    r => OperatorResponse::Error(format!("host {host}: unexpected answer {r:?}")),
+                    AgentResponse::Error(message) => {
+                        OperatorResponse::Error(OperatorError::Agent {
+                            host: host.to_string(),
+                            message,
+                        })
+                    }
+                    r => OperatorResponse::Error(OperatorError::UnexpectedAnswer(format!(
+                        "from host {host}: {r:?}"
+                    ))),
                 }
             }
             Err(e) => {
@@ -2358,7 +2418,10 @@ impl FleetCore {
                         host: host.to_string(),
                     },
                 );
-                OperatorResponse::Error(format!("host {host}: {e}"))
+                OperatorResponse::Error(OperatorError::NoAnswer {
+                    host: host.to_string(),
+                    detail: e,
+                })
             }
         };
         self.reply(op, r);
@@ -2466,5 +2529,363 @@ impl FleetCore {
                 self.pump(now, vm);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    const XML: &str = "<domain type='kvm'><name>web</name>\
+        <uuid>6f3c1a52-2f4e-4a59-9d3e-5a0c2b9d1e11</uuid>\
+        <memory unit='MiB'>512</memory><vcpu>1</vcpu>\
+        <os><type arch='x86_64' machine='pc'>hvm</type></os></domain>";
+
+    struct Rig {
+        core: FleetCore,
+        store: Arc<MemStore>,
+        t0: Instant,
+        next_op: RequestId,
+    }
+
+    fn facts(host: &str, vms: &[(&str, VmRunState)]) -> HostFacts {
+        HostFacts {
+            host: host.into(),
+            cpus: 4,
+            memory_mib: 4096,
+            networks: Vec::new(),
+            vms: vms
+                .iter()
+                .map(|(n, s)| VmSummary {
+                    name: n.to_string(),
+                    uuid: String::new(),
+                    pid: 1,
+                    state: *s,
+                    consoles: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let store = Arc::new(MemStore::default());
+            let core = FleetCore::new(
+                store.clone(),
+                FleetSettings {
+                    heartbeat: Duration::from_secs(1),
+                    heartbeat_timeout: Duration::from_secs(5),
+                    policy: Policy::default(),
+                },
+            )
+            .expect("core")
+            .without_stopwatch();
+            Rig {
+                core,
+                store,
+                t0: Instant::now(),
+                next_op: 1,
+            }
+        }
+
+        fn register(&mut self, host: &str, conn: ConnId, vms: &[(&str, VmRunState)]) {
+            let input = Input::Register {
+                host: host.into(),
+                facts: facts(host, vms),
+                conn,
+            };
+            self.core.handle(self.t0, input);
+        }
+
+        fn op(&mut self, request: OperatorRequest) -> (RequestId, Vec<Effect>) {
+            let id = self.next_op;
+            self.next_op += 1;
+            (
+                id,
+                self.core.handle(self.t0, Input::Operator { id, request }),
+            )
+        }
+
+        fn answer(id: RequestId, effects: &[Effect]) -> Option<&OperatorResponse> {
+            effects.iter().find_map(|e| match e {
+                Effect::Reply { id: i, response } if *i == id => Some(response),
+                _ => None,
+            })
+        }
+
+        fn calls(effects: &[Effect]) -> Vec<(CallId, String, AgentRequest)> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Call {
+                        call,
+                        host,
+                        request,
+                        ..
+                    } => Some((*call, host.clone(), request.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn define(&mut self) {
+            let (id, out) = self.op(OperatorRequest::Define {
+                xml: XML.into(),
+                source: "web.xml".into(),
+            });
+            assert!(matches!(
+                Rig::answer(id, &out),
+                Some(OperatorResponse::Defined { .. })
+            ));
+        }
+
+        /// Starts `web` on the one registered host; returns the reply's effects.
+        fn start(&mut self, seq: u64) -> Vec<Effect> {
+            let (id, out) = self.op(OperatorRequest::Start {
+                name: "web".into(),
+                host: None,
+            });
+            let (call, _, _) = Rig::calls(&out).pop().expect("a start call");
+            let started = AgentResponse::Started {
+                vm: facts("a", &[("web", VmRunState::Running)]).vms.remove(0),
+                live_xml: String::new(),
+                warnings: Vec::new(),
+            };
+            let out = self.core.handle(
+                self.t0,
+                Input::AgentReplied {
+                    call,
+                    result: Ok((seq, started)),
+                },
+            );
+            assert!(matches!(
+                Rig::answer(id, &out),
+                Some(OperatorResponse::Started { .. })
+            ));
+            out
+        }
+    }
+
+    #[test]
+    fn a_placement_is_recorded_before_the_start_is_sent() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        let (_, out) = r.op(OperatorRequest::Start {
+            name: "web".into(),
+            host: None,
+        });
+        assert_eq!(Rig::calls(&out).len(), 1, "{out:?}");
+        let row = r.store.get("web").expect("read").expect("row");
+        assert_eq!(
+            row.placement.as_deref(),
+            Some("a"),
+            "recorded when the call leaves"
+        );
+        let life: Vec<_> = r.core.lifecycles().collect();
+        assert_eq!(
+            life,
+            vec![("web", &VmLifecycle::Starting { host: "a".into() })]
+        );
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        let (id, out) = r.op(OperatorRequest::Start {
+            name: "nope".into(),
+            host: None,
+        });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::NoSuchDomain {
+                name: "nope".into()
+            }))
+        );
+        r.define();
+        r.start(1);
+        let (id, out) = r.op(OperatorRequest::Undefine { name: "web".into() });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::StillRunning {
+                name: "web".into()
+            }))
+        );
+        let (id, out) = r.op(OperatorRequest::Start {
+            name: "web".into(),
+            host: None,
+        });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::RunningOn {
+                name: "web".into(),
+                host: "a".into()
+            }))
+        );
+        let (id, out) = r.op(OperatorRequest::MigrateAbort { name: "web".into() });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::NoMigration {
+                name: "web".into()
+            }))
+        );
+    }
+
+    #[test]
+    fn a_report_numbered_before_the_start_answer_does_not_undo_it() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(5);
+        // Numbered 4: gathered before the start took effect, delivered after.
+        let stale = Input::Report {
+            host: "a".into(),
+            conn: 1,
+            seq: 4,
+            facts: facts("a", &[]),
+        };
+        r.core.handle(r.t0, stale);
+        assert_eq!(
+            r.store
+                .get("web")
+                .expect("read")
+                .expect("row")
+                .placement
+                .as_deref(),
+            Some("a")
+        );
+        // Numbered 6 and still without it: it really is gone.
+        let fresh = Input::Report {
+            host: "a".into(),
+            conn: 1,
+            seq: 6,
+            facts: facts("a", &[]),
+        };
+        r.core.handle(r.t0, fresh);
+        assert_eq!(
+            r.store.get("web").expect("read").expect("row").placement,
+            None
+        );
+    }
+
+    #[test]
+    fn an_unanswered_start_stays_recorded_and_the_connection_is_closed() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        let (id, out) = r.op(OperatorRequest::Start {
+            name: "web".into(),
+            host: None,
+        });
+        let (call, _, _) = Rig::calls(&out).pop().expect("call");
+        let out = r.core.handle(
+            r.t0,
+            Input::AgentReplied {
+                call,
+                result: Err("timed out".into()),
+            },
+        );
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::StartUnanswered {
+                name: "web".into(),
+                host: "a".into(),
+                detail: "timed out".into()
+            }))
+        );
+        assert!(out.contains(&Effect::Close {
+            host: "a".into(),
+            conn: 1
+        }));
+        // It may run there: a start elsewhere is refused until the host reports.
+        let (id, out) = r.op(OperatorRequest::Start {
+            name: "web".into(),
+            host: None,
+        });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(
+                OperatorError::RecordedOnUnreachable {
+                    name: "web".into(),
+                    host: "a".into()
+                }
+            ))
+        );
+        // The host's next registration settles it.
+        r.register("a", 2, &[("web", VmRunState::Running)]);
+        let life: Vec<_> = r.core.lifecycles().collect();
+        assert_eq!(
+            life,
+            vec![("web", &VmLifecycle::Running { host: "a".into() })]
+        );
+    }
+
+    #[test]
+    fn a_migration_records_its_destination_before_the_destination_hears_of_it() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        r.register("b", 2, &[]);
+        let (_, out) = r.op(OperatorRequest::Migrate {
+            name: "web".into(),
+            to: Some("b".into()),
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            auto_converge: false,
+            postcopy: false,
+            timeout_secs: None,
+        });
+        let calls = Rig::calls(&out);
+        assert!(
+            matches!(&calls[..], [(_, h, AgentRequest::MigrateIncoming { .. })] if h == "b"),
+            "{calls:?}"
+        );
+        let row = r.store.get("web").expect("read").expect("row");
+        assert_eq!(row.migrating_to.as_deref(), Some("b"));
+        assert_eq!(row.placement.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_coordinator_restarted_mid_switchover_finishes_it_destination_first() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        r.store
+            .set_migrating_to("web", Some("b".into()))
+            .expect("record");
+        // A new coordinator over the same store; the source completed, the
+        // destination holds the guest paused.
+        let mut core = FleetCore::new(r.store.clone(), r.core.settings.clone())
+            .expect("core")
+            .without_stopwatch();
+        let first = core.handle(
+            r.t0,
+            Input::Register {
+                host: "a".into(),
+                facts: facts("a", &[("web", VmRunState::PostMigrate)]),
+                conn: 3,
+            },
+        );
+        assert!(
+            Rig::calls(&first).is_empty(),
+            "nothing before b reports: {first:?}"
+        );
+        let out = core.handle(
+            r.t0,
+            Input::Register {
+                host: "b".into(),
+                facts: facts("b", &[("web", VmRunState::Paused)]),
+                conn: 4,
+            },
+        );
+        let calls = Rig::calls(&out);
+        assert!(
+            matches!(&calls[..], [(_, h, AgentRequest::MigrateFinish { .. })] if h == "b"),
+            "the destination resumes first, and nothing else happens yet: {out:?}"
+        );
     }
 }

@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use flotilla_shared::proto::VmRunState;
+
 use crate::store::VmRow;
 
 /// One change to converge the records.
@@ -44,23 +46,20 @@ pub enum Fix {
         /// The VM.
         name: String,
         /// QEMU's state of the stale copy.
-        state: String,
+        state: VmRunState,
     },
 }
 
-/// QEMU run states of a migration half that is not running the guest: a
-/// source after completion, a destination waiting for or holding the stream.
-pub const STALE_STATES: [&str; 3] = ["postmigrate", "inmigrate", "paused"];
-
 /// The fixes that make the records agree with `host` reporting `reported`
-/// (VM name → QEMU run state).
+/// (VM name → QEMU run state). A paused half of a migration (see
+/// [`VmRunState::is_migration_half`]) is never placed.
 ///
 /// `other_host_runs(host, vm)` tells whether another host is known to be
 /// running a VM right now (so a stale record on an unreachable host is not a
 /// conflict).
 pub fn reconcile(
     host: &str,
-    reported: &BTreeMap<String, String>,
+    reported: &BTreeMap<String, VmRunState>,
     rows: &[VmRow],
     other_host_runs: &dyn Fn(&str, &str) -> bool,
 ) -> Vec<Fix> {
@@ -71,10 +70,10 @@ pub fn reconcile(
             Some(r) => match r.placement.as_deref() {
                 Some(h) if h == host => {}
                 Some(other) if other_host_runs(other, name) => {
-                    if STALE_STATES.contains(&state.as_str()) {
+                    if state.is_migration_half() {
                         fixes.push(Fix::DestroyStale {
                             name: name.clone(),
-                            state: state.clone(),
+                            state: *state,
                         });
                     } else {
                         fixes.push(Fix::Conflict {
@@ -83,7 +82,7 @@ pub fn reconcile(
                         });
                     }
                 }
-                _ if STALE_STATES.contains(&state.as_str()) => {}
+                _ if state.is_migration_half() => {}
                 _ => fixes.push(Fix::Place { name: name.clone() }),
             },
         }
@@ -114,10 +113,10 @@ mod tests {
         }
     }
 
-    fn set(names: &[&str]) -> BTreeMap<String, String> {
+    fn set(names: &[&str]) -> BTreeMap<String, VmRunState> {
         names
             .iter()
-            .map(|s| (s.to_string(), "running".to_string()))
+            .map(|s| (s.to_string(), VmRunState::Running))
             .collect()
     }
 
@@ -157,21 +156,21 @@ mod tests {
             row("p", Some("h2")),
         ];
         let mut reported = BTreeMap::new();
-        reported.insert("m".to_string(), "postmigrate".to_string());
-        reported.insert("n".to_string(), "inmigrate".to_string());
-        reported.insert("o".to_string(), "inmigrate".to_string());
-        reported.insert("p".to_string(), "paused".to_string());
+        reported.insert("m".to_string(), VmRunState::PostMigrate);
+        reported.insert("n".to_string(), VmRunState::InMigrate);
+        reported.insert("o".to_string(), VmRunState::InMigrate);
+        reported.insert("p".to_string(), VmRunState::Paused);
         let fixes = reconcile("h1", &reported, &rows, &|host, _| host == "h2");
         assert_eq!(
             fixes,
             vec![
                 Fix::DestroyStale {
                     name: "m".into(),
-                    state: "postmigrate".into()
+                    state: VmRunState::PostMigrate
                 },
                 Fix::DestroyStale {
                     name: "p".into(),
-                    state: "paused".into()
+                    state: VmRunState::Paused
                 }
             ],
             "n: its recorded host is unreachable, keep it; o: a paused copy is never placed"

@@ -10,8 +10,8 @@ use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorRequest, OperatorResponse,
-    ServerMessage,
+    AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorError, OperatorRequest,
+    OperatorResponse, ServerMessage,
 };
 use tracing::Instrument as _;
 
@@ -70,7 +70,9 @@ async fn stream(
     fleet: Addr<Fleet>,
 ) {
     let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
-        Err(e) => ServerMessage::Operator(OperatorResponse::Error(format!("bad request: {e}"))),
+        Err(e) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::BadRequest(
+            e.to_string(),
+        ))),
         Ok(ClientMessage::Operator(request @ OperatorRequest::Migrate { .. }))
             if who.role == Role::Operator =>
         {
@@ -118,7 +120,7 @@ async fn migrate(
             }
             r = &mut answer => {
                 return ServerMessage::Operator(
-                    r.unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
+                    r.unwrap_or_else(|e| OperatorResponse::Error(OperatorError::Unavailable(e.to_string()))),
                 );
             }
         }
@@ -130,7 +132,9 @@ async fn migrate(
 async fn events(follow: bool, send: &mut quinn::SendStream, fleet: &Addr<Fleet>) -> ServerMessage {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if fleet.send(EventsCall { follow, sink: tx }).await.is_err() {
-        return ServerMessage::Operator(OperatorResponse::Error("coordinator busy".into()));
+        return ServerMessage::Operator(OperatorResponse::Error(OperatorError::Unavailable(
+            "busy".into(),
+        )));
     }
     while let Some(line) = rx.recv().await {
         if quic::write_frame(send, &ServerMessage::Note(line))
@@ -170,7 +174,7 @@ async fn drain(
                     let _ = quic::write_frame(send, &ServerMessage::Note(line)).await;
                 }
                 return ServerMessage::Operator(
-                    r.unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
+                    r.unwrap_or_else(|e| OperatorResponse::Error(OperatorError::Unavailable(e.to_string()))),
                 );
             }
         }
@@ -205,12 +209,9 @@ async fn dispatch(
                 progress: None,
                 notes: None,
             };
-            ServerMessage::Operator(
-                fleet
-                    .send(call)
-                    .await
-                    .unwrap_or_else(|e| OperatorResponse::Error(format!("coordinator busy: {e}"))),
-            )
+            ServerMessage::Operator(fleet.send(call).await.unwrap_or_else(|e| {
+                OperatorResponse::Error(OperatorError::Unavailable(e.to_string()))
+            }))
         }
         (Role::Agent, ClientMessage::Event(event)) => {
             match event {
@@ -225,18 +226,18 @@ async fn dispatch(
             }
             ServerMessage::Ack
         }
-        (Role::Operator, ClientMessage::Event(_)) => {
-            ServerMessage::Operator(OperatorResponse::Error(format!(
-                "permission denied: operator certificate '{}' cannot send host events",
+        (Role::Operator, ClientMessage::Event(_)) => ServerMessage::Operator(
+            OperatorResponse::Error(OperatorError::PermissionDenied(format!(
+                "operator certificate '{}' cannot send host events",
                 who.name
-            )))
-        }
-        (Role::Agent, ClientMessage::Operator(_)) => {
-            ServerMessage::Operator(OperatorResponse::Error(format!(
-                "permission denied: agent certificate '{}' cannot make operator requests",
+            ))),
+        ),
+        (Role::Agent, ClientMessage::Operator(_)) => ServerMessage::Operator(
+            OperatorResponse::Error(OperatorError::PermissionDenied(format!(
+                "agent certificate '{}' cannot make operator requests",
                 who.name
-            )))
-        }
+            ))),
+        ),
         (Role::Operator, ClientMessage::Hello(_)) => refused(format!(
             "permission denied: operator certificate '{}' cannot register as an agent",
             who.name

@@ -2,7 +2,11 @@
 //!
 //! This module is a stability boundary: messages are closed enums, every frame
 //! carries a protocol version, and a peer accepts its own version and the one
-//! before it. Encoding is bincode 2 behind a 4-byte big-endian length, and
+//! before it while their messages decode alike. A version that changes the
+//! messages raises [`MIN_PROTOCOL_VERSION`] with it, so an older peer gets
+//! [`FrameError::Retired`] by name instead of a misread message. Errors and
+//! outcomes travel as types ([`OperatorError`], [`MigrationOutcome`],
+//! [`VmRunState`]), never as text to parse back. Encoding is bincode 2 behind a 4-byte big-endian length, and
 //! every decode is bounded by [`MAX_FRAME`].
 //!
 //! ```text
@@ -304,8 +308,8 @@ pub struct VmSummary {
     pub uuid: String,
     /// QEMU pid.
     pub pid: i32,
-    /// QEMU run state (`running`, `paused`, …).
-    pub state: String,
+    /// QEMU's run state.
+    pub state: VmRunState,
     /// Consoles.
     pub consoles: Vec<ConsoleInfo>,
 }
@@ -348,6 +352,284 @@ pub struct MigrationProgress {
     pub total_time_ms: Option<u64>,
     /// QEMU's error description (failed only).
     pub error: Option<String>,
+}
+
+/// A QEMU's run state, as `query-status` names it, plus the agent's own
+/// `prelaunch` for a VM whose start has begun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+// In JSON (`ctl list --json`, `flotilla … --json`) as QEMU's own words.
+#[serde(rename_all = "lowercase")]
+pub enum VmRunState {
+    /// vCPUs run.
+    Running,
+    /// Stopped by request (or started with `-S` and not yet resumed).
+    Paused,
+    /// Waiting for, or receiving, an incoming migration.
+    InMigrate,
+    /// The source after a completed migration: paused, its state sent.
+    PostMigrate,
+    /// The agent is starting it; QEMU may not exist yet.
+    Prelaunch,
+    /// The last phase of sending a migration.
+    #[serde(rename = "finish-migrate")]
+    FinishMigrate,
+    /// Suspended by the guest (S3).
+    Suspended,
+    /// The guest shut down; QEMU not yet gone.
+    Shutdown,
+    /// The guest panicked.
+    #[serde(rename = "guest-panicked")]
+    GuestPanicked,
+    /// QEMU hit an internal or I/O error, or a watchdog fired.
+    Error,
+    /// The agent could not ask QEMU, or QEMU said something else.
+    Unknown,
+}
+
+impl VmRunState {
+    /// The state QEMU's `query-status` word stands for.
+    pub fn from_qemu(status: &str) -> VmRunState {
+        match status {
+            "running" => VmRunState::Running,
+            "paused" | "debug" | "restore-vm" | "save-vm" => VmRunState::Paused,
+            "inmigrate" => VmRunState::InMigrate,
+            "postmigrate" => VmRunState::PostMigrate,
+            "prelaunch" => VmRunState::Prelaunch,
+            "finish-migrate" => VmRunState::FinishMigrate,
+            "suspended" => VmRunState::Suspended,
+            "shutdown" => VmRunState::Shutdown,
+            "guest-panicked" => VmRunState::GuestPanicked,
+            "internal-error" | "io-error" | "watchdog" => VmRunState::Error,
+            _ => VmRunState::Unknown,
+        }
+    }
+
+    /// QEMU's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmRunState::Running => "running",
+            VmRunState::Paused => "paused",
+            VmRunState::InMigrate => "inmigrate",
+            VmRunState::PostMigrate => "postmigrate",
+            VmRunState::Prelaunch => "prelaunch",
+            VmRunState::FinishMigrate => "finish-migrate",
+            VmRunState::Suspended => "suspended",
+            VmRunState::Shutdown => "shutdown",
+            VmRunState::GuestPanicked => "guest-panicked",
+            VmRunState::Error => "error",
+            VmRunState::Unknown => "unknown",
+        }
+    }
+
+    /// A half of a live migration whose vCPUs do not run: a destination
+    /// waiting for or holding the stream, or a completed source.
+    pub fn is_migration_half(self) -> bool {
+        matches!(
+            self,
+            VmRunState::InMigrate | VmRunState::PostMigrate | VmRunState::Paused
+        )
+    }
+}
+
+impl std::fmt::Display for VmRunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a live migration ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationOutcome {
+    /// The guest runs on the destination only.
+    Completed,
+    /// Cancelled (by an operator or a timeout); the guest runs on the source.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// Failed; the guest runs on the source.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The destination was lost at switchover: the guest belongs to it, and
+    /// the source stays paused until it reports.
+    InDoubt {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for MigrationOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationOutcome::Completed => write!(f, "completed"),
+            MigrationOutcome::Aborted { reason } => write!(f, "aborted: {reason}"),
+            MigrationOutcome::Failed { reason } => write!(f, "failed: {reason}"),
+            MigrationOutcome::InDoubt { reason } => write!(f, "in doubt: {reason}"),
+        }
+    }
+}
+
+/// Why the coordinator refused or could not carry out an operator request.
+///
+/// On the wire as itself, so clients match variants instead of parsing
+/// text; the words are virsh's where virsh has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum OperatorError {
+    /// No VM by that name.
+    #[error("failed to get domain '{name}': no domain with matching name")]
+    NoSuchDomain {
+        /// The name asked for.
+        name: String,
+    },
+    /// The verb needs a running VM.
+    #[error("Requested operation is not valid: domain '{name}' is not running")]
+    NotRunning {
+        /// The VM.
+        name: String,
+    },
+    /// A start of a VM that runs.
+    #[error("Requested operation is not valid: domain '{name}' is running on host {host}")]
+    RunningOn {
+        /// The VM.
+        name: String,
+        /// Where.
+        host: String,
+    },
+    /// A start of a VM recorded on a host that cannot be reached: it may run there.
+    #[error("Requested operation is not valid: domain '{name}' is recorded as running (host unreachable) on host {host}")]
+    RecordedOnUnreachable {
+        /// The VM.
+        name: String,
+        /// The host the records name.
+        host: String,
+    },
+    /// An undefine of a VM that is not shut off.
+    #[error("Requested operation is not valid: domain '{name}' is running; stop it first")]
+    StillRunning {
+        /// The VM.
+        name: String,
+    },
+    /// A migration owns the VM.
+    #[error("Requested operation is not valid: domain '{name}' is migrating (flotilla migrate-abort {name} cancels it)")]
+    Migrating {
+        /// The VM.
+        name: String,
+    },
+    /// A start or stop owns the VM.
+    #[error("Requested operation is not valid: domain '{name}' has an operation in progress")]
+    Busy {
+        /// The VM.
+        name: String,
+    },
+    /// The coordinator is removing or resuming a half of an interrupted migration.
+    #[error("Requested operation is not valid: domain '{name}' is being repaired after an interrupted migration")]
+    Repairing {
+        /// The VM.
+        name: String,
+    },
+    /// Stopping one half could leave the other running unrecorded.
+    #[error("Requested operation is not valid: domain '{name}' has an unsettled migration to host {dest}; it can be stopped once both hosts have reported")]
+    UnsettledMigration {
+        /// The VM.
+        name: String,
+        /// The migration's destination.
+        dest: String,
+    },
+    /// A migration to the host the VM runs on.
+    #[error("domain '{name}' already runs on {host}")]
+    AlreadyOn {
+        /// The VM.
+        name: String,
+        /// Where it runs.
+        host: String,
+    },
+    /// An abort with nothing to abort.
+    #[error("no migration of '{name}' is in progress")]
+    NoMigration {
+        /// The VM.
+        name: String,
+    },
+    /// The migration is past the point where it can be cancelled.
+    #[error("{reason}")]
+    AbortRefused {
+        /// Why.
+        reason: String,
+    },
+    /// No host can take the VM; the scheduler's explanation names every host's reasons.
+    #[error("{explanation}")]
+    NoPlacement {
+        /// The scheduler's words.
+        explanation: String,
+    },
+    /// The host never registered.
+    #[error("host '{host}' is not known")]
+    UnknownHost {
+        /// The host.
+        host: String,
+    },
+    /// The host has no live connection.
+    #[error("host {host} is unreachable")]
+    HostUnreachable {
+        /// The host.
+        host: String,
+    },
+    /// The host's agent refused or failed the request.
+    #[error("host {host}: {message}")]
+    Agent {
+        /// The host.
+        host: String,
+        /// The agent's words.
+        message: String,
+    },
+    /// No answer from the host: the request may or may not have happened.
+    #[error("host {host}: {detail}")]
+    NoAnswer {
+        /// The host.
+        host: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// A start got no answer: the VM stays recorded there until the host reports.
+    #[error("host {host}: no answer to the start ({detail}); '{name}' stays recorded on {host} until the host reports whether it runs")]
+    StartUnanswered {
+        /// The VM.
+        name: String,
+        /// The host.
+        host: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// The VM stopped but the records could not say so yet.
+    #[error("{message}, but the records still place it: {store}")]
+    StoppedUnrecorded {
+        /// The agent's words.
+        message: String,
+        /// The store's error.
+        store: String,
+    },
+    /// The definition was refused (file, line, element and reason).
+    #[error("{0}")]
+    InvalidDefinition(String),
+    /// The stored definition no longer parses.
+    #[error("stored definition unreadable: {0}")]
+    StoredDefinitionUnreadable(String),
+    /// The store refused or failed (names and UUIDs taken, backend errors).
+    #[error("{0}")]
+    Store(String),
+    /// The request could not be read.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The certificate's role may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The coordinator cannot take requests now.
+    #[error("coordinator unavailable: {0}")]
+    Unavailable(String),
+    /// An answer this build does not expect.
+    #[error("unexpected answer {0}")]
+    UnexpectedAnswer(String),
 }
 
 /// An agent's answer.
@@ -682,8 +964,8 @@ pub enum OperatorResponse {
         from: String,
         /// Where it is now (the source when the migration did not complete).
         on: String,
-        /// `completed`, `aborted: REASON` or `failed: REASON`.
-        outcome: String,
+        /// How it ended.
+        outcome: MigrationOutcome,
         /// Wall time from request to end, ms.
         elapsed_ms: u64,
         /// Final QEMU statistics, when the source got that far.
@@ -698,8 +980,8 @@ pub enum OperatorResponse {
         /// VMs that could not move, with the reason.
         failed: Vec<(String, String)>,
     },
-    /// The request failed.
-    Error(String),
+    /// The request was refused or failed.
+    Error(OperatorError),
 }
 
 #[cfg(test)]
@@ -753,6 +1035,59 @@ mod tests {
             decode_payload::<OperatorRequest>(&payload),
             Ok(OperatorRequest::Hosts)
         );
+    }
+
+    #[test]
+    fn a_version_1_frame_is_refused_by_name() {
+        // Version 1's agent messages had no sequence numbers; its frames are
+        // refused before their body is read, whatever the body.
+        let mut bytes =
+            encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
+        bytes[4] = 1;
+        let e = decode_frame::<ClientMessage>(&bytes).expect_err("refused");
+        assert_eq!(
+            e,
+            FrameError::Retired {
+                got: 1,
+                min: 2,
+                max: 2
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "protocol version 1 is no longer supported (this build speaks 2 to 2); upgrade the peer"
+        );
+    }
+
+    #[test]
+    fn typed_errors_and_outcomes_cross_the_wire_as_themselves() {
+        let r = OperatorResponse::Error(OperatorError::Migrating { name: "web".into() });
+        let bytes = encode_frame(&r).expect("encode");
+        assert_eq!(decode_frame::<OperatorResponse>(&bytes), Ok(r));
+        assert_eq!(
+            OperatorError::Migrating { name: "web".into() }.to_string(),
+            "Requested operation is not valid: domain 'web' is migrating \
+             (flotilla migrate-abort web cancels it)"
+        );
+        let outcome = MigrationOutcome::Aborted {
+            reason: "timed out after 2s".into(),
+        };
+        assert_eq!(outcome.to_string(), "aborted: timed out after 2s");
+        for word in ["running", "paused", "inmigrate", "postmigrate", "prelaunch"] {
+            assert_eq!(VmRunState::from_qemu(word).as_str(), word);
+        }
+        assert_eq!(VmRunState::from_qemu("io-error"), VmRunState::Error);
+        assert_eq!(VmRunState::from_qemu("colo"), VmRunState::Unknown);
+        // JSON shows QEMU's words, as before the type existed.
+        for state in [
+            VmRunState::InMigrate,
+            VmRunState::PostMigrate,
+            VmRunState::FinishMigrate,
+            VmRunState::GuestPanicked,
+        ] {
+            let json = serde_json::to_string(&state).expect("json");
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+        }
     }
 
     #[test]

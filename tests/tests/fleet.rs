@@ -615,7 +615,7 @@ fn bad_frames_fail_their_stream_not_the_coordinator_and_pinned_addresses_warn() 
     let f = fleet();
     let tls = f.tls.clone();
     let replies = f.ctl.run(move || raw_frames(&tls));
-    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_eq!(replies.len(), 4, "{replies:?}");
     assert!(
         replies[0].contains("bad request: malformed frame"),
         "{replies:?}"
@@ -626,6 +626,11 @@ fn bad_frames_fail_their_stream_not_the_coordinator_and_pinned_addresses_warn() 
     );
     assert!(
         replies[2].contains("bad request: unsupported protocol version 99"),
+        "{replies:?}"
+    );
+    // A version 1 client is told so by name, never answered with garbage.
+    assert!(
+        replies[3].contains("bad request: protocol version 1 is no longer supported"),
         "{replies:?}"
     );
     // The coordinator still serves everyone else.
@@ -651,8 +656,8 @@ fn bad_frames_fail_their_stream_not_the_coordinator_and_pinned_addresses_warn() 
     );
 }
 
-/// Sends three bad frames on three streams of one operator connection and
-/// returns the coordinator's replies.
+/// Sends four bad frames on four streams of one operator connection and
+/// returns the coordinator's replies as the CLI prints them.
 fn raw_frames(tls: &Path) -> Vec<String> {
     use flotilla_shared::net::{pki::Role, quic, tls as ftls};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -666,10 +671,19 @@ fn raw_frames(tls: &Path) -> Vec<String> {
             .expect("connect");
         let mut future = Vec::new();
         future.extend_from_slice(&[0, 0, 0, 2, 99, 0]); // version 99, then garbage
-        let frames: [&[u8]; 3] = [
+                                                        // A well-formed request as a version 1 client sends it: the version
+                                                        // (one varint byte) follows the length prefix.
+        let mut v1 =
+            flotilla_shared::proto::encode_frame(&flotilla_shared::proto::ClientMessage::Operator(
+                flotilla_shared::proto::OperatorRequest::Hosts,
+            ))
+            .expect("encode");
+        v1[4] = 1;
+        let frames: [&[u8]; 4] = [
             &[0, 0, 0, 3, 0xff, 0xfe, 0xfd],
             &[0xff, 0xff, 0xff, 0xff],
             &future,
+            &v1,
         ];
         let mut out = Vec::new();
         for bytes in frames {
@@ -679,7 +693,12 @@ fn raw_frames(tls: &Path) -> Vec<String> {
             let reply: flotilla_shared::proto::ServerMessage = quic::read_frame(&mut recv)
                 .await
                 .expect("a reply, not a dropped connection");
-            out.push(format!("{reply:?}"));
+            out.push(match reply {
+                flotilla_shared::proto::ServerMessage::Operator(
+                    flotilla_shared::proto::OperatorResponse::Error(e),
+                ) => e.to_string(),
+                other => format!("{other:?}"),
+            });
         }
         out
     })

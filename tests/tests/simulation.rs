@@ -37,8 +37,8 @@ use flotilla_coordinator::lifecycle::VmLifecycle;
 use flotilla_coordinator::scheduler::Policy;
 use flotilla_coordinator::store::{MemStore, Store};
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, HelloAck, HostFacts, MigrationProgress, OperatorRequest,
-    OperatorResponse, VmSummary,
+    AgentRequest, AgentResponse, HelloAck, HostFacts, MigrationOutcome, MigrationProgress,
+    OperatorError, OperatorRequest, OperatorResponse, VmRunState, VmSummary,
 };
 use flotilla_shared::xml::Domain;
 
@@ -490,7 +490,9 @@ impl World {
                 Duration::ZERO,
                 Ev::OperatorGets {
                     id,
-                    response: OperatorResponse::Error("connection lost".into()),
+                    response: OperatorResponse::Error(OperatorError::Unavailable(
+                        "connection lost".into(),
+                    )),
                 },
             );
         }
@@ -561,7 +563,7 @@ impl World {
                     name: name.clone(),
                     uuid: q.uuid.clone(),
                     pid: 1,
-                    state: q.state.word().into(),
+                    state: VmRunState::from_qemu(q.state.word()),
                     consoles: Vec::new(),
                 })
                 .collect(),
@@ -574,7 +576,7 @@ impl World {
             name: name.to_string(),
             uuid: q.uuid.clone(),
             pid: 1,
-            state: q.state.word().into(),
+            state: VmRunState::from_qemu(q.state.word()),
             consoles: Vec::new(),
         }
     }
@@ -904,7 +906,7 @@ impl World {
                 // Refused by the coordinator: it must still be there. Lost in
                 // transport: it may or may not be.
                 if let Some((name, uuid)) = self.undefining.remove(&id) {
-                    if e != "connection lost" && e != "connection refused" && !uuid.is_empty() {
+                    if !matches!(e, OperatorError::Unavailable(_)) && !uuid.is_empty() {
                         self.acked_defines.insert(name, uuid);
                     }
                 }
@@ -924,24 +926,21 @@ impl World {
             ) => {
                 self.expect.insert(name.clone(), Expect::ShutOff);
             }
-            (OperatorRequest::Migrate { name, .. }, OperatorResponse::Migrated { outcome, .. })
-                if outcome == "completed"
-                    || outcome.starts_with("aborted")
-                    || outcome.starts_with("failed") =>
-            {
-                let _ = name;
-            }
+            // A migration that ended, whichever way, leaves the guest running
+            // where it was or where it went; one in doubt may have left it paused.
+            (OperatorRequest::Migrate { .. }, OperatorResponse::Migrated { outcome, .. })
+                if !matches!(outcome, MigrationOutcome::InDoubt { .. }) => {}
             (
                 OperatorRequest::Start { name, .. }
                 | OperatorRequest::Shutdown { name, .. }
                 | OperatorRequest::Destroy { name }
                 | OperatorRequest::Migrate { name, .. },
                 _,
-            ) if !ok || matches!(response, OperatorResponse::Migrated { .. }) => {
+            ) if (!ok || matches!(response, OperatorResponse::Migrated { .. }))
+                && self.expect.contains_key(name) =>
+            {
                 // An unanswered or failed verb may have half-happened.
-                if self.expect.contains_key(name) {
-                    self.expect.insert(name.clone(), Expect::Either);
-                }
+                self.expect.insert(name.clone(), Expect::Either);
             }
             _ => {}
         }
@@ -1035,7 +1034,9 @@ impl World {
                             Duration::ZERO,
                             Ev::OperatorGets {
                                 id,
-                                response: OperatorResponse::Error("connection lost".into()),
+                                response: OperatorResponse::Error(OperatorError::Unavailable(
+                                    "connection lost".into(),
+                                )),
                             },
                         );
                     }
@@ -1081,7 +1082,9 @@ impl World {
                             Duration::ZERO,
                             Ev::OperatorGets {
                                 id,
-                                response: OperatorResponse::Error("connection refused".into()),
+                                response: OperatorResponse::Error(OperatorError::Unavailable(
+                                    "connection refused".into(),
+                                )),
                             },
                         );
                         return Ok(());

@@ -13,7 +13,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use flotilla_shared::net::pki::{self, Role};
 use flotilla_shared::net::{quic, tls};
-use flotilla_shared::proto::{ClientMessage, OperatorRequest, OperatorResponse, ServerMessage};
+use flotilla_shared::proto::{
+    ClientMessage, MigrationOutcome, OperatorRequest, OperatorResponse, ServerMessage,
+};
 use flotilla_shared::xml::validate::validate_document;
 
 /// Operate a Flotilla fleet of QEMU/KVM hosts.
@@ -468,7 +470,7 @@ async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<Operat
 fn print(response: OperatorResponse, json: bool) -> ExitCode {
     let failed = match &response {
         OperatorResponse::Error(_) => true,
-        OperatorResponse::Migrated { outcome, .. } => outcome != "completed",
+        OperatorResponse::Migrated { outcome, .. } => *outcome != MigrationOutcome::Completed,
         OperatorResponse::Drained { failed, .. } => !failed.is_empty(),
         _ => false,
     };
@@ -587,7 +589,7 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
                     )
                 })
                 .unwrap_or_default();
-            if outcome == "completed" {
+            if outcome == MigrationOutcome::Completed {
                 println!(
                     "Migration of '{name}' from {from} to {on} completed in {:.2}s{figures}",
                     elapsed_ms as f64 / 1000.0

@@ -28,7 +28,8 @@ use flotilla_coordinator::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use flotilla_shared::net::{pki, quic, tls};
 use flotilla_shared::proto::{
     AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
-    HostFacts, NetStatus, OperatorRequest, OperatorResponse, ServerMessage, VmSummary,
+    HostFacts, NetStatus, OperatorError, OperatorRequest, OperatorResponse, ServerMessage,
+    VmRunState, VmSummary,
 };
 use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
 
@@ -325,7 +326,7 @@ async fn sim_agent(
                                 name: element_text(&xml, "name"),
                                 uuid: element_text(&xml, "uuid"),
                                 pid: 0,
-                                state: "running".into(),
+                                state: VmRunState::Running,
                                 consoles: Vec::new(),
                             };
                             vms.lock().expect("lock").push(vm.clone());
@@ -494,8 +495,8 @@ async fn operator(conn: &quinn::Connection, request: OperatorRequest) -> Operato
     .await
     {
         Ok(ServerMessage::Operator(r)) => r,
-        Ok(other) => OperatorResponse::Error(format!("unexpected {other:?}")),
-        Err(e) => OperatorResponse::Error(e.to_string()),
+        Ok(other) => OperatorResponse::Error(OperatorError::UnexpectedAnswer(format!("{other:?}"))),
+        Err(e) => OperatorResponse::Error(OperatorError::Unavailable(e.to_string())),
     }
 }
 
@@ -515,7 +516,7 @@ fn run_all(
                 let answer = operator(conn, r).await;
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 match answer {
-                    OperatorResponse::Error(e) => (ms, Some(e)),
+                    OperatorResponse::Error(e) => (ms, Some(e.to_string())),
                     _ => (ms, None),
                 }
             })
