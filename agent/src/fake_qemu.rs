@@ -42,6 +42,7 @@ use crate::host_core::{
     HvResult, Hypervisor, LaunchPlan, VmSignal,
 };
 use crate::host_networks::HostNetworks;
+use crate::hypervisor::Stray;
 use crate::interfaces::InterfaceTable;
 use crate::qemu_process::{LaunchMode, StartTimeouts};
 use crate::qmp::QmpCommand;
@@ -376,6 +377,16 @@ impl FakeHost {
     /// The result, and what the fabric must learn.
     fn call(&mut self, call: HvCall) -> (HvResult, Follow) {
         let result = match call {
+            HvCall::FindStrays { known, .. } => HvResult::Strays(
+                self.procs
+                    .iter()
+                    .filter(|(name, _)| !known.contains(name))
+                    .map(|(name, p)| Stray {
+                        name: name.clone(),
+                        pid: p.pid,
+                    })
+                    .collect(),
+            ),
             HvCall::ScanRecords { .. } => HvResult::Records(
                 self.records
                     .values()

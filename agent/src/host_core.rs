@@ -253,6 +253,7 @@ enum QmpThen {
 
 enum Pending {
     Scan,
+    Strays,
     Attach(Box<FoundRecord>),
     Observe(String),
     StartRead(Box<StartCtx>),
@@ -861,7 +862,10 @@ impl HostCore {
                 Ok(a) => a,
                 Err(e) => return fail(self, out, &ports, e),
             };
-            let Some(port) = self.ports.allocate(MIGRATION_PORTS, &mut *self.probe) else {
+            let Some(port) = self
+                .ports
+                .allocate_least_recent(MIGRATION_PORTS, &mut *self.probe)
+            else {
                 return fail(
                     self,
                     out,
@@ -994,6 +998,7 @@ impl HostCore {
         match pending {
             Pending::Ignore => {}
             Pending::Scan => self.scanned(now, result, out),
+            Pending::Strays => self.strays_found(now, result, out),
             Pending::Attach(found) => {
                 let record = found.record;
                 match result {
@@ -1423,6 +1428,11 @@ impl HostCore {
             }
         };
         let mut attaching = 0;
+        let known: Vec<String> = found
+            .iter()
+            .filter(|f| f.alive)
+            .map(|f| f.record.name.clone())
+            .collect();
         for f in found {
             let record = &f.record;
             if f.alive {
@@ -1448,10 +1458,36 @@ impl HostCore {
                 self.hv(out, Pending::Ignore, call);
             }
         }
+        if self.reattach {
+            // A QEMU spawned just before the agent died has no record yet: it
+            // was never reported as started, so it goes before anything is served.
+            let call = HvCall::FindStrays {
+                state_dir: self.settings.state_dir.clone(),
+                known,
+            };
+            attaching += 1;
+            self.hv(out, Pending::Strays, call);
+        }
         self.booting = Some(attaching);
         if attaching == 0 {
             self.become_ready(now, out);
         }
+    }
+
+    fn strays_found(&mut self, now: Instant, result: HvResult, out: &mut Vec<HostEffect>) {
+        if let HvResult::Strays(strays) = result {
+            for s in strays {
+                tracing::warn!(vm = %s.name, pid = s.pid,
+                    "killing a QEMU that was being started when the agent stopped");
+                let call = HvCall::Signal {
+                    vm: s.name,
+                    pid: s.pid,
+                    signal: VmSignal::Kill,
+                };
+                self.hv(out, Pending::Ignore, call);
+            }
+        }
+        self.attach_finished(now, out);
     }
 
     fn attach_finished(&mut self, now: Instant, out: &mut Vec<HostEffect>) {

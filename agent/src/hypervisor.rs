@@ -61,6 +61,15 @@ pub enum HvCall {
         /// The agent's state directory.
         state_dir: PathBuf,
     },
+    /// Find QEMUs running from this state directory that no live record
+    /// names (`known`): spawned just before the agent died, before their
+    /// record was written ([`HvResult::Strays`]).
+    FindStrays {
+        /// The agent's state directory.
+        state_dir: PathBuf,
+        /// VMs with a record whose QEMU runs.
+        known: Vec<String>,
+    },
     /// Take over a running QEMU found at boot: connect its monitor, watch it.
     Attach {
         /// The VM.
@@ -131,6 +140,15 @@ pub enum HvCall {
     },
 }
 
+/// A QEMU found at boot that no record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    /// The VM, from its state directory's name.
+    pub name: String,
+    /// Its pid.
+    pub pid: i32,
+}
+
 /// A VM record found at boot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoundRecord {
@@ -160,6 +178,8 @@ pub enum HvResult {
     Failed(String),
     /// [`HvCall::ScanRecords`].
     Records(Vec<FoundRecord>),
+    /// [`HvCall::FindStrays`].
+    Strays(Vec<Stray>),
     /// [`HvCall::ReadHost`].
     Host(HostRead),
     /// [`HvCall::LoadNetworks`].

@@ -5,7 +5,7 @@
 //! out stays reserved until released, so no two VMs ever get the same port,
 //! even if QEMU has not bound it yet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
 /// VNC and SPICE display ports (libvirt's `remote_display_port_min/max`).
@@ -20,6 +20,9 @@ pub const MIGRATION_PORTS: RangeInclusive<u16> = 49152..=49215;
 #[derive(Debug, Clone, Default)]
 pub struct PortAllocator {
     reserved: BTreeSet<u16>,
+    /// When each port was last released, in release order.
+    released: BTreeMap<u16, u64>,
+    releases: u64,
 }
 
 impl PortAllocator {
@@ -36,7 +39,10 @@ impl PortAllocator {
 
     /// Returns `port` to the pool.
     pub fn release(&mut self, port: u16) {
-        self.reserved.remove(&port);
+        if self.reserved.remove(&port) {
+            self.releases += 1;
+            self.released.insert(port, self.releases);
+        }
     }
 
     /// Whether `port` is handed out.
@@ -53,6 +59,27 @@ impl PortAllocator {
         let port = range
             .into_iter()
             .find(|p| !self.reserved.contains(p) && probe(*p))?;
+        self.reserved.insert(port);
+        Some(port)
+    }
+
+    /// The free port in `range` released longest ago (never-used ports
+    /// first, lowest first), as an ephemeral-port allocator does.
+    ///
+    /// For incoming migrations: an answer naming a port can reach the
+    /// coordinator seconds late over a live connection, and a stream sent to
+    /// a port handed to another VM meanwhile would land in the wrong guest.
+    pub fn allocate_least_recent(
+        &mut self,
+        range: RangeInclusive<u16>,
+        probe: &mut dyn FnMut(u16) -> bool,
+    ) -> Option<u16> {
+        let mut free: Vec<(u64, u16)> = range
+            .filter(|p| !self.reserved.contains(p))
+            .map(|p| (self.released.get(&p).copied().unwrap_or(0), p))
+            .collect();
+        free.sort_unstable();
+        let (_, port) = free.into_iter().find(|(_, p)| probe(*p))?;
         self.reserved.insert(port);
         Some(port)
     }
@@ -80,5 +107,40 @@ mod tests {
         let mut busy = |p: u16| p != 5900;
         assert_eq!(a.allocate(DISPLAY_PORTS, &mut busy), Some(5902));
         assert_eq!(a.allocate(5900..=5902, &mut |_| false), None);
+    }
+
+    #[test]
+    fn migration_ports_go_round_before_one_is_reused() {
+        let mut a = PortAllocator::new();
+        let mut free = |_| true;
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut free),
+            Some(49152)
+        );
+        a.release(49152);
+        // 49152 was just released: the never-used ports come first.
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut free),
+            Some(49153)
+        );
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut free),
+            Some(49154)
+        );
+        a.release(49154);
+        a.release(49153);
+        // Released longest ago first: 49152, then 49154, then 49153.
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut free),
+            Some(49152)
+        );
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut free),
+            Some(49154)
+        );
+        assert_eq!(
+            a.allocate_least_recent(49152..=49154, &mut |p| p != 49153),
+            None
+        );
     }
 }

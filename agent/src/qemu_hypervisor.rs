@@ -23,6 +23,7 @@ use crate::host_core::{
     FoundRecord, HostRead, HvCall, HvFuture, HvResult, Hypervisor, LaunchPlan, VmSignal,
 };
 use crate::host_networks::HostNetworks;
+use crate::hypervisor::Stray;
 use crate::interfaces::InterfaceTable;
 use crate::qemu_process::{confirm_console, launch, log_tail, process_matches, signal};
 use crate::qmp::{QmpClient, QmpError, QmpEvent};
@@ -166,6 +167,9 @@ impl Hypervisor for QemuHypervisor {
             HvCall::ScanRecords { state_dir } => {
                 Box::pin(std::future::ready(HvResult::Records(scan(&state_dir))))
             }
+            HvCall::FindStrays { state_dir, known } => Box::pin(std::future::ready(
+                HvResult::Strays(strays(&state_dir, &known)),
+            )),
             HvCall::Attach {
                 name,
                 uuid,
@@ -247,6 +251,39 @@ impl Hypervisor for QemuHypervisor {
 }
 
 /// Every readable record under `state_dir`, and whether its QEMU still runs.
+/// Processes whose command line names a file under this agent's VM
+/// directories (QEMU's monitor socket and pidfile are there) and whose VM is
+/// not among `known`.
+fn strays(state_dir: &Path, known: &[String]) -> Vec<Stray> {
+    let prefix = format!("{}/", vms_dir(state_dir).display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline);
+        let Some(at) = text.find(&prefix) else {
+            continue;
+        };
+        let rest = &text[at + prefix.len()..];
+        let name: String = rest.chars().take_while(|c| *c != '/').collect();
+        if !name.is_empty() && !known.contains(&name) && text.contains("-uuid") {
+            out.push(Stray { name, pid });
+        }
+    }
+    out
+}
+
 fn scan(state_dir: &Path) -> Vec<FoundRecord> {
     let Ok(entries) = std::fs::read_dir(vms_dir(state_dir)) else {
         return Vec::new();

@@ -2242,7 +2242,15 @@ impl FleetCore {
                 };
                 self.reply(op, r);
             }
-            Purpose::Cleanup { vm } => self.repaired(&vm),
+            Purpose::Cleanup { vm } => {
+                self.repaired(&vm);
+                // Gone from there (destroyed, or "not running"): a report
+                // numbered before this answer must not bring it back.
+                if let Ok((seq, _)) = result {
+                    self.fence(&host, conn, &vm, seq);
+                    self.set_reported(&host, None, &vm);
+                }
+            }
             Purpose::Resume { vm } => {
                 self.repaired(&vm);
                 if let Ok((seq, AgentResponse::Done(_))) = result {

@@ -40,11 +40,10 @@
 //! `FLOTILLA_SIM_TRACE=1`, every step and hypervisor operation is printed).
 //! A failure prints its seed and the trace of its last 50 steps.
 //!
-//! One known gap of `HostCore` is kept out of the default run: it spawns
-//! QEMU before it records the VM, so an agent crash during a launch leaves a
-//! QEMU no restarted agent knows of. By default the agent's death takes such
-//! a half-launched QEMU with it; `FLOTILLA_SIM_ORPHANS=1` leaves it running
-//! and exposes the gap (e.g. seeds 16 and 51).
+//! An agent crash during a launch leaves the half-launched QEMU running, as
+//! a real one would (QEMU has its own process group); the restarted agent
+//! must find and kill it before it serves anything (seeds 16 and 51 found
+//! the gap that this closes).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -145,9 +144,6 @@ struct HostSim {
     /// Requests the core holds: id → whom the reply is for.
     waiting: BTreeMap<u64, Waiter>,
     gather: Option<Gather>,
-    /// QEMUs spawned by launches whose result the core has not had yet:
-    /// hypervisor op → (VM, pid).
-    launching: BTreeMap<u64, (String, i32)>,
     /// (connection, this connection's next sequence number), once registered.
     session: Option<(ConnId, u64)>,
     /// A heartbeat sent at this time and not yet answered.
@@ -319,9 +315,6 @@ struct World {
     wake_at: Option<Duration>,
     /// Print every step (FLOTILLA_SIM_TRACE=1 with a replayed seed).
     verbose: bool,
-    /// Leave QEMUs whose launch an agent crash interrupted running
-    /// (FLOTILLA_SIM_ORPHANS=1); see [`World::kill_half_launched`].
-    orphans: bool,
     /// Each host's last reported VM list, to trace only changes.
     last_reported: BTreeMap<String, Vec<String>>,
 }
@@ -369,7 +362,6 @@ fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
         next_id: 1,
         waiting: BTreeMap::new(),
         gather: None,
-        launching: BTreeMap::new(),
         session: None,
         heartbeat_out: None,
         dialing: false,
@@ -425,7 +417,6 @@ impl World {
             steps: 0,
             wake_at: None,
             verbose: std::env::var("FLOTILLA_SIM_TRACE").is_ok_and(|v| v == "1"),
-            orphans: std::env::var("FLOTILLA_SIM_ORPHANS").is_ok_and(|v| v == "1"),
             last_reported: BTreeMap::new(),
         };
         w.start_core();
@@ -575,7 +566,9 @@ impl World {
                 Duration::ZERO,
                 Ev::OperatorGets {
                     id,
-                    response: OperatorResponse::Error(OperatorError::Unavailable("connection lost".into())),
+                    response: OperatorResponse::Error(OperatorError::Unavailable(
+                        "connection lost".into(),
+                    )),
                 },
             );
         }
@@ -646,7 +639,6 @@ impl World {
         h.life += 1;
         h.waiting.clear();
         h.gather = None;
-        h.launching.clear();
         h.session = None;
         h.heartbeat_out = None;
         h.core = Some(HostCore::new(
@@ -658,29 +650,6 @@ impl World {
         // Exits from while no agent ran are found by the boot scan.
         let _ = h.fake.take_exits();
         self.host_input(host, HostInput::Boot);
-    }
-
-    /// The agent of `host` died while these QEMUs were being launched. The
-    /// real agent spawns QEMU (in its own process group, surviving the
-    /// agent) before it writes the VM's record, so such a QEMU would run
-    /// unrecorded and no restarted agent would find it: a known gap of
-    /// `HostCore`, exposed with `FLOTILLA_SIM_ORPHANS=1`. By default the
-    /// simulation lets the agent's death take the half-launched QEMU with it.
-    fn kill_half_launched(&mut self, host: usize, launching: BTreeMap<u64, (String, i32)>) {
-        for (vm, pid) in launching.into_values() {
-            if self.hosts[host]
-                .fake
-                .process(&vm)
-                .is_some_and(|p| p.pid == pid)
-            {
-                self.note(format!(
-                    "half-launched QEMU of {vm} on {} dies with its agent",
-                    self.hosts[host].name
-                ));
-                self.hosts[host].fake.crash(&vm);
-            }
-        }
-        let _ = self.hosts[host].fake.take_exits();
     }
 
     /// Feeds one input to `host`'s core, if its agent runs, and carries out
@@ -700,7 +669,9 @@ impl World {
     fn hv_time(&mut self, call: &HvCall) -> Duration {
         match call {
             HvCall::Launch(_) => self.rng.ms(50, 400),
-            HvCall::ScanRecords { .. } | HvCall::Attach { .. } => self.rng.ms(1, 20),
+            HvCall::ScanRecords { .. } | HvCall::FindStrays { .. } | HvCall::Attach { .. } => {
+                self.rng.ms(1, 20)
+            }
             HvCall::ConfirmConsoles { .. } => self.rng.ms(1, 20),
             HvCall::Qmp {
                 cmd: QmpCommand::SystemPowerdown | QmpCommand::Quit,
@@ -739,14 +710,7 @@ impl World {
                     self.hosts[host].name,
                     short_hv(&call)
                 ));
-                let launch = match &call {
-                    HvCall::Launch(plan) => Some(plan.name.clone()),
-                    _ => None,
-                };
                 let result = self.hosts[host].fake.call_now(call);
-                if let (Some(vm), HvResult::Launched { pid }) = (launch, &result) {
-                    self.hosts[host].launching.insert(op, (vm, *pid));
-                }
                 if let Some(vm) = migrate {
                     self.migration_started(host, vm);
                 }
@@ -1197,10 +1161,6 @@ impl World {
                 h.waiting.clear();
                 h.gather = None;
                 h.dialing = false;
-                let launching = std::mem::take(&mut h.launching);
-                if !self.orphans {
-                    self.kill_half_launched(host, launching);
-                }
                 if let Some((c, _)) = self.hosts[host].session {
                     self.kill_conn(c, "agent crashed");
                 }
@@ -1242,7 +1202,9 @@ impl World {
                             Duration::ZERO,
                             Ev::OperatorGets {
                                 id,
-                                response: OperatorResponse::Error(OperatorError::Unavailable("connection lost".into())),
+                                response: OperatorResponse::Error(OperatorError::Unavailable(
+                                    "connection lost".into(),
+                                )),
                             },
                         );
                     }
@@ -1288,7 +1250,9 @@ impl World {
                             Duration::ZERO,
                             Ev::OperatorGets {
                                 id,
-                                response: OperatorResponse::Error(OperatorError::Unavailable("connection refused".into())),
+                                response: OperatorResponse::Error(OperatorError::Unavailable(
+                                    "connection refused".into(),
+                                )),
                             },
                         );
                         return Ok(());
@@ -1459,7 +1423,6 @@ impl World {
                 if life != self.hosts[host].life {
                     return Ok(());
                 }
-                self.hosts[host].launching.remove(&op);
                 // A QEMU that died while it was being launched or attached
                 // to fails the operation, as its monitor closes.
                 let result = match (watch, result) {
