@@ -848,10 +848,11 @@ impl FleetCore {
                 | Fix::DestroyStale { name, .. }
                 | Fix::Unmanaged { name } => name.clone(),
             };
-            let owned = self
-                .vms
-                .get(&name)
-                .is_some_and(|v| v.life.is_transitional());
+            let owned = self.repairs.contains_key(&name)
+                || self
+                    .vms
+                    .get(&name)
+                    .is_some_and(|v| v.life.is_transitional());
             match fix {
                 Fix::Unmanaged { .. } => {
                     tracing::warn!(vm = %name, host, "host runs a VM with no definition")
@@ -1905,6 +1906,23 @@ impl FleetCore {
                 Command::QuitSource => Some((source.clone(), AgentRequest::Destroy { name })),
                 Command::DestroyDestination => Some((dest.clone(), AgentRequest::Destroy { name })),
                 _ => None,
+            };
+            // Record before acting: the records must name the source before
+            // it runs the guest again (they may name the destination after a
+            // switchover that was in doubt), so a coordinator that dies here
+            // does not take the guest for lost.
+            if matches!(cmd, Command::ResumeSource)
+                && self.usage.host_of(vm) != Some(source.as_str())
+                && self.record_placement(vm, Some(&source)).is_err()
+            {
+                tracing::error!(
+                    vm,
+                    "cannot record the source before resuming it; it stays paused"
+                );
+                continue;
+            }
+            let Some(job) = self.migrations.get_mut(vm) else {
+                return;
             };
             if let Some((host, request)) = call {
                 match self.hosts.get(&host).and_then(|h| h.conn) {

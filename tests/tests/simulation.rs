@@ -35,7 +35,8 @@
 //!   shut-off VM has none), and a VM whose last acknowledged verb started or
 //!   moved it, with no fault since that could stop it, is running.
 //!
-//! `FLOTILLA_SIM_SEEDS=N` runs N seeds (default: as many as fit in 60 s, at
+//! `FLOTILLA_SIM_SEEDS=N` runs N seeds from `FLOTILLA_SIM_FIRST_SEED` (default
+//! 1; default count: as many as fit in 60 s, at
 //! least 500); `FLOTILLA_SIM_SEED=S` replays one seed (with
 //! `FLOTILLA_SIM_TRACE=1`, every step and hypervisor operation is printed).
 //! A failure prints its seed and the trace of its last 50 steps.
@@ -274,6 +275,7 @@ struct Weights {
     reset: u64,
     operator_rate_ms: u64,
     slow_link: u64,
+    refuse_finish: u64,
 }
 
 struct World {
@@ -382,6 +384,7 @@ impl World {
             reset: rng.below(3),
             operator_rate_ms: 100 + rng.below(600),
             slow_link: rng.below(3),
+            refuse_finish: rng.below(3),
         };
         let store = Arc::new(MemStore::default());
         let fabric = FakeFabric::new();
@@ -1300,6 +1303,18 @@ impl World {
                 let id = h.next_id;
                 h.next_id += 1;
                 h.waiting.insert(id, Waiter::Call { conn, call, epoch });
+                // A resume that fails before `cont` (the agent answers an
+                // error and the guest stays paused there): the guest must go
+                // on running on its source.
+                if matches!(request, AgentRequest::MigrateFinish { .. })
+                    && self.weights.refuse_finish > 0
+                    && self.rng.chance(0.1 * self.weights.refuse_finish as f64)
+                {
+                    self.note(format!("FAULT {} refuses to resume", self.hosts[host].name));
+                    let response = AgentResponse::Error("console did not answer".into());
+                    self.host_reply(host, id, response);
+                    return self.check();
+                }
                 self.host_input(host, HostInput::Request { id, request });
             }
             Ev::HelloAck { host, conn, ack } => {
@@ -1410,7 +1425,18 @@ impl World {
                 if self.core.is_some() {
                     return Ok(());
                 }
-                self.note("coordinator starts".into());
+                let records: Vec<String> = self
+                    .store
+                    .list()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| {
+                        let dest = r.migrating_to.as_deref().map(|d| format!("→{d}"));
+                        let on = r.placement.as_deref().unwrap_or("-");
+                        format!("{}@{on}{}", r.name, dest.unwrap_or_default())
+                    })
+                    .collect();
+                self.note(format!("coordinator starts over records {records:?}"));
                 self.start_core();
             }
             Ev::HvDone {
@@ -1706,7 +1732,11 @@ fn fleet_simulation_keeps_its_invariants() {
     let began = Instant::now();
     let budget = Duration::from_secs(60);
     let (mut seeds, mut steps) = (0u64, 0u64);
-    let first = 1u64;
+    // Splits a long run across processes (one per core).
+    let first: u64 = std::env::var("FLOTILLA_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     loop {
         let done = match wanted {
             Some(n) => seeds >= n,
