@@ -107,6 +107,9 @@ pub struct AgentSettings {
     pub migration_network: Option<String>,
 }
 
+/// The longest ACPI shutdown a request may ask for; longer asks are capped,
+/// as a deadline past it would overflow the clock and no guest needs a day.
+const MAX_SHUTDOWN_SECS: u64 = 86_400;
 /// Timeout of each QMP command the core sends, unless stated otherwise.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `query-status` for a listing: a busy QEMU must not delay heartbeats.
@@ -645,7 +648,7 @@ impl HostCore {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.stops.push(StopWait {
                         id,
-                        shutdown: Some(Duration::from_secs(timeout_secs)),
+                        shutdown: Some(Duration::from_secs(timeout_secs.min(MAX_SHUTDOWN_SECS))),
                         phase: StopPhase::Powerdown,
                         deadline: None,
                     });
@@ -1551,7 +1554,9 @@ impl HostCore {
             paths: self.paths(&name),
         };
         self.hv(out, Pending::Ignore, call);
-        // Numbered by the coordinator link, which owns the connection's sequence.
+        // The shell only logs it for now: the coordinator learns of the exit
+        // from the host's next report. A link that forwards it must number it
+        // in its connection's sequence (it owns that), so 0 here.
         out.push(HostEffect::Event(AgentEvent::VmStopped {
             seq: 0,
             name,

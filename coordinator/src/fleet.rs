@@ -28,8 +28,6 @@ pub use crate::fleet_core::FleetSettings;
 use crate::fleet_core::{ConnId, Effect, FleetCore, Input, Metric, RequestId};
 use crate::store::StoreError;
 
-/// How long the coordinator waits for an agent to answer a request.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the core gets a tick for gauges and host transitions.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -156,6 +154,7 @@ impl Fleet {
                 call,
                 conn,
                 request,
+                timeout,
                 ..
             } => {
                 let core = self.core.clone();
@@ -167,7 +166,7 @@ impl Fleet {
                     return;
                 };
                 actix::spawn(async move {
-                    let result = quic::call::<_, AgentReply>(&c, &request, AGENT_TIMEOUT)
+                    let result = quic::call::<_, AgentReply>(&c, &request, timeout)
                         .await
                         .map(|r| (r.seq, r.response))
                         .map_err(|e| e.to_string());
@@ -249,9 +248,20 @@ impl Actor for Fleet {
             let addr = ctx.address();
             let spawned = builder.spawn(move || {
                 for input in inputs {
-                    let effects = core.handle(Instant::now(), input);
-                    if !effects.is_empty() {
-                        addr.do_send(Effects(effects));
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        core.handle(Instant::now(), input)
+                    }));
+                    match handled {
+                        Ok(effects) if effects.is_empty() => {}
+                        Ok(effects) => addr.do_send(Effects(effects)),
+                        Err(_) => {
+                            // Without its core the coordinator can answer no
+                            // one: exit, so the supervisor restarts it over
+                            // the durable store, rather than leave every
+                            // caller waiting.
+                            tracing::error!("the fleet core panicked; exiting");
+                            std::process::exit(70);
+                        }
                     }
                 }
             });

@@ -57,6 +57,9 @@ pub type CallId = u64;
 /// How often a migration's source is sampled: completion is noticed at most
 /// this late. One poll is a round trip and a `query-migrate`.
 pub const MIGRATION_POLL: Duration = Duration::from_millis(10);
+/// How long an agent may take to answer a request (a start, a migration
+/// step); longer is a lost answer, and the host's connection is closed.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The destination's liveness is checked every this many polls (200 ms).
 const DEST_CHECK_EVERY: u32 = 20;
 
@@ -153,6 +156,8 @@ pub enum Effect {
         conn: ConnId,
         /// The request.
         request: AgentRequest,
+        /// How long the answer may take; no answer by then is a lost one.
+        timeout: Duration,
     },
     /// Close a connection whose answers can no longer be trusted to come;
     /// the host registers again with a fresh report.
@@ -316,6 +321,37 @@ struct MigrationJob {
     /// the previous migration of the same QEMU.
     streaming: bool,
     sampler: ProgressSampler,
+}
+
+impl MigrationJob {
+    fn new(
+        machine: Migration,
+        owner: Owner,
+        source: String,
+        dest: String,
+        xml: String,
+        params: MigrationParams,
+        now: Instant,
+    ) -> MigrationJob {
+        MigrationJob {
+            machine,
+            owner,
+            source,
+            dest,
+            xml,
+            params,
+            dest_consoles: Vec::new(),
+            steps: VecDeque::new(),
+            step_in_flight: false,
+            client_infos: VecDeque::new(),
+            start: None,
+            polls: 0,
+            poll_in_flight: false,
+            next_poll: now,
+            streaming: false,
+            sampler: ProgressSampler::default(),
+        }
+    }
 }
 
 struct DrainJob {
@@ -642,11 +678,20 @@ impl FleetCore {
                 purpose,
             },
         );
+        let timeout = match &request {
+            // The agent answers a shutdown once the guest is down or the
+            // shutdown escalated, so the answer may take that long.
+            AgentRequest::Shutdown { timeout_secs, .. } => {
+                Duration::from_secs((*timeout_secs).min(86_400)) + CALL_TIMEOUT
+            }
+            _ => CALL_TIMEOUT,
+        };
         self.effects.push(Effect::Call {
             call,
             host: host.to_string(),
             conn,
             request,
+            timeout,
         });
     }
 
@@ -890,16 +935,9 @@ impl FleetCore {
                     }
                 }
                 Fix::DestroyStale { state, .. } => {
-                    tracing::warn!(vm = %name, host, state = %state,
-                        "removing the stale half of an interrupted migration");
                     if let Some(conn) = self.hosts.get(host).and_then(|h| h.conn) {
-                        let vm = name.clone();
-                        self.call(
-                            host,
-                            conn,
-                            AgentRequest::Destroy { name },
-                            Purpose::Cleanup { vm },
-                        );
+                        let what = format!("the stale {state} half of an interrupted migration");
+                        self.remove_half(host, conn, &name, &what);
                     }
                 }
                 Fix::Conflict { recorded, .. } => {
@@ -928,10 +966,11 @@ impl FleetCore {
         dest != host
             && !self.hosts.get(dest).is_some_and(|h| {
                 self.connected(h, now)
-                    && !h.facts.vms.iter().any(|v| {
-                        v.name == vm
-                            && !matches!(v.state, VmRunState::InMigrate | VmRunState::PostMigrate)
-                    })
+                    && !h
+                        .facts
+                        .vms
+                        .iter()
+                        .any(|v| v.name == vm && v.state.holds_guest())
             })
     }
 
@@ -941,9 +980,10 @@ impl FleetCore {
         let dest = self.vms.get(vm)?.pending_dest.clone()?;
         let h = self.hosts.get(&dest)?;
         let holds = self.connected(h, now)
-            && h.facts.vms.iter().any(|v| {
-                v.name == vm && !matches!(v.state, VmRunState::InMigrate | VmRunState::PostMigrate)
-            });
+            && h.facts
+                .vms
+                .iter()
+                .any(|v| v.name == vm && v.state.holds_guest());
         holds.then_some(dest)
     }
 
@@ -981,8 +1021,10 @@ impl FleetCore {
     /// Only when no connected host reports a copy that may run: a source in
     /// `postmigrate` and a destination holding the received guest `paused`
     /// are driven to the end from `Finishing` (the destination runs before
-    /// the source quits). A lone half is resumed only when every known host
-    /// is connected, since an unreachable one might already run the guest.
+    /// the source quits). A lone half is resumed only when every host that
+    /// might hold a copy has reported, after any destination still waiting
+    /// for a stream is gone. Halves of a VM the records hold shut off, and
+    /// completed sources of older migrations, are removed.
     fn recover_switchover(&mut self, now: Instant, vm: &str) {
         let Some(entry) = self.vms.get(vm) else {
             return;
@@ -993,18 +1035,21 @@ impl FleetCore {
         {
             return;
         }
-        let (mut sources, mut dest, mut waiting) = (Vec::new(), None, Vec::new());
+        let (mut sources, mut holders, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
         for (h, live) in &self.hosts {
             if !self.connected(live, now) {
                 continue;
             }
-            if let Some(v) = live.facts.vms.iter().find(|v| v.name == vm) {
-                match v.state.as_str() {
-                    "postmigrate" => sources.push((h.clone(), live.conn)),
-                    "paused" => dest = Some((h.clone(), live.conn)),
-                    "inmigrate" => waiting.push((h.clone(), live.conn)),
-                    _ => return,
-                }
+            let (Some(v), Some(conn)) = (live.facts.vms.iter().find(|v| v.name == vm), live.conn)
+            else {
+                continue;
+            };
+            match v.state {
+                VmRunState::PostMigrate => sources.push((h.clone(), conn)),
+                VmRunState::Paused => holders.push((h.clone(), conn)),
+                VmRunState::InMigrate => waiting.push((h.clone(), conn)),
+                // A copy that may run: reconciliation's business, not ours.
+                _ => return,
             }
         }
         // Every host that might hold a copy has reported: each known host,
@@ -1014,131 +1059,60 @@ impl FleetCore {
             .keys()
             .chain(entry.pending_dest.as_ref())
             .all(|h| self.hosts.get(h).is_some_and(|l| self.connected(l, now)));
-        let recorded = entry.life.host().map(str::to_string);
+        let Some(recorded) = entry.life.host().map(str::to_string) else {
+            // Shut off in the records: any half left behind is stale.
+            for (host, conn) in sources.into_iter().chain(holders).chain(waiting) {
+                self.remove_half(
+                    &host,
+                    conn,
+                    vm,
+                    "a paused half of a VM recorded as shut off",
+                );
+            }
+            return;
+        };
         // A completed source other than the recorded host's is an older
         // migration's leftover: its guest state is stale, never resumed.
         let pick = sources
             .iter()
-            .position(|(h, _)| Some(h) == recorded.as_ref())
+            .position(|(h, _)| *h == recorded)
             .unwrap_or(0);
         let source = (!sources.is_empty()).then(|| sources.remove(pick));
-        if recorded.is_some() && recorded != source.as_ref().map(|s| s.0.clone())
-            || source.is_some()
-        {
-            for (other, conn) in std::mem::take(&mut sources) {
-                if let Some(conn) = conn {
-                    tracing::warn!(vm, host = %other, "removing the paused source of an older migration");
-                    self.call(
-                        &other,
-                        conn,
-                        AgentRequest::Destroy {
-                            name: vm.to_string(),
-                        },
-                        Purpose::Cleanup { vm: vm.to_string() },
-                    );
-                }
-            }
+        for (other, conn) in sources {
+            self.remove_half(&other, conn, vm, "the paused source of an older migration");
         }
-        match (recorded, source, dest) {
-            // Shut off in the records: a paused half left behind is stale.
-            (None, source, dest) => {
-                for (host, conn) in source.into_iter().chain(dest).chain(waiting) {
-                    if let Some(conn) = conn {
-                        tracing::warn!(vm, host = %host, "removing a paused half of a VM recorded as shut off");
-                        self.call(
-                            &host,
-                            conn,
-                            AgentRequest::Destroy {
-                                name: vm.to_string(),
-                            },
-                            Purpose::Cleanup { vm: vm.to_string() },
-                        );
-                    }
-                }
+        let dest = holders.into_iter().next();
+        match (source, dest) {
+            (Some((source, _)), Some((dest, _))) if recorded == source || recorded == dest => {
+                self.take_over_switchover(now, vm, source, dest)
             }
-            (Some(r), Some((source, _)), Some((dest, _))) if r == source || r == dest => {
-                tracing::warn!(vm, source = %source, dest = %dest, "finishing an interrupted switchover");
-                // The records stay where they are (either half) until the
-                // machine says which host the guest ends on.
-                if self.store.set_migrating_to(vm, Some(dest.clone())).is_err() {
-                    return;
-                }
-                if let Some(v) = self.vms.get_mut(vm) {
-                    v.pending_dest = Some(dest.clone());
-                }
-                self.set_life(
-                    vm,
-                    VmLifecycle::Migrating {
-                        source: source.clone(),
-                        dest: dest.clone(),
-                    },
-                );
-                self.emit(format!(
-                    "vm {vm} finishing an interrupted migration from {source} to {dest}"
-                ));
-                let (machine, first) = Migration::resume_switchover(now);
-                self.migrations.insert(
-                    vm.to_string(),
-                    MigrationJob {
-                        machine,
-                        owner: Owner::Recovery,
-                        source,
-                        dest,
-                        xml: String::new(),
-                        params: MigrationParams::default(),
-                        dest_consoles: Vec::new(),
-                        steps: VecDeque::new(),
-                        step_in_flight: false,
-                        client_infos: VecDeque::new(),
-                        start: None,
-                        polls: 0,
-                        poll_in_flight: false,
-                        next_poll: now,
-                        streaming: false,
-                        sampler: ProgressSampler::default(),
-                    },
-                );
-                self.run_commands(now, vm, first);
-            }
-            // A destination still receiving may yet hold the whole guest:
-            // the source is resumed only when no other copy exists.
-            (Some(r), Some((host, Some(conn))), None)
-                if everyone && r == host && waiting.is_empty() =>
-            {
-                tracing::warn!(vm, host = %host, "resuming the source of an interrupted migration");
-                let request = AgentRequest::Resume {
-                    name: vm.to_string(),
-                };
-                self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
-            }
-            // The source sent everything, so a destination still waiting
-            // can only be stale or about to hold a paused copy: remove it
-            // first, then the source is the one copy left to resume.
-            (Some(r), Some((host, _)), None) if everyone && r == host => {
-                for (other, conn) in waiting {
-                    if let Some(conn) = conn {
-                        tracing::warn!(vm, host = %other, "removing the unfinished destination of an interrupted migration");
-                        self.call(
+            (Some((host, conn)), None) if everyone && recorded == host => {
+                if waiting.is_empty() {
+                    // The one copy left: the source sent everything and no
+                    // destination holds it.
+                    tracing::warn!(vm, host = %host, "resuming the source of an interrupted migration");
+                    let request = AgentRequest::Resume {
+                        name: vm.to_string(),
+                    };
+                    self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
+                } else {
+                    // A destination still waiting can only be stale or about
+                    // to hold a paused copy: it goes first.
+                    for (other, c) in waiting {
+                        self.remove_half(
                             &other,
-                            conn,
-                            AgentRequest::Destroy {
-                                name: vm.to_string(),
-                            },
-                            Purpose::Cleanup { vm: vm.to_string() },
+                            c,
+                            vm,
+                            "the unfinished destination of an interrupted migration",
                         );
                     }
                 }
             }
-            // No source is left, so a destination still waiting can never
-            // receive: it goes, and the one holding the whole guest resumes.
-            (Some(r), None, Some((host, Some(conn)))) if everyone && r == host => {
+            (None, Some((host, conn))) if everyone && recorded == host => {
+                // No source is left, so a destination still waiting can never
+                // receive: it goes, and the one holding the whole guest resumes.
                 for (other, c) in waiting {
-                    if let Some(c) = c {
-                        let request = AgentRequest::Destroy {
-                            name: vm.to_string(),
-                        };
-                        self.call(&other, c, request, Purpose::Cleanup { vm: vm.to_string() });
-                    }
+                    self.remove_half(&other, c, vm, "an unfinished destination with no source");
                 }
                 tracing::warn!(vm, host = %host, "resuming the destination of an interrupted migration");
                 let request = AgentRequest::MigrateFinish {
@@ -1148,6 +1122,51 @@ impl FleetCore {
             }
             _ => {}
         }
+    }
+
+    /// Removes a half of a migration that can no longer run the guest.
+    fn remove_half(&mut self, host: &str, conn: ConnId, vm: &str, what: &str) {
+        tracing::warn!(vm, host, "removing {what}");
+        let request = AgentRequest::Destroy {
+            name: vm.to_string(),
+        };
+        self.call(host, conn, request, Purpose::Cleanup { vm: vm.to_string() });
+    }
+
+    /// Drives a switchover from `Finishing`: the destination holds the guest
+    /// paused, the source completed.
+    fn take_over_switchover(&mut self, now: Instant, vm: &str, source: String, dest: String) {
+        tracing::warn!(vm, source = %source, dest = %dest, "finishing an interrupted switchover");
+        // The records stay where they are (either half) until the machine
+        // says which host the guest ends on.
+        if self.store.set_migrating_to(vm, Some(dest.clone())).is_err() {
+            return;
+        }
+        if let Some(v) = self.vms.get_mut(vm) {
+            v.pending_dest = Some(dest.clone());
+        }
+        self.set_life(
+            vm,
+            VmLifecycle::Migrating {
+                source: source.clone(),
+                dest: dest.clone(),
+            },
+        );
+        self.emit(format!(
+            "vm {vm} finishing an interrupted migration from {source} to {dest}"
+        ));
+        let (machine, first) = Migration::resume_switchover(now);
+        let job = MigrationJob::new(
+            machine,
+            Owner::Recovery,
+            source,
+            dest,
+            String::new(),
+            MigrationParams::default(),
+            now,
+        );
+        self.migrations.insert(vm.to_string(), job);
+        self.run_commands(now, vm, first);
     }
 
     fn log_host_transitions(&mut self, now: Instant) {
@@ -1189,6 +1208,24 @@ impl FleetCore {
         for vm in names {
             self.feed_migration(now, &vm, MigInput::Tick);
             self.poll_migration(now, &vm);
+        }
+        // The shell keeps only the earliest wake-up: ask again for the next
+        // poll due, so no migration waits for the once-a-second tick.
+        let next = self
+            .migrations
+            .values()
+            .filter(|j| {
+                matches!(
+                    j.machine.phase(),
+                    Phase::Performing | Phase::Aborting { .. }
+                ) && j.streaming
+                    && !j.poll_in_flight
+                    && j.next_poll > now
+            })
+            .map(|j| j.next_poll)
+            .min();
+        if let Some(at) = next {
+            self.effects.push(Effect::WakeAt(at));
         }
     }
 
@@ -1798,27 +1835,8 @@ impl FleetCore {
         tracing::info!(vm = %name, from = %source, to = %dest, "migrating");
         self.emit(format!("vm {name} migrating from {source} to {dest}"));
         let (machine, first) = Migration::start(params.clone(), now);
-        self.migrations.insert(
-            name.to_string(),
-            MigrationJob {
-                machine,
-                owner,
-                source,
-                dest,
-                xml,
-                params,
-                dest_consoles: Vec::new(),
-                steps: VecDeque::new(),
-                step_in_flight: false,
-                client_infos: VecDeque::new(),
-                start: None,
-                polls: 0,
-                poll_in_flight: false,
-                next_poll: now,
-                streaming: false,
-                sampler: ProgressSampler::default(),
-            },
-        );
+        let job = MigrationJob::new(machine, owner, source, dest, xml, params, now);
+        self.migrations.insert(name.to_string(), job);
         self.run_commands(now, name, first);
         Ok(())
     }
@@ -2099,6 +2117,16 @@ impl FleetCore {
         let Some(job) = self.migrations.remove(vm) else {
             return;
         };
+        // A destination that never got the whole guest cannot run it: the
+        // migration is settled, and the VM can be stopped at once.
+        if !phase.on_destination()
+            && !job.machine.reached_switchover()
+            && self.store.set_migrating_to(vm, None).is_ok()
+        {
+            if let Some(v) = self.vms.get_mut(vm) {
+                v.pending_dest = None;
+            }
+        }
         let on = if phase.on_destination() {
             job.dest.clone()
         } else {

@@ -11,9 +11,12 @@
 //! ShutOff ─────────▶ Starting ───────────────▶ Running ◀──┐ migration ends
 //!    ▲  ▲  ◀── failed ──┘                      │  │  │     │ (on source or destination)
 //!    │  │                    shutdown/destroy  │  │  └──▶ Migrating
-//!    │  └──────────── done ── Stopping ◀───────┘  │           │ guest lost (post-copy)
-//!    └──────────────── exited / reported gone ────┴───────────┘
+//!    │  └──────────── done ── Stopping ◀───────┘  │
+//!    └──────────────── exited / reported gone ────┘
 //! ```
+//!
+//! A migration always ends `Running` on one of its two hosts; if the guest
+//! was in fact lost there, that host's next report says so.
 
 use std::fmt;
 
@@ -96,8 +99,9 @@ impl VmLifecycle {
     ///
     /// Allowed: a start from shut off; its outcome; a stop from running and
     /// its outcome (or its failure, back to running); a migration from
-    /// running and its end on either host, or shut off when the guest was
-    /// lost; a running VM recorded on another host, or as gone, when its host
+    /// running (on its source, or on its destination when taking over an
+    /// interrupted switchover) and its end on either host; a running VM
+    /// recorded on another host, or as gone, when its host
     /// reports so; a shut-off VM recorded where a host reports it running.
     pub fn transition(&self, to: VmLifecycle) -> Result<VmLifecycle, InvalidTransition> {
         use VmLifecycle::*;
@@ -117,7 +121,6 @@ impl VmLifecycle {
             (Stopping { .. }, ShutOff) => true,
             (Stopping { host: a }, Running { host: b }) => a == b,
             (Migrating { source, dest }, Running { host }) => host == source || host == dest,
-            (Migrating { .. }, ShutOff) => true,
             _ => false,
         };
         if ok {
@@ -209,13 +212,6 @@ mod tests {
                 },
                 Running { host: h("b") },
             ),
-            (
-                Migrating {
-                    source: h("a"),
-                    dest: h("b"),
-                },
-                ShutOff,
-            ),
         ];
         for (from, to) in allowed {
             assert_eq!(
@@ -279,6 +275,13 @@ mod tests {
                 Stopping { host: h("a") },
             ),
             (ShutOff, ShutOff),
+            (
+                Migrating {
+                    source: h("a"),
+                    dest: h("b"),
+                },
+                ShutOff,
+            ),
         ];
         for (from, to) in refused {
             assert_eq!(

@@ -271,6 +271,8 @@ pub struct Migration {
     phase: Phase,
     started: Instant,
     postcopy_active: bool,
+    /// The source reported `completed`: the destination holds the guest.
+    source_completed: bool,
     source_done: bool,
     placement_recorded: bool,
     last_stats: Option<MigrationStats>,
@@ -284,6 +286,7 @@ impl Migration {
             phase: Phase::Preparing,
             started: now,
             postcopy_active: false,
+            source_completed: false,
             source_done: false,
             placement_recorded: false,
             last_stats: None,
@@ -302,6 +305,7 @@ impl Migration {
             phase: Phase::Finishing,
             started: now,
             postcopy_active: false,
+            source_completed: true,
             source_done: false,
             placement_recorded: false,
             last_stats: None,
@@ -312,6 +316,12 @@ impl Migration {
     /// The current phase.
     pub fn phase(&self) -> &Phase {
         &self.phase
+    }
+
+    /// The destination got the whole guest at some point (the source
+    /// completed, or post-copy began): it may hold a copy that can run.
+    pub fn reached_switchover(&self) -> bool {
+        self.source_completed || self.postcopy_active
     }
 
     /// The newest statistics.
@@ -407,9 +417,23 @@ impl Migration {
             (Phase::Performing | Phase::Aborting { .. }, Input::SourceCompleted(s)) => {
                 // Completion wins over a late abort: the state is already across.
                 self.last_stats = Some(s);
+                self.source_completed = true;
                 self.phase = Phase::Finishing;
                 vec![Command::FinishDestination]
             }
+            // In post-copy the guest already runs on the destination: a source
+            // that failed (or a poll that got no answer) must not cost it its
+            // only running copy.
+            (Phase::Performing, Input::SourceFailed(e)) if self.postcopy_active => self.end(
+                Phase::InDoubt {
+                    reason: format!(
+                        "the source failed during post-copy ({e}); the guest runs on the \
+                         destination"
+                    ),
+                },
+                now,
+                Vec::new(),
+            ),
             (Phase::Performing, Input::SourceFailed(e)) => self.end(
                 Phase::Failed {
                     reason: format!("migration failed on the source: {e}"),
@@ -854,5 +878,20 @@ mod tests {
             m.handle(Input::Finished, t0),
             vec![Command::QuitSource, Command::RecordPlacement]
         );
+    }
+
+    #[test]
+    fn a_source_failure_in_postcopy_leaves_the_guest_on_the_destination() {
+        let params = MigrationParams {
+            postcopy: true,
+            ..MigrationParams::default()
+        };
+        let (mut m, t0) = prepared(params);
+        let cmds = m.handle(Input::Progress(stats(1)), t0);
+        assert!(cmds.contains(&Command::SwitchToPostcopy));
+        let cmds = m.handle(Input::SourceFailed("no answer: timeout".into()), t0);
+        assert!(!cmds.contains(&Command::DestroyDestination), "{cmds:?}");
+        assert!(matches!(outcome(&cmds), Some(Phase::InDoubt { .. })));
+        assert!(m.reached_switchover());
     }
 }

@@ -52,7 +52,8 @@ pub enum Fix {
 
 /// The fixes that make the records agree with `host` reporting `reported`
 /// (VM name → QEMU run state). A paused half of a migration (see
-/// [`VmRunState::is_migration_half`]) is never placed.
+/// [`VmRunState::is_migration_half`]) and a QEMU in an unknown state are
+/// never placed.
 ///
 /// `other_host_runs(host, vm)` tells whether another host is known to be
 /// running a VM right now (so a stale record on an unreachable host is not a
@@ -82,7 +83,10 @@ pub fn reconcile(
                         });
                     }
                 }
-                _ if state.is_migration_half() => {}
+                // A paused half cannot run the guest, and a QEMU whose state
+                // the agent could not read (dying, or never fully started)
+                // may not: neither is evidence that the VM runs here.
+                _ if state.is_migration_half() || *state == VmRunState::Unknown => {}
                 _ => fixes.push(Fix::Place { name: name.clone() }),
             },
         }
@@ -153,6 +157,7 @@ mod tests {
             row("m", Some("h2")),
             row("n", Some("h3")),
             row("o", None),
+            row("q", None),
             row("p", Some("h2")),
         ];
         let mut reported = BTreeMap::new();
@@ -160,6 +165,7 @@ mod tests {
         reported.insert("n".to_string(), VmRunState::InMigrate);
         reported.insert("o".to_string(), VmRunState::InMigrate);
         reported.insert("p".to_string(), VmRunState::Paused);
+        reported.insert("q".to_string(), VmRunState::Unknown);
         let fixes = reconcile("h1", &reported, &rows, &|host, _| host == "h2");
         assert_eq!(
             fixes,
@@ -173,7 +179,8 @@ mod tests {
                     state: VmRunState::Paused
                 }
             ],
-            "n: its recorded host is unreachable, keep it; o: a paused copy is never placed"
+            "n: its recorded host is unreachable, keep it; o: a paused copy is never placed; \
+             q: nor is one whose state is unknown"
         );
     }
 

@@ -421,6 +421,13 @@ impl VmRunState {
         }
     }
 
+    /// A copy that holds the whole guest and can run it (now or once
+    /// resumed): not a destination still waiting for the stream, nor a
+    /// source that sent it.
+    pub fn holds_guest(self) -> bool {
+        !matches!(self, VmRunState::InMigrate | VmRunState::PostMigrate)
+    }
+
     /// A half of a live migration whose vCPUs do not run: a destination
     /// waiting for or holding the stream, or a completed source.
     pub fn is_migration_half(self) -> bool {
