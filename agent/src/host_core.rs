@@ -626,19 +626,7 @@ impl HostCore {
                 if !self.vms.contains_key(&name) {
                     return reply(out, self.not_running(&name));
                 }
-                let deadline = now + FINISH_DEADLINE;
-                let pending = Pending::FinishPoll {
-                    id,
-                    name: name.clone(),
-                    deadline,
-                };
-                self.qmp_timeout(
-                    out,
-                    pending,
-                    &name,
-                    QmpCommand::QueryStatus,
-                    FINISH_STATUS_TIMEOUT,
-                );
+                self.poll_finish(id, &name, now + FINISH_DEADLINE, out);
             }
             Request::Shutdown { name, timeout_secs } => {
                 if !self.vms.contains_key(&name) {
@@ -1564,6 +1552,23 @@ impl HostCore {
         }));
     }
 
+    /// Asks an incoming QEMU whether the stream has arrived, for a finish
+    /// that gives up at `deadline`.
+    fn poll_finish(&mut self, id: u64, name: &str, deadline: Instant, out: &mut Vec<HostEffect>) {
+        let pending = Pending::FinishPoll {
+            id,
+            name: name.to_string(),
+            deadline,
+        };
+        self.qmp_timeout(
+            out,
+            pending,
+            name,
+            QmpCommand::QueryStatus,
+            FINISH_STATUS_TIMEOUT,
+        );
+    }
+
     fn tick(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
         // Incoming-migration polls that are due.
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.polls)
@@ -1575,18 +1580,7 @@ impl HostCore {
                 self.finish_failed(id, &name, "the VM's QEMU exited".into(), out);
                 continue;
             }
-            let pending = Pending::FinishPoll {
-                id,
-                name: name.clone(),
-                deadline,
-            };
-            self.qmp_timeout(
-                out,
-                pending,
-                &name,
-                QmpCommand::QueryStatus,
-                FINISH_STATUS_TIMEOUT,
-            );
+            self.poll_finish(id, &name, deadline, out);
         }
         // Shutdown and destroy escalations that are due.
         let mut calls = Vec::new();

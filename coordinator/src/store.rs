@@ -182,6 +182,26 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Changes one stored VM in one durable transaction.
+    fn update(&self, name: &str, change: impl FnOnce(&mut VmRow)) -> Result<VmRow, StoreError> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let row = {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let mut row: VmRow = match defs.get(name).map_err(backend)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(name.to_string())),
+            };
+            change(&mut row);
+            defs.insert(name, encode(&row)?.as_slice())
+                .map_err(backend)?;
+            row
+        };
+        txn.commit().map_err(backend)?;
+        Ok(row)
+    }
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(backend)
 }
@@ -276,38 +296,14 @@ impl Store for RedbStore {
         placement: Option<String>,
         want_running: bool,
     ) -> Result<VmRow, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        let row = {
-            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
-            let mut row: VmRow = match defs.get(name).map_err(backend)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(StoreError::NotFound(name.to_string())),
-            };
+        self.update(name, |row| {
             row.placement = placement;
             row.want_running = want_running;
-            defs.insert(name, encode(&row)?.as_slice())
-                .map_err(backend)?;
-            row
-        };
-        txn.commit().map_err(backend)?;
-        Ok(row)
+        })
     }
 
     fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        let row = {
-            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
-            let mut row: VmRow = match defs.get(name).map_err(backend)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(StoreError::NotFound(name.to_string())),
-            };
-            row.migrating_to = dest;
-            defs.insert(name, encode(&row)?.as_slice())
-                .map_err(backend)?;
-            row
-        };
-        txn.commit().map_err(backend)?;
-        Ok(row)
+        self.update(name, |row| row.migrating_to = dest)
     }
 
     fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError> {
@@ -369,6 +365,16 @@ impl MemStore {
         self.state
             .lock()
             .map_err(|_| StoreError::Backend("poisoned".into()))
+    }
+
+    fn update(&self, name: &str, change: impl FnOnce(&mut VmRow)) -> Result<VmRow, StoreError> {
+        let mut t = self.writable()?;
+        let row = t
+            .definitions
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        change(row);
+        Ok(row.clone())
     }
 
     fn writable(&self) -> Result<std::sync::MutexGuard<'_, MemTables>, StoreError> {
@@ -437,24 +443,14 @@ impl Store for MemStore {
         placement: Option<String>,
         want_running: bool,
     ) -> Result<VmRow, StoreError> {
-        let mut t = self.writable()?;
-        let row = t
-            .definitions
-            .get_mut(name)
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        row.placement = placement;
-        row.want_running = want_running;
-        Ok(row.clone())
+        self.update(name, |row| {
+            row.placement = placement;
+            row.want_running = want_running;
+        })
     }
 
     fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
-        let mut t = self.writable()?;
-        let row = t
-            .definitions
-            .get_mut(name)
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        row.migrating_to = dest;
-        Ok(row.clone())
+        self.update(name, |row| row.migrating_to = dest)
     }
 
     fn put_host(&self, host: &HostRow, _durable: bool) -> Result<(), StoreError> {
