@@ -405,10 +405,7 @@ mod tests {
         fn list(&self) -> Result<Vec<VmRow>, StoreError> {
             broken()
         }
-        fn set_placement(&self, _: &str, _: Option<String>, _: bool) -> Result<VmRow, StoreError> {
-            broken()
-        }
-        fn set_migrating_to(&self, _: &str, _: Option<String>) -> Result<VmRow, StoreError> {
+        fn update_row(&self, _: &str, _: &mut dyn FnMut(&mut VmRow)) -> Result<VmRow, StoreError> {
             broken()
         }
         fn put_host(&self, _: &HostRow, _: bool) -> Result<(), StoreError> {

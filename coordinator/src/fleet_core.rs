@@ -2117,12 +2117,12 @@ impl FleetCore {
         let Some(job) = self.migrations.remove(vm) else {
             return;
         };
-        // A destination that never got the whole guest cannot run it: the
-        // migration is settled, and the VM can be stopped at once.
-        if !phase.on_destination()
-            && !job.machine.reached_switchover()
-            && self.store.set_migrating_to(vm, None).is_ok()
-        {
+        // Settled at once: a completed migration (the destination runs the
+        // guest; the source holds at most a paused copy), or one whose
+        // destination never got the whole guest. Then the VM can be stopped.
+        let settled = phase == Phase::Completed
+            || (!phase.on_destination() && !job.machine.reached_switchover());
+        if settled && self.store.set_migrating_to(vm, None).is_ok() {
             if let Some(v) = self.vms.get_mut(vm) {
                 v.pending_dest = None;
             }
@@ -2900,6 +2900,81 @@ mod tests {
         let row = r.store.get("web").expect("read").expect("row");
         assert_eq!(row.migrating_to.as_deref(), Some("b"));
         assert_eq!(row.placement.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_completed_migration_is_settled_at_once() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        r.register("b", 2, &[]);
+        let (id, out) = r.op(OperatorRequest::Migrate {
+            name: "web".into(),
+            to: Some("b".into()),
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            auto_converge: false,
+            postcopy: false,
+            timeout_secs: None,
+        });
+        // Walk the steps: prepare, migrate, poll completed, finish, quit.
+        let mut out = out;
+        let mut done = None;
+        for step in 1..20u64 {
+            let now = r.t0 + Duration::from_secs(step);
+            let calls = Rig::calls(&out);
+            if calls.is_empty() {
+                out = r.core.handle(now, Input::Tick);
+                continue;
+            }
+            let mut next = Vec::new();
+            for (call, _, request) in calls {
+                let response = match request {
+                    AgentRequest::MigrateIncoming { .. } => AgentResponse::Incoming {
+                        vm: facts("b", &[("web", VmRunState::InMigrate)]).vms.remove(0),
+                        uri: "tcp:b:49152".into(),
+                    },
+                    AgentRequest::MigrationStatus { .. } => {
+                        AgentResponse::Migration(MigrationProgress {
+                            status: "completed".into(),
+                            ..MigrationProgress::default()
+                        })
+                    }
+                    _ => AgentResponse::Done("ok".into()),
+                };
+                let input = Input::AgentReplied {
+                    call,
+                    result: Ok((10, response)),
+                };
+                next.extend(r.core.handle(now, input));
+            }
+            if let Some(resp) = Rig::answer(id, &next) {
+                done = Some(resp.clone());
+                break;
+            }
+            out = next;
+        }
+        assert!(
+            matches!(
+                done,
+                Some(OperatorResponse::Migrated {
+                    outcome: MigrationOutcome::Completed,
+                    ..
+                })
+            ),
+            "{done:?}"
+        );
+        assert_eq!(
+            r.store.get("web").expect("read").expect("row").migrating_to,
+            None
+        );
+        let (id, out) = r.op(OperatorRequest::Destroy { name: "web".into() });
+        assert!(
+            Rig::answer(id, &out).is_none(),
+            "sent, not refused: {out:?}"
+        );
+        assert_eq!(Rig::calls(&out).len(), 1);
     }
 
     #[test]

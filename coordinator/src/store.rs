@@ -121,16 +121,30 @@ pub trait Store: Send + Sync {
     fn get(&self, name: &str) -> Result<Option<VmRow>, StoreError>;
     /// Every VM, by name.
     fn list(&self) -> Result<Vec<VmRow>, StoreError>;
+    /// Changes one stored VM in one durable write (a backend with
+    /// compare-and-swap does it here). Durable on return.
+    fn update_row(
+        &self,
+        name: &str,
+        change: &mut dyn FnMut(&mut VmRow),
+    ) -> Result<VmRow, StoreError>;
     /// Records where a VM runs and whether it should. Durable on return.
     fn set_placement(
         &self,
         name: &str,
         placement: Option<String>,
         want_running: bool,
-    ) -> Result<VmRow, StoreError>;
+    ) -> Result<VmRow, StoreError> {
+        self.update_row(name, &mut |row| {
+            row.placement = placement.clone();
+            row.want_running = want_running;
+        })
+    }
     /// Records (or clears) the destination of a migration that may move the
     /// VM. Durable on return.
-    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError>;
+    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
+        self.update_row(name, &mut |row| row.migrating_to = dest.clone())
+    }
     /// Records a host, durable on return when `durable` (operator state such as
     /// draining); host-reported facts need not be, as every registration
     /// reports them again, and waiting for the disk per host would serialize a
@@ -179,26 +193,6 @@ impl RedbStore {
         }
         txn.commit().map_err(backend)?;
         Ok(RedbStore { db })
-    }
-}
-
-impl RedbStore {
-    /// Changes one stored VM in one durable transaction.
-    fn update(&self, name: &str, change: impl FnOnce(&mut VmRow)) -> Result<VmRow, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        let row = {
-            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
-            let mut row: VmRow = match defs.get(name).map_err(backend)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(StoreError::NotFound(name.to_string())),
-            };
-            change(&mut row);
-            defs.insert(name, encode(&row)?.as_slice())
-                .map_err(backend)?;
-            row
-        };
-        txn.commit().map_err(backend)?;
-        Ok(row)
     }
 }
 
@@ -290,20 +284,25 @@ impl Store for RedbStore {
         Ok(out)
     }
 
-    fn set_placement(
+    fn update_row(
         &self,
         name: &str,
-        placement: Option<String>,
-        want_running: bool,
+        change: &mut dyn FnMut(&mut VmRow),
     ) -> Result<VmRow, StoreError> {
-        self.update(name, |row| {
-            row.placement = placement;
-            row.want_running = want_running;
-        })
-    }
-
-    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
-        self.update(name, |row| row.migrating_to = dest)
+        let txn = self.db.begin_write().map_err(backend)?;
+        let row = {
+            let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
+            let mut row: VmRow = match defs.get(name).map_err(backend)? {
+                Some(v) => decode(v.value())?,
+                None => return Err(StoreError::NotFound(name.to_string())),
+            };
+            change(&mut row);
+            defs.insert(name, encode(&row)?.as_slice())
+                .map_err(backend)?;
+            row
+        };
+        txn.commit().map_err(backend)?;
+        Ok(row)
     }
 
     fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError> {
@@ -367,16 +366,6 @@ impl MemStore {
             .map_err(|_| StoreError::Backend("poisoned".into()))
     }
 
-    fn update(&self, name: &str, change: impl FnOnce(&mut VmRow)) -> Result<VmRow, StoreError> {
-        let mut t = self.writable()?;
-        let row = t
-            .definitions
-            .get_mut(name)
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
-        change(row);
-        Ok(row.clone())
-    }
-
     fn writable(&self) -> Result<std::sync::MutexGuard<'_, MemTables>, StoreError> {
         if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StoreError::Backend("write failed (injected)".into()));
@@ -437,20 +426,18 @@ impl Store for MemStore {
         Ok(self.tables()?.definitions.values().cloned().collect())
     }
 
-    fn set_placement(
+    fn update_row(
         &self,
         name: &str,
-        placement: Option<String>,
-        want_running: bool,
+        change: &mut dyn FnMut(&mut VmRow),
     ) -> Result<VmRow, StoreError> {
-        self.update(name, |row| {
-            row.placement = placement;
-            row.want_running = want_running;
-        })
-    }
-
-    fn set_migrating_to(&self, name: &str, dest: Option<String>) -> Result<VmRow, StoreError> {
-        self.update(name, |row| row.migrating_to = dest)
+        let mut t = self.writable()?;
+        let row = t
+            .definitions
+            .get_mut(name)
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        change(row);
+        Ok(row.clone())
     }
 
     fn put_host(&self, host: &HostRow, _durable: bool) -> Result<(), StoreError> {
