@@ -39,8 +39,7 @@ use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 use crate::events::{migration_progress_line, ProgressSampler};
 use crate::lifecycle::{HostState, VmLifecycle};
 use crate::migration::{
-    Command, Input as MigInput, Migration, MigrationParams, MigrationStats, Phase, Report,
-    StepFailure,
+    Command, Input as MigInput, Migration, MigrationParams, Phase, Report, StepFailure,
 };
 use crate::reconcile::{reconcile, Fix};
 use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
@@ -423,34 +422,6 @@ fn not_found(name: &str) -> OperatorError {
 fn not_running(name: &str) -> OperatorError {
     OperatorError::NotRunning {
         name: name.to_string(),
-    }
-}
-
-fn progress(s: &MigrationStats) -> MigrationProgress {
-    MigrationProgress {
-        status: s.status.clone(),
-        transferred: s.transferred,
-        remaining: s.remaining,
-        total: s.total,
-        throughput_bps: s.throughput_bps,
-        dirty_sync_count: s.dirty_sync_count,
-        expected_downtime_ms: s.expected_downtime_ms,
-        downtime_ms: s.downtime_ms,
-        total_time_ms: None,
-        error: None,
-    }
-}
-
-fn stats(p: &MigrationProgress) -> MigrationStats {
-    MigrationStats {
-        status: p.status.clone(),
-        transferred: p.transferred,
-        remaining: p.remaining,
-        total: p.total,
-        throughput_bps: p.throughput_bps,
-        dirty_sync_count: p.dirty_sync_count,
-        expected_downtime_ms: p.expected_downtime_ms,
-        downtime_ms: p.downtime_ms,
     }
 }
 
@@ -1855,8 +1826,7 @@ impl FleetCore {
         let mut refused = None;
         for cmd in cmds {
             match cmd {
-                Command::Report(Report::Progress(s)) => {
-                    let p = progress(&s);
+                Command::Report(Report::Progress(p)) => {
                     let Some(job) = self.migrations.get_mut(vm) else {
                         continue;
                     };
@@ -2112,7 +2082,7 @@ impl FleetCore {
         vm: &str,
         phase: Phase,
         elapsed: Duration,
-        stats: Option<MigrationStats>,
+        stats: Option<MigrationProgress>,
     ) {
         let Some(job) = self.migrations.remove(vm) else {
             return;
@@ -2213,7 +2183,7 @@ impl FleetCore {
                     on,
                     outcome,
                     elapsed_ms,
-                    stats: stats.map(|s| progress(&s)),
+                    stats,
                 },
             ),
             Owner::Recovery => {}
@@ -2522,12 +2492,12 @@ impl FleetCore {
                 }
                 let input = match result {
                     Ok((_, AgentResponse::Migration(p))) => match p.status.as_str() {
-                        "completed" => MigInput::SourceCompleted(stats(&p)),
+                        "completed" => MigInput::SourceCompleted(p),
                         "failed" => MigInput::SourceFailed(
                             p.error.clone().unwrap_or_else(|| "failed".into()),
                         ),
                         "cancelled" => MigInput::SourceFailed("cancelled".into()),
-                        _ => MigInput::Progress(stats(&p)),
+                        _ => MigInput::Progress(p),
                     },
                     Ok((_, AgentResponse::Error(e))) | Err(e) => MigInput::SourceFailed(e),
                     Ok((_, other)) => {
@@ -2619,6 +2589,18 @@ mod tests {
                     consoles: Vec::new(),
                 })
                 .collect(),
+        }
+    }
+
+    fn migrate_web_to_b() -> OperatorRequest {
+        OperatorRequest::Migrate {
+            name: "web".into(),
+            to: Some("b".into()),
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            auto_converge: false,
+            postcopy: false,
+            timeout_secs: None,
         }
     }
 
@@ -2883,15 +2865,7 @@ mod tests {
         r.define();
         r.start(1);
         r.register("b", 2, &[]);
-        let (_, out) = r.op(OperatorRequest::Migrate {
-            name: "web".into(),
-            to: Some("b".into()),
-            max_downtime_ms: None,
-            bandwidth_mib_s: None,
-            auto_converge: false,
-            postcopy: false,
-            timeout_secs: None,
-        });
+        let (_, out) = r.op(migrate_web_to_b());
         let calls = Rig::calls(&out);
         assert!(
             matches!(&calls[..], [(_, h, AgentRequest::MigrateIncoming { .. })] if h == "b"),
@@ -2909,15 +2883,7 @@ mod tests {
         r.define();
         r.start(1);
         r.register("b", 2, &[]);
-        let (id, out) = r.op(OperatorRequest::Migrate {
-            name: "web".into(),
-            to: Some("b".into()),
-            max_downtime_ms: None,
-            bandwidth_mib_s: None,
-            auto_converge: false,
-            postcopy: false,
-            timeout_secs: None,
-        });
+        let (id, out) = r.op(migrate_web_to_b());
         // Walk the steps: prepare, migrate, poll completed, finish, quit.
         let mut out = out;
         let mut done = None;

@@ -24,6 +24,8 @@
 
 use std::time::{Duration, Instant};
 
+use flotilla_shared::proto::MigrationProgress;
+
 /// What the operator asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MigrationParams {
@@ -37,27 +39,6 @@ pub struct MigrationParams {
     pub postcopy: bool,
     /// Abort if not completed in this time.
     pub timeout: Option<Duration>,
-}
-
-/// A `query-migrate` sample from the source.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MigrationStats {
-    /// QEMU's status word (`active`, `postcopy-active`, `device`, …).
-    pub status: String,
-    /// Bytes sent so far.
-    pub transferred: u64,
-    /// Bytes still to send.
-    pub remaining: u64,
-    /// Total guest RAM.
-    pub total: u64,
-    /// Bytes per second, as QEMU measures.
-    pub throughput_bps: u64,
-    /// Completed dirty-page sync passes.
-    pub dirty_sync_count: u64,
-    /// QEMU's expected downtime, ms.
-    pub expected_downtime_ms: u64,
-    /// Actual downtime, ms (when completed).
-    pub downtime_ms: Option<u64>,
 }
 
 /// Where the job stands.
@@ -129,9 +110,9 @@ pub enum Input {
     /// The destination could not prepare.
     PrepareFailed(String),
     /// A progress sample from the source.
-    Progress(MigrationStats),
+    Progress(MigrationProgress),
     /// The source's QEMU reports `completed`.
-    SourceCompleted(MigrationStats),
+    SourceCompleted(MigrationProgress),
     /// The source's migration failed or was cancelled; the source resumed.
     SourceFailed(String),
     /// The destination runs and its console answers.
@@ -248,7 +229,7 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
     /// A progress sample.
-    Progress(MigrationStats),
+    Progress(MigrationProgress),
     /// The job switched to post-copy.
     Postcopy,
     /// The job ended.
@@ -258,7 +239,7 @@ pub enum Report {
         /// Wall time from start to end.
         elapsed: Duration,
         /// Final statistics, if the source got that far.
-        stats: Option<MigrationStats>,
+        stats: Option<MigrationProgress>,
     },
     /// A request that could not be honoured now.
     Refused(String),
@@ -275,7 +256,7 @@ pub struct Migration {
     source_completed: bool,
     source_done: bool,
     placement_recorded: bool,
-    last_stats: Option<MigrationStats>,
+    last_stats: Option<MigrationProgress>,
 }
 
 impl Migration {
@@ -325,7 +306,7 @@ impl Migration {
     }
 
     /// The newest statistics.
-    pub fn stats(&self) -> Option<&MigrationStats> {
+    pub fn stats(&self) -> Option<&MigrationProgress> {
         self.last_stats.as_ref()
     }
 
@@ -550,8 +531,8 @@ impl Migration {
 mod tests {
     use super::*;
 
-    fn stats(sync: u64) -> MigrationStats {
-        MigrationStats {
+    fn stats(sync: u64) -> MigrationProgress {
+        MigrationProgress {
             transferred: 1000,
             remaining: 10,
             total: 64 << 20,

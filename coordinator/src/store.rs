@@ -100,6 +100,41 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// The row a define stores over `existing` (the row of that name, if any),
+/// with `uuid_holder` the name that holds the new UUID, if any: names and
+/// UUIDs stay unique, and a redefinition keeps where the VM runs.
+fn defined_row(
+    existing: Option<VmRow>,
+    uuid_holder: Option<&str>,
+    def: NewDefinition,
+) -> Result<VmRow, StoreError> {
+    if let Some(e) = &existing {
+        if e.uuid != def.uuid {
+            return Err(StoreError::NameTaken {
+                name: def.name,
+                uuid: e.uuid.clone(),
+            });
+        }
+    }
+    if let Some(holder) = uuid_holder {
+        if holder != def.name {
+            return Err(StoreError::UuidTaken {
+                name: holder.to_string(),
+                uuid: def.uuid,
+            });
+        }
+    }
+    Ok(VmRow {
+        generation: existing.as_ref().map_or(1, |e| e.generation + 1),
+        want_running: existing.as_ref().is_some_and(|e| e.want_running),
+        migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
+        placement: existing.and_then(|e| e.placement),
+        name: def.name,
+        uuid: def.uuid,
+        xml: def.xml,
+    })
+}
+
 /// What a define asks to store.
 #[derive(Debug, Clone)]
 pub struct NewDefinition {
@@ -214,31 +249,9 @@ impl Store for RedbStore {
                 Some(v) => Some(decode(v.value())?),
                 None => None,
             };
-            if let Some(e) = &existing {
-                if e.uuid != def.uuid {
-                    return Err(StoreError::NameTaken {
-                        name: def.name,
-                        uuid: e.uuid.clone(),
-                    });
-                }
-            }
-            if let Some(holder) = uuids.get(def.uuid.as_str()).map_err(backend)? {
-                if holder.value() != def.name {
-                    return Err(StoreError::UuidTaken {
-                        name: holder.value().to_string(),
-                        uuid: def.uuid,
-                    });
-                }
-            }
-            let row = VmRow {
-                generation: existing.as_ref().map_or(1, |e| e.generation + 1),
-                want_running: existing.as_ref().is_some_and(|e| e.want_running),
-                migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
-                placement: existing.and_then(|e| e.placement),
-                name: def.name,
-                uuid: def.uuid,
-                xml: def.xml,
-            };
+            let holder = uuids.get(def.uuid.as_str()).map_err(backend)?;
+            let row = defined_row(existing, holder.as_ref().map(|h| h.value()), def)?;
+            drop(holder);
             defs.insert(row.name.as_str(), encode(&row)?.as_slice())
                 .map_err(backend)?;
             uuids
@@ -378,31 +391,7 @@ impl Store for MemStore {
     fn define(&self, def: NewDefinition) -> Result<VmRow, StoreError> {
         let mut t = self.writable()?;
         let existing = t.definitions.get(&def.name).cloned();
-        if let Some(e) = &existing {
-            if e.uuid != def.uuid {
-                return Err(StoreError::NameTaken {
-                    name: def.name,
-                    uuid: e.uuid.clone(),
-                });
-            }
-        }
-        if let Some(holder) = t.uuids.get(&def.uuid) {
-            if *holder != def.name {
-                return Err(StoreError::UuidTaken {
-                    name: holder.clone(),
-                    uuid: def.uuid,
-                });
-            }
-        }
-        let row = VmRow {
-            generation: existing.as_ref().map_or(1, |e| e.generation + 1),
-            want_running: existing.as_ref().is_some_and(|e| e.want_running),
-            migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
-            placement: existing.and_then(|e| e.placement),
-            name: def.name,
-            uuid: def.uuid,
-            xml: def.xml,
-        };
+        let row = defined_row(existing, t.uuids.get(&def.uuid).map(String::as_str), def)?;
         t.uuids.insert(row.uuid.clone(), row.name.clone());
         t.definitions.insert(row.name.clone(), row.clone());
         Ok(row)

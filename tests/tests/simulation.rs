@@ -551,6 +551,12 @@ impl World {
         }
     }
 
+    /// The operator's client reports a transport failure: its answer.
+    fn transport_error(&mut self, id: RequestId, what: &str) {
+        let response = OperatorResponse::Error(OperatorError::Unavailable(what.into()));
+        self.at(Duration::ZERO, Ev::OperatorGets { id, response });
+    }
+
     fn crash_core(&mut self) {
         self.note("FAULT coordinator crash".into());
         self.core = None;
@@ -565,15 +571,7 @@ impl World {
         self.wake_at = None;
         // Operators waiting on it get a transport error.
         for id in std::mem::take(&mut self.ops_at_core) {
-            self.at(
-                Duration::ZERO,
-                Ev::OperatorGets {
-                    id,
-                    response: OperatorResponse::Error(OperatorError::Unavailable(
-                        "connection lost".into(),
-                    )),
-                },
-            );
+            self.transport_error(id, "connection lost");
         }
         let d = self.rng.ms(200, 4000);
         self.at(d, Ev::CoreStart);
@@ -1201,15 +1199,7 @@ impl World {
                 if epoch != self.epoch {
                     // An operator's stream to a coordinator that died meanwhile.
                     if let Input::Operator { id, .. } = input {
-                        self.at(
-                            Duration::ZERO,
-                            Ev::OperatorGets {
-                                id,
-                                response: OperatorResponse::Error(OperatorError::Unavailable(
-                                    "connection lost".into(),
-                                )),
-                            },
-                        );
+                        self.transport_error(id, "connection lost");
                     }
                     return Ok(());
                 }
@@ -1249,15 +1239,7 @@ impl World {
                     }
                     if self.core.is_none() {
                         let id = *id;
-                        self.at(
-                            Duration::ZERO,
-                            Ev::OperatorGets {
-                                id,
-                                response: OperatorResponse::Error(OperatorError::Unavailable(
-                                    "connection refused".into(),
-                                )),
-                            },
-                        );
+                        self.transport_error(id, "connection refused");
                         return Ok(());
                     }
                     self.ops_at_core.insert(*id);
