@@ -527,8 +527,17 @@ impl FleetCore {
                 }
                 self.log_host_transitions(now);
             }
-            Input::Operator { id, request } => self.operator(now, id, request),
-            Input::AgentReplied { call, result } => self.replied(now, call, result),
+            // Requests and replies are where a start or a migration ends, and
+            // a scrape right after one must see it; reports are too frequent
+            // to recount on, so their effect shows at the next tick.
+            Input::Operator { id, request } => {
+                self.operator(now, id, request);
+                self.publish_gauges(now);
+            }
+            Input::AgentReplied { call, result } => {
+                self.replied(now, call, result);
+                self.publish_gauges(now);
+            }
             Input::Tick => self.tick(now),
         }
         std::mem::take(&mut self.effects)
@@ -1156,24 +1165,7 @@ impl FleetCore {
 
     fn tick(&mut self, now: Instant) {
         self.log_host_transitions(now);
-        let mut hosts: BTreeMap<&'static str, u64> =
-            HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        for row in self.host_rows.values() {
-            *hosts
-                .entry(self.host_state(&row.name, row.draining, now).as_str())
-                .or_default() += 1;
-        }
-        let mut vms: BTreeMap<&'static str, u64> =
-            [("running", 0), ("shut off", 0), ("unknown", 0)].into();
-        for (name, v) in &self.vms {
-            *vms.entry(self.vm_state_word(name, &v.life, now).0)
-                .or_default() += 1;
-        }
-        self.effects.push(Effect::Metric(Metric::Gauges {
-            hosts: hosts.into_iter().collect(),
-            vms: vms.into_iter().collect(),
-            migrations: self.migrations.len() as u64,
-        }));
+        self.publish_gauges(now);
         // Migrations: timeouts, and the polls that are due.
         let names: Vec<String> = self.migrations.keys().cloned().collect();
         for vm in names {
@@ -1198,6 +1190,27 @@ impl FleetCore {
         if let Some(at) = next {
             self.effects.push(Effect::WakeAt(at));
         }
+    }
+
+    fn publish_gauges(&mut self, now: Instant) {
+        let mut hosts: BTreeMap<&'static str, u64> =
+            HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for row in self.host_rows.values() {
+            *hosts
+                .entry(self.host_state(&row.name, row.draining, now).as_str())
+                .or_default() += 1;
+        }
+        let mut vms: BTreeMap<&'static str, u64> =
+            [("running", 0), ("shut off", 0), ("unknown", 0)].into();
+        for (name, v) in &self.vms {
+            *vms.entry(self.vm_state_word(name, &v.life, now).0)
+                .or_default() += 1;
+        }
+        self.effects.push(Effect::Metric(Metric::Gauges {
+            hosts: hosts.into_iter().collect(),
+            vms: vms.into_iter().collect(),
+            migrations: self.migrations.len() as u64,
+        }));
     }
 
     // ------------------------------------------------------------ operator
@@ -2917,6 +2930,12 @@ mod tests {
             }
             if let Some(resp) = Rig::answer(id, &next) {
                 done = Some(resp.clone());
+                // A scrape right after the reply sees the migration over.
+                let in_progress = next.iter().rev().find_map(|e| match e {
+                    Effect::Metric(Metric::Gauges { migrations, .. }) => Some(*migrations),
+                    _ => None,
+                });
+                assert_eq!(in_progress, Some(0), "{next:?}");
                 break;
             }
             out = next;
