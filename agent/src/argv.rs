@@ -11,8 +11,10 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use flotilla_shared::xml::domain::{BootDevice, CharDevice, Disk, Interface};
+use flotilla_shared::xml::domain::{format_mac, BootDevice, CharDevice, Disk};
 use flotilla_shared::xml::{Device, Domain, Graphics, GraphicsProtocol, ListenKind};
+
+use crate::nic_plan::{NicBackend, NicPlan};
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,14 @@ pub enum ArgvError {
         /// What, e.g. "disk bus 'sata'".
         what: String,
     },
+    /// An interface was not planned by [`crate::nic_plan::plan_nics`] first.
+    #[error("VM '{vm}': interface {index} has no plan")]
+    UnplannedNic {
+        /// The VM.
+        vm: String,
+        /// NIC position.
+        index: usize,
+    },
     /// A console was not planned before building argv.
     #[error("VM '{vm}': {protocol} console has no planned address or port")]
     Unplanned {
@@ -135,8 +145,14 @@ impl QemuArgv {
         self
     }
 
-    /// Builds the command line for `live` on `host`, with state in `paths`.
-    pub fn build(live: &Domain, host: &QemuHost, paths: &VmPaths) -> Result<QemuArgv, ArgvError> {
+    /// Builds the command line for `live` on `host`, with state in `paths`
+    /// and `nics` planned by [`crate::nic_plan::plan_nics`].
+    pub fn build(
+        live: &Domain,
+        host: &QemuHost,
+        paths: &VmPaths,
+        nics: &[NicPlan],
+    ) -> Result<QemuArgv, ArgvError> {
         let mut b = Builder {
             vm: live.name.clone(),
             args: Vec::new(),
@@ -216,8 +232,12 @@ impl QemuArgv {
                     b.disk(d, disk_n)?;
                     disk_n += 1;
                 }
-                Device::Interface(i) => {
-                    b.nic(i, nic_n, live)?;
+                Device::Interface(_) => {
+                    let plan = nics.get(nic_n).ok_or_else(|| ArgvError::UnplannedNic {
+                        vm: live.name.clone(),
+                        index: nic_n,
+                    })?;
+                    b.nic(plan);
                     nic_n += 1;
                 }
                 Device::Graphics(_) => has_graphics = true,
@@ -330,26 +350,29 @@ impl Builder {
         Ok(())
     }
 
-    fn nic(&mut self, i: &Interface, n: usize, live: &Domain) -> Result<(), ArgvError> {
-        if i.if_type != "user" {
-            return Err(self.unsupported(format!(
-                "interface type '{}' (needs tap/macvtap plumbing; type 'user' works)",
-                i.if_type
-            )));
-        }
-        let model = match i.model.as_deref().unwrap_or("virtio") {
-            "virtio" => "virtio-net-pci",
-            "e1000" => "e1000",
-            "rtl8139" => "rtl8139",
-            other => return Err(self.unsupported(format!("interface model '{other}'"))),
+    /// The tap or macvtap fd is already open in QEMU (see `nic_plumbing`):
+    /// no script, nothing QEMU must be privileged for.
+    fn nic(&mut self, p: &NicPlan) {
+        let n = p.index;
+        let netdev = match &p.backend {
+            NicBackend::User => format!("user,id=hostnet{n}"),
+            NicBackend::Tap { .. } | NicBackend::Macvtap { .. } => {
+                let mut s = format!("tap,fd={},id=hostnet{n}", p.fd());
+                if p.vhost {
+                    s.push_str(&format!(",vhost=on,vhostfd={}", p.vhost_fd()));
+                }
+                s
+            }
         };
-        let mac = i.mac.clone().unwrap_or_else(|| stable_mac(live, n));
-        self.push(["-netdev", &format!("user,id=hostnet{n}")]);
+        self.push(["-netdev", &netdev]);
         self.push([
             "-device",
-            &format!("{model},netdev=hostnet{n},id=net{n},mac={mac}"),
+            &format!(
+                "{},netdev=hostnet{n},id=net{n},mac={}",
+                p.driver,
+                format_mac(p.mac)
+            ),
         ]);
-        Ok(())
     }
 
     fn serial(&mut self, c: &CharDevice, n: usize) -> Result<(), ArgvError> {
@@ -454,22 +477,12 @@ fn bracket(addr: &str) -> String {
     }
 }
 
-/// A MAC derived from the VM's UUID, so it is the same on every host.
-fn stable_mac(live: &Domain, n: usize) -> String {
-    let b = live.uuid.as_bytes();
-    format!(
-        "52:54:00:{:02x}:{:02x}:{:02x}",
-        b[13],
-        b[14],
-        b[15].wrapping_add(n as u8)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::console::{plan_consoles, ConsoleSettings};
     use crate::interfaces::InterfaceTable;
+    use crate::nic_plan::{plan_nics, NicHost};
     use crate::ports::PortAllocator;
     use flotilla_shared::xml::Network;
     use proptest::prelude::*;
@@ -494,7 +507,43 @@ mod tests {
             &mut |_| true,
         )
         .expect("plan");
-        QemuArgv::build(&plan.live, &host(), &VmPaths::new("/run/flt/vms/d")).expect("argv")
+        let mut live = plan.live;
+        let nics = plan_nics(
+            &mut live,
+            &NicHost {
+                host: "a",
+                networks,
+                table,
+                vhost_net: false,
+                taken: &Default::default(),
+            },
+        )
+        .expect("nics");
+        QemuArgv::build(&live, &host(), &VmPaths::new("/run/flt/vms/d"), &nics).expect("argv")
+    }
+
+    #[test]
+    fn nics_get_their_open_fds_and_the_guest_mac() {
+        let xml = "<domain type='kvm'><name>n</name><uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>                   <memory>1024</memory><os><type>hvm</type></os><devices>                   <interface type='network'><mac address='52:54:00:aa:bb:01'/><source network='public'/></interface>                   <interface type='user'><model type='rtl8139'/></interface>                   <interface type='bridge'><source bridge='br0'/><model type='e1000e'/></interface>                   </devices></domain>";
+        let public = Network::parse(
+            "public.xml",
+            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
+        )
+        .expect("net")
+        .model;
+        let table = InterfaceTable::new().with("br0", &[]);
+        let argv = argv_for(xml, &[public], &table);
+        assert_eq!(
+            option_after(&argv, "-netdev"),
+            ["tap,fd=10,id=hostnet0", "user,id=hostnet1", "tap,fd=14,id=hostnet2"]
+        );
+        let devices = option_after(&argv, "-device");
+        assert_eq!(
+            devices[0],
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:aa:bb:01"
+        );
+        assert!(devices[1].starts_with("rtl8139,netdev=hostnet1,id=net1,mac=52:54:00:"));
+        assert!(devices[2].starts_with("e1000e,netdev=hostnet2,id=net2,mac=52:54:00:"));
     }
 
     fn option_after<'a>(argv: &'a QemuArgv, flag: &str) -> Vec<&'a str> {
@@ -618,7 +667,7 @@ mod tests {
         let xml = "<domain type='kvm'><name>x</name><memory>1024</memory><os><type>hvm</type></os>\
                    <devices><disk type='file'><source file='/a.img'/><target dev='sda' bus='sata'/></disk></devices></domain>";
         let d = Domain::parse("x.xml", xml).expect("ok").model;
-        let e = QemuArgv::build(&d, &host(), &VmPaths::new("/tmp/x")).expect_err("sata");
+        let e = QemuArgv::build(&d, &host(), &VmPaths::new("/tmp/x"), &[]).expect_err("sata");
         assert_eq!(
             e.to_string(),
             "VM 'x': disk bus 'sata' is not supported by Flotilla yet"
@@ -635,7 +684,7 @@ mod tests {
             if let Some(Device::Disk(disk)) = d.devices.first_mut() {
                 disk.source_file = Some(path.clone());
             }
-            let argv = QemuArgv::build(&d, &host(), &VmPaths::new(format!("/run/{name}"))).expect("argv");
+            let argv = QemuArgv::build(&d, &host(), &VmPaths::new(format!("/run/{name}")), &[]).expect("argv");
             let name_opts = split_opts(option_after(&argv, "-name")[0]);
             prop_assert_eq!(&name_opts, &vec![format!("guest={name}"), "debug-threads=on".to_string()]);
             let drive = split_opts(option_after(&argv, "-drive")[0]);

@@ -417,6 +417,7 @@ impl FakeHost {
                     .into_iter()
                     .filter(|p| self.missing.contains(p))
                     .collect(),
+                vhost_net: false,
             }),
             HvCall::LoadNetworks { .. } => HvResult::Networks(self.networks.clone()),
             HvCall::Launch(plan) => return self.launch(*plan),
@@ -451,6 +452,8 @@ impl FakeHost {
                 self.records.remove(&name);
                 HvResult::Done
             }
+            // The simulation's hosts have no devices to plumb.
+            HvCall::LinksUp { .. } | HvCall::RemoveStrayNics { .. } => HvResult::Done,
         };
         (result, Follow::Nothing)
     }
@@ -604,7 +607,8 @@ impl FakeHost {
             | QmpCommand::MigrateSetCapabilities { .. }
             | QmpCommand::ClientMigrateInfo { .. }
             | QmpCommand::SetPassword { .. }
-            | QmpCommand::ExpirePassword { .. } => HvResult::Qmp(json!({})),
+            | QmpCommand::ExpirePassword { .. }
+            | QmpCommand::AnnounceSelf => HvResult::Qmp(json!({})),
         };
         (result, follow)
     }

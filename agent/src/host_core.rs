@@ -72,11 +72,12 @@ use flotilla_shared::proto::{AgentEvent, HostFacts, MigrationProgress};
 use flotilla_shared::xml::{Domain, XmlFlavor};
 use serde_json::Value;
 
-use crate::argv::{QemuArgv, QemuHost, VmPaths};
+use crate::argv::{Accel, QemuArgv, QemuHost, VmPaths};
 use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
 use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
+use crate::nic_plan::{plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
@@ -241,6 +242,7 @@ struct LaunchCtx {
     migration_port: Option<u16>,
     uri: Option<String>,
     launched_at: Instant,
+    nics: Vec<NicPlan>,
 }
 
 /// What to answer when a single QMP command succeeds.
@@ -293,6 +295,10 @@ enum Pending {
         id: u64,
         name: String,
         deadline: Instant,
+    },
+    FinishLinks {
+        id: u64,
+        name: String,
     },
     FinishCont {
         id: u64,
@@ -836,7 +842,20 @@ impl HostCore {
         for w in &plan.warnings {
             tracing::warn!(vm = %name, host = %host, "{w}");
         }
-        let argv = match QemuArgv::build(&plan.live, &self.settings.qemu, &paths) {
+        let mut live = plan.live.clone();
+        let taken = self.nic_devices_in_use();
+        let nic_host = NicHost {
+            host: &host,
+            networks: &self.networks.networks,
+            table: &table,
+            vhost_net: read.vhost_net && self.settings.qemu.accel == Accel::Kvm,
+            taken: &taken,
+        };
+        let nics = match plan_nics(&mut live, &nic_host) {
+            Ok(n) => n,
+            Err(e) => return fail(self, out, &plan.ports, e.to_string()),
+        };
+        let argv = match QemuArgv::build(&live, &self.settings.qemu, &paths, &nics) {
             Ok(a) => a,
             Err(e) => return fail(self, out, &plan.ports, e.to_string()),
         };
@@ -877,8 +896,7 @@ impl HostCore {
         } else {
             (argv, LaunchMode::Run, None)
         };
-        let secrets: Vec<ConsoleSecret> = plan
-            .live
+        let secrets: Vec<ConsoleSecret> = live
             .graphics()
             .filter_map(|g| {
                 g.passwd.as_ref().map(|p| ConsoleSecret {
@@ -902,6 +920,7 @@ impl HostCore {
             secrets,
             endpoints: plan.endpoints.clone(),
             mode,
+            nics: nics.clone(),
             timeouts: self.settings.timeouts,
         };
         let ctx = LaunchCtx {
@@ -910,7 +929,8 @@ impl HostCore {
             uuid,
             ports,
             endpoints: plan.endpoints,
-            live_xml: plan.live.to_xml(XmlFlavor::Live),
+            live_xml: live.to_xml(XmlFlavor::Live),
+            nics,
             warnings: plan.warnings,
             migration_port,
             uri,
@@ -921,6 +941,16 @@ impl HostCore {
             Pending::Launch(Box::new(ctx)),
             HvCall::Launch(Box::new(launch)),
         );
+    }
+
+    /// Host devices held by running VMs and by starts under way.
+    fn nic_devices_in_use(&self) -> BTreeSet<String> {
+        let running = self.vms.values().flat_map(|v| v.record.nic_devices());
+        let launching = self.pending.values().flat_map(|p| match p {
+            Pending::Launch(ctx) => ctx.nics.iter().filter_map(|n| n.dev.as_deref()).collect(),
+            _ => Vec::new(),
+        });
+        running.chain(launching).map(str::to_string).collect()
     }
 
     fn migration_address(&self, table: &InterfaceTable) -> Result<IpAddr, String> {
@@ -1197,15 +1227,20 @@ impl HostCore {
                         out.push(HostEffect::WakeAt(due));
                     }
                     "paused" | "running" => {
-                        self.qmp(
-                            out,
-                            Pending::FinishCont {
-                                id,
-                                name: name.clone(),
-                            },
-                            &name,
-                            QmpCommand::Cont,
-                        );
+                        // As libvirt: the destination's macvtaps stay down
+                        // until its CPUs start, so nothing with the guest's
+                        // MAC leaves this host while the source still runs.
+                        let devs = self
+                            .vms
+                            .get(&name)
+                            .map(|v| v.record.macvtaps())
+                            .unwrap_or_default();
+                        if devs.is_empty() {
+                            self.qmp(out, Pending::FinishCont { id, name: name.clone() }, &name, QmpCommand::Cont);
+                        } else {
+                            let call = HvCall::LinksUp { devs };
+                            self.hv(out, Pending::FinishLinks { id, name }, call);
+                        }
                     }
                     s => {
                         let msg = format!("unexpected state '{s}' after migration");
@@ -1213,9 +1248,26 @@ impl HostCore {
                     }
                 }
             }
+            Pending::FinishLinks { id, name } => match result {
+                HvResult::Done => {
+                    let pending = Pending::FinishCont {
+                        id,
+                        name: name.clone(),
+                    };
+                    self.qmp(out, pending, &name, QmpCommand::Cont);
+                }
+                other => {
+                    let msg = format!("cannot bring up the guest's devices: {}", failure(&other));
+                    self.finish_failed(id, &name, msg, out)
+                }
+            },
             Pending::FinishCont { id, name } => match result {
                 HvResult::Qmp(_) => {
                     self.set_state(&name, VmState::Running);
+                    // Switches learn the guest's new port from its RARPs.
+                    if self.vms.get(&name).is_some_and(|v| !v.record.nics.is_empty()) {
+                        self.qmp(out, Pending::Ignore, &name, QmpCommand::AnnounceSelf);
+                    }
                     let endpoints = self
                         .vms
                         .get(&name)
@@ -1341,6 +1393,7 @@ impl HostCore {
             migration_port,
             uri,
             launched_at,
+            nics,
         } = ctx;
         self.starting.remove(&name);
         let incoming = migration_port.is_some();
@@ -1366,6 +1419,7 @@ impl HostCore {
             pid,
             ports,
             endpoints,
+            nics,
         };
         let state = if incoming {
             VmState::Incoming
@@ -1445,11 +1499,16 @@ impl HostCore {
                 let call = HvCall::RemoveRecord {
                     name: record.name.clone(),
                     paths: self.paths(&record.name),
+                    macvtaps: record.macvtaps(),
                 };
                 self.hv(out, Pending::Ignore, call);
             }
         }
         if self.reattach {
+            // Macvtaps outlive their QEMU: those of VMs that died with the
+            // agent (with or without a record) go now.
+            let call = HvCall::RemoveStrayNics { keep: known.clone() };
+            self.hv(out, Pending::Ignore, call);
             // A QEMU spawned just before the agent died has no record yet: it
             // was never reported as started, so it goes before anything is served.
             let call = HvCall::FindStrays {
@@ -1540,6 +1599,7 @@ impl HostCore {
         let call = HvCall::RemoveRecord {
             name: name.clone(),
             paths: self.paths(&name),
+            macvtaps: vm.record.macvtaps(),
         };
         self.hv(out, Pending::Ignore, call);
         // The shell only logs it for now: the coordinator learns of the exit

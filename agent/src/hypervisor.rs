@@ -18,6 +18,7 @@ use crate::argv::{QemuArgv, VmPaths};
 use crate::console::ConsoleEndpoint;
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
+use crate::nic_plan::NicPlan;
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::QmpCommand;
 use crate::vm_record::VmRecord;
@@ -48,6 +49,9 @@ pub struct LaunchPlan {
     pub endpoints: Vec<ConsoleEndpoint>,
     /// Run, or wait for an incoming migration.
     pub mode: LaunchMode,
+    /// Host devices to create and hand to QEMU as open fds. Macvtaps of an
+    /// incoming migration stay down until [`HvCall::LinksUp`].
+    pub nics: Vec<NicPlan>,
     /// Step timeouts.
     pub timeouts: StartTimeouts,
 }
@@ -131,12 +135,27 @@ pub enum HvCall {
         /// The live XML, when it changed.
         live_xml: Option<String>,
     },
-    /// Remove a stopped VM's record, live XML, socket and pidfile (not its log).
+    /// Remove a stopped VM's record, live XML, socket and pidfile (not its
+    /// log), and its macvtaps (a tap goes with QEMU's last fd; a macvtap
+    /// outlives it).
     RemoveRecord {
         /// The VM.
         name: String,
         /// Where.
         paths: VmPaths,
+        /// Its macvtap devices.
+        macvtaps: Vec<String>,
+    },
+    /// Bring these macvtaps up: an incoming guest's CPUs are about to start.
+    LinksUp {
+        /// The devices.
+        devs: Vec<String>,
+    },
+    /// Delete every macvtap Flotilla created (by its alias) whose VM is not in
+    /// `keep`: devices of VMs that died with an agent.
+    RemoveStrayNics {
+        /// VMs whose QEMU runs.
+        keep: Vec<String>,
     },
 }
 
@@ -167,6 +186,8 @@ pub struct HostRead {
     pub interfaces: Result<InterfaceTable, String>,
     /// The asked-for paths that do not exist.
     pub missing: Vec<String>,
+    /// `/dev/vhost-net` exists.
+    pub vhost_net: bool,
 }
 
 /// The result of an [`HvCall`].

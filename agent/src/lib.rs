@@ -18,6 +18,8 @@ pub mod host_core;
 pub mod host_networks;
 pub mod hypervisor;
 pub mod interfaces;
+pub mod nic_plan;
+pub mod nic_plumbing;
 pub mod ports;
 pub mod qemu_hypervisor;
 pub mod qemu_process;

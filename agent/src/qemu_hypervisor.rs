@@ -25,7 +25,8 @@ use crate::host_core::{
 use crate::host_networks::HostNetworks;
 use crate::hypervisor::Stray;
 use crate::interfaces::InterfaceTable;
-use crate::qemu_process::{confirm_console, launch, log_tail, process_matches, signal};
+use crate::nic_plumbing;
+use crate::qemu_process::{confirm_console, launch, log_tail, process_matches, signal, LaunchMode};
 use crate::qmp::{QmpClient, QmpError, QmpEvent};
 use crate::vm_record::{vms_dir, write_atomic, VmRecord};
 
@@ -125,9 +126,20 @@ impl QemuHypervisor {
             secrets,
             endpoints,
             mode,
+            nics,
             timeouts,
         } = plan;
-        match launch(&argv, &paths, &secrets, &endpoints, mode, timeouts).await {
+        let up = mode == LaunchMode::Run;
+        let opened = match nic_plumbing::plumb(&name, &paths.dir, &nics, up).await {
+            Ok(o) => o,
+            Err(e) => return HvResult::Failed(e.to_string()),
+        };
+        let macvtaps = opened.macvtaps;
+        let launched = launch(&argv, &paths, &secrets, &endpoints, mode, timeouts, opened.fds).await;
+        if launched.is_err() {
+            nic_plumbing::delete_links(&macvtaps).await;
+        }
+        match launched {
             Ok(l) => {
                 let pid = l.pid;
                 let owned = Owned {
@@ -183,6 +195,7 @@ impl Hypervisor for QemuHypervisor {
                         .into_iter()
                         .filter(|p| !Path::new(p).exists())
                         .collect(),
+                    vhost_net: Path::new("/dev/vhost-net").exists(),
                 };
                 Box::pin(std::future::ready(HvResult::Host(read)))
             }
@@ -240,12 +253,29 @@ impl Hypervisor for QemuHypervisor {
                     Err(e) => HvResult::Failed(e.to_string()),
                 }))
             }
-            HvCall::RemoveRecord { paths, .. } => {
+            HvCall::RemoveRecord {
+                paths, macvtaps, ..
+            } => {
                 for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
                     let _ = std::fs::remove_file(paths.dir.join(f));
                 }
-                Box::pin(std::future::ready(HvResult::Done))
+                Box::pin(async move {
+                    nic_plumbing::delete_links(&macvtaps).await;
+                    HvResult::Done
+                })
             }
+            HvCall::LinksUp { devs } => Box::pin(async move {
+                match nic_plumbing::links_up(&devs).await {
+                    Ok(()) => HvResult::Done,
+                    Err(e) => HvResult::Failed(e.to_string()),
+                }
+            }),
+            HvCall::RemoveStrayNics { keep } => Box::pin(async move {
+                match nic_plumbing::remove_strays(&keep).await {
+                    Ok(_) => HvResult::Done,
+                    Err(e) => HvResult::Failed(e.to_string()),
+                }
+            }),
         }
     }
 }

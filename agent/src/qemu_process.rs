@@ -8,11 +8,13 @@
 //! connections (for VNC, read the RFB banner).
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use command_fds::{CommandFdExt, FdMapping};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -131,6 +133,10 @@ pub enum LaunchMode {
 
 /// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
 /// `endpoints`, or (incoming migration) starts listening for the stream.
+///
+/// `fds` are open NIC devices, each with the number QEMU's argv expects it
+/// on; they are mapped in the child only, so no other QEMU inherits them.
+#[allow(clippy::too_many_arguments)]
 pub async fn launch(
     argv: &QemuArgv,
     paths: &VmPaths,
@@ -138,6 +144,7 @@ pub async fn launch(
     endpoints: &[ConsoleEndpoint],
     mode: LaunchMode,
     timeouts: StartTimeouts,
+    fds: Vec<(OwnedFd, i32)>,
 ) -> Result<Launched, LaunchError> {
     let prepare = |path: &Path| {
         let p = path.display().to_string();
@@ -163,6 +170,18 @@ pub async fn launch(
         .stderr(log_err)
         // Its own process group: Ctrl-C or a kill of the agent's group spares the guest.
         .process_group(0);
+    let mappings = fds
+        .into_iter()
+        .map(|(parent_fd, child_fd)| FdMapping {
+            parent_fd,
+            child_fd,
+        })
+        .collect();
+    cmd.fd_mappings(mappings)
+        .map_err(|e| LaunchError::Spawn {
+            program: argv.program.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()

@@ -158,6 +158,10 @@ pub enum QmpCommand {
     },
     /// `human-monitor-command`: an HMP command line, passed through.
     HumanMonitor(String),
+    /// `announce-self`: the guest's NICs send RARP (or a guest announce) so
+    /// switches learn their new port after a migration. QEMU's own timing
+    /// (50 ms first, 100 ms more each round, 5 rounds).
+    AnnounceSelf,
 }
 
 impl QmpCommand {
@@ -180,6 +184,7 @@ impl QmpCommand {
             QmpCommand::SetPassword { .. } => "set_password",
             QmpCommand::ExpirePassword { .. } => "expire_password",
             QmpCommand::HumanMonitor(_) => "human-monitor-command",
+            QmpCommand::AnnounceSelf => "announce-self",
         }
     }
 
@@ -227,6 +232,9 @@ impl QmpCommand {
                 json!({"protocol": protocol, "time": time})
             }
             QmpCommand::HumanMonitor(line) => json!({ "command-line": line }),
+            QmpCommand::AnnounceSelf => {
+                json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})
+            }
         };
         (self.name(), arguments)
     }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::console::ConsoleEndpoint;
+use crate::nic_plan::NicPlan;
 
 /// A running VM as the agent recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,25 @@ pub struct VmRecord {
     pub ports: Vec<u16>,
     /// Its consoles.
     pub endpoints: Vec<ConsoleEndpoint>,
+    /// Its NICs and their host devices (absent in records from before NICs).
+    #[serde(default)]
+    pub nics: Vec<NicPlan>,
+}
+
+impl VmRecord {
+    /// The host devices its NICs hold.
+    pub fn nic_devices(&self) -> impl Iterator<Item = &str> {
+        self.nics.iter().filter_map(|n| n.dev.as_deref())
+    }
+
+    /// Its macvtap devices, which outlive QEMU and must be deleted.
+    pub fn macvtaps(&self) -> Vec<String> {
+        self.nics
+            .iter()
+            .filter(|n| n.is_macvtap())
+            .filter_map(|n| n.dev.clone())
+            .collect()
+    }
 }
 
 /// Reading or writing a record failed.

@@ -1379,7 +1379,34 @@ impl FleetCore {
             }
         };
         let mut domain = doc.model.without_runtime_state();
+        // As libvirt's define: a NIC without <mac> gets one now, stored, so it
+        // is the same on every start and every host.
+        domain.assign_missing_macs();
+        if let Some(mac) = domain
+            .interfaces()
+            .filter_map(|i| i.mac.as_deref())
+            .find(|m| m.to_ascii_lowercase().starts_with("fe"))
+        {
+            return OperatorResponse::Error(OperatorError::InvalidDefinition(format!(
+                "{source}: <interface><mac address='{mac}'>: unable to use MAC address starting \
+                 with reserved value 0xFE (host devices carry the guest MAC with that first byte)"
+            )));
+        }
         let mut warnings = Vec::new();
+        for i in domain.interfaces() {
+            let pinned = match i.if_type.as_str() {
+                "bridge" => i.source_bridge.as_deref().map(|b| format!("bridge {b}")),
+                "direct" => i.source_dev.as_deref().map(|d| format!("device {d}")),
+                _ => None,
+            };
+            if let Some(what) = pinned {
+                warnings.push(format!(
+                    "interface of '{}' pins the host-specific {what}; use \
+                     <interface type='network'><source network='NAME'/> so each host resolves its own",
+                    domain.name
+                ));
+            }
+        }
         for g in domain.graphics() {
             for l in &g.listens {
                 if let ListenKind::Address { address: Some(a) } = &l.kind {
@@ -2780,6 +2807,54 @@ mod tests {
                 name: "web".into()
             }))
         );
+    }
+
+    #[test]
+    fn define_stores_generated_macs_refuses_fe_and_warns_of_pinned_devices() {
+        let mut r = Rig::new();
+        let nics = |devices: &str| {
+            XML.replace("</os>", &format!("</os><devices>{devices}</devices>"))
+        };
+        let define = |r: &mut Rig, xml: String| {
+            let (id, out) = r.op(OperatorRequest::Define {
+                xml,
+                source: "web.xml".into(),
+            });
+            Rig::answer(id, &out).cloned()
+        };
+        let answer = define(
+            &mut r,
+            nics("<interface type='network'><source network='public'/></interface>\
+                  <interface type='bridge'><source bridge='br7'/></interface>"),
+        );
+        let Some(OperatorResponse::Defined { warnings, .. }) = answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("pins the host-specific bridge br7"), "{warnings:?}");
+        let stored = r.store.get("web").expect("read").expect("row").xml;
+        let first = Domain::parse("s", &stored).expect("parse").model;
+        let macs: Vec<_> = first.interfaces().filter_map(|i| i.mac.clone()).collect();
+        assert_eq!(macs.len(), 2, "{stored}");
+        assert!(macs.iter().all(|m| m.starts_with("52:54:00:")) && macs[0] != macs[1]);
+        // A redefinition without MACs gets the same ones.
+        define(
+            &mut r,
+            nics("<interface type='network'><source network='public'/></interface>\
+                  <interface type='bridge'><source bridge='br7'/></interface>"),
+        );
+        let again = r.store.get("web").expect("read").expect("row").xml;
+        assert_eq!(again, stored);
+        // A reserved MAC is refused and the stored definition stays.
+        let answer = define(
+            &mut r,
+            nics("<interface type='network'><mac address='fe:54:00:00:00:01'/><source network='public'/></interface>"),
+        );
+        assert!(
+            matches!(&answer, Some(OperatorResponse::Error(OperatorError::InvalidDefinition(m))) if m.contains("reserved value 0xFE")),
+            "{answer:?}"
+        );
+        assert_eq!(r.store.get("web").expect("read").expect("row").xml, stored);
     }
 
     #[test]

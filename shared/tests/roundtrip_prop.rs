@@ -130,6 +130,7 @@ fn interface() -> impl Strategy<Value = Interface> {
             source_extra: Extra::default(),
             model: Some("virtio".into()),
             model_extra: Extra::default(),
+            target_dev: None,
             extra: Extra::default(),
         })
 }

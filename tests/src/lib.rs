@@ -11,7 +11,7 @@
 // A harness for tests: failing loudly on any setup error is the point.
 #![allow(clippy::expect_used)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -359,6 +359,75 @@ pub fn qemu_pids_for(uuid: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// A tcpdump watching one device in a namespace for frames that match a
+/// filter; killed on drop.
+pub struct Capture {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Capture {
+    /// Starts `tcpdump -i DEV FILTER` in `ns` (printing link-level headers)
+    /// and waits until it listens, so no frame sent afterwards is missed.
+    pub fn start(ns: &Netns, dev: &str, filter: &str) -> Capture {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name, "tcpdump", "-i", dev])
+            .args(["-nn", "-e", "-l", "-U", "-p"])
+            .arg(filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn tcpdump");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = ready_tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ready.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => break,
+                Ok(_) => {}
+                Err(_) => panic!("tcpdump on {dev} in {} never listened", ns.name),
+            }
+        }
+        Capture { child, lines }
+    }
+
+    /// The next captured frame's line, waiting up to `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ip -n NS -d -o link show` output: one line per device.
+pub fn links_in(ns: &Netns) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-d", "-o", "link", "show"])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A diskless test domain with the given `<devices>` content.

@@ -683,7 +683,9 @@ impl World {
             HvCall::ReadHost { .. }
             | HvCall::LoadNetworks { .. }
             | HvCall::WriteRecord { .. }
-            | HvCall::RemoveRecord { .. } => self.rng.ms(0, 5),
+            | HvCall::RemoveRecord { .. }
+            | HvCall::LinksUp { .. }
+            | HvCall::RemoveStrayNics { .. } => self.rng.ms(0, 5),
         }
     }
 

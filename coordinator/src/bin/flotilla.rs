@@ -94,6 +94,13 @@ enum Command {
         #[arg(long)]
         live: bool,
     },
+    /// List a VM's network interfaces: host device, type, source, model, MAC.
+    ///
+    /// Example: flotilla domiflist web01
+    Domiflist {
+        /// The VM's name.
+        name: String,
+    },
     /// Start a VM where the scheduler chooses, or on --host.
     ///
     /// Example: flotilla start web01 --host host-a
@@ -282,6 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Undefine { name } => OperatorRequest::Undefine { name },
         Command::List { all } => OperatorRequest::List { all },
         Command::Dumpxml { name, live } => OperatorRequest::DumpXml { name, live },
+        Command::Domiflist { name } => return domiflist(&cli.conn, name, cli.json),
         Command::Start { name, host } => OperatorRequest::Start { name, host },
         Command::Shutdown { name, timeout } => OperatorRequest::Shutdown {
             name,
@@ -324,6 +332,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => rt.block_on(ask(&cli.conn, request))?,
     };
     Ok(print(response, cli.json))
+}
+
+/// `virsh domiflist`: from the running XML when the VM runs (it names the
+/// host devices), else from the stored definition.
+fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let live = OperatorRequest::DumpXml {
+        name: name.clone(),
+        live: true,
+    };
+    let xml = match rt.block_on(ask(conn, live))? {
+        OperatorResponse::Xml(x) => x,
+        OperatorResponse::Error(_) => {
+            match rt.block_on(ask(conn, OperatorRequest::DumpXml { name, live: false }))? {
+                OperatorResponse::Xml(x) => x,
+                other => return Ok(print(other, json)),
+            }
+        }
+        other => return Ok(print(other, json)),
+    };
+    let domain = flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model;
+    let rows: Vec<[String; 5]> = domain
+        .interfaces()
+        .map(|i| {
+            let source = match i.if_type.as_str() {
+                "network" => i.source_network.clone(),
+                "bridge" => i.source_bridge.clone(),
+                "direct" => i.source_dev.clone(),
+                _ => None,
+            };
+            [
+                i.target_dev.clone().unwrap_or_else(|| "-".into()),
+                i.if_type.clone(),
+                source.unwrap_or_else(|| "-".into()),
+                i.model.clone().unwrap_or_else(|| "-".into()),
+                i.mac.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|[dev, t, source, model, mac]| {
+                serde_json::json!({"interface": dev, "type": t, "source": source, "model": model, "mac": mac})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(" {:<10} {:<9} {:<10} {:<8} {}", "Interface", "Type", "Source", "Model", "MAC");
+        println!("{}", "-".repeat(60));
+        for [dev, t, source, model, mac] in rows {
+            println!(" {dev:<10} {t:<9} {source:<10} {model:<8} {mac}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {

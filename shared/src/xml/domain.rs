@@ -234,8 +234,58 @@ pub struct Interface {
     pub model: Option<String>,
     /// Other `<model>` attributes.
     pub model_extra: Extra,
+    /// `<target dev>`: the host device (`vnet0`, `macvtap0`) of a running VM.
+    pub target_dev: Option<String>,
     /// Attributes and children not interpreted.
     pub extra: Extra,
+}
+
+/// Host device names libvirt generates, dropped from inactive XML as libvirt
+/// does (a name the operator chose is kept).
+const GENERATED_NIC_PREFIXES: [&str; 3] = ["vnet", "macvtap", "macvlan"];
+
+impl Interface {
+    /// The guest MAC as bytes, when `<mac>` is set.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        self.mac.as_deref().and_then(parse_mac)
+    }
+
+    /// Forgets what a host decided for this interface: its device name and,
+    /// for `type='network'`, the bridge or device the network resolved to.
+    fn clear_runtime_state(&mut self) {
+        if self.target_dev.as_deref().is_some_and(|d| {
+            GENERATED_NIC_PREFIXES
+                .iter()
+                .any(|p| d.starts_with(p))
+        }) {
+            self.target_dev = None;
+        }
+        if self.if_type == "network" {
+            self.source_bridge = None;
+            self.source_dev = None;
+            self.source_mode = None;
+        }
+    }
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    if !is_mac(s) {
+        return None;
+    }
+    let mut out = [0u8; 6];
+    for (o, part) in out.iter_mut().zip(s.split(':')) {
+        *o = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Formats a MAC as libvirt does: lower-case, colon-separated.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `<video>`.
@@ -401,7 +451,37 @@ impl Domain {
                 l.auto_generated = false;
             }
         }
+        for dev in &mut d.devices {
+            if let Device::Interface(i) = dev {
+                i.clear_runtime_state();
+            }
+        }
         d
+    }
+
+    /// Gives every interface without `<mac>` one, as libvirt does at define
+    /// time, so the guest keeps its MAC across starts and migrations. The
+    /// address is `52:54:00` plus bytes of the UUID, so the same definition
+    /// always gets the same MACs; `taken` are MACs already in use elsewhere.
+    pub fn assign_missing_macs(&mut self) {
+        let b = *self.uuid.as_bytes();
+        let mut used: Vec<[u8; 6]> = self.interfaces().filter_map(Interface::mac_bytes).collect();
+        let mut n: u8 = 0;
+        for dev in &mut self.devices {
+            let Device::Interface(i) = dev else { continue };
+            if i.mac.is_some() {
+                continue;
+            }
+            let mac = loop {
+                let candidate = [0x52, 0x54, 0x00, b[13], b[14], b[15].wrapping_add(n)];
+                n = n.wrapping_add(1);
+                if !used.contains(&candidate) {
+                    break candidate;
+                }
+            };
+            used.push(mac);
+            i.mac = Some(format_mac(mac));
+        }
     }
 
     /// Builds the `<domain>` element for the given flavor.
@@ -527,6 +607,14 @@ fn device_element(d: &Device, flavor: XmlFlavor) -> Element {
             disk.extra.apply(el)
         }
         Device::Interface(i) => {
+            let mut inactive;
+            let i = if flavor == XmlFlavor::Live {
+                i
+            } else {
+                inactive = i.clone();
+                inactive.clear_runtime_state();
+                &inactive
+            };
             let mut el = Element::new("interface").attr("type", i.if_type.as_str());
             if let Some(mac) = &i.mac {
                 el = el.child(
@@ -549,6 +637,9 @@ fn device_element(d: &Device, flavor: XmlFlavor) -> Element {
                             .opt_attr("mode", i.source_mode.as_deref()),
                     ),
                 );
+            }
+            if let Some(dev) = &i.target_dev {
+                el = el.child(Element::new("target").attr("dev", dev.as_str()));
             }
             if i.model.is_some() || !i.model_extra.is_empty() {
                 el = el.child(
@@ -898,6 +989,14 @@ fn read_interface(mut c: Cursor<'_>) -> Result<Interface, ParseError> {
         Some(mut m) => (m.attr_string("type"), m.finish()),
         None => (None, Extra::default()),
     };
+    let target_dev = match c.child("target") {
+        Some(mut t) => {
+            let dev = t.attr_string("dev");
+            t.finish();
+            dev
+        }
+        None => None,
+    };
     Ok(Interface {
         if_type,
         mac,
@@ -909,6 +1008,7 @@ fn read_interface(mut c: Cursor<'_>) -> Result<Interface, ParseError> {
         source_extra,
         model,
         model_extra,
+        target_dev,
         extra: c.finish(),
     })
 }
