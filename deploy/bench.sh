@@ -36,11 +36,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
-if ((${#need[@]})); then
-  echo "== installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. deploy/lib/install.sh
+install_missing ${need[@]+"${need[@]}"}
 
 echo "== building (release)"
 cargo build --release --locked --workspace --bins

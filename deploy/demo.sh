@@ -44,11 +44,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
-if ((${#need[@]})); then
-  step "installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. deploy/lib/install.sh
+install_missing ${need[@]+"${need[@]}"}
 
 if [ -z "${FLOTILLA_DEMO_BIN:-}" ]; then
   step "building (release)"

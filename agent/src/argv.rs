@@ -535,7 +535,11 @@ mod tests {
         let argv = argv_for(xml, &[public], &table);
         assert_eq!(
             option_after(&argv, "-netdev"),
-            ["tap,fd=10,id=hostnet0", "user,id=hostnet1", "tap,fd=14,id=hostnet2"]
+            [
+                "tap,fd=10,id=hostnet0",
+                "user,id=hostnet1",
+                "tap,fd=14,id=hostnet2"
+            ]
         );
         let devices = option_after(&argv, "-device");
         assert_eq!(

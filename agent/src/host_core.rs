@@ -1236,7 +1236,15 @@ impl HostCore {
                             .map(|v| v.record.macvtaps())
                             .unwrap_or_default();
                         if devs.is_empty() {
-                            self.qmp(out, Pending::FinishCont { id, name: name.clone() }, &name, QmpCommand::Cont);
+                            self.qmp(
+                                out,
+                                Pending::FinishCont {
+                                    id,
+                                    name: name.clone(),
+                                },
+                                &name,
+                                QmpCommand::Cont,
+                            );
                         } else {
                             let call = HvCall::LinksUp { devs };
                             self.hv(out, Pending::FinishLinks { id, name }, call);
@@ -1265,7 +1273,11 @@ impl HostCore {
                 HvResult::Qmp(_) => {
                     self.set_state(&name, VmState::Running);
                     // Switches learn the guest's new port from its RARPs.
-                    if self.vms.get(&name).is_some_and(|v| !v.record.nics.is_empty()) {
+                    if self
+                        .vms
+                        .get(&name)
+                        .is_some_and(|v| !v.record.nics.is_empty())
+                    {
                         self.qmp(out, Pending::Ignore, &name, QmpCommand::AnnounceSelf);
                     }
                     let endpoints = self
@@ -1507,7 +1519,9 @@ impl HostCore {
         if self.reattach {
             // Macvtaps outlive their QEMU: those of VMs that died with the
             // agent (with or without a record) go now.
-            let call = HvCall::RemoveStrayNics { keep: known.clone() };
+            let call = HvCall::RemoveStrayNics {
+                keep: known.clone(),
+            };
             self.hv(out, Pending::Ignore, call);
             // A QEMU spawned just before the agent died has no record yet: it
             // was never reported as started, so it goes before anything is served.

@@ -154,7 +154,9 @@ pub struct NicHost<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NicError {
     /// The network is not defined on this host.
-    #[error("VM '{vm}': interface {index}: no network with matching name '{network}' on host {host}")]
+    #[error(
+        "VM '{vm}': interface {index}: no network with matching name '{network}' on host {host}"
+    )]
     NoSuchNetwork {
         /// The VM.
         vm: String,
@@ -295,7 +297,10 @@ fn plan_one(
                 .source_bridge
                 .clone()
                 .ok_or_else(|| unsupported("type 'bridge' without <source bridge>".into()))?;
-            (tap_on(vm, host, &format!("interface {index}"), bridge, mtu)?, None)
+            (
+                tap_on(vm, host, &format!("interface {index}"), bridge, mtu)?,
+                None,
+            )
         }
         "direct" => {
             let uplink = i
@@ -516,37 +521,58 @@ mod tests {
         let table: &[(&str, NicBackend, &str)] = &[
             (
                 "<interface type='network'><source network='public'/></interface>",
-                NicBackend::Tap { bridge: "br0".into(), mtu: None },
+                NicBackend::Tap {
+                    bridge: "br0".into(),
+                    mtu: None,
+                },
                 "vnet2",
             ),
             (
                 "<interface type='network'><source network='nat'/><mtu size='9000'/></interface>",
-                NicBackend::Tap { bridge: "virbr0".into(), mtu: Some(9000) },
+                NicBackend::Tap {
+                    bridge: "virbr0".into(),
+                    mtu: Some(9000),
+                },
                 "vnet2",
             ),
             (
                 "<interface type='network'><source network='uplink'/></interface>",
-                NicBackend::Macvtap { uplink: "eth1".into(), mode: MacvtapMode::Private },
+                NicBackend::Macvtap {
+                    uplink: "eth1".into(),
+                    mode: MacvtapMode::Private,
+                },
                 "macvtap0",
             ),
             (
                 "<interface type='network'><source network='list'/></interface>",
-                NicBackend::Macvtap { uplink: "eth2".into(), mode: MacvtapMode::Vepa },
+                NicBackend::Macvtap {
+                    uplink: "eth2".into(),
+                    mode: MacvtapMode::Vepa,
+                },
                 "macvtap0",
             ),
             (
                 "<interface type='bridge'><source bridge='br0'/></interface>",
-                NicBackend::Tap { bridge: "br0".into(), mtu: None },
+                NicBackend::Tap {
+                    bridge: "br0".into(),
+                    mtu: None,
+                },
                 "vnet2",
             ),
             (
                 "<interface type='direct'><source dev='eth1' mode='passthrough'/></interface>",
-                NicBackend::Macvtap { uplink: "eth1".into(), mode: MacvtapMode::Passthrough },
+                NicBackend::Macvtap {
+                    uplink: "eth1".into(),
+                    mode: MacvtapMode::Passthrough,
+                },
                 "macvtap0",
             ),
             (
                 "<interface type='direct'><source dev='eth1'/></interface>",
-                NicBackend::Macvtap { uplink: "eth1".into(), mode: MacvtapMode::Vepa },
+                NicBackend::Macvtap {
+                    uplink: "eth1".into(),
+                    mode: MacvtapMode::Vepa,
+                },
                 "macvtap0",
             ),
         ];
@@ -616,22 +642,37 @@ mod tests {
         );
         let plans = plans.expect("plans");
         let names: Vec<_> = plans.iter().map(|p| p.dev.clone()).collect();
-        assert_eq!(
-            names,
-            [Some("vnet2".into()), Some("macvtap0".into()), None]
-        );
+        assert_eq!(names, [Some("vnet2".into()), Some("macvtap0".into()), None]);
         assert!(!plans[0].vnet_hdr, "e1000 has no virtio header");
         assert_eq!((plans[1].fd(), plans[1].vhost_fd()), (12, 13));
         let xml = live.to_xml(flotilla_shared::xml::XmlFlavor::Live);
-        assert!(xml.contains("<source network=\"public\" bridge=\"br0\"/>") || xml.contains("<source network='public' bridge='br0'/>"), "{xml}");
+        assert!(
+            xml.contains("<source network=\"public\" bridge=\"br0\"/>")
+                || xml.contains("<source network='public' bridge='br0'/>"),
+            "{xml}"
+        );
         assert!(xml.contains("vnet2") && xml.contains("macvtap0"), "{xml}");
         let inactive = live.to_xml(flotilla_shared::xml::XmlFlavor::Inactive);
-        assert!(!inactive.contains("vnet2") && !inactive.contains("br0") && !inactive.contains("eth1"), "{inactive}");
+        assert!(
+            !inactive.contains("vnet2") && !inactive.contains("br0") && !inactive.contains("eth1"),
+            "{inactive}"
+        );
         // MACs were assigned once and are kept by the inactive definition.
         let again = Domain::parse("web.xml", &inactive).expect("reparse").model;
         let macs: Vec<_> = again.interfaces().map(|i| i.mac.clone()).collect();
-        assert!(macs.iter().all(|m| m.as_deref().is_some_and(|m| m.starts_with("52:54:00:"))), "{macs:?}");
-        assert_eq!(plans[0].mac, again.interfaces().next().and_then(Interface::mac_bytes).expect("mac"));
+        assert!(
+            macs.iter()
+                .all(|m| m.as_deref().is_some_and(|m| m.starts_with("52:54:00:"))),
+            "{macs:?}"
+        );
+        assert_eq!(
+            plans[0].mac,
+            again
+                .interfaces()
+                .next()
+                .and_then(Interface::mac_bytes)
+                .expect("mac")
+        );
         assert_eq!(plans[0].host_mac()[0], 0xfe);
     }
 }

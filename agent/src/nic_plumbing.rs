@@ -146,7 +146,8 @@ async fn plumb_one(
         }
         NicBackend::Macvtap { uplink, mode } => {
             let lower = link(handle, uplink).await?.header.index;
-            let mut msg = LinkMacVtap::new(dev, lower, netlink_mode(*mode)).address(nic.mac.to_vec());
+            let mut msg =
+                LinkMacVtap::new(dev, lower, netlink_mode(*mode)).address(nic.mac.to_vec());
             if up {
                 msg = msg.up();
             }
@@ -208,11 +209,7 @@ pub async fn remove_strays(keep: &[String]) -> Result<Vec<String>, PlumbError> {
     let handle = connect()?;
     let mut links = handle.link().get().execute();
     let mut strays = Vec::new();
-    while let Some(l) = links
-        .try_next()
-        .await
-        .map_err(netlink("list", "links"))?
-    {
+    while let Some(l) = links.try_next().await.map_err(netlink("list", "links"))? {
         let alias = l.attributes.iter().find_map(|a| match a {
             LinkAttribute::IfAlias(s) => Some(s.clone()),
             _ => None,
@@ -279,7 +276,10 @@ fn open_macvtap(dir: &Path, dev: &str, index: u32) -> Result<OwnedFd, PlumbError
         .ok_or_else(|| PlumbError::Io {
             action: "parse",
             dev: sys.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, numbers.trim().to_string()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                numbers.trim().to_string(),
+            ),
         })?;
     std::fs::create_dir_all(dir).map_err(io("create", &dir.display().to_string()))?;
     let node = dir.join(format!("{dev}.chr"));
@@ -297,7 +297,9 @@ fn open_macvtap(dir: &Path, dev: &str, index: u32) -> Result<OwnedFd, PlumbError
     })?;
     let opened = OpenOptions::new().read(true).write(true).open(&node);
     let _ = std::fs::remove_file(&node);
-    Ok(opened.map_err(io("open", &node.display().to_string()))?.into())
+    Ok(opened
+        .map_err(io("open", &node.display().to_string()))?
+        .into())
 }
 
 fn netlink_mode(m: MacvtapMode) -> NlMode {

@@ -135,7 +135,10 @@ impl QemuHypervisor {
             Err(e) => return HvResult::Failed(e.to_string()),
         };
         let macvtaps = opened.macvtaps;
-        let launched = launch(&argv, &paths, &secrets, &endpoints, mode, timeouts, opened.fds).await;
+        let launched = launch(
+            &argv, &paths, &secrets, &endpoints, mode, timeouts, opened.fds,
+        )
+        .await;
         if launched.is_err() {
             nic_plumbing::delete_links(&macvtaps).await;
         }

@@ -177,11 +177,10 @@ pub async fn launch(
             child_fd,
         })
         .collect();
-    cmd.fd_mappings(mappings)
-        .map_err(|e| LaunchError::Spawn {
-            program: argv.program.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    cmd.fd_mappings(mappings).map_err(|e| LaunchError::Spawn {
+        program: argv.program.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()

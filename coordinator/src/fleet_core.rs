@@ -2812,9 +2812,8 @@ mod tests {
     #[test]
     fn define_stores_generated_macs_refuses_fe_and_warns_of_pinned_devices() {
         let mut r = Rig::new();
-        let nics = |devices: &str| {
-            XML.replace("</os>", &format!("</os><devices>{devices}</devices>"))
-        };
+        let nics =
+            |devices: &str| XML.replace("</os>", &format!("</os><devices>{devices}</devices>"));
         let define = |r: &mut Rig, xml: String| {
             let (id, out) = r.op(OperatorRequest::Define {
                 xml,
@@ -2824,14 +2823,19 @@ mod tests {
         };
         let answer = define(
             &mut r,
-            nics("<interface type='network'><source network='public'/></interface>\
-                  <interface type='bridge'><source bridge='br7'/></interface>"),
+            nics(
+                "<interface type='network'><source network='public'/></interface>\
+                  <interface type='bridge'><source bridge='br7'/></interface>",
+            ),
         );
         let Some(OperatorResponse::Defined { warnings, .. }) = answer else {
             panic!("{answer:?}");
         };
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("pins the host-specific bridge br7"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("pins the host-specific bridge br7"),
+            "{warnings:?}"
+        );
         let stored = r.store.get("web").expect("read").expect("row").xml;
         let first = Domain::parse("s", &stored).expect("parse").model;
         let macs: Vec<_> = first.interfaces().filter_map(|i| i.mac.clone()).collect();
@@ -2840,8 +2844,10 @@ mod tests {
         // A redefinition without MACs gets the same ones.
         define(
             &mut r,
-            nics("<interface type='network'><source network='public'/></interface>\
-                  <interface type='bridge'><source bridge='br7'/></interface>"),
+            nics(
+                "<interface type='network'><source network='public'/></interface>\
+                  <interface type='bridge'><source bridge='br7'/></interface>",
+            ),
         );
         let again = r.store.get("web").expect("read").expect("row").xml;
         assert_eq!(again, stored);

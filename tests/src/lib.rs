@@ -365,7 +365,7 @@ pub fn qemu_pids_for(uuid: &str) -> Vec<i32> {
 /// filter; killed on drop.
 pub struct Capture {
     child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: std::sync::mpsc::Receiver<(Instant, String)>,
 }
 
 impl Capture {
@@ -391,7 +391,7 @@ impl Capture {
         });
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if tx.send((Instant::now(), line)).is_err() {
                     break;
                 }
             }
@@ -410,6 +410,11 @@ impl Capture {
 
     /// The next captured frame's line, waiting up to `timeout`.
     pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.next_at(timeout).map(|(_, l)| l)
+    }
+
+    /// The next captured frame's line and when tcpdump printed it.
+    pub fn next_at(&self, timeout: Duration) -> Option<(Instant, String)> {
         self.lines.recv_timeout(timeout).ok()
     }
 }

@@ -382,7 +382,10 @@ fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCo
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
-        println!(" {:<10} {:<9} {:<10} {:<8} {}", "Interface", "Type", "Source", "Model", "MAC");
+        println!(
+            " {:<10} {:<9} {:<10} {:<8} {}",
+            "Interface", "Type", "Source", "Model", "MAC"
+        );
         println!("{}", "-".repeat(60));
         for [dev, t, source, model, mac] in rows {
             println!(" {dev:<10} {t:<9} {source:<10} {model:<8} {mac}");

@@ -253,11 +253,11 @@ impl Interface {
     /// Forgets what a host decided for this interface: its device name and,
     /// for `type='network'`, the bridge or device the network resolved to.
     fn clear_runtime_state(&mut self) {
-        if self.target_dev.as_deref().is_some_and(|d| {
-            GENERATED_NIC_PREFIXES
-                .iter()
-                .any(|p| d.starts_with(p))
-        }) {
+        if self
+            .target_dev
+            .as_deref()
+            .is_some_and(|d| GENERATED_NIC_PREFIXES.iter().any(|p| d.starts_with(p)))
+        {
             self.target_dev = None;
         }
         if self.if_type == "network" {

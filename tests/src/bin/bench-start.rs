@@ -1,6 +1,7 @@
 //! Start latency and footprint: bare QEMU, `flotilla start` and `virsh start`
 //! of the same 64 MiB diskless guest whose console listens on network
-//! `public`, on one namespace host, alternating round by round; then the
+//! `public`, without and with one NIC on `public`, on one namespace host,
+//! alternating round by round; then the
 //! agent's and libvirtd's idle footprint with 0 and 10 VMs.
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
@@ -29,9 +30,23 @@ const PUBLIC_NET: &str =
 
 /// The benchmark guest: 64 MiB, no disk, one VNC console on `public`.
 fn domain(name: &str, kvm: bool) -> String {
+    with_devices(name, kvm, "")
+}
+
+/// The benchmark guest with one virtio NIC on `public` (a tap on br0).
+fn domain_with_nic(name: &str, kvm: bool) -> String {
+    with_devices(
+        name,
+        kvm,
+        "<interface type='network'><mac address='52:54:00:be:00:01'/>\
+         <source network='public'/><model type='virtio'/></interface>",
+    )
+}
+
+fn with_devices(name: &str, kvm: bool, extra: &str) -> String {
     format!(
         "<domain type='{}'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{extra}\
          <graphics type='vnc'><listen type='network' network='public'/></graphics>\
          </devices></domain>",
         if kvm { "kvm" } else { "qemu" }
@@ -132,9 +147,15 @@ fn main() {
     let xml_s = xml.to_str().expect("utf8");
     assert!(fl(&["define", xml_s]).status.success());
     libvirt.virsh_ok(&["define", xml_s]);
+    let nic_xml = work.path().join("nicbench.xml");
+    std::fs::write(&nic_xml, domain_with_nic("nicbench", kvm)).expect("xml");
+    let nic_s = nic_xml.to_str().expect("utf8");
+    assert!(fl(&["define", nic_s]).status.success());
+    libvirt.virsh_ok(&["define", nic_s]);
 
     let accel = if kvm { "kvm" } else { "tcg" };
     let (mut bare, mut ours, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours_nic, mut theirs_nic) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         // (a) bare QEMU, hand-written args: exec until the RFB banner.
         let t0 = Instant::now();
@@ -176,6 +197,17 @@ fn main() {
             "libvirt's console"
         );
         libvirt.virsh_ok(&["destroy", "startbench"]);
+
+        // (d) and (e): the same with one NIC, a tap on br0 for each.
+        let t0 = Instant::now();
+        let o = fl(&["start", "nicbench"]);
+        ours_nic.push(t0.elapsed().as_secs_f64() * 1000.0);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(fl(&["destroy", "nicbench"]).status.success());
+        let t0 = Instant::now();
+        libvirt.virsh_ok(&["start", "nicbench"]);
+        theirs_nic.push(until_rfb(&host, 5900, t0));
+        libvirt.virsh_ok(&["destroy", "nicbench"]);
     }
     println!("| path | runs | median ms | p10–p90 ms |");
     println!("|---|---|---|---|");
@@ -185,7 +217,17 @@ fn main() {
         &ours,
     );
     row("(c) `virsh start` → RFB banner", &theirs);
+    row("(d) `flotilla start`, one NIC (tap on br0)", &ours_nic);
+    row(
+        "(e) `virsh start`, one NIC (tap on br0) → RFB banner",
+        &theirs_nic,
+    );
     println!();
+    println!(
+        "One NIC costs Flotilla {:.0} ms ((d)−(b)) and libvirt {:.0} ms ((e)−(c)).",
+        median(&ours_nic) - median(&ours),
+        median(&theirs_nic) - median(&theirs)
+    );
     println!(
         "Overhead (b)−(a): {:.0} ms. Ratio (b)/(c): {:.2}. Ratio (b)/(a): {:.2}.",
         median(&ours) - median(&bare),

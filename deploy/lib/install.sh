@@ -1,0 +1,37 @@
+# Sourced by test.sh, demo.sh and bench.sh: installs the Debian packages
+# passed as arguments, plus QEMU's SPICE module when QEMU lacks SPICE.
+#
+# A machine whose qemu-utils comes from bookworm-backports needs
+# qemu-system-x86 from there too (the two must be the same release), and
+# QEMU from backports (10.x) ships SPICE as a package of its own.
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+qemu_lacks_spice() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 &&
+    qemu-system-x86_64 -spice help 2>&1 | grep -q "no option group"
+}
+
+install_missing() {
+  local need=("$@")
+  qemu_lacks_spice && need+=(qemu-system-modules-spice)
+  ((${#need[@]})) || return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "${0##*/}: ${need[*]} missing and not root to install them" >&2
+    return 1
+  fi
+  echo "${0##*/}: installing ${need[*]}" >&2
+  apt-get update -qq
+  if ! apt_install "${need[@]}"; then
+    echo "${0##*/}: retrying from bookworm-backports" >&2
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      >/etc/apt/sources.list.d/flotilla-backports.sources
+    apt-get update -qq
+    apt_install -t bookworm-backports "${need[@]}"
+  fi
+  if qemu_lacks_spice; then
+    apt_install -t bookworm-backports qemu-system-modules-spice
+  fi
+}
