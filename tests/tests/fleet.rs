@@ -188,16 +188,42 @@ fn ip(s: &str) -> IpAddr {
 fn one_definition_gets_each_hosts_own_console_address() {
     let f = fleet();
     let xml = f.work.path().join("web01.xml");
-    std::fs::write(&xml, domain_xml("web01", &new_uuid(), VNC_PUBLIC)).expect("write");
+    // virt-install's shape: a NIC on network `public`, no MAC.
+    let devices = format!(
+        "{VNC_PUBLIC}<interface type='network'><source network='public'/>\
+         <model type='virtio'/></interface>"
+    );
+    std::fs::write(&xml, domain_xml("web01", &new_uuid(), &devices)).expect("write");
     let o = f.cli(&["define", xml.to_str().expect("utf8")]);
     assert!(o.status.success(), "{}", text(&o));
+    let stored = text(&f.cli(&["dumpxml", "web01"]));
+    let mac = stored
+        .split("<mac address=\"")
+        .nth(1)
+        .and_then(|r| r.get(..17))
+        .unwrap_or_else(|| panic!("define stored no MAC: {stored}"))
+        .to_string();
+    assert!(mac.starts_with("52:54:00:"), "{mac}");
 
-    for (host, addr, idx) in [
-        ("host-a", "198.18.1.1", 0usize),
-        ("host-b", "198.18.2.1", 1),
+    // host-a's `public` is bridge br0 (a tap), host-b's the uplink (a macvtap).
+    for (host, addr, idx, dev) in [
+        ("host-a", "198.18.1.1", 0usize, "vnet0"),
+        ("host-b", "198.18.2.1", 1, "macvtap0"),
     ] {
         let o = f.cli(&["start", "web01", "--host", host]);
         assert!(o.status.success(), "start on {host}: {}", text(&o));
+        let o = f.cli(&["domiflist", "web01"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let row = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(2)
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default();
+        assert_eq!(
+            row,
+            [dev, "network", "public", "virtio", mac.as_str()],
+            "{host}"
+        );
         let o = f.cli(&["domdisplay", "web01"]);
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(

@@ -383,8 +383,8 @@ fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCo
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         println!(
-            " {:<10} {:<9} {:<10} {:<8} {}",
-            "Interface", "Type", "Source", "Model", "MAC"
+            " {:<10} {:<9} {:<10} {:<8} MAC",
+            "Interface", "Type", "Source", "Model"
         );
         println!("{}", "-".repeat(60));
         for [dev, t, source, model, mac] in rows {
