@@ -131,7 +131,7 @@ for _ in $(seq 100); do
 done
 fl hosts
 
-step "define and start the demo VM (its console listens on network 'public')"
+step "define and start the demo VM (its console and NIC are on network 'public')"
 "$BIN/counting-guest" "$RUN/guest.img"
 cat > "$RUN/demo.xml" <<XML
 <domain type='kvm'>
@@ -142,6 +142,7 @@ cat > "$RUN/demo.xml" <<XML
   <devices>
     <disk type='file' device='disk'><driver name='qemu' type='raw'/>
       <source file='$RUN/guest.img'/><target dev='vda' bus='virtio'/><readonly/></disk>
+    <interface type='network'><source network='public'/><model type='virtio'/></interface>
     <graphics type='vnc'><listen type='network' network='public'/></graphics>
   </devices>
 </domain>
@@ -149,6 +150,8 @@ XML
 fl define "$RUN/demo.xml"
 fl start demo
 fl list
+echo "its NIC on network 'public' (MAC assigned at define), plumbed by the agent:"
+fl domiflist demo
 
 # Which namespace holds an address, so the VNC client connects from that host's network.
 host_of() { case $1 in 198.18.1.1) echo host-a ;; 198.18.2.1) echo host-b ;; *) echo host-c ;; esac; }
@@ -184,6 +187,8 @@ fl migrate demo --max-downtime 300
 step "the console on its new host"
 second=$(shot after-migration)
 fl list
+echo "its NIC, plumbed again on the new host's own 'public':"
+fl domiflist demo
 if [ "$first" = "$second" ]; then echo "demo: console address did not change" >&2; exit 1; fi
 
 step "metrics (Prometheus text), coordinator and host-a's agent"

@@ -170,9 +170,24 @@ enum Follow {
     Listen(String, String),
 }
 
+/// A guest NIC's host device on a fake host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeDevice {
+    /// The VM whose launch created it.
+    pub vm: String,
+    /// A macvtap (outlives QEMU) rather than a tap (goes with it).
+    pub macvtap: bool,
+    /// Administratively up.
+    pub up: bool,
+}
+
 #[derive(Debug)]
 struct FakeHost {
     interfaces: Result<InterfaceTable, String>,
+    /// Guest NIC devices, by name.
+    devices: BTreeMap<String, FakeDevice>,
+    /// Launches refused because a device name was taken: a planning bug.
+    collisions: Vec<String>,
     networks: HostNetworks,
     missing: BTreeSet<String>,
     procs: BTreeMap<String, FakeProcess>,
@@ -201,6 +216,8 @@ impl FakeQemu {
         FakeQemu {
             inner: Arc::new(Mutex::new(FakeHost {
                 interfaces: Ok(interfaces),
+                devices: BTreeMap::new(),
+                collisions: Vec::new(),
                 networks: HostNetworks::default(),
                 missing: BTreeSet::new(),
                 procs: BTreeMap::new(),
@@ -332,6 +349,26 @@ impl FakeQemu {
         self.host().procs.keys().cloned().collect()
     }
 
+    /// The guest NIC devices on this host.
+    pub fn devices(&self) -> BTreeMap<String, FakeDevice> {
+        self.host().devices.clone()
+    }
+
+    /// A launch whose QEMU died before it answered failed: as the real
+    /// hypervisor does, delete the macvtaps it created (its taps went with
+    /// QEMU).
+    pub fn abandon_launch(&self, name: &str) {
+        let mut host = self.host();
+        if !host.procs.contains_key(name) {
+            host.devices.retain(|_, d| !(d.macvtap && d.vm == name));
+        }
+    }
+
+    /// Devices a launch wanted that another VM held (each one a bug).
+    pub fn collisions(&self) -> Vec<String> {
+        self.host().collisions.clone()
+    }
+
     /// A VM's record in the state directory.
     pub fn record(&self, name: &str) -> Option<VmRecord> {
         self.host().records.get(name).map(|r| r.0.clone())
@@ -362,6 +399,8 @@ impl Hypervisor for FakeQemu {
 impl FakeHost {
     fn exit(&mut self, name: &str, reason: &str) {
         if let Some(p) = self.procs.remove(name) {
+            // A tap goes with QEMU's last fd; a macvtap stays until deleted.
+            self.devices.retain(|_, d| d.macvtap || d.vm != name);
             if let Some(uri) = &p.listening {
                 lock(&self.fabric.listeners).remove(uri);
             }
@@ -412,7 +451,12 @@ impl FakeHost {
                 _ => HvResult::Failed(format!("cannot connect to QMP socket of '{name}'")),
             },
             HvCall::ReadHost { paths } => HvResult::Host(HostRead {
-                interfaces: self.interfaces.clone(),
+                interfaces: self.interfaces.clone().map(|mut t| {
+                    for d in self.devices.keys() {
+                        t.add(d, None);
+                    }
+                    t
+                }),
                 missing: paths
                     .into_iter()
                     .filter(|p| self.missing.contains(p))
@@ -448,12 +492,31 @@ impl FakeHost {
                 self.records.insert(name, (record, xml));
                 HvResult::Done
             }
-            HvCall::RemoveRecord { name, .. } => {
+            HvCall::RemoveRecord { name, macvtaps, .. } => {
                 self.records.remove(&name);
+                for d in macvtaps {
+                    self.devices.remove(&d);
+                }
                 HvResult::Done
             }
-            // The simulation's hosts have no devices to plumb.
-            HvCall::LinksUp { .. } | HvCall::RemoveStrayNics { .. } => HvResult::Done,
+            HvCall::SetLinks { devs, up } => {
+                match devs.iter().find(|d| !self.devices.contains_key(*d)) {
+                    Some(d) => HvResult::Failed(format!("no device '{d}' on this host")),
+                    None => {
+                        for d in devs {
+                            if let Some(dev) = self.devices.get_mut(&d) {
+                                dev.up = up;
+                            }
+                        }
+                        HvResult::Done
+                    }
+                }
+            }
+            HvCall::RemoveStrayNics { keep } => {
+                self.devices
+                    .retain(|_, d| !d.macvtap || keep.contains(&d.vm));
+                HvResult::Done
+            }
         };
         (result, Follow::Nothing)
     }
@@ -468,6 +531,26 @@ impl FakeHost {
         }
         let pid = self.next_pid;
         self.next_pid += 1;
+        let wanted: Vec<(String, bool)> = plan
+            .nics
+            .iter()
+            .filter_map(|n| n.dev.clone().map(|d| (d, n.is_macvtap())))
+            .collect();
+        if let Some((d, _)) = wanted.iter().find(|(d, _)| self.devices.contains_key(d)) {
+            self.collisions.push(format!("{}: {d}", plan.name));
+            let e = format!("cannot create device '{d}': Device or resource busy");
+            return (HvResult::Failed(e), Follow::Nothing);
+        }
+        let run = plan.mode == LaunchMode::Run;
+        for (d, macvtap) in wanted {
+            let device = FakeDevice {
+                vm: plan.name.clone(),
+                macvtap,
+                // An incoming guest's macvtaps wait for SetLinks.
+                up: !macvtap || run,
+            };
+            self.devices.insert(d, device);
+        }
         let (status, listening) = match &plan.mode {
             LaunchMode::Run => ("running", None),
             LaunchMode::Incoming { uri, .. } => ("inmigrate", Some(uri.clone())),

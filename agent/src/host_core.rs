@@ -77,7 +77,7 @@ use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
 use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
-use crate::nic_plan::{plan_nics, NicHost, NicPlan};
+use crate::nic_plan::{attach_problem, plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
@@ -259,6 +259,7 @@ enum QmpThen {
 enum Pending {
     Scan,
     Strays,
+    NicSweep,
     Attach(Box<FoundRecord>),
     Observe(String),
     StartRead(Box<StartCtx>),
@@ -300,6 +301,14 @@ enum Pending {
         id: u64,
         name: String,
     },
+    SourceLinksDown {
+        id: u64,
+        response: Response,
+    },
+    ResumeLinks {
+        id: u64,
+        name: String,
+    },
     FinishCont {
         id: u64,
         name: String,
@@ -333,6 +342,8 @@ pub struct HostCore {
     reattach: bool,
     vms: BTreeMap<String, Vm>,
     starting: BTreeSet<String>,
+    /// Exits of QEMUs whose launch has not answered yet: (pid, reason).
+    early_exits: BTreeMap<String, (i32, String)>,
     pending: HashMap<u64, Pending>,
     next_op: u64,
     lists: HashMap<u64, ListGather>,
@@ -363,6 +374,7 @@ impl HostCore {
             reattach,
             vms: BTreeMap::new(),
             starting: BTreeSet::new(),
+            early_exits: BTreeMap::new(),
             pending: HashMap::new(),
             next_op: 1,
             lists: HashMap::new(),
@@ -619,7 +631,15 @@ impl HostCore {
                 self.simple_qmp(id, name, QmpCommand::MigrateCancel, QmpThen::Cancel, out)
             }
             Request::Resume { name } => {
-                self.simple_qmp(id, name, QmpCommand::Cont, QmpThen::Resume, out)
+                // A source resumed after its migration completed had its
+                // macvtaps taken down; they come back before its CPUs do.
+                let devs = self.macvtaps(&name);
+                if devs.is_empty() {
+                    self.simple_qmp(id, name, QmpCommand::Cont, QmpThen::Resume, out)
+                } else {
+                    let call = HvCall::SetLinks { devs, up: true };
+                    self.hv(out, Pending::ResumeLinks { id, name }, call);
+                }
             }
             Request::MonitorCommand { name, command } => self.simple_qmp(
                 id,
@@ -943,6 +963,14 @@ impl HostCore {
         );
     }
 
+    /// The VM's macvtaps (none if it is not here).
+    fn macvtaps(&self, name: &str) -> Vec<String> {
+        self.vms
+            .get(name)
+            .map(|v| v.record.macvtaps())
+            .unwrap_or_default()
+    }
+
     /// Host devices held by running VMs and by starts under way.
     fn nic_devices_in_use(&self) -> BTreeSet<String> {
         let running = self.vms.values().flat_map(|v| v.record.nic_devices());
@@ -1002,6 +1030,7 @@ impl HostCore {
                     },
                     address: resolved.as_ref().ok().map(|r| r.address.to_string()),
                     error: resolved.err().map(|e| e.to_string()),
+                    attach_error: attach_problem(n, table),
                 }
             })
             .collect()
@@ -1020,6 +1049,12 @@ impl HostCore {
             Pending::Ignore => {}
             Pending::Scan => self.scanned(now, result, out),
             Pending::Strays => self.strays_found(now, result, out),
+            Pending::NicSweep => {
+                if let HvResult::Failed(e) = &result {
+                    tracing::warn!(error = %e, "cannot remove the devices of VMs that are gone");
+                }
+                self.attach_finished(now, out);
+            }
             Pending::Attach(found) => {
                 let record = found.record;
                 match result {
@@ -1122,12 +1157,25 @@ impl HostCore {
                 cmd,
                 then,
             } => {
+                let was = self.vm_state(&name);
                 let response = match result {
                     HvResult::Qmp(v) => self.qmp_answer(&name, then, v),
                     other if matches!(then, QmpThen::Monitor) => Response::Error(failure(&other)),
                     other => Response::Error(format!("{cmd}: {}", failure(&other))),
                 };
-                out.push(HostEffect::Reply { id, response });
+                let completed = was == Some(VmState::Outgoing)
+                    && self.vm_state(&name) == Some(VmState::PostMigrate);
+                let devs = self.macvtaps(&name);
+                if completed && !devs.is_empty() {
+                    // The guest is about to run on the destination: from now
+                    // on nothing here may send with its MAC (the host's own
+                    // IPv6 on an up macvtap would), and the completion is
+                    // reported only once that holds.
+                    let call = HvCall::SetLinks { devs, up: false };
+                    self.hv(out, Pending::SourceLinksDown { id, response }, call);
+                } else {
+                    out.push(HostEffect::Reply { id, response });
+                }
             }
             Pending::MigrateOut {
                 id,
@@ -1230,11 +1278,7 @@ impl HostCore {
                         // As libvirt: the destination's macvtaps stay down
                         // until its CPUs start, so nothing with the guest's
                         // MAC leaves this host while the source still runs.
-                        let devs = self
-                            .vms
-                            .get(&name)
-                            .map(|v| v.record.macvtaps())
-                            .unwrap_or_default();
+                        let devs = self.macvtaps(&name);
                         if devs.is_empty() {
                             self.qmp(
                                 out,
@@ -1246,7 +1290,7 @@ impl HostCore {
                                 QmpCommand::Cont,
                             );
                         } else {
-                            let call = HvCall::LinksUp { devs };
+                            let call = HvCall::SetLinks { devs, up: true };
                             self.hv(out, Pending::FinishLinks { id, name }, call);
                         }
                     }
@@ -1256,6 +1300,22 @@ impl HostCore {
                     }
                 }
             }
+            Pending::SourceLinksDown { id, response } => {
+                if let HvResult::Failed(e) = &result {
+                    tracing::warn!(error = %e, "cannot take a migrated guest's macvtaps down");
+                }
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::ResumeLinks { id, name } => match result {
+                HvResult::Done => self.simple_qmp(id, name, QmpCommand::Cont, QmpThen::Resume, out),
+                other => {
+                    let response = Response::Error(format!(
+                        "cannot bring up the guest's devices: {}",
+                        failure(&other)
+                    ));
+                    out.push(HostEffect::Reply { id, response });
+                }
+            },
             Pending::FinishLinks { id, name } => match result {
                 HvResult::Done => {
                     let pending = Pending::FinishCont {
@@ -1409,6 +1469,25 @@ impl HostCore {
         } = ctx;
         self.starting.remove(&name);
         let incoming = migration_port.is_some();
+        let early_exit = self.early_exits.remove(&name);
+        let result = match (result, early_exit) {
+            // Its exit overtook the launch's answer: the start failed, and
+            // what the launch created (record files, macvtaps) goes now.
+            (HvResult::Launched { pid }, Some((dead, reason))) if dead == pid => {
+                let call = HvCall::RemoveRecord {
+                    name: name.clone(),
+                    paths: self.paths(&name),
+                    macvtaps: nics
+                        .iter()
+                        .filter(|n| n.is_macvtap())
+                        .filter_map(|n| n.dev.clone())
+                        .collect(),
+                };
+                self.hv(out, Pending::Ignore, call);
+                HvResult::Failed(format!("QEMU exited right after it started: {reason}"))
+            }
+            (result, _) => result,
+        };
         let pid = match result {
             HvResult::Launched { pid } => pid,
             other => {
@@ -1518,11 +1597,13 @@ impl HostCore {
         }
         if self.reattach {
             // Macvtaps outlive their QEMU: those of VMs that died with the
-            // agent (with or without a record) go now.
+            // agent (with or without a record) go now, before any start
+            // could create a device this sweep would take for a stray.
             let call = HvCall::RemoveStrayNics {
                 keep: known.clone(),
             };
-            self.hv(out, Pending::Ignore, call);
+            attaching += 1;
+            self.hv(out, Pending::NicSweep, call);
             // A QEMU spawned just before the agent died has no record yet: it
             // was never reported as started, so it goes before anything is served.
             let call = HvCall::FindStrays {
@@ -1582,6 +1663,10 @@ impl HostCore {
         out: &mut Vec<HostEffect>,
     ) {
         let matches = self.vms.get(&name).is_some_and(|v| v.record.pid == pid);
+        if !matches && self.starting.contains(&name) {
+            self.early_exits.insert(name, (pid, reason));
+            return;
+        }
         if !matches {
             tracing::debug!(vm = %name, pid, "exit of a QEMU the agent no longer owns");
             return;
@@ -2321,6 +2406,142 @@ mod tests {
         assert_eq!(facts.networks[0].address.as_deref(), Some("198.18.4.2"));
     }
 
+    /// A host whose `public` is a macvtap on uplink0 and `lan` a bridge br1.
+    fn nic_host(addr: &str) -> FakeQemu {
+        let net = |xml: &str| Network::parse("n.xml", xml).expect("valid").model;
+        let fake = FakeQemu::new(
+            InterfaceTable::new()
+                .with("uplink0", &[addr])
+                .with("br1", &[]),
+        );
+        fake.set_networks(HostNetworks {
+            dir: PathBuf::from("/sim/networks"),
+            networks: vec![
+                net("<network><name>lan</name><bridge name='br1'/></network>"),
+                net("<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>"),
+            ],
+            problems: Vec::new(),
+        });
+        fake
+    }
+
+    fn nic_vm(name: &str, uuid: &str) -> String {
+        format!(
+            "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
+             <os><type>hvm</type></os><devices>\
+             <interface type='network'><source network='public'/></interface>\
+             <interface type='network'><source network='lan'/></interface>\
+             </devices></domain>"
+        )
+    }
+
+    #[test]
+    fn nics_get_free_devices_and_an_incoming_macvtap_waits_for_the_cpus() {
+        let t0 = Instant::now();
+        let fabric = FakeFabric::new();
+        let mut src = nic_host("198.18.4.1");
+        let mut dst = nic_host("198.18.4.2");
+        src.join(&fabric);
+        dst.join(&fabric);
+        src.set_auto_complete(false);
+        let mut a = booted("h1", &mut src, t0);
+        let mut b = booted("h2", &mut dst, t0);
+        let start = |name: &str, uuid: &str| Request::Start {
+            xml: nic_vm(name, uuid),
+            source: format!("{name}.xml"),
+        };
+        drive(&mut a, &mut src, t0, req(1, start("one", UUID)));
+        let out = drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(2, start("two", "6f1c1d5e-0b7a-4c33-9a56-000000000002")),
+        );
+        assert!(
+            matches!(reply(&out), Response::Started { live_xml, .. }
+            if live_xml.contains("macvtap1") && live_xml.contains("vnet1")),
+            "{out:?}"
+        );
+        let devices: Vec<(String, String, bool)> = src
+            .devices()
+            .into_iter()
+            .map(|(d, f)| (d, f.vm, f.up))
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                ("macvtap0".into(), "one".into(), true),
+                ("macvtap1".into(), "two".into(), true),
+                ("vnet0".into(), "one".into(), true),
+                ("vnet1".into(), "two".into(), true),
+            ]
+        );
+
+        // The destination plumbs its own devices, the macvtap down.
+        let incoming = Request::MigrateIncoming {
+            xml: nic_vm("one", UUID),
+            source: "one.xml".into(),
+            postcopy: false,
+        };
+        let out = drive(&mut b, &mut dst, t0, req(1, incoming));
+        let Response::Incoming { uri, .. } = reply(&out) else {
+            panic!("{out:?}");
+        };
+        assert_eq!(dst.devices().get("macvtap0").map(|d| d.up), Some(false));
+        let out_req = Request::MigrateOut {
+            name: "one".into(),
+            uri: uri.clone(),
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            auto_converge: false,
+            postcopy: false,
+        };
+        drive(&mut a, &mut src, t0, req(3, out_req));
+        assert!(src.complete_migration("one"));
+        // The source learns of the completion and takes its macvtap down
+        // before it says so.
+        let status = Request::MigrationStatus { name: "one".into() };
+        let out = drive(&mut a, &mut src, t0, req(5, status));
+        assert!(matches!(reply(&out), Response::Migration(p) if p.status == "completed"));
+        assert_eq!(src.devices().get("macvtap0").map(|d| d.up), Some(false));
+        let finish = Request::MigrateFinish { name: "one".into() };
+        let out = drive(&mut b, &mut dst, t0, req(2, finish));
+        assert!(matches!(reply(&out), Response::Done(_)), "{out:?}");
+        assert_eq!(dst.devices().get("macvtap0").map(|d| d.up), Some(true));
+        let sent: Vec<&str> = dst
+            .process("one")
+            .expect("runs")
+            .commands
+            .iter()
+            .map(QmpCommand::name)
+            .filter(|c| *c != "query-status")
+            .collect();
+        assert_eq!(sent[sent.len() - 2..], ["cont", "announce-self"]);
+
+        // Resumed (a migration undone), the source brings its macvtap back
+        // first; then its QEMU quits: the tap goes with it, the macvtap with
+        // the record.
+        let out = drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(6, Request::Resume { name: "one".into() }),
+        );
+        assert!(matches!(reply(&out), Response::Done(_)), "{out:?}");
+        assert_eq!(src.devices().get("macvtap0").map(|d| d.up), Some(true));
+        drive(
+            &mut a,
+            &mut src,
+            t0,
+            req(4, Request::Destroy { name: "one".into() }),
+        );
+        for exit in src.take_exits() {
+            drive(&mut a, &mut src, t0, exit);
+        }
+        let left: Vec<String> = src.devices().into_keys().collect();
+        assert_eq!(left, ["macvtap1", "vnet1"]);
+    }
+
     #[test]
     fn finish_gives_up_after_a_minute_and_missing_disks_refuse() {
         let t0 = Instant::now();
@@ -2382,6 +2603,54 @@ mod tests {
             )
         );
         assert!(!b.port_reserved(5901), "console port released on refusal");
+    }
+
+    #[test]
+    fn an_exit_that_overtakes_the_launch_answer_fails_the_start_and_removes_its_macvtaps() {
+        let now = Instant::now();
+        let mut fake = nic_host("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        let out = c.handle(
+            now,
+            req(
+                1,
+                Request::Start {
+                    xml: nic_vm("one", UUID),
+                    source: "one.xml".into(),
+                },
+            ),
+        );
+        let (op, call) = hv_calls(&out)[0].clone();
+        let out = c.handle(
+            now,
+            HostInput::HvDone {
+                op,
+                result: fake.call_now(call),
+            },
+        );
+        let [(op, HvCall::Launch(plan))] = &hv_calls(&out)[..] else {
+            panic!("{out:?}");
+        };
+        let result = fake.call_now(HvCall::Launch(plan.clone()));
+        let HvResult::Launched { pid } = result else {
+            panic!("{result:?}");
+        };
+        // The watcher reports the exit before the launch's answer arrives.
+        let exit = HostInput::VmExited {
+            name: "one".into(),
+            pid,
+            reason: "QEMU exited (signal: 6 (SIGABRT))".into(),
+            log_tail: String::new(),
+        };
+        assert_eq!(c.handle(now, exit), vec![]);
+        let out = c.handle(now, HostInput::HvDone { op: *op, result });
+        assert!(
+            matches!(reply(&out), Response::Error(e) if e.contains("QEMU exited right after it started")),
+            "{out:?}"
+        );
+        assert!(hv_calls(&out).iter().any(|(_, call)| matches!(call,
+            HvCall::RemoveRecord { macvtaps, .. } if macvtaps == &["macvtap0".to_string()])));
+        assert_eq!(c.vm_state("one"), None);
     }
 
     #[test]

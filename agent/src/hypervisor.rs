@@ -50,7 +50,7 @@ pub struct LaunchPlan {
     /// Run, or wait for an incoming migration.
     pub mode: LaunchMode,
     /// Host devices to create and hand to QEMU as open fds. Macvtaps of an
-    /// incoming migration stay down until [`HvCall::LinksUp`].
+    /// incoming migration stay down until [`HvCall::SetLinks`].
     pub nics: Vec<NicPlan>,
     /// Step timeouts.
     pub timeouts: StartTimeouts,
@@ -146,10 +146,13 @@ pub enum HvCall {
         /// Its macvtap devices.
         macvtaps: Vec<String>,
     },
-    /// Bring these macvtaps up: an incoming guest's CPUs are about to start.
-    LinksUp {
+    /// Bring these macvtaps up (the guest's CPUs are about to start here)
+    /// or down (they stopped for good: the guest now runs elsewhere).
+    SetLinks {
         /// The devices.
         devs: Vec<String>,
+        /// Up or down.
+        up: bool,
     },
     /// Delete every macvtap Flotilla created (by its alias) whose VM is not in
     /// `keep`: devices of VMs that died with an agent.

@@ -407,6 +407,34 @@ fn network_backend(
     }
 }
 
+/// Why guest NICs cannot attach to `net` on this host; `None` when they
+/// can. What `plan_nics` would refuse, without a VM: for the host's report,
+/// so the scheduler never sends a VM with a NIC there.
+pub fn attach_problem(net: &Network, table: &InterfaceTable) -> Option<String> {
+    let taken = BTreeSet::new();
+    let host = NicHost {
+        host: "",
+        networks: std::slice::from_ref(net),
+        table,
+        vhost_net: false,
+        taken: &taken,
+    };
+    match network_backend("", &host, net, "", None) {
+        Ok(_) => None,
+        Err(NicError::MissingBridge { bridge, .. }) => {
+            Some(format!("bridge '{bridge}' does not exist"))
+        }
+        Err(NicError::MissingDevice { dev, .. }) => Some(format!("device '{dev}' does not exist")),
+        Err(NicError::Hostdev { .. }) => {
+            Some("forward mode='hostdev' (PCI passthrough) is not supported".into())
+        }
+        Err(NicError::NoInterfaceOrBridge { .. }) => {
+            Some("it has no associated interface or bridge".into())
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}
+
 fn tap_on(
     vm: &str,
     host: &NicHost<'_>,
@@ -631,6 +659,34 @@ mod tests {
         }
         let (plans, _) = plan("<interface type='network'><source network='pci'/></interface>");
         assert!(matches!(plans, Err(NicError::Hostdev { .. })));
+    }
+
+    #[test]
+    fn a_hosts_report_says_which_networks_take_nics() {
+        let t = table();
+        let problems: Vec<(String, Option<String>)> = networks()
+            .iter()
+            .map(|n| (n.name.clone(), attach_problem(n, &t)))
+            .collect();
+        let none = |n: &str| (n.to_string(), None);
+        assert_eq!(
+            problems,
+            [
+                none("public"),
+                none("uplink"),
+                none("list"),
+                none("nat"),
+                ("gone".into(), Some("bridge 'virbr9' does not exist".into())),
+                (
+                    "pci".into(),
+                    Some("forward mode='hostdev' (PCI passthrough) is not supported".into())
+                ),
+                (
+                    "nothing".into(),
+                    Some("it has no associated interface or bridge".into())
+                ),
+            ]
+        );
     }
 
     #[test]

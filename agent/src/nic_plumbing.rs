@@ -75,7 +75,7 @@ pub struct OpenedNics {
 
 /// Creates and opens every NIC of `vm`; `dir` is its state directory. With
 /// `macvtaps_up` false (an incoming migration) macvtaps stay down until
-/// [`links_up`]. Nothing is left behind on failure.
+/// [`set_links`]. Nothing is left behind on failure.
 pub async fn plumb(
     vm: &str,
     dir: &Path,
@@ -182,12 +182,17 @@ async fn plumb_one(
     Ok(())
 }
 
-/// Brings `devs` up (an incoming guest's macvtaps, as its CPUs start).
-pub async fn links_up(devs: &[String]) -> Result<(), PlumbError> {
+/// Brings `devs` up (a guest's macvtaps, as its CPUs start here) or down
+/// (its CPUs stopped because it now runs elsewhere).
+pub async fn set_links(devs: &[String], up: bool) -> Result<(), PlumbError> {
     let handle = connect()?;
     for dev in devs {
         let index = link(&handle, dev).await?.header.index;
-        set(&handle, dev, "bring up", |b| b.index(index).up()).await?;
+        if up {
+            set(&handle, dev, "bring up", |b| b.index(index).up()).await?;
+        } else {
+            set(&handle, dev, "bring down", |b| b.index(index).down()).await?;
+        }
     }
     Ok(())
 }

@@ -267,8 +267,8 @@ impl Hypervisor for QemuHypervisor {
                     HvResult::Done
                 })
             }
-            HvCall::LinksUp { devs } => Box::pin(async move {
-                match nic_plumbing::links_up(&devs).await {
+            HvCall::SetLinks { devs, up } => Box::pin(async move {
+                match nic_plumbing::set_links(&devs, up).await {
                     Ok(()) => HvResult::Done,
                     Err(e) => HvResult::Failed(e.to_string()),
                 }

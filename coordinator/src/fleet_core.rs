@@ -222,6 +222,8 @@ struct HostLive {
     facts: HostFacts,
     /// `facts.networks` as the scheduler reads them, rebuilt only when they change.
     networks: Arc<NetworkAddresses>,
+    /// Networks guest NICs cannot attach to, with why; rebuilt with `networks`.
+    nic_blocked: Arc<BTreeMap<String, String>>,
     last_seen: Instant,
     /// The newest report's number on `conn`.
     seq: u64,
@@ -385,6 +387,14 @@ pub struct FleetCore {
     /// Measures scheduling time for the metric; the simulation has no clock.
     stopwatch: fn() -> Option<Instant>,
     effects: Vec<Effect>,
+}
+
+/// The networks of a host's report that guest NICs cannot attach to.
+fn nic_blocked(networks: &[NetStatus]) -> BTreeMap<String, String> {
+    networks
+        .iter()
+        .filter_map(|n| n.attach_error.clone().map(|e| (n.name.clone(), e)))
+        .collect()
 }
 
 /// The scheduler's view of a host's reported networks.
@@ -628,6 +638,7 @@ impl FleetCore {
                     used_memory_mib: used.memory_mib,
                     used_vcpus: used.vcpus,
                     networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
+                    nic_blocked: live.map(|h| h.nic_blocked.clone()).unwrap_or_default(),
                     name: row.name.clone(),
                 }
             })
@@ -753,6 +764,7 @@ impl FleetCore {
             HostLive {
                 conn: Some(conn),
                 networks: Arc::new(network_addresses(&facts.networks)),
+                nic_blocked: Arc::new(nic_blocked(&facts.networks)),
                 facts,
                 last_seen: now,
                 seq: 0,
@@ -804,6 +816,7 @@ impl FleetCore {
         );
         if h.facts.networks != facts.networks {
             h.networks = Arc::new(network_addresses(&facts.networks));
+            h.nic_blocked = Arc::new(nic_blocked(&facts.networks));
         }
         h.facts = HostFacts { vms, ..facts };
         h.last_seen = now;
@@ -1104,6 +1117,17 @@ impl FleetCore {
         }
     }
 
+    /// Until `host` reports again, its copy of `vm` runs: a resume it
+    /// answered must not leave a report of a paused half behind for
+    /// decisions to read (a take-over once finished a second copy).
+    fn mark_running(&mut self, host: &str, vm: &str) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            for v in h.facts.vms.iter_mut().filter(|v| v.name == vm) {
+                v.state = VmRunState::Running;
+            }
+        }
+    }
+
     /// Removes a half of a migration that can no longer run the guest.
     fn remove_half(&mut self, host: &str, conn: ConnId, vm: &str, what: &str) {
         tracing::warn!(vm, host, "removing {what}");
@@ -1379,19 +1403,6 @@ impl FleetCore {
             }
         };
         let mut domain = doc.model.without_runtime_state();
-        // As libvirt's define: a NIC without <mac> gets one now, stored, so it
-        // is the same on every start and every host.
-        domain.assign_missing_macs();
-        if let Some(mac) = domain
-            .interfaces()
-            .filter_map(|i| i.mac.as_deref())
-            .find(|m| m.to_ascii_lowercase().starts_with("fe"))
-        {
-            return OperatorResponse::Error(OperatorError::InvalidDefinition(format!(
-                "{source}: <interface><mac address='{mac}'>: unable to use MAC address starting \
-                 with reserved value 0xFE (host devices carry the guest MAC with that first byte)"
-            )));
-        }
         let mut warnings = Vec::new();
         for i in domain.interfaces() {
             let pinned = match i.if_type.as_str() {
@@ -1436,6 +1447,19 @@ impl FleetCore {
             {
                 domain.uuid = u;
             }
+        }
+        // As libvirt's define: a NIC without <mac> gets one now (from the UUID
+        // kept above), stored, so it is the same on every start and host.
+        domain.assign_missing_macs();
+        if let Some(mac) = domain
+            .interfaces()
+            .filter_map(|i| i.mac.as_deref())
+            .find(|m| m.to_ascii_lowercase().starts_with("fe"))
+        {
+            return OperatorResponse::Error(OperatorError::InvalidDefinition(format!(
+                "{source}: <interface><mac address='{mac}'>: unable to use MAC address starting \
+                 with reserved value 0xFE (host devices carry the guest MAC with that first byte)"
+            )));
         }
         let def = NewDefinition {
             name: domain.name.clone(),
@@ -1548,7 +1572,8 @@ impl FleetCore {
                 name: name.to_string(),
                 memory_mib: domain.memory.mib(),
                 vcpus: domain.vcpus(),
-                networks: domain.referenced_networks(),
+                networks: domain.listen_networks(),
+                nic_networks: domain.interface_networks(),
             },
             row.xml,
             row.generation,
@@ -2310,13 +2335,8 @@ impl FleetCore {
             Purpose::Resume { vm } => {
                 self.repaired(&vm);
                 if let Ok((seq, AgentResponse::Done(_))) = result {
-                    // Until the host's next report: it runs there now.
                     self.fence(&host, conn, &vm, seq);
-                    if let Some(h) = self.hosts.get_mut(&host) {
-                        for v in h.facts.vms.iter_mut().filter(|v| v.name == vm) {
-                            v.state = VmRunState::Running;
-                        }
-                    }
+                    self.mark_running(&host, &vm);
                 }
             }
             Purpose::Migration { vm, step } => {
@@ -2583,8 +2603,21 @@ impl FleetCore {
                         None
                     }
                     (None, Command::FinishDestination, _) => Some(MigInput::Finished),
-                    (None, Command::QuitSource, _) => Some(MigInput::SourceQuit),
-                    (None, Command::DestroyDestination, _) => Some(MigInput::DestinationDestroyed),
+                    // Gone from there: until that host reports again, no
+                    // decision may count on the copy its last report listed
+                    // (a take-over once finished on a destroyed destination).
+                    (None, Command::QuitSource, _) => {
+                        self.set_reported(host, None, vm);
+                        Some(MigInput::SourceQuit)
+                    }
+                    (None, Command::DestroyDestination, _) => {
+                        self.set_reported(host, None, vm);
+                        Some(MigInput::DestinationDestroyed)
+                    }
+                    (None, Command::ResumeSource, _) => {
+                        self.mark_running(host, vm);
+                        None
+                    }
                     (None, _, _) => None,
                 };
                 if let Some(input) = input {
@@ -2848,6 +2881,17 @@ mod tests {
                 "<interface type='network'><source network='public'/></interface>\
                   <interface type='bridge'><source bridge='br7'/></interface>",
             ),
+        );
+        let again = r.store.get("web").expect("read").expect("row").xml;
+        assert_eq!(again, stored);
+        // So does one without <uuid>: it keeps the stored UUID, and the MACs.
+        define(
+            &mut r,
+            nics(
+                "<interface type='network'><source network='public'/></interface>\
+                  <interface type='bridge'><source bridge='br7'/></interface>",
+            )
+            .replace("<uuid>6f3c1a52-2f4e-4a59-9d3e-5a0c2b9d1e11</uuid>", ""),
         );
         let again = r.store.get("web").expect("read").expect("row").xml;
         assert_eq!(again, stored);

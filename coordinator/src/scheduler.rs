@@ -22,8 +22,10 @@ pub struct VmNeeds {
     pub memory_mib: u64,
     /// vCPUs.
     pub vcpus: u32,
-    /// Every host network the VM references (graphics listen and interface networks).
+    /// Networks its consoles listen on: each must resolve to an address.
     pub networks: Vec<String>,
+    /// Networks its NICs attach to: each must be defined and attachable.
+    pub nic_networks: Vec<String>,
 }
 
 /// A host's state as the coordinator last saw it.
@@ -47,6 +49,8 @@ pub struct HostSnapshot {
     /// Shared, because it changes only when the host reports a change and a
     /// start reads it for every host.
     pub networks: Arc<NetworkAddresses>,
+    /// Networks defined here that guest NICs cannot attach to, with the reason.
+    pub nic_blocked: Arc<BTreeMap<String, String>>,
 }
 
 /// A host's networks by name: the address each resolves to now, or why none.
@@ -103,6 +107,13 @@ pub enum Rejection {
         /// The resolver's words.
         reason: String,
     },
+    /// A network is defined but guest NICs cannot attach to it here.
+    NicsBlocked {
+        /// The network.
+        network: String,
+        /// The agent's words.
+        reason: String,
+    },
     /// Not enough memory left.
     Memory {
         /// What the VM needs.
@@ -131,6 +142,9 @@ impl fmt::Display for Rejection {
             Rejection::MissingNetwork(n) => write!(f, "network '{n}' is not defined"),
             Rejection::UnresolvedNetwork { network, reason } => {
                 write!(f, "network '{network}' has no address: {reason}")
+            }
+            Rejection::NicsBlocked { network, reason } => {
+                write!(f, "network '{network}' cannot take NICs: {reason}")
             }
             Rejection::Memory { need_mib, free_mib } => {
                 write!(f, "needs {need_mib} MiB memory, {free_mib} MiB free")
@@ -201,6 +215,10 @@ fn fits(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> bool {
             .networks
             .iter()
             .all(|n| matches!(h.networks.get(n), Some(Ok(_))))
+        && vm
+            .nic_networks
+            .iter()
+            .all(|n| h.networks.contains_key(n) && !h.nic_blocked.contains_key(n))
         && free_memory(h, p) >= vm.memory_mib
         && free_vcpus(h, p) >= vm.vcpus
 }
@@ -222,6 +240,18 @@ fn rejections(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> Vec<Rejection> {
                 reason: reason.clone(),
             }),
             Some(Ok(_)) => {}
+        }
+    }
+    for n in &vm.nic_networks {
+        if !h.networks.contains_key(n) {
+            if !vm.networks.contains(n) {
+                out.push(Rejection::MissingNetwork(n.clone()));
+            }
+        } else if let Some(reason) = h.nic_blocked.get(n) {
+            out.push(Rejection::NicsBlocked {
+                network: n.clone(),
+                reason: reason.clone(),
+            });
         }
     }
     let mem = free_memory(h, p);
@@ -368,6 +398,7 @@ mod tests {
                     .map(|(n, r)| (n.to_string(), r.map(str::to_string).map_err(str::to_string)))
                     .collect(),
             ),
+            nic_blocked: Arc::default(),
         }
     }
 
@@ -377,7 +408,35 @@ mod tests {
             memory_mib: mem,
             vcpus,
             networks: vec!["public".into()],
+            nic_networks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_nic_network_needs_an_attachable_device_not_an_address() {
+        // `lan` is a bridge the host has no address on: fine for NICs.
+        let lan_no_address = ("lan", Err("no IP address found for interface 'br1'"));
+        let mut blocked = host("host-b", 4096, 0, &[PUBLIC, lan_no_address]);
+        blocked.nic_blocked = Arc::new(BTreeMap::from([(
+            "lan".to_string(),
+            "bridge 'br1' does not exist".to_string(),
+        )]));
+        let hosts = vec![
+            host("host-a", 4096, 0, &[PUBLIC, lan_no_address]),
+            blocked,
+            host("host-c", 4096, 0, &[PUBLIC]),
+        ];
+        let mut needs = vm(512, 1);
+        needs.nic_networks = vec!["lan".into(), "public".into()];
+        let placed = place(&needs, &hosts, &Policy::default()).expect("host-a fits");
+        assert_eq!(placed.host, "host-a");
+        let only_bad = &hosts[1..];
+        let e = place(&needs, only_bad, &Policy::default()).expect_err("none fits");
+        assert_eq!(
+            e.to_string(),
+            "no host can run VM 'web01': host-b: network 'lan' cannot take NICs: bridge 'br1' \
+             does not exist; host-c: network 'lan' is not defined"
+        );
     }
 
     const PUBLIC: (&str, Result<&str, &str>) = ("public", Ok("198.18.0.1"));

@@ -31,11 +31,12 @@ use serde::{Deserialize, Serialize};
 ///
 /// Version 2 numbers every agent report and reply ([`AgentEvent`],
 /// [`AgentReply`]) so the coordinator can tell a report that predates one of
-/// its actions exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// The oldest version this build still accepts. Version 1's agent messages
-/// carry no sequence numbers, so it is refused by name rather than misread.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
+/// its actions exactly. Version 3 says per network whether guest NICs can
+/// attach there ([`NetStatus::attach_error`]).
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The oldest version this build still accepts. Version 2's network
+/// statuses lack a field, so it is refused by name rather than misread.
+pub const MIN_PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -327,6 +328,30 @@ pub struct NetStatus {
     pub address: Option<String>,
     /// Why it does not resolve.
     pub error: Option<String>,
+    /// Why guest NICs cannot attach to it here (a missing bridge or uplink,
+    /// PCI passthrough); `None` when they can, address or not.
+    pub attach_error: Option<String>,
+}
+
+/// The `net-list` table both command lines print: one row per network,
+/// and under a network guest NICs cannot attach to, why.
+pub fn net_list_table(networks: &[NetStatus]) -> String {
+    let mut out = format!("{:<16} {:<12} {:<12} ADDRESS\n", "NAME", "MODE", "DEVICE");
+    for n in networks {
+        let addr = match (&n.address, &n.error) {
+            (Some(a), _) => a.clone(),
+            (None, e) => format!("error: {}", e.as_deref().unwrap_or_default()),
+        };
+        let device = n.device.as_deref().unwrap_or("-");
+        out.push_str(&format!(
+            "{:<16} {:<12} {:<12} {addr}\n",
+            n.name, n.mode, device
+        ));
+        if let Some(e) = &n.attach_error {
+            out.push_str(&format!("{:<16} guest NICs cannot attach: {e}\n", ""));
+        }
+    }
+    out
 }
 
 /// A `query-migrate` sample.
@@ -1045,25 +1070,31 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_frame_is_refused_by_name() {
-        // Version 1's agent messages had no sequence numbers; its frames are
-        // refused before their body is read, whatever the body.
-        let mut bytes =
-            encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
-        bytes[4] = 1;
-        let e = decode_frame::<ClientMessage>(&bytes).expect_err("refused");
-        assert_eq!(
-            e,
-            FrameError::Retired {
-                got: 1,
-                min: 2,
-                max: 2
-            }
-        );
-        assert_eq!(
-            e.to_string(),
-            "protocol version 1 is no longer supported (this build speaks 2 to 2); upgrade the peer"
-        );
+    fn retired_versions_are_refused_by_name() {
+        // Version 1's agent messages had no sequence numbers, version 2's
+        // network statuses no NIC field; their frames are refused before
+        // their body is read, whatever the body.
+        for old in [1u8, 2] {
+            let mut bytes =
+                encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
+            bytes[4] = old;
+            let e = decode_frame::<ClientMessage>(&bytes).expect_err("refused");
+            assert_eq!(
+                e,
+                FrameError::Retired {
+                    got: u32::from(old),
+                    min: 3,
+                    max: 3
+                }
+            );
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "protocol version {old} is no longer supported (this build speaks 3 to 3); \
+                     upgrade the peer"
+                )
+            );
+        }
     }
 
     #[test]

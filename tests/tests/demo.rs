@@ -200,6 +200,18 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
         assert!(out.contains(series), "missing {series:?} in:\n{out}");
     }
     assert!(out.contains("vm demo migrating from"), "{out}");
+    // The NIC was plumbed on both hosts, each on its own `public`.
+    let nics: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 5
+                && (f[0].starts_with("vnet") || f[0].starts_with("macvtap"))
+                && f[1..4] == ["network", "public", "virtio"]
+                && f[4].starts_with("52:54:00:")
+        })
+        .collect();
+    assert_eq!(nics.len(), 2, "{out}");
     assert!(out.contains("export FLOTILLA_COORDINATOR="), "{out}");
     assert!(out.contains("deploy/demo.sh down"), "{out}");
 }

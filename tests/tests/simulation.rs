@@ -321,11 +321,15 @@ struct World {
     last_reported: BTreeMap<String, Vec<String>>,
 }
 
+/// A VM with one NIC on `public`: a tap on host-a and host-c, a macvtap on
+/// host-b.
 fn domain_xml(name: &str, uuid: &str) -> String {
     format!(
         "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>\
          <memory unit='MiB'>512</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <interface type='network'><source network='public'/></interface>\
+         </devices></domain>"
     )
 }
 
@@ -337,14 +341,25 @@ fn settings() -> FleetSettings {
     }
 }
 
-/// Host `i`: one bridge with one address, one network over it (so
-/// migrations have an address to arrive at), migrations that complete when
-/// the simulation says so, and an agent that boots at time zero.
+/// Host `i`: one device with one address, network `public` over it (so
+/// migrations have an address to arrive at and NICs a device: a bridge, or
+/// on host-b an uplink for macvtaps), migrations that complete when the
+/// simulation says so, and an agent that boots at time zero.
 fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
     let name = format!("host-{}", (b'a' + i as u8) as char);
     let addr = format!("198.18.4.{}", i + 1);
-    let fake = FakeQemu::new(InterfaceTable::new().with("br0", &[addr.as_str()]));
-    let xml = "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
+    let (dev, xml) = if i == 1 {
+        (
+            "uplink0",
+            "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+        )
+    } else {
+        (
+            "br0",
+            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
+        )
+    };
+    let fake = FakeQemu::new(InterfaceTable::new().with(dev, &[addr.as_str()]));
     let network = match Network::parse("public.xml", xml) {
         Ok(n) => n.model,
         Err(e) => panic!("the simulation's network does not parse: {e}"),
@@ -500,6 +515,11 @@ impl World {
                 ..
             } => match self.conns.get(&conn) {
                 Some(&host) => {
+                    self.detail(format!(
+                        "core sends call {call} to {}: {}",
+                        self.hosts[host].name,
+                        short_agent_req(&request)
+                    ));
                     self.calls.entry(conn).or_default().insert(call);
                     let d = self.latency();
                     let epoch = self.epoch;
@@ -535,10 +555,8 @@ impl World {
                 let d = self.rng.ms(1, 20);
                 self.at(d, Ev::OperatorGets { id, response });
             }
-            Effect::Progress { .. }
-            | Effect::Note { .. }
-            | Effect::Event(_)
-            | Effect::Metric(_) => {}
+            Effect::Event(line) => self.detail(format!("core event: {line}")),
+            Effect::Progress { .. } | Effect::Note { .. } | Effect::Metric(_) => {}
             Effect::WakeAt(t) => {
                 let at = t.saturating_duration_since(self.base);
                 if self.wake_at.is_none_or(|w| w > at || w < self.now) {
@@ -684,7 +702,7 @@ impl World {
             | HvCall::LoadNetworks { .. }
             | HvCall::WriteRecord { .. }
             | HvCall::RemoveRecord { .. }
-            | HvCall::LinksUp { .. }
+            | HvCall::SetLinks { .. }
             | HvCall::RemoveStrayNics { .. } => self.rng.ms(0, 5),
         }
     }
@@ -1448,6 +1466,9 @@ impl World {
                         if alive {
                             r
                         } else {
+                            if matches!(r, HvResult::Launched { .. }) {
+                                self.hosts[host].fake.abandon_launch(&vm);
+                            }
                             HvResult::Failed(format!("QEMU of '{vm}' exited"))
                         }
                     }
@@ -1524,6 +1545,40 @@ impl World {
     }
 
     fn check(&self) -> Result<(), String> {
+        for h in &self.hosts {
+            if let Some(c) = h.fake.collisions().first() {
+                return Err(format!(
+                    "{}: a launch wanted a device another VM holds ({c})",
+                    h.name
+                ));
+            }
+        }
+        // An up macvtap carries the guest MAC (the host's IPv6 sends from
+        // it): a waiting destination's stays down while the guest runs on
+        // another host. (A completed source takes its own down when it
+        // learns of the completion; one that learns late keeps it up until
+        // its QEMU quits and the record goes, as libvirt's does.)
+        for h in &self.hosts {
+            for (dev, d) in h.fake.devices() {
+                if !(d.macvtap && d.up) {
+                    continue;
+                }
+                let here = h.fake.process(&d.vm).map(|p| p.status);
+                if !matches!(here.as_deref(), Some("inmigrate" | "paused")) {
+                    continue;
+                }
+                if let Some((other, _)) = self
+                    .copies(&d.vm)
+                    .into_iter()
+                    .find(|(host, status)| *host != h.name && status == "running")
+                {
+                    return Err(format!(
+                        "{} has {dev} up with {}'s MAC while {} runs it",
+                        h.name, d.vm, other
+                    ));
+                }
+            }
+        }
         let mut running: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for h in &self.hosts {
             for vm in h.fake.running() {
@@ -1557,6 +1612,16 @@ impl World {
                     short(&op.request),
                     op.answers
                 ));
+            }
+        }
+        for h in &self.hosts {
+            for (dev, d) in h.fake.devices() {
+                if h.fake.process(&d.vm).is_none() {
+                    return Err(format!(
+                        "{} still has {dev} of {}, which runs nowhere there",
+                        h.name, d.vm
+                    ));
+                }
             }
         }
         let rows = self.store.list().map_err(|e| e.to_string())?;

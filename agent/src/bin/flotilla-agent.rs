@@ -483,18 +483,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         }
         Response::Xml(x) => print!("{x}"),
         Response::Networks { networks, problems } => {
-            println!("{:<16} {:<12} {:<12} ADDRESS", "NAME", "MODE", "DEVICE");
-            for n in networks {
-                let addr = n
-                    .address
-                    .unwrap_or_else(|| format!("error: {}", n.error.unwrap_or_default()));
-                println!(
-                    "{:<16} {:<12} {:<12} {addr}",
-                    n.name,
-                    n.mode,
-                    n.device.unwrap_or_else(|| "-".into())
-                );
-            }
+            print!("{}", flotilla_shared::proto::net_list_table(&networks));
             for p in problems {
                 eprintln!("warning: {p}");
             }

@@ -627,18 +627,7 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             }
         }
         OperatorResponse::Networks { networks, .. } => {
-            println!("{:<16} {:<12} {:<12} ADDRESS", "NAME", "MODE", "DEVICE");
-            for n in networks {
-                let addr = n
-                    .address
-                    .unwrap_or_else(|| format!("error: {}", n.error.unwrap_or_default()));
-                println!(
-                    "{:<16} {:<12} {:<12} {addr}",
-                    n.name,
-                    n.mode,
-                    n.device.unwrap_or_else(|| "-".into())
-                );
-            }
+            print!("{}", flotilla_shared::proto::net_list_table(&networks));
         }
         OperatorResponse::Migrated {
             name,

@@ -403,23 +403,38 @@ impl Domain {
 
     /// Every host network the VM needs: graphics listen networks, then interface networks.
     pub fn referenced_networks(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        let mut add = |n: &str| {
-            if !out.iter().any(|o| o == n) {
-                out.push(n.to_string());
+        let mut out = self.listen_networks();
+        for n in self.interface_networks() {
+            if !out.contains(&n) {
+                out.push(n);
             }
-        };
+        }
+        out
+    }
+
+    /// Networks a console listens on: each host must resolve them to an address.
+    pub fn listen_networks(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
         for g in self.graphics() {
             for l in &g.listens {
                 if let ListenKind::Network { network, .. } = &l.kind {
-                    add(network);
+                    if !out.contains(network) {
+                        out.push(network.clone());
+                    }
                 }
             }
         }
+        out
+    }
+
+    /// Networks `<interface type='network'>` names: each host must be able to
+    /// attach a NIC there (a bridge or uplink), with or without an address.
+    pub fn interface_networks(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
         for i in self.interfaces() {
-            if i.if_type == "network" {
-                if let Some(n) = &i.source_network {
-                    add(n);
+            if let (true, Some(n)) = (i.if_type == "network", &i.source_network) {
+                if !out.contains(n) {
+                    out.push(n.clone());
                 }
             }
         }

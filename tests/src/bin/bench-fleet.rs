@@ -106,6 +106,7 @@ fn scheduler_bench(vms: usize) {
                     used_memory_mib: 0,
                     used_vcpus: 0,
                     networks: Arc::new(networks),
+                    nic_blocked: Arc::default(),
                 }
             })
             .collect();
@@ -127,6 +128,7 @@ fn scheduler_bench(vms: usize) {
                 networks: (0..1 + rng.next() % 2)
                     .map(|_| NETWORKS[(rng.next() % 5) as usize].to_string())
                     .collect(),
+                nic_networks: Vec::new(),
             };
             let t = Instant::now();
             let decision = scheduler::place(&needs, &fleet, &policy);
@@ -244,6 +246,7 @@ fn sim_facts(name: &str, i: usize, vms: Vec<VmSummary>) -> HostFacts {
                 device: Some(format!("br{n}")),
                 address: Some(format!("198.18.{n}.{}", i % 250 + 1)),
                 error: None,
+                attach_error: None,
             })
             .collect(),
         vms,
