@@ -1079,6 +1079,19 @@ impl HostCore {
                             QmpCommand::QueryStatus,
                         );
                     }
+                    HvResult::Exited => {
+                        tracing::info!(vm = %record.name, pid = record.pid,
+                            "recorded VM stopped while the agent re-attached");
+                        for p in &record.ports {
+                            self.ports.release(*p);
+                        }
+                        let call = HvCall::RemoveRecord {
+                            name: record.name.clone(),
+                            paths: self.paths(&record.name),
+                            macvtaps: record.macvtaps(),
+                        };
+                        self.hv(out, Pending::Ignore, call);
+                    }
                     other => {
                         tracing::error!(vm = %record.name, pid = record.pid, error = %failure(&other),
                             "VM runs but its monitor is unreachable; ports stay reserved");
@@ -1811,6 +1824,7 @@ impl HostCore {
 fn failure(r: &HvResult) -> String {
     match r {
         HvResult::Failed(e) => e.clone(),
+        HvResult::Exited => "QEMU is no longer running".into(),
         other => format!("unexpected hypervisor result {other:?}"),
     }
 }

@@ -200,6 +200,8 @@ pub enum HvResult {
     Done,
     /// Failed; the text is the cause.
     Failed(String),
+    /// [`HvCall::Attach`]: the recorded QEMU is no longer running.
+    Exited,
     /// [`HvCall::ScanRecords`].
     Records(Vec<FoundRecord>),
     /// [`HvCall::FindStrays`].

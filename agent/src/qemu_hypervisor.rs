@@ -171,6 +171,8 @@ impl QemuHypervisor {
                 self.adopt(owned, qmp, rx, None);
                 HvResult::Done
             }
+            // Died between the scan and now: its record and devices go.
+            Err(_) if !process_matches(pid, &uuid) => HvResult::Exited,
             Err(e) => HvResult::Failed(e.to_string()),
         }
     }

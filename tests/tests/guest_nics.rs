@@ -134,6 +134,8 @@ fn fleet() -> Fleet {
     let b = Netns::new("nic-b");
     let switch = Netns::new("nic-sw");
     a.bridge("br0", Some("198.18.11.1/24"));
+    // A tap takes its bridge's MTU.
+    a.ip(&["link", "set", "br0", "mtu", "1400"]);
     b.bridge("br1", Some("198.18.13.1/24"));
     b.veth_to(
         "uplink0",
@@ -216,7 +218,12 @@ fn a_bridge_host_plumbs_a_tap_that_survives_an_agent_restart() {
     let tap = a.link("vnet0").expect("no vnet0");
     assert!(tap.contains("link/ether fe:54:00:7e:00:01"), "{tap}");
     assert!(tap.contains("master br0"), "{tap}");
-    assert!(tap.contains("tun type tap"), "{tap}");
+    // Not persistent (it goes with QEMU), a virtio header, br0's MTU.
+    assert!(
+        tap.contains("tun type tap pi off vnet_hdr on persist off"),
+        "{tap}"
+    );
+    assert!(tap.contains(" mtu 1400 "), "{tap}");
     assert!(
         a.bridge_fdb("vnet0").contains(MAC),
         "{}",
@@ -259,8 +266,8 @@ fn a_bridge_host_plumbs_a_tap_that_survives_an_agent_restart() {
 
 #[test]
 fn a_macvtap_host_sends_through_its_uplink_and_two_nics_reach_two_networks() {
-    let f = fleet();
-    let b = &f.b;
+    let mut f = fleet();
+    let b = &mut f.b;
     let uuid = new_uuid();
     let nics = format!("{}{}", nic("public", MAC), nic("lan", MAC2));
     let def = b.define("twonics", &uuid, &nics);
@@ -289,9 +296,18 @@ fn a_macvtap_host_sends_through_its_uplink_and_two_nics_reach_two_networks() {
     let tap = b.link("vnet0").expect("no vnet0");
     assert!(tap.contains("master br1"), "{tap}");
 
-    // Destroy removes the macvtap too: it would outlive QEMU otherwise.
-    let (code, out) = b.ctl(&["destroy", "twonics"]);
-    assert_eq!(code, 0, "{out}");
+    // The agent dies, then the guest: the restarted agent removes the
+    // macvtap, which would outlive QEMU otherwise (the tap went with it).
+    b.daemon.take().expect("daemon").kill9();
+    for pid in qemu_pids_for(&uuid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(wait_until(Duration::from_secs(10), || qemu_pids_for(&uuid).is_empty()));
+    assert!(b.link("macvtap0").is_some(), "{}", links_in(&b.ns));
+    b.start_agent();
     assert!(
         wait_until(Duration::from_secs(10), || b.guest_devices().is_empty()),
         "{:?}",

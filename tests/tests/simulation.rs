@@ -1463,13 +1463,15 @@ impl World {
                             .fake
                             .process(&vm)
                             .is_some_and(|p| Some(p.pid) == pid);
-                        if alive {
-                            r
-                        } else {
-                            if matches!(r, HvResult::Launched { .. }) {
+                        match (alive, r) {
+                            (true, r) => r,
+                            (false, HvResult::Launched { .. }) => {
                                 self.hosts[host].fake.abandon_launch(&vm);
+                                HvResult::Failed(format!("QEMU of '{vm}' exited"))
                             }
-                            HvResult::Failed(format!("QEMU of '{vm}' exited"))
+                            // The real hypervisor checks the process when
+                            // its monitor does not answer.
+                            (false, _) => HvResult::Exited,
                         }
                     }
                     (_, r) => r,
