@@ -370,7 +370,7 @@ impl Builder {
             &format!(
                 "{},netdev=hostnet{n},id=net{n},mac={}",
                 p.driver,
-                format_mac(p.mac)
+                format_mac(&p.mac)
             ),
         ]);
     }

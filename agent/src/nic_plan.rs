@@ -276,7 +276,7 @@ fn plan_one(
         return Err(NicError::ReservedMac {
             vm: vm.to_string(),
             index,
-            mac: format_mac(mac),
+            mac: format_mac(&mac),
         });
     }
     let model = i.model.clone().unwrap_or_else(|| "virtio".into());

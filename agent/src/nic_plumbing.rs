@@ -18,6 +18,7 @@ use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use flotilla_shared::xml::domain::format_mac;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage, MacVtapMode as NlMode};
 use rtnetlink::{Handle, LinkMacVtap, LinkUnspec};
@@ -137,8 +138,8 @@ async fn plumb_one(
                 if again.as_deref() != Some(&mac[..]) {
                     return Err(PlumbError::MacRewritten {
                         dev: dev.to_string(),
-                        wanted: hex(&mac),
-                        found: again.map(|a| hex(&a)).unwrap_or_default(),
+                        wanted: format_mac(&mac),
+                        found: again.map(|a| format_mac(&a)).unwrap_or_default(),
                     });
                 }
             }
@@ -335,13 +336,6 @@ fn name_of(l: &LinkMessage) -> Option<String> {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })
-}
-
-fn hex(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 fn io(action: &'static str, dev: &str) -> impl FnOnce(std::io::Error) -> PlumbError {

@@ -2603,13 +2603,12 @@ impl FleetCore {
                         None
                     }
                     (None, Command::FinishDestination, _) => Some(MigInput::Finished),
+                    // (The source's report moves to the destination when
+                    // the migration ends: `end_migration`.)
+                    (None, Command::QuitSource, _) => Some(MigInput::SourceQuit),
                     // Gone from there: until that host reports again, no
                     // decision may count on the copy its last report listed
                     // (a take-over once finished on a destroyed destination).
-                    (None, Command::QuitSource, _) => {
-                        self.set_reported(host, None, vm);
-                        Some(MigInput::SourceQuit)
-                    }
                     (None, Command::DestroyDestination, _) => {
                         self.set_reported(host, None, vm);
                         Some(MigInput::DestinationDestroyed)
@@ -3078,6 +3077,16 @@ mod tests {
         assert_eq!(
             r.store.get("web").expect("read").expect("row").migrating_to,
             None
+        );
+        // Listed as running on the destination at once, not shut off until
+        // the destination's next report (the demo once showed that).
+        let (id, out) = r.op(OperatorRequest::List { all: true });
+        let Some(OperatorResponse::Vms(vms)) = Rig::answer(id, &out) else {
+            panic!("{out:?}");
+        };
+        assert_eq!(
+            (vms[0].state.as_str(), vms[0].host.as_deref()),
+            ("running", Some("b"))
         );
         let (id, out) = r.op(OperatorRequest::Destroy { name: "web".into() });
         assert!(

@@ -281,7 +281,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 /// Formats a MAC as libvirt does: lower-case, colon-separated.
-pub fn format_mac(mac: [u8; 6]) -> String {
+pub fn format_mac(mac: &[u8]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -495,7 +495,7 @@ impl Domain {
                 }
             };
             used.push(mac);
-            i.mac = Some(format_mac(mac));
+            i.mac = Some(format_mac(&mac));
         }
     }
 
