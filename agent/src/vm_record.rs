@@ -81,14 +81,37 @@ pub fn vm_dir(state_dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Writes `contents` to `path` atomically.
+///
+/// The file is mode 0600 (the live XML holds console passwords), and both it
+/// and its directory are synced, so a crash leaves the old or the new
+/// contents, never an empty file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), RecordError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| RecordError::Io {
         path: path.display().to_string(),
         source,
     };
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    // A leftover from a crash may carry wider permissions; start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 impl VmRecord {
@@ -118,5 +141,29 @@ impl VmRecord {
             path: path.display().to_string(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn records_and_live_xml_are_private_and_replaced_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("live.xml");
+        std::fs::write(path.with_extension("tmp"), "stale").expect("leftover");
+        std::fs::set_permissions(
+            path.with_extension("tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        write_atomic(&path, b"<domain passwd='x'/>").expect("first");
+        write_atomic(&path, b"<domain/>").expect("second");
+        assert_eq!(std::fs::read(&path).expect("read"), b"<domain/>");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!path.with_extension("tmp").exists());
     }
 }

@@ -242,7 +242,7 @@ struct VmEntry {
 
 #[derive(Debug)]
 enum Ask {
-    LiveXml,
+    LiveXml { security_info: bool },
     Display,
     Networks,
 }
@@ -421,6 +421,19 @@ fn footprint(row: &VmRow) -> Footprint {
             vcpus: d.model.vcpus(),
         },
     )
+}
+
+/// A definition as `dumpxml` shows it without `--security-info`: no
+/// console passwords. XML that does not parse is not shown at all, rather
+/// than shown with its secrets.
+fn shown_xml(xml: &str, flavor: XmlFlavor) -> OperatorResponse {
+    match Domain::parse("the definition", xml) {
+        Ok(mut d) => {
+            d.model.hide_secrets();
+            OperatorResponse::Xml(d.model.to_xml(flavor))
+        }
+        Err(e) => OperatorResponse::Error(OperatorError::StoredDefinitionUnreadable(e.to_string())),
+    }
 }
 
 fn not_found(name: &str) -> OperatorError {
@@ -1267,20 +1280,29 @@ impl FleetCore {
                     .collect();
                 self.reply(id, OperatorResponse::Vms(entries));
             }
-            OperatorRequest::DumpXml { name, live: false } => {
+            OperatorRequest::DumpXml {
+                name,
+                live: false,
+                security_info,
+            } => {
                 let r = match self.store.get(&name) {
-                    Ok(Some(r)) => OperatorResponse::Xml(r.xml),
+                    Ok(Some(r)) if security_info => OperatorResponse::Xml(r.xml),
+                    Ok(Some(r)) => shown_xml(&r.xml, XmlFlavor::Inactive),
                     Ok(None) => OperatorResponse::Error(not_found(&name)),
                     Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
                 };
                 self.reply(id, r);
             }
-            OperatorRequest::DumpXml { name, live: true } => self.ask(
+            OperatorRequest::DumpXml {
+                name,
+                live: true,
+                security_info,
+            } => self.ask(
                 now,
                 id,
                 &name,
                 AgentRequest::DumpXml { name: name.clone() },
-                Ask::LiveXml,
+                Ask::LiveXml { security_info },
             ),
             OperatorRequest::DomDisplay { name } => self.ask(
                 now,
@@ -2310,7 +2332,15 @@ impl FleetCore {
                     (_, Ok((_, AgentResponse::Error(message)))) => {
                         OperatorResponse::Error(OperatorError::Agent { host, message })
                     }
-                    (Ask::LiveXml, Ok((_, AgentResponse::Xml(x)))) => OperatorResponse::Xml(x),
+                    (
+                        Ask::LiveXml {
+                            security_info: true,
+                        },
+                        Ok((_, AgentResponse::Xml(x))),
+                    ) => OperatorResponse::Xml(x),
+                    (Ask::LiveXml { .. }, Ok((_, AgentResponse::Xml(x)))) => {
+                        shown_xml(&x, XmlFlavor::Live)
+                    }
                     (Ask::Display, Ok((_, AgentResponse::Consoles(consoles)))) => {
                         OperatorResponse::Consoles { host, consoles }
                     }
@@ -2904,6 +2934,65 @@ mod tests {
             "{answer:?}"
         );
         assert_eq!(r.store.get("web").expect("read").expect("row").xml, stored);
+    }
+
+    #[test]
+    fn dumpxml_hides_console_passwords_without_security_info() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        let xml = XML.replace(
+            "</os>",
+            "</os><devices><graphics type='vnc' passwd='s3cret'>\
+             <listen type='address' address='127.0.0.1'/></graphics></devices>",
+        );
+        let (id, out) = r.op(OperatorRequest::Define {
+            xml,
+            source: "web.xml".into(),
+        });
+        assert!(matches!(
+            Rig::answer(id, &out),
+            Some(OperatorResponse::Defined { .. })
+        ));
+        let dump = |r: &mut Rig, security_info| {
+            let (id, out) = r.op(OperatorRequest::DumpXml {
+                name: "web".into(),
+                live: false,
+                security_info,
+            });
+            match Rig::answer(id, &out) {
+                Some(OperatorResponse::Xml(x)) => x.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let hidden = dump(&mut r, false);
+        assert!(
+            !hidden.contains("s3cret") && hidden.contains("<graphics"),
+            "{hidden}"
+        );
+        assert!(dump(&mut r, true).contains("passwd=\"s3cret\""));
+        // The live XML from the host is filtered the same way.
+        r.start(1);
+        let (id, out) = r.op(OperatorRequest::DumpXml {
+            name: "web".into(),
+            live: true,
+            security_info: false,
+        });
+        let (call, _, _) = Rig::calls(&out).pop().expect("asks the host");
+        let live = dump(&mut r, true);
+        let out = r.core.handle(
+            r.t0,
+            Input::AgentReplied {
+                call,
+                result: Ok((5, AgentResponse::Xml(live))),
+            },
+        );
+        let Some(OperatorResponse::Xml(shown)) = Rig::answer(id, &out) else {
+            panic!("{out:?}");
+        };
+        assert!(
+            !shown.contains("s3cret") && shown.contains("127.0.0.1"),
+            "{shown}"
+        );
     }
 
     #[test]

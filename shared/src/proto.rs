@@ -834,6 +834,8 @@ pub enum OperatorRequest {
         name: String,
         /// Ask the VM's host for its live XML.
         live: bool,
+        /// Include console passwords (virsh's `--security-info`).
+        security_info: bool,
     },
     /// Start a VM, on `host` or where the scheduler chooses.
     Start {

@@ -93,6 +93,9 @@ enum Command {
         /// The running XML from its host: resolved addresses and ports.
         #[arg(long)]
         live: bool,
+        /// Include console passwords, as virsh's --security-info.
+        #[arg(long)]
+        security_info: bool,
     },
     /// List a VM's network interfaces: host device, type, source, model, MAC.
     ///
@@ -288,7 +291,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Undefine { name } => OperatorRequest::Undefine { name },
         Command::List { all } => OperatorRequest::List { all },
-        Command::Dumpxml { name, live } => OperatorRequest::DumpXml { name, live },
+        Command::Dumpxml {
+            name,
+            live,
+            security_info,
+        } => OperatorRequest::DumpXml {
+            name,
+            live,
+            security_info,
+        },
         Command::Domiflist { name } => return domiflist(&cli.conn, name, cli.json),
         Command::Start { name, host } => OperatorRequest::Start { name, host },
         Command::Shutdown { name, timeout } => OperatorRequest::Shutdown {
@@ -343,11 +354,17 @@ fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCo
     let live = OperatorRequest::DumpXml {
         name: name.clone(),
         live: true,
+        security_info: false,
     };
     let xml = match rt.block_on(ask(conn, live))? {
         OperatorResponse::Xml(x) => x,
         OperatorResponse::Error(_) => {
-            match rt.block_on(ask(conn, OperatorRequest::DumpXml { name, live: false }))? {
+            let stored = OperatorRequest::DumpXml {
+                name,
+                live: false,
+                security_info: false,
+            };
+            match rt.block_on(ask(conn, stored))? {
                 OperatorResponse::Xml(x) => x,
                 other => return Ok(print(other, json)),
             }

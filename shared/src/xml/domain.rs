@@ -474,6 +474,14 @@ impl Domain {
         d
     }
 
+    /// Drops console passwords, as `virsh dumpxml` does without
+    /// `--security-info`.
+    pub fn hide_secrets(&mut self) {
+        for g in self.graphics_mut() {
+            g.passwd = None;
+        }
+    }
+
     /// Gives every interface without `<mac>` one, as libvirt does at define
     /// time, so the guest keeps its MAC across starts and migrations. The
     /// address is `52:54:00` plus bytes of the UUID, so the same definition
