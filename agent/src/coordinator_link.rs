@@ -20,7 +20,7 @@ use flotilla_shared::proto::{
 };
 
 use crate::control::AgentCall;
-use crate::host_actor::HostAgent;
+use crate::host_actor::{CoordinatorRoute, HostAgent};
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
@@ -80,6 +80,9 @@ async fn session(
     let conn = quic::connect(addr, config)
         .await
         .map_err(|e| LinkError::Connect(settings.coordinator.clone(), e))?;
+    if let Some(local) = route_source(addr) {
+        agent.do_send(CoordinatorRoute(local));
+    }
     let facts = gather_facts(agent, &settings.host).await;
     let ack: ServerMessage = quic::call(
         &conn,
@@ -164,6 +167,19 @@ impl std::fmt::Debug for RequestName<'_> {
             other => write!(f, "{other:?}"),
         }
     }
+}
+
+/// The local address the kernel routes to `peer` from. A UDP `connect`
+/// only picks the route: nothing is sent.
+fn route_source(peer: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let any: std::net::SocketAddr = if peer.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
 }
 
 /// This host's facts: CPUs, memory, networks with addresses, running VMs.

@@ -142,3 +142,17 @@ impl Handler<Exited> for HostAgent {
         self.feed(input, ctx);
     }
 }
+
+/// The address this host reaches its coordinator from: the default address
+/// for incoming migrations (see [`HostInput::CoordinatorRoute`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CoordinatorRoute(pub std::net::IpAddr);
+
+impl Handler<CoordinatorRoute> for HostAgent {
+    type Result = ();
+
+    fn handle(&mut self, CoordinatorRoute(local): CoordinatorRoute, ctx: &mut Self::Context) {
+        self.feed(HostInput::CoordinatorRoute { local }, ctx);
+    }
+}

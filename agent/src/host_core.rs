@@ -158,6 +158,15 @@ pub enum HostInput {
         /// QEMU's last output lines.
         log_tail: String,
     },
+    /// The local address this host's link to the coordinator uses. Without
+    /// `--migration-network`, incoming migrations listen there, as libvirt
+    /// migrates to the destination's host name: the management network,
+    /// which hosts share, rather than a console network that may not route
+    /// between them.
+    CoordinatorRoute {
+        /// The address.
+        local: IpAddr,
+    },
     /// Time passed: deadlines at or before `now` fire.
     Tick,
 }
@@ -344,6 +353,8 @@ pub struct HostCore {
     starting: BTreeSet<String>,
     /// Exits of QEMUs whose launch has not answered yet: (pid, reason).
     early_exits: BTreeMap<String, (i32, String)>,
+    /// See [`HostInput::CoordinatorRoute`].
+    coordinator_route: Option<IpAddr>,
     pending: HashMap<u64, Pending>,
     next_op: u64,
     lists: HashMap<u64, ListGather>,
@@ -375,6 +386,7 @@ impl HostCore {
             vms: BTreeMap::new(),
             starting: BTreeSet::new(),
             early_exits: BTreeMap::new(),
+            coordinator_route: None,
             pending: HashMap::new(),
             next_op: 1,
             lists: HashMap::new(),
@@ -482,6 +494,7 @@ impl HostCore {
                 reason,
                 log_tail,
             } => self.exited(name, pid, reason, log_tail, &mut out),
+            HostInput::CoordinatorRoute { local } => self.coordinator_route = Some(local),
             HostInput::Tick => self.tick(now, &mut out),
         }
         out
@@ -988,19 +1001,24 @@ impl HostCore {
                 .resolve_name(n, &self.networks.networks)
                 .map(|r| r.address)
                 .map_err(|e| format!("migration network: {e}")),
-            None => self
-                .networks
-                .networks
-                .iter()
-                .find_map(|n| resolver.resolve(n).ok())
-                .map(|r| r.address)
-                .ok_or_else(|| {
-                    format!(
-                        "host {} has no network with an address to receive migrations \
-                         (define one, or pass --migration-network)",
-                        self.host()
-                    )
-                }),
+            // A coordinator on this very host says nothing about how other
+            // hosts reach this one.
+            None => match self.coordinator_route.filter(|ip| !ip.is_loopback()) {
+                Some(ip) => Ok(ip),
+                None => self
+                    .networks
+                    .networks
+                    .iter()
+                    .find_map(|n| resolver.resolve(n).ok())
+                    .map(|r| r.address)
+                    .ok_or_else(|| {
+                        format!(
+                            "host {} has no network with an address to receive migrations \
+                             (define one, or pass --migration-network)",
+                            self.host()
+                        )
+                    }),
+            },
         }
     }
 
@@ -2554,6 +2572,35 @@ mod tests {
         }
         let left: Vec<String> = src.devices().into_keys().collect();
         assert_eq!(left, ["macvtap1", "vnet1"]);
+    }
+
+    #[test]
+    fn incoming_migrations_listen_where_the_coordinator_is_reached_from() {
+        let t0 = Instant::now();
+        let incoming = || Request::MigrateIncoming {
+            xml: xml("web01"),
+            source: "w".into(),
+            postcopy: false,
+        };
+        for (route, uri) in [
+            // Before the link is up: the first network that resolves.
+            (None, "tcp:198.18.4.2:49152"),
+            (Some("198.19.0.12"), "tcp:198.19.0.12:49152"),
+            // A coordinator on this host says nothing about the others.
+            (Some("127.0.0.1"), "tcp:198.18.4.2:49152"),
+        ] {
+            let mut dst = fake("198.18.4.2");
+            let mut b = booted("h2", &mut dst, t0);
+            if let Some(ip) = route {
+                let local = ip.parse().expect("ip");
+                assert_eq!(b.handle(t0, HostInput::CoordinatorRoute { local }), vec![]);
+            }
+            let out = drive(&mut b, &mut dst, t0, req(1, incoming()));
+            assert!(
+                matches!(reply(&out), Response::Incoming { uri: u, .. } if u == uri),
+                "{route:?}: {out:?}"
+            );
+        }
     }
 
     #[test]

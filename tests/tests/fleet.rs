@@ -94,15 +94,10 @@ fn fleet() -> Fleet {
     let mut peers = Vec::new();
     let names = [(11u8, "host-a"), (12, "host-b"), (13, "host-c")];
     let spaces: Vec<Netns> = names.iter().map(|(n, _)| host(&ctl, *n)).collect();
-    // A fabric link between host-a and host-b carries migration streams.
-    spaces[0].veth_to(
-        "fab0",
-        Some("198.18.100.1/24"),
-        None,
-        &spaces[1],
-        "fab0",
-        "198.18.100.2/24",
-    );
+    // No network for migrations and no --migration-network: the hosts
+    // share only the management bridge, and each one's `public` is its own
+    // (not routed between hosts), so migration streams must go where each
+    // agent reaches the coordinator from, as libvirt goes by host name.
     for ((_, name), h) in names.into_iter().zip(spaces) {
         let mut c = std::process::Command::new(bin("flotilla"));
         c.args(["certs", "issue", "--agent", name])
@@ -136,13 +131,6 @@ fn fleet() -> Fleet {
                 "mgmt",
                 "<network><name>mgmt</name><forward mode='bridge' dev='mgmt0'/></network>",
             ),
-        }
-        if name != "host-c" {
-            dirs.network(
-                "migration",
-                "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
-            );
-            extra.extend(["--migration-network".to_string(), "migration".to_string()]);
         }
         let tls_arg = tls.to_str().expect("utf8").to_string();
         extra.extend([

@@ -69,7 +69,7 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics (daemon mode).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Network whose address receives incoming live migrations (default: the first that resolves).
+    /// Network whose address receives incoming live migrations (default: the address this host reaches the coordinator from).
     #[arg(long)]
     migration_network: Option<String>,
     /// Log format.
