@@ -92,10 +92,12 @@ pub fn drive(
     out
 }
 
-/// The migration network of a simulation: which fake QEMU listens on which URI.
+/// The migration network of a simulation: which fake QEMU listens on which
+/// URI, and the storage its hosts share (storage markers by path).
 #[derive(Clone, Default)]
 pub struct FakeFabric {
     listeners: Arc<Mutex<BTreeMap<String, (FakeQemu, String)>>>,
+    storage: Arc<Mutex<BTreeMap<PathBuf, String>>>,
 }
 
 impl std::fmt::Debug for FakeFabric {
@@ -188,6 +190,8 @@ struct FakeHost {
     devices: BTreeMap<String, FakeDevice>,
     /// Launches refused because a device name was taken: a planning bug.
     collisions: Vec<String>,
+    /// Storage markers when this host does not share the fabric's storage.
+    private_storage: Option<BTreeMap<PathBuf, String>>,
     networks: HostNetworks,
     missing: BTreeSet<String>,
     procs: BTreeMap<String, FakeProcess>,
@@ -218,6 +222,7 @@ impl FakeQemu {
                 interfaces: Ok(interfaces),
                 devices: BTreeMap::new(),
                 collisions: Vec::new(),
+                private_storage: None,
                 networks: HostNetworks::default(),
                 missing: BTreeSet::new(),
                 procs: BTreeMap::new(),
@@ -238,6 +243,11 @@ impl FakeQemu {
     /// Joins a migration fabric shared with other fake hosts.
     pub fn join(&self, fabric: &FakeFabric) {
         self.host().fabric = fabric.clone();
+    }
+
+    /// Gives this host storage of its own: same paths, other files.
+    pub fn use_private_storage(&self) {
+        self.host().private_storage = Some(BTreeMap::new());
     }
 
     /// Replaces the network definitions (what `LoadNetworks` returns).
@@ -450,7 +460,18 @@ impl FakeHost {
                 Some(p) if p.pid == pid => HvResult::Done,
                 _ => HvResult::Exited,
             },
-            HvCall::ReadHost { paths } => HvResult::Host(HostRead {
+            HvCall::ReadHost { paths, markers } => HvResult::Host(HostRead {
+                markers: {
+                    let shared = lock(&self.fabric.storage).clone();
+                    let storage = self.private_storage.as_ref().unwrap_or(&shared);
+                    markers
+                        .into_iter()
+                        .map(|m| {
+                            let text = storage.get(&m).cloned();
+                            (m, text)
+                        })
+                        .collect()
+                },
                 interfaces: self.interfaces.clone().map(|mut t| {
                     for d in self.devices.keys() {
                         t.add(d, None);
@@ -511,6 +532,22 @@ impl FakeHost {
                         HvResult::Done
                     }
                 }
+            }
+            HvCall::WriteMarkers { markers } => {
+                match self.private_storage.as_mut() {
+                    Some(own) => own.extend(markers),
+                    None => lock(&self.fabric.storage).extend(markers),
+                }
+                HvResult::Done
+            }
+            HvCall::RemoveMarkers { paths } => {
+                for p in paths {
+                    match self.private_storage.as_mut() {
+                        Some(own) => own.remove(&p),
+                        None => lock(&self.fabric.storage).remove(&p),
+                    };
+                }
+                HvResult::Done
             }
             HvCall::RemoveStrayNics { keep } => {
                 self.devices
@@ -801,6 +838,7 @@ mod tests {
             xml: xml("web01", 1),
             source: "web01.xml".into(),
             postcopy: false,
+            storage_token: None,
         };
         let Response::Incoming { uri, .. } = call(&mut h2, &mut f2, now, 2, incoming) else {
             panic!("no incoming");
@@ -900,7 +938,11 @@ mod tests {
         assert!(!web01_ports.contains(&port), "{port} reused");
 
         // The Hypervisor trait's futures are ready at once.
-        let result = Hypervisor::call(&f2, HvCall::ReadHost { paths: Vec::new() }).now_or_never();
+        let read = HvCall::ReadHost {
+            paths: Vec::new(),
+            markers: Vec::new(),
+        };
+        let result = Hypervisor::call(&f2, read).now_or_never();
         assert!(matches!(result, Some(HvResult::Host(_))));
     }
 }

@@ -81,6 +81,7 @@ use crate::nic_plan::{attach_problem, plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
+use crate::storage_proof;
 use crate::resolver::{AddressSource, NetworkResolver};
 use crate::vm_record::{vm_dir, VmRecord};
 use flotilla_shared::proto::VmRunState;
@@ -237,7 +238,14 @@ struct StopWait {
 struct StartCtx {
     id: u64,
     domain: Domain,
-    incoming: Option<bool>,
+    incoming: Option<Incoming>,
+}
+
+/// What makes a start a migration's destination.
+struct Incoming {
+    postcopy: bool,
+    /// See [`Request::MigrateIncoming`].
+    storage_token: Option<String>,
 }
 
 struct LaunchCtx {
@@ -269,6 +277,10 @@ enum Pending {
     Scan,
     Strays,
     NicSweep,
+    Marked {
+        id: u64,
+        disks: usize,
+    },
     Attach(Box<FoundRecord>),
     Observe(String),
     StartRead(Box<StartCtx>),
@@ -581,7 +593,25 @@ impl HostCore {
                 xml,
                 source,
                 postcopy,
-            } => self.start(id, xml, source, Some(postcopy), out),
+                storage_token,
+            } => {
+                let incoming = Incoming {
+                    postcopy,
+                    storage_token,
+                };
+                self.start(id, xml, source, Some(incoming), out)
+            }
+            Request::MarkStorage { name, token } => {
+                let Some(vm) = self.vms.get(&name) else {
+                    return reply(out, self.not_running(&name));
+                };
+                let disks = Domain::parse(&name, &vm.live_xml)
+                    .map(|d| storage_proof::writable_disks(&d.model))
+                    .unwrap_or_default();
+                let markers = disks.iter().map(|d| (d.marker(), token.clone())).collect();
+                let pending = Pending::Marked { id, disks: disks.len() };
+                self.hv(out, pending, HvCall::WriteMarkers { markers });
+            }
             Request::StartPostcopy { name } => self.simple_qmp(
                 id,
                 name,
@@ -752,7 +782,10 @@ impl HostCore {
             Request::NetList => self.hv(
                 out,
                 Pending::NetList { id },
-                HvCall::ReadHost { paths: Vec::new() },
+                HvCall::ReadHost {
+                    paths: Vec::new(),
+                    markers: Vec::new(),
+                },
             ),
             Request::ReloadNetworks => {
                 let dir = self.settings.networks_dir.clone();
@@ -788,7 +821,7 @@ impl HostCore {
         id: u64,
         xml: String,
         source: String,
-        incoming: Option<bool>,
+        incoming: Option<Incoming>,
         out: &mut Vec<HostEffect>,
     ) {
         let mut reply = |response| out.push(HostEffect::Reply { id, response });
@@ -810,12 +843,20 @@ impl HostCore {
                 other.record.name
             )));
         }
-        // Migration moves memory, not disks: they must already be here.
+        // Migration moves memory, not disks: they must already be here, and
+        // be the very storage the source uses.
         let paths = match incoming {
             Some(_) => domain
                 .disks()
                 .filter_map(|d| d.source_path())
                 .map(str::to_string)
+                .collect(),
+            None => Vec::new(),
+        };
+        let markers = match incoming.as_ref().and_then(|i| i.storage_token.as_ref()) {
+            Some(_) => storage_proof::writable_disks(&domain)
+                .iter()
+                .map(storage_proof::WritableDisk::marker)
                 .collect(),
             None => Vec::new(),
         };
@@ -828,7 +869,7 @@ impl HostCore {
         self.hv(
             out,
             Pending::StartRead(Box::new(ctx)),
-            HvCall::ReadHost { paths },
+            HvCall::ReadHost { paths, markers },
         );
     }
 
@@ -893,13 +934,26 @@ impl HostCore {
             Err(e) => return fail(self, out, &plan.ports, e.to_string()),
         };
         let mut ports = plan.ports.clone();
-        let (argv, mode, migration_port) = if let Some(postcopy) = incoming {
+        let (argv, mode, migration_port) = if let Some(Incoming {
+            postcopy,
+            storage_token,
+        }) = incoming
+        {
             if let Some(missing) = read.missing.first() {
                 let msg = format!(
                     "cannot accept VM '{name}' on host {host}: disk source {missing} does not exist \
                      here (live migration needs storage both hosts see)"
                 );
                 return fail(self, out, &ports, msg);
+            }
+            if let Some(token) = &storage_token {
+                let disks = storage_proof::writable_disks(&domain);
+                if let Err(msg) = storage_proof::check(&name, &host, token, &disks, &read.markers) {
+                    return fail(self, out, &ports, msg);
+                }
+                // Proven: the markers have done their work.
+                let paths = disks.iter().map(storage_proof::WritableDisk::marker).collect();
+                self.hv(out, Pending::Ignore, HvCall::RemoveMarkers { paths });
             }
             let addr = match self.migration_address(&table) {
                 Ok(a) => a,
@@ -1067,6 +1121,16 @@ impl HostCore {
             Pending::Ignore => {}
             Pending::Scan => self.scanned(now, result, out),
             Pending::Strays => self.strays_found(now, result, out),
+            Pending::Marked { id, disks } => {
+                let response = match result {
+                    HvResult::Done => Response::Done(format!("{disks} disk(s) marked")),
+                    other => Response::Error(format!(
+                        "cannot mark the storage for migration: {}",
+                        failure(&other)
+                    )),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
             Pending::NicSweep => {
                 if let HvResult::Failed(e) = &result {
                     tracing::warn!(error = %e, "cannot remove the devices of VMs that are gone");
@@ -1986,7 +2050,7 @@ mod tests {
         let mut c = booted("h1", &mut fake, now);
         let out = c.handle(now, req(7, start("web01")));
         let calls = hv_calls(&out);
-        assert!(matches!(&calls[..], [(_, HvCall::ReadHost { paths })] if paths.is_empty()));
+        assert!(matches!(&calls[..], [(_, HvCall::ReadHost { paths, .. })] if paths.is_empty()));
         assert_eq!(c.vm_state("web01"), Some(VmState::Starting));
         let (op, call) = calls[0].clone();
         let out = c.handle(
@@ -2334,6 +2398,7 @@ mod tests {
             xml: xml("web01"),
             source: "w".into(),
             postcopy: false,
+            storage_token: None,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
         let Response::Incoming { vm, uri } = reply(&out) else {
@@ -2514,6 +2579,7 @@ mod tests {
             xml: nic_vm("one", UUID),
             source: "one.xml".into(),
             postcopy: false,
+            storage_token: None,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
         let Response::Incoming { uri, .. } = reply(&out) else {
@@ -2575,12 +2641,61 @@ mod tests {
     }
 
     #[test]
+    fn an_incoming_guest_is_refused_unless_it_sees_the_sources_storage() {
+        let t0 = Instant::now();
+        let disk = "<disk type='file' device='disk'><source file='/srv/web01.qcow2'/>\
+                    <target dev='vda' bus='virtio'/></disk>";
+        let with_disk = xml("web01").replace("<devices>", &format!("<devices>{disk}"));
+        let fabric = FakeFabric::new();
+        let mut src = fake("198.18.4.1");
+        src.join(&fabric);
+        let mut a = booted("h1", &mut src, t0);
+        let start = Request::Start {
+            xml: with_disk.clone(),
+            source: "w".into(),
+        };
+        drive(&mut a, &mut src, t0, req(1, start));
+        let mark = Request::MarkStorage {
+            name: "web01".into(),
+            token: "t-1".into(),
+        };
+        let out = drive(&mut a, &mut src, t0, req(2, mark));
+        assert_eq!(reply(&out), &Response::Done("1 disk(s) marked".into()));
+        let incoming = |token: &str| Request::MigrateIncoming {
+            xml: with_disk.clone(),
+            source: "w".into(),
+            postcopy: false,
+            storage_token: Some(token.into()),
+        };
+        // A host with a file of its own at the same path.
+        let mut other = fake("198.18.4.3");
+        other.join(&fabric);
+        other.use_private_storage();
+        let mut c = booted("h3", &mut other, t0);
+        let out = drive(&mut c, &mut other, t0, req(1, incoming("t-1")));
+        assert!(
+            matches!(reply(&out), Response::Error(e) if e.contains("disk vda (/srv/web01.qcow2) is not the storage the source uses")),
+            "{out:?}"
+        );
+        assert!(other.process("web01").is_none(), "nothing started");
+        // An older token is no proof either; the current one is.
+        let mut dst = fake("198.18.4.2");
+        dst.join(&fabric);
+        let mut b = booted("h2", &mut dst, t0);
+        let out = drive(&mut b, &mut dst, t0, req(1, incoming("t-0")));
+        assert!(matches!(reply(&out), Response::Error(e) if e.contains("holds another token")));
+        let out = drive(&mut b, &mut dst, t0, req(2, incoming("t-1")));
+        assert!(matches!(reply(&out), Response::Incoming { .. }), "{out:?}");
+    }
+
+    #[test]
     fn incoming_migrations_listen_where_the_coordinator_is_reached_from() {
         let t0 = Instant::now();
         let incoming = || Request::MigrateIncoming {
             xml: xml("web01"),
             source: "w".into(),
             postcopy: false,
+            storage_token: None,
         };
         for (route, uri) in [
             // Before the link is up: the first network that resolves.
@@ -2612,6 +2727,7 @@ mod tests {
             xml: xml("web01"),
             source: "w".into(),
             postcopy: true,
+            storage_token: None,
         };
         drive(&mut b, &mut dst, t0, req(1, incoming));
         let caps = &dst.process("web01").expect("runs").plan.mode;
@@ -2652,6 +2768,7 @@ mod tests {
                     xml: with_disk,
                     source: "w".into(),
                     postcopy: false,
+                    storage_token: None,
                 },
             ),
         );

@@ -85,11 +85,23 @@ pub enum HvCall {
         /// Its state files.
         paths: VmPaths,
     },
-    /// Read the interface table and report which of `paths` do not exist
-    /// ([`HvResult::Host`]).
+    /// Read the interface table, report which of `paths` do not exist and
+    /// what each of `markers` holds ([`HvResult::Host`]).
     ReadHost {
         /// Files that must exist (disk sources of an incoming migration).
         paths: Vec<String>,
+        /// Storage markers to read (see [`crate::storage_proof`]).
+        markers: Vec<PathBuf>,
+    },
+    /// Write each storage marker with its token, durably.
+    WriteMarkers {
+        /// (marker file, token).
+        markers: Vec<(PathBuf, String)>,
+    },
+    /// Remove storage markers; one already gone is not an error.
+    RemoveMarkers {
+        /// The marker files.
+        paths: Vec<PathBuf>,
     },
     /// Load the network definitions ([`HvResult::Networks`]).
     LoadNetworks {
@@ -191,6 +203,8 @@ pub struct HostRead {
     pub missing: Vec<String>,
     /// `/dev/vhost-net` exists.
     pub vhost_net: bool,
+    /// Each asked-for marker and what it holds (`None`: unreadable or absent).
+    pub markers: Vec<(PathBuf, Option<String>)>,
 }
 
 /// The result of an [`HvCall`].

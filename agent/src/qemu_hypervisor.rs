@@ -193,8 +193,15 @@ impl Hypervisor for QemuHypervisor {
                 pid,
                 paths,
             } => Box::pin(self.clone().attach(name, uuid, pid, paths)),
-            HvCall::ReadHost { paths } => {
+            HvCall::ReadHost { paths, markers } => {
                 let read = HostRead {
+                    markers: markers
+                        .into_iter()
+                        .map(|m| {
+                            let text = std::fs::read_to_string(&m).ok();
+                            (m, text)
+                        })
+                        .collect(),
                     interfaces: InterfaceTable::read_host().map_err(|e| e.to_string()),
                     missing: paths
                         .into_iter()
@@ -268,6 +275,21 @@ impl Hypervisor for QemuHypervisor {
                     nic_plumbing::delete_links(&macvtaps).await;
                     HvResult::Done
                 })
+            }
+            HvCall::WriteMarkers { markers } => {
+                let written = markers
+                    .iter()
+                    .try_for_each(|(path, token)| write_atomic(path, token.as_bytes()));
+                Box::pin(std::future::ready(match written {
+                    Ok(()) => HvResult::Done,
+                    Err(e) => HvResult::Failed(e.to_string()),
+                }))
+            }
+            HvCall::RemoveMarkers { paths } => {
+                for p in paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                Box::pin(std::future::ready(HvResult::Done))
             }
             HvCall::SetLinks { devs, up } => Box::pin(async move {
                 match nic_plumbing::set_links(&devs, up).await {

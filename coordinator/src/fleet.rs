@@ -425,6 +425,7 @@ mod tests {
             heartbeat: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             policy: Policy::default(),
+            token_seed: 7,
         };
         // Empty mirrors would overcommit hosts and undrain drained ones.
         match Fleet::new(std::sync::Arc::new(Unreadable), settings) {

@@ -71,6 +71,9 @@ pub struct FleetSettings {
     pub heartbeat_timeout: Duration,
     /// Scheduling policy.
     pub policy: Policy,
+    /// Random at each start of the coordinator: with a counter, the storage
+    /// tokens of migrations, unique across restarts.
+    pub token_seed: u64,
 }
 
 /// Something that happened, for the core to decide on.
@@ -280,6 +283,11 @@ enum Purpose {
 #[derive(Debug)]
 enum MigStep {
     Command(Command),
+    /// The source marks its storage for `PrepareDestination`; the destination
+    /// is asked next, with the token.
+    MarkStorage {
+        token: String,
+    },
     /// A SPICE client-migrate-info before `migrate`; then the next one, then `migrate`.
     ClientInfo,
     PollSource,
@@ -375,6 +383,8 @@ pub struct FleetCore {
     calls: BTreeMap<CallId, PendingCall>,
     next_call: CallId,
     migrations: BTreeMap<String, MigrationJob>,
+    /// Storage tokens handed out (see `FleetSettings::token_seed`).
+    tokens: u64,
     drains: BTreeMap<RequestId, DrainJob>,
     /// Each host's state when last logged, to log transitions once.
     host_states: BTreeMap<String, HostState>,
@@ -509,6 +519,7 @@ impl FleetCore {
             calls: BTreeMap::new(),
             next_call: 1,
             migrations: BTreeMap::new(),
+            tokens: 0,
             drains: BTreeMap::new(),
             host_states: BTreeMap::new(),
             fences: BTreeMap::new(),
@@ -1128,6 +1139,32 @@ impl FleetCore {
             }
             _ => {}
         }
+    }
+
+    /// Sends the destination its `MigrateIncoming`, with the token the
+    /// source wrote beside its disks.
+    fn ask_destination(&mut self, vm: &str, token: String) -> Result<(), StepFailure> {
+        let Some(job) = self.migrations.get(vm) else {
+            return Ok(());
+        };
+        let dest = job.dest.clone();
+        let request = AgentRequest::MigrateIncoming {
+            xml: job.xml.clone(),
+            source: format!("migration of '{vm}' from {}", job.source),
+            postcopy: job.params.postcopy,
+            storage_token: Some(token),
+        };
+        let conn = self
+            .hosts
+            .get(&dest)
+            .and_then(|h| h.conn)
+            .ok_or_else(|| StepFailure::Lost(format!("host {dest} is unreachable")))?;
+        let purpose = Purpose::Migration {
+            vm: vm.to_string(),
+            step: MigStep::Command(Command::PrepareDestination),
+        };
+        self.call(&dest, conn, request, purpose);
+        Ok(())
     }
 
     /// Until `host` reports again, its copy of `vm` runs: a resume it
@@ -1959,15 +1996,18 @@ impl FleetCore {
             let (source, dest) = (job.source.clone(), job.dest.clone());
             tracing::info!(vm, command = ?cmd, "migration step");
             let name = vm.to_string();
+            let mut step = MigStep::Command(cmd.clone());
             let call = match &cmd {
-                Command::PrepareDestination => Some((
-                    dest.clone(),
-                    AgentRequest::MigrateIncoming {
-                        xml: job.xml.clone(),
-                        source: format!("migration of '{vm}' from {source}"),
-                        postcopy: job.params.postcopy,
-                    },
-                )),
+                // Preparing starts on the source: it marks its writable disks
+                // with a token the destination must read back (storage_proof).
+                Command::PrepareDestination => {
+                    self.tokens += 1;
+                    let token = format!("{:016x}-{:x}", self.settings.token_seed, self.tokens);
+                    step = MigStep::MarkStorage {
+                        token: token.clone(),
+                    };
+                    Some((source.clone(), AgentRequest::MarkStorage { name, token }))
+                }
                 Command::SwitchToPostcopy => {
                     Some((source.clone(), AgentRequest::StartPostcopy { name }))
                 }
@@ -2009,7 +2049,7 @@ impl FleetCore {
                             request,
                             Purpose::Migration {
                                 vm: vm.to_string(),
-                                step: MigStep::Command(cmd),
+                                step,
                             },
                         );
                     }
@@ -2566,6 +2606,22 @@ impl FleetCore {
             }
         }
         match step {
+            MigStep::MarkStorage { token } => {
+                let prepare = Command::PrepareDestination;
+                let sent = match failure {
+                    Some(f) => Err(f),
+                    None => self.ask_destination(vm, token),
+                };
+                if let Err(f) = sent {
+                    if let Some(job) = self.migrations.get_mut(vm) {
+                        job.step_in_flight = false;
+                    }
+                    if let Some(input) = prepare.failure_input(f) {
+                        self.feed_migration(now, vm, input);
+                    }
+                    self.pump(now, vm);
+                }
+            }
             MigStep::PollDest => {
                 if let Some(f) = failure {
                     let e = match f {
@@ -2715,6 +2771,7 @@ mod tests {
                     heartbeat: Duration::from_secs(1),
                     heartbeat_timeout: Duration::from_secs(5),
                     policy: Policy::default(),
+                    token_seed: 7,
                 },
             )
             .expect("core")
@@ -3092,14 +3149,50 @@ mod tests {
         r.start(1);
         r.register("b", 2, &[]);
         let (_, out) = r.op(migrate_web_to_b());
+        // The source marks its storage first; the destination then gets the
+        // token to read back.
         let calls = Rig::calls(&out);
-        assert!(
-            matches!(&calls[..], [(_, h, AgentRequest::MigrateIncoming { .. })] if h == "b"),
-            "{calls:?}"
-        );
+        let [(call, h, AgentRequest::MarkStorage { token, .. })] = &calls[..] else {
+            panic!("{calls:?}");
+        };
+        assert_eq!(h, "a");
         let row = r.store.get("web").expect("read").expect("row");
         assert_eq!(row.migrating_to.as_deref(), Some("b"));
         assert_eq!(row.placement.as_deref(), Some("a"));
+        let marked = Input::AgentReplied {
+            call: *call,
+            result: Ok((2, AgentResponse::Done("1 disk(s) marked".into()))),
+        };
+        let calls = Rig::calls(&r.core.handle(r.t0, marked));
+        assert!(
+            matches!(&calls[..], [(_, h, AgentRequest::MigrateIncoming { storage_token: Some(t), .. })]
+                if h == "b" && t == token),
+            "{calls:?}"
+        );
+    }
+
+    #[test]
+    fn a_source_that_cannot_mark_its_storage_fails_the_migration_before_it_starts() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        r.register("b", 2, &[]);
+        let (id, out) = r.op(migrate_web_to_b());
+        let (call, _, _) = Rig::calls(&out).pop().expect("mark storage");
+        let refused = Input::AgentReplied {
+            call,
+            result: Ok((2, AgentResponse::Error("cannot mark the storage: disk full".into()))),
+        };
+        let out = r.core.handle(r.t0, refused);
+        assert!(Rig::calls(&out).is_empty(), "{out:?}");
+        let answer = Rig::answer(id, &out);
+        assert!(
+            matches!(answer, Some(OperatorResponse::Migrated { outcome: MigrationOutcome::Failed { .. }, on, .. }) if on == "a"),
+            "{answer:?}"
+        );
+        let row = r.store.get("web").expect("read").expect("row");
+        assert_eq!(row.migrating_to, None);
     }
 
     #[test]

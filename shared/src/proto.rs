@@ -230,6 +230,18 @@ pub enum AgentRequest {
         source: String,
         /// Enable `postcopy-ram` (it must be on for both QEMUs).
         postcopy: bool,
+        /// The token the source wrote beside each writable disk
+        /// ([`AgentRequest::MarkStorage`]): the destination reads it back to
+        /// prove it sees the same storage, not a file at the same path.
+        storage_token: Option<String>,
+    },
+    /// Migration source: write `token` beside each writable disk of the
+    /// running VM, for the destination to read back.
+    MarkStorage {
+        /// The VM.
+        name: String,
+        /// A token no other migration uses.
+        token: String,
     },
     /// Migration source: send the running VM to `uri`.
     MigrateOut {

@@ -253,13 +253,39 @@ pub struct AgentDaemon {
 impl AgentDaemon {
     /// Starts the daemon and waits for its control socket.
     pub fn start(ns: &Netns, host: &str, dirs: &AgentDirs, extra: &[&str]) -> AgentDaemon {
+        let mut c = agent_command(ns, host, dirs);
+        c.args(extra);
+        Self::spawn(c, ns, host, dirs)
+    }
+
+    /// Like [`AgentDaemon::start`], in a mount namespace of its own where
+    /// the shell command `setup` runs first (for example a tmpfs over a
+    /// directory): the host's "local" storage, which no other host sees.
+    pub fn start_with_private_mounts(
+        ns: &Netns,
+        host: &str,
+        dirs: &AgentDirs,
+        extra: &[&str],
+        setup: &str,
+    ) -> AgentDaemon {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name, "unshare", "-m", "--propagation", "private"])
+            .args(["sh", "-c", &format!("{setup} && exec \"$0\" \"$@\"")])
+            .arg(bin("flotilla-agent"))
+            .arg("--name")
+            .arg(host)
+            .arg("--networks-dir")
+            .arg(dirs.nets())
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .args(extra);
+        Self::spawn(c, ns, host, dirs)
+    }
+
+    fn spawn(mut c: Command, ns: &Netns, host: &str, dirs: &AgentDirs) -> AgentDaemon {
         let log =
             std::fs::File::create(dirs.root.path().join(format!("agent-{host}.log"))).expect("log");
-        let mut c = agent_command(ns, host, dirs);
-        c.args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = c.spawn().expect("spawn agent");
         let daemon = AgentDaemon { child };
         let sock = dirs.state().join("agent.sock");

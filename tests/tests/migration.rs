@@ -212,3 +212,89 @@ fn a_destination_without_the_disk_refuses_at_prepare() {
     assert!(qemu_pids_for(&uuid).is_empty());
     let _ = a;
 }
+
+#[test]
+fn a_destination_with_its_own_file_at_the_same_path_refuses_at_prepare() {
+    // host-a and host-c share their storage; host-b has a "local" disk
+    // directory of its own (a tmpfs in its private mount namespace) holding a
+    // different file at the same path.
+    let a = Netns::new("proof-a");
+    let b = Netns::new("proof-b");
+    let c = Netns::new("proof-c");
+    for (ns, ip) in [(&a, "198.18.71.1/24"), (&b, "198.18.72.1/24"), (&c, "198.18.73.1/24")] {
+        ns.bridge("br0", Some(ip));
+    }
+    let storage = tempfile::Builder::new()
+        .prefix("flt-proof-")
+        .tempdir_in("/tmp")
+        .expect("storage");
+    let disk = storage.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let public = "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
+    let host = |ns: Netns, name: &'static str, setup: Option<String>| {
+        let dirs = AgentDirs::new();
+        dirs.network("public", public);
+        let daemon = match &setup {
+            Some(s) => AgentDaemon::start_with_private_mounts(&ns, name, &dirs, &[], s),
+            None => AgentDaemon::start(&ns, name, &dirs, &[]),
+        };
+        Host {
+            ns,
+            dirs,
+            name,
+            _daemon: daemon,
+        }
+    };
+    let ha = host(a, "host-a", None);
+    let own = storage.path().display().to_string();
+    let hb = host(
+        b,
+        "host-b",
+        Some(format!(
+            "mount -t tmpfs tmpfs {own} && head -c 1048576 /dev/zero > {own}/disk.img"
+        )),
+    );
+    let hc = host(c, "host-c", None);
+
+    let uuid = new_uuid();
+    let devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        disk.display()
+    );
+    let def = ha.dirs.file("w.xml", &domain_xml("w", &uuid, &devices));
+    let def = def.to_str().expect("utf8");
+    let (code, out) = ha.ctl(&["start", def]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ha.ctl(&["mark-storage", "w", "--token", "tok-1"]);
+    assert_eq!((code, out.trim()), (0, "1 disk(s) marked"));
+
+    // host-b sees a disk.img too, but not the source's.
+    let (code, out) = hb.ctl(&["migrate-incoming", def, "--storage-token", "tok-1"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "cannot accept VM 'w' on host host-b: disk vda ({}) is not the storage the source \
+             uses: the marker the source wrote beside it is missing here",
+            disk.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1, "nothing started on host-b");
+
+    // host-c shares the storage: it reads the token back and waits for the stream.
+    let (code, out) = hc.ctl(&["migrate-incoming", def, "--storage-token", "tok-1"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("uri: "), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(5), || !storage
+            .path()
+            .join(".disk.img.flotilla-migrate")
+            .exists()),
+        "the proven marker is removed"
+    );
+    for h in [&ha, &hc] {
+        let (code, out) = h.ctl(&["destroy", "w"]);
+        assert_eq!(code, 0, "{out}");
+    }
+}

@@ -321,13 +321,16 @@ struct World {
     last_reported: BTreeMap<String, Vec<String>>,
 }
 
-/// A VM with one NIC on `public`: a tap on host-a and host-c, a macvtap on
-/// host-b.
+/// A VM with a writable disk on the storage every host shares (each
+/// migration proves that with a marker) and one NIC on `public`: a tap on
+/// host-a and host-c, a macvtap on host-b.
 fn domain_xml(name: &str, uuid: &str) -> String {
     format!(
         "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>\
          <memory unit='MiB'>512</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><source file='/shared/{name}.qcow2'/>\
+         <target dev='vda' bus='virtio'/></disk>\
          <interface type='network'><source network='public'/></interface>\
          </devices></domain>"
     )
@@ -338,6 +341,7 @@ fn settings() -> FleetSettings {
         heartbeat: HEARTBEAT,
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         policy: Policy::default(),
+        token_seed: 0,
     }
 }
 
@@ -703,6 +707,8 @@ impl World {
             | HvCall::WriteRecord { .. }
             | HvCall::RemoveRecord { .. }
             | HvCall::SetLinks { .. }
+            | HvCall::WriteMarkers { .. }
+            | HvCall::RemoveMarkers { .. }
             | HvCall::RemoveStrayNics { .. } => self.rng.ms(0, 5),
         }
     }

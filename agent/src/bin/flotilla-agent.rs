@@ -132,8 +132,19 @@ enum Ctl {
     NetList,
     /// Re-read the networks directory (as SIGHUP does).  Example: ctl reload
     Reload,
-    /// Migration destination: start paused, print the URI to send to.  Example: ctl migrate-incoming web01.xml
-    MigrateIncoming { file: PathBuf },
+    /// Migration destination: start paused, print the URI to send to.  Example: ctl migrate-incoming web01.xml --storage-token T
+    MigrateIncoming {
+        file: PathBuf,
+        /// Refuse unless every writable disk's marker holds this token (see mark-storage).
+        #[arg(long)]
+        storage_token: Option<String>,
+    },
+    /// Migration source: write a token beside each writable disk for the destination to read back.  Example: ctl mark-storage web01 --token T
+    MarkStorage {
+        name: String,
+        #[arg(long)]
+        token: String,
+    },
     /// Migration source: send a VM.  Example: ctl migrate-out web01 --uri tcp:198.18.2.1:49152
     MigrateOut {
         name: String,
@@ -387,11 +398,19 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         Ctl::Dumpxml { name } => Request::DumpXml { name: name.clone() },
         Ctl::NetList => Request::NetList,
         Ctl::Reload => Request::ReloadNetworks,
-        Ctl::MigrateIncoming { file } => Request::MigrateIncoming {
+        Ctl::MigrateIncoming {
+            file,
+            storage_token,
+        } => Request::MigrateIncoming {
             xml: std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?,
             source: file.display().to_string(),
             postcopy: false,
+            storage_token: storage_token.clone(),
+        },
+        Ctl::MarkStorage { name, token } => Request::MarkStorage {
+            name: name.clone(),
+            token: token.clone(),
         },
         Ctl::MigrateOut {
             name,

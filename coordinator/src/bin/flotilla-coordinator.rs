@@ -126,6 +126,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cpu_ratio: cli.cpu_overcommit,
             memory_ratio: cli.memory_overcommit,
         },
+        // The standard library's per-process random hash keys.
+        token_seed: std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            std::process::id(),
+        ),
     };
     let fleet = Fleet::new(Arc::new(store), settings)
         .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?

@@ -1,0 +1,138 @@
+//! Proof that a migration's destination sees the source's storage.
+//!
+//! A disk path that exists on both hosts proves nothing: a host with its own
+//! local file at the same path would run the guest on a different disk. So
+//! the source writes a token no other migration uses into a marker file
+//! beside each writable disk image, and the destination reads every marker
+//! back before it accepts the guest. Pure: the markers' contents are inputs.
+//!
+//! Read-only disks and CD-ROMs are not checked (the guest cannot write them),
+//! nor are block devices (no marker can sit beside `/dev/sdX`).
+
+use std::path::{Path, PathBuf};
+
+use flotilla_shared::xml::Domain;
+
+/// A writable file disk: its target (`vda`) and its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritableDisk {
+    /// The guest's name for it.
+    pub target: String,
+    /// The image on the host.
+    pub path: PathBuf,
+}
+
+impl WritableDisk {
+    /// The marker file beside the image.
+    pub fn marker(&self) -> PathBuf {
+        marker_path(&self.path)
+    }
+}
+
+/// `DIR/.IMAGE.flotilla-migrate` for `DIR/IMAGE`.
+pub fn marker_path(image: &Path) -> PathBuf {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    image.with_file_name(format!(".{name}.flotilla-migrate"))
+}
+
+/// The disks whose storage a migration must prove shared.
+pub fn writable_disks(domain: &Domain) -> Vec<WritableDisk> {
+    domain
+        .disks()
+        .filter(|d| !d.readonly && d.device.as_deref().is_none_or(|dev| dev == "disk"))
+        .filter(|d| d.disk_type.as_deref().is_none_or(|t| t == "file"))
+        .filter_map(|d| {
+            Some(WritableDisk {
+                target: d.target_dev.clone().unwrap_or_else(|| "?".into()),
+                path: PathBuf::from(d.source_file.as_deref()?),
+            })
+        })
+        .collect()
+}
+
+/// Why the destination does not see the source's storage, if it does not:
+/// each disk's marker, as read on the destination, must hold `token`.
+pub fn check(
+    vm: &str,
+    host: &str,
+    token: &str,
+    disks: &[WritableDisk],
+    read: &[(PathBuf, Option<String>)],
+) -> Result<(), String> {
+    for d in disks {
+        let marker = d.marker();
+        let seen = read
+            .iter()
+            .find(|(p, _)| *p == marker)
+            .and_then(|(_, c)| c.as_deref());
+        if seen.map(str::trim) != Some(token) {
+            return Err(format!(
+                "cannot accept VM '{vm}' on host {host}: disk {} ({}) is not the storage \
+                 the source uses: the marker the source wrote beside it {} here; live \
+                 migration needs storage both hosts share",
+                d.target,
+                d.path.display(),
+                if seen.is_some() {
+                    "holds another token"
+                } else {
+                    "is missing"
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domain() -> Domain {
+        let xml = "<domain type='kvm'><name>web</name><memory unit='MiB'>64</memory>\
+            <os><type>hvm</type></os><devices>\
+            <disk type='file' device='disk'><source file='/srv/web.qcow2'/><target dev='vda'/></disk>\
+            <disk type='file' device='disk'><source file='/srv/base.img'/><target dev='vdb'/><readonly/></disk>\
+            <disk type='file' device='cdrom'><source file='/iso/d.iso'/><target dev='sda' bus='ide'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/sdb'/><target dev='vdc'/></disk>\
+            </devices></domain>";
+        Domain::parse("web.xml", xml).expect("domain").model
+    }
+
+    #[test]
+    fn only_writable_file_disks_need_a_proof() {
+        let disks = writable_disks(&domain());
+        assert_eq!(
+            disks,
+            [WritableDisk {
+                target: "vda".into(),
+                path: "/srv/web.qcow2".into()
+            }]
+        );
+        assert_eq!(
+            disks[0].marker(),
+            PathBuf::from("/srv/.web.qcow2.flotilla-migrate")
+        );
+    }
+
+    #[test]
+    fn a_missing_or_different_marker_names_the_disk() {
+        let disks = writable_disks(&domain());
+        let marker = disks[0].marker();
+        let ok = [(marker.clone(), Some("t1\n".to_string()))];
+        assert_eq!(check("web", "b", "t1", &disks, &ok), Ok(()));
+        for (seen, what) in [(None, "is missing"), (Some("t0"), "holds another token")] {
+            let read = [(marker.clone(), seen.map(str::to_string))];
+            assert_eq!(
+                check("web", "b", "t1", &disks, &read),
+                Err(format!(
+                    "cannot accept VM 'web' on host b: disk vda (/srv/web.qcow2) is not the \
+                     storage the source uses: the marker the source wrote beside it {what} \
+                     here; live migration needs storage both hosts share"
+                ))
+            );
+        }
+    }
+}
