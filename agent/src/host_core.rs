@@ -81,8 +81,8 @@ use crate::nic_plan::{attach_problem, plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
-use crate::storage_proof;
 use crate::resolver::{AddressSource, NetworkResolver};
+use crate::storage_proof;
 use crate::vm_record::{vm_dir, VmRecord};
 use flotilla_shared::proto::VmRunState;
 
@@ -609,7 +609,10 @@ impl HostCore {
                     .map(|d| storage_proof::writable_disks(&d.model))
                     .unwrap_or_default();
                 let markers = disks.iter().map(|d| (d.marker(), token.clone())).collect();
-                let pending = Pending::Marked { id, disks: disks.len() };
+                let pending = Pending::Marked {
+                    id,
+                    disks: disks.len(),
+                };
                 self.hv(out, pending, HvCall::WriteMarkers { markers });
             }
             Request::StartPostcopy { name } => self.simple_qmp(
@@ -952,7 +955,10 @@ impl HostCore {
                     return fail(self, out, &ports, msg);
                 }
                 // Proven: the markers have done their work.
-                let paths = disks.iter().map(storage_proof::WritableDisk::marker).collect();
+                let paths = disks
+                    .iter()
+                    .map(storage_proof::WritableDisk::marker)
+                    .collect();
                 self.hv(out, Pending::Ignore, HvCall::RemoveMarkers { paths });
             }
             let addr = match self.migration_address(&table) {

@@ -3182,7 +3182,10 @@ mod tests {
         let (call, _, _) = Rig::calls(&out).pop().expect("mark storage");
         let refused = Input::AgentReplied {
             call,
-            result: Ok((2, AgentResponse::Error("cannot mark the storage: disk full".into()))),
+            result: Ok((
+                2,
+                AgentResponse::Error("cannot mark the storage: disk full".into()),
+            )),
         };
         let out = r.core.handle(r.t0, refused);
         assert!(Rig::calls(&out).is_empty(), "{out:?}");

@@ -269,16 +269,24 @@ impl AgentDaemon {
         setup: &str,
     ) -> AgentDaemon {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns.name, "unshare", "-m", "--propagation", "private"])
-            .args(["sh", "-c", &format!("{setup} && exec \"$0\" \"$@\"")])
-            .arg(bin("flotilla-agent"))
-            .arg("--name")
-            .arg(host)
-            .arg("--networks-dir")
-            .arg(dirs.nets())
-            .arg("--state-dir")
-            .arg(dirs.state())
-            .args(extra);
+        c.args([
+            "netns",
+            "exec",
+            &ns.name,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+        ])
+        .args(["sh", "-c", &format!("{setup} && exec \"$0\" \"$@\"")])
+        .arg(bin("flotilla-agent"))
+        .arg("--name")
+        .arg(host)
+        .arg("--networks-dir")
+        .arg(dirs.nets())
+        .arg("--state-dir")
+        .arg(dirs.state())
+        .args(extra);
         Self::spawn(c, ns, host, dirs)
     }
 

@@ -221,7 +221,11 @@ fn a_destination_with_its_own_file_at_the_same_path_refuses_at_prepare() {
     let a = Netns::new("proof-a");
     let b = Netns::new("proof-b");
     let c = Netns::new("proof-c");
-    for (ns, ip) in [(&a, "198.18.71.1/24"), (&b, "198.18.72.1/24"), (&c, "198.18.73.1/24")] {
+    for (ns, ip) in [
+        (&a, "198.18.71.1/24"),
+        (&b, "198.18.72.1/24"),
+        (&c, "198.18.73.1/24"),
+    ] {
         ns.bridge("br0", Some(ip));
     }
     let storage = tempfile::Builder::new()
@@ -230,7 +234,8 @@ fn a_destination_with_its_own_file_at_the_same_path_refuses_at_prepare() {
         .expect("storage");
     let disk = storage.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let public = "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
+    let public =
+        "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
     let host = |ns: Netns, name: &'static str, setup: Option<String>| {
         let dirs = AgentDirs::new();
         dirs.network("public", public);
