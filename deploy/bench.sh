@@ -36,6 +36,9 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+# libvirt from bookworm-backports ships its network driver on its own.
+ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_network.so >/dev/null 2>&1 ||
+  need+=(libvirt-daemon-driver-network)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
 

@@ -11,8 +11,8 @@
 # libvirt state is read or written. Everything is torn down on exit, also on
 # failure or Ctrl-C.
 #
-# Needs: root, libvirt-daemon + libvirt-daemon-driver-qemu + libvirt-clients,
-# qemu-system-x86, xmllint, and a built agent (cargo build --bins).
+# Needs root; installs what is missing (libvirt, QEMU, xmllint) and builds
+# the agent when there is none.
 # Usage: deploy/compare-libvirt.sh
 #   AGENT=path    use another agent binary
 #   KEEP_WORK=1   keep the scratch folder (logs, argv, live XML) for a look
@@ -20,6 +20,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SELF=$(pwd)/deploy/$(basename "$0")
 AGENT=${AGENT:-$(pwd)/target/debug/flotilla-agent}
+
+if [[ ${1:-} != __libvirt_half ]]; then
+  [ "$(id -u)" -eq 0 ] || { echo "deploy/compare-libvirt.sh: run as root (it creates a network namespace)" >&2; exit 1; }
+  need=()
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
+  command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+  command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+  # libvirt from bookworm-backports ships its network driver on its own.
+  ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_network.so >/dev/null 2>&1 ||
+    need+=(libvirt-daemon-driver-network)
+  . deploy/lib/install.sh
+  install_missing ${need[@]+"${need[@]}"}
+  if [ ! -x "$AGENT" ]; then
+    echo "deploy/compare-libvirt.sh: building the agent" >&2
+    cargo build --bins
+  fi
+fi
 QEMU=$(command -v qemu-system-x86_64)
 
 # The libvirt half re-enters this script inside the namespace (see below).
