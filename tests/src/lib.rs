@@ -239,6 +239,20 @@ pub fn agent_command(ns: &Netns, host: &str, dirs: &AgentDirs) -> Command {
     c
 }
 
+/// Runs `flotilla-agent ctl ARGS` against the agent of `host`: its exit
+/// code and its stdout and stderr together.
+pub fn agent_ctl(ns: &Netns, host: &str, dirs: &AgentDirs, args: &[&str]) -> (i32, String) {
+    let mut c = agent_command(ns, host, dirs);
+    c.arg("ctl").args(args);
+    let o = output(c);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
 /// Runs a command to completion and returns its output.
 pub fn output(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().expect("run command")

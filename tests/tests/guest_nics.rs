@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use flotilla_tests::{
-    agent_command, domain_xml, links_in, new_uuid, output, qemu_pids_for, wait_until, AgentDaemon,
-    AgentDirs, Capture, Netns,
+    agent_ctl, domain_xml, links_in, new_uuid, qemu_pids_for, wait_until, AgentDaemon, AgentDirs,
+    Capture, Netns,
 };
 
 const MAC: &str = "52:54:00:7e:00:01";
@@ -57,15 +57,7 @@ impl Host {
     }
 
     fn ctl(&self, args: &[&str]) -> (i32, String) {
-        let mut c = agent_command(&self.ns, self.name, &self.dirs);
-        c.arg("ctl").args(args);
-        let o = output(c);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.code().unwrap_or(-1), text)
+        agent_ctl(&self.ns, self.name, &self.dirs, args)
     }
 
     fn define(&self, name: &str, uuid: &str, nics: &str) -> String {

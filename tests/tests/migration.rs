@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_command, domain_xml, new_uuid, output, qemu_pids_for, refused, rfb_banner, wait_until,
-    AgentDaemon, AgentDirs, Netns,
+    agent_ctl, domain_xml, new_uuid, qemu_pids_for, refused, rfb_banner, wait_until, AgentDaemon,
+    AgentDirs, Netns,
 };
 
 struct Host {
@@ -22,15 +22,7 @@ struct Host {
 
 impl Host {
     fn ctl(&self, args: &[&str]) -> (i32, String) {
-        let mut c = agent_command(&self.ns, self.name, &self.dirs);
-        c.arg("ctl").args(args);
-        let o = output(c);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.code().unwrap_or(-1), text)
+        agent_ctl(&self.ns, self.name, &self.dirs, args)
     }
 
     fn counter(&self, vm: &str) -> u32 {
