@@ -16,7 +16,7 @@ use flotilla_shared::net::pki::Role;
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
     AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
-    HostFacts, ServerMessage,
+    HostFacts, MachineTypes, ServerMessage,
 };
 
 use crate::control::AgentCall;
@@ -31,6 +31,8 @@ pub struct LinkSettings {
     pub tls_dir: PathBuf,
     /// This host's name (must match the certificate).
     pub host: String,
+    /// Its QEMU's machine types ([`crate::machine_types::probe`], once at start).
+    pub machine_types: MachineTypes,
 }
 
 /// Why a session with the coordinator ended.
@@ -83,7 +85,7 @@ async fn session(
     if let Some(local) = route_source(addr) {
         agent.do_send(CoordinatorRoute(local));
     }
-    let facts = gather_facts(agent, &settings.host).await;
+    let facts = gather_facts(agent, &settings.host, &settings.machine_types).await;
     let ack: ServerMessage = quic::call(
         &conn,
         &ClientMessage::Hello(AgentHello::Register(facts)),
@@ -114,7 +116,7 @@ async fn session(
                 // Numbered before gathering: an action answered after this
                 // number was taken may or may not show in these facts.
                 let seq = seq.fetch_add(1, Ordering::SeqCst) + 1;
-                let facts = gather_facts(agent, &settings.host).await;
+                let facts = gather_facts(agent, &settings.host, &settings.machine_types).await;
                 // An unanswered heartbeat means the coordinator is gone: redial
                 // now rather than at the transport's idle timeout.
                 let ack: ServerMessage = quic::call(
@@ -183,7 +185,11 @@ fn route_source(peer: std::net::SocketAddr) -> Option<std::net::IpAddr> {
 }
 
 /// This host's facts: CPUs, memory, networks with addresses, running VMs.
-pub async fn gather_facts(agent: &Addr<HostAgent>, host: &str) -> HostFacts {
+pub async fn gather_facts(
+    agent: &Addr<HostAgent>,
+    host: &str,
+    machine_types: &MachineTypes,
+) -> HostFacts {
     let networks = match agent.send(AgentCall(AgentRequest::NetList)).await {
         Ok(AgentResponse::Networks { networks, .. }) => networks,
         _ => Vec::new(),
@@ -198,6 +204,7 @@ pub async fn gather_facts(agent: &Addr<HostAgent>, host: &str) -> HostFacts {
         memory_mib: memory_mib(),
         networks,
         vms,
+        machine_types: machine_types.clone(),
     }
 }
 

@@ -474,6 +474,7 @@ impl HostCore {
                 .values()
                 .map(|v| summary(&v.record, &v.status))
                 .collect(),
+            machine_types: Default::default(),
         }
     }
 

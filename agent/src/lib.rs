@@ -18,6 +18,7 @@ pub mod host_core;
 pub mod host_networks;
 pub mod hypervisor;
 pub mod interfaces;
+pub mod machine_types;
 pub mod nic_plan;
 pub mod nic_plumbing;
 pub mod ports;

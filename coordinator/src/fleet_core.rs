@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MigrationOutcome,
-    MigrationProgress, NetStatus, OperatorError, OperatorRequest, OperatorResponse, VmListEntry,
-    VmRunState, VmSummary,
+    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MachineTypes,
+    MigrationOutcome, MigrationProgress, NetStatus, OperatorError, OperatorRequest,
+    OperatorResponse, VmListEntry, VmRunState, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
@@ -227,6 +227,8 @@ struct HostLive {
     networks: Arc<NetworkAddresses>,
     /// Networks guest NICs cannot attach to, with why; rebuilt with `networks`.
     nic_blocked: Arc<BTreeMap<String, String>>,
+    /// `facts.machine_types`, shared with every scheduling snapshot.
+    machine_types: Arc<MachineTypes>,
     last_seen: Instant,
     /// The newest report's number on `conn`.
     seq: u64,
@@ -397,6 +399,16 @@ pub struct FleetCore {
     /// Measures scheduling time for the metric; the simulation has no clock.
     stopwatch: fn() -> Option<Instant>,
     effects: Vec<Effect>,
+}
+
+/// `pc-i440fx-9.2` → (`pc-i440fx-`, [9, 2]), so 10.0 sorts after 9.2.
+fn machine_version(name: &str) -> (&str, Vec<u64>) {
+    let split = name
+        .rfind(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map_or(0, |i| i + 1);
+    let (prefix, version) = name.split_at(split);
+    let parts = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    (prefix, parts)
 }
 
 /// The networks of a host's report that guest NICs cannot attach to.
@@ -663,6 +675,7 @@ impl FleetCore {
                     used_vcpus: used.vcpus,
                     networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
                     nic_blocked: live.map(|h| h.nic_blocked.clone()).unwrap_or_default(),
+                    machine_types: live.map(|h| h.machine_types.clone()).unwrap_or_default(),
                     name: row.name.clone(),
                 }
             })
@@ -789,6 +802,7 @@ impl FleetCore {
                 conn: Some(conn),
                 networks: Arc::new(network_addresses(&facts.networks)),
                 nic_blocked: Arc::new(nic_blocked(&facts.networks)),
+                machine_types: Arc::new(facts.machine_types.clone()),
                 facts,
                 last_seen: now,
                 seq: 0,
@@ -841,6 +855,9 @@ impl FleetCore {
         if h.facts.networks != facts.networks {
             h.networks = Arc::new(network_addresses(&facts.networks));
             h.nic_blocked = Arc::new(nic_blocked(&facts.networks));
+        }
+        if h.facts.machine_types != facts.machine_types {
+            h.machine_types = Arc::new(facts.machine_types.clone());
         }
         h.facts = HostFacts { vms, ..facts };
         h.last_seen = now;
@@ -1141,6 +1158,41 @@ impl FleetCore {
         }
     }
 
+    /// As libvirt's define: an alias machine type (`pc`, `q35`, or none,
+    /// which means `pc`) becomes the versioned type behind it on the
+    /// connected hosts' QEMU, so the guest keeps its virtual hardware across
+    /// migrations and QEMU upgrades. The newest type every such host runs is
+    /// chosen; when there is none, the first host's, with a warning.
+    fn expand_machine(&self, now: Instant, domain: &mut Domain) -> Option<String> {
+        let alias = domain.os.machine.clone().unwrap_or_else(|| "pc".into());
+        let catalogs: Vec<&MachineTypes> = self
+            .hosts
+            .values()
+            .filter(|h| self.connected(h, now) && !h.facts.machine_types.is_empty())
+            .map(|h| &h.facts.machine_types)
+            .collect();
+        let targets: Vec<&str> = catalogs.iter().filter_map(|c| c.resolve(&alias)).collect();
+        let everywhere = targets
+            .iter()
+            .filter(|t| catalogs.iter().all(|c| c.has(t)))
+            .max_by_key(|t| machine_version(t));
+        let (chosen, warning) = match (everywhere, targets.first()) {
+            (Some(t), _) => (*t, None),
+            (None, Some(t)) => (
+                *t,
+                Some(format!(
+                    "machine type '{alias}' of '{}' is stored as '{t}', which not every host's \
+                     QEMU runs; the VM will only be placed where it does",
+                    domain.name
+                )),
+            ),
+            // Already versioned, or no host knows it: kept as written.
+            (None, None) => return None,
+        };
+        domain.os.machine = Some(chosen.to_string());
+        warning
+    }
+
     /// Sends the destination its `MigrateIncoming`, with the token the
     /// source wrote beside its disks.
     fn ask_destination(&mut self, vm: &str, token: String) -> Result<(), StepFailure> {
@@ -1292,7 +1344,7 @@ impl FleetCore {
     fn operator(&mut self, now: Instant, id: RequestId, request: OperatorRequest) {
         match request {
             OperatorRequest::Define { xml, source } => {
-                let r = self.define(xml, source);
+                let r = self.define(now, xml, source);
                 self.reply(id, r);
             }
             OperatorRequest::Undefine { name } => {
@@ -1454,7 +1506,7 @@ impl FleetCore {
         }
     }
 
-    fn define(&mut self, xml: String, source: String) -> OperatorResponse {
+    fn define(&mut self, now: Instant, xml: String, source: String) -> OperatorResponse {
         let doc = match Domain::parse(&source, &xml) {
             Ok(d) => d,
             Err(e) => {
@@ -1506,6 +1558,9 @@ impl FleetCore {
             {
                 domain.uuid = u;
             }
+        }
+        if let Some(w) = self.expand_machine(now, &mut domain) {
+            warnings.push(w);
         }
         // As libvirt's define: a NIC without <mac> gets one now (from the UUID
         // kept above), stored, so it is the same on every start and host.
@@ -1633,6 +1688,7 @@ impl FleetCore {
                 vcpus: domain.vcpus(),
                 networks: domain.listen_networks(),
                 nic_networks: domain.interface_networks(),
+                machine: domain.os.machine.clone(),
             },
             row.xml,
             row.generation,
@@ -2747,6 +2803,10 @@ mod tests {
                     consoles: Vec::new(),
                 })
                 .collect(),
+            machine_types: MachineTypes {
+                names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-9.2".into()],
+                aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+            },
         }
     }
 
@@ -2991,6 +3051,27 @@ mod tests {
             "{answer:?}"
         );
         assert_eq!(r.store.get("web").expect("read").expect("row").xml, stored);
+    }
+
+    #[test]
+    fn define_stores_the_versioned_machine_type_behind_an_alias() {
+        assert!(machine_version("pc-i440fx-10.0") > machine_version("pc-i440fx-9.2"));
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        let stored = r.store.get("web").expect("read").expect("row").xml;
+        assert!(stored.contains("machine=\"pc-i440fx-10.0\""), "{stored}");
+        // Already versioned: kept as written, even where a newer type exists.
+        let (id, out) = r.op(OperatorRequest::Define {
+            xml: XML.replace("machine='pc'", "machine='pc-i440fx-9.2'"),
+            source: "web.xml".into(),
+        });
+        assert!(matches!(
+            Rig::answer(id, &out),
+            Some(OperatorResponse::Defined { .. })
+        ));
+        let stored = r.store.get("web").expect("read").expect("row").xml;
+        assert!(stored.contains("machine=\"pc-i440fx-9.2\""), "{stored}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! ties break by name, so the same inputs always give the same answer.
 
 use std::collections::BTreeMap;
+
+use flotilla_shared::proto::MachineTypes;
 use std::fmt;
 use std::sync::Arc;
 
@@ -26,6 +28,8 @@ pub struct VmNeeds {
     pub networks: Vec<String>,
     /// Networks its NICs attach to: each must be defined and attachable.
     pub nic_networks: Vec<String>,
+    /// Its stored machine type: the host's QEMU must run it.
+    pub machine: Option<String>,
 }
 
 /// A host's state as the coordinator last saw it.
@@ -51,6 +55,8 @@ pub struct HostSnapshot {
     pub networks: Arc<NetworkAddresses>,
     /// Networks defined here that guest NICs cannot attach to, with the reason.
     pub nic_blocked: Arc<BTreeMap<String, String>>,
+    /// The machine types its QEMU runs (empty: unknown, so not a filter).
+    pub machine_types: Arc<MachineTypes>,
 }
 
 /// A host's networks by name: the address each resolves to now, or why none.
@@ -114,6 +120,8 @@ pub enum Rejection {
         /// The agent's words.
         reason: String,
     },
+    /// Its QEMU does not run the VM's machine type.
+    MissingMachine(String),
     /// Not enough memory left.
     Memory {
         /// What the VM needs.
@@ -143,6 +151,7 @@ impl fmt::Display for Rejection {
             Rejection::UnresolvedNetwork { network, reason } => {
                 write!(f, "network '{network}' has no address: {reason}")
             }
+            Rejection::MissingMachine(m) => write!(f, "its QEMU has no machine type '{m}'"),
             Rejection::NicsBlocked { network, reason } => {
                 write!(f, "network '{network}' cannot take NICs: {reason}")
             }
@@ -206,6 +215,12 @@ fn free_vcpus(h: &HostSnapshot, p: &Policy) -> u32 {
     cap.saturating_sub(h.used_vcpus)
 }
 
+fn runs_machine(vm: &VmNeeds, h: &HostSnapshot) -> bool {
+    vm.machine
+        .as_deref()
+        .is_none_or(|m| h.machine_types.is_empty() || h.machine_types.has(m))
+}
+
 /// Whether `h` can take `vm`: [`rejections`] is empty, decided without
 /// allocating, because it runs once per host per decision.
 fn fits(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> bool {
@@ -219,6 +234,7 @@ fn fits(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> bool {
             .nic_networks
             .iter()
             .all(|n| h.networks.contains_key(n) && !h.nic_blocked.contains_key(n))
+        && runs_machine(vm, h)
         && free_memory(h, p) >= vm.memory_mib
         && free_vcpus(h, p) >= vm.vcpus
 }
@@ -253,6 +269,11 @@ fn rejections(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> Vec<Rejection> {
                 reason: reason.clone(),
             });
         }
+    }
+    if !runs_machine(vm, h) {
+        out.push(Rejection::MissingMachine(
+            vm.machine.clone().unwrap_or_default(),
+        ));
     }
     let mem = free_memory(h, p);
     if mem < vm.memory_mib {
@@ -399,6 +420,7 @@ mod tests {
                     .collect(),
             ),
             nic_blocked: Arc::default(),
+            machine_types: Arc::default(),
         }
     }
 
@@ -409,7 +431,34 @@ mod tests {
             vcpus,
             networks: vec!["public".into()],
             nic_networks: Vec::new(),
+            machine: None,
         }
+    }
+
+    #[test]
+    fn a_host_whose_qemu_lacks_the_machine_type_is_rejected_by_name() {
+        let mut old = host("host-a", 4096, 0, &[PUBLIC]);
+        old.machine_types = Arc::new(MachineTypes {
+            names: vec!["pc-i440fx-7.2".into()],
+            aliases: vec![("pc".into(), "pc-i440fx-7.2".into())],
+        });
+        let mut new = host("host-b", 4096, 1024, &[PUBLIC]);
+        new.machine_types = Arc::new(MachineTypes {
+            names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-7.2".into()],
+            aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+        });
+        // A host that could not ask its QEMU is not filtered.
+        let unknown = host("host-c", 4096, 2048, &[PUBLIC]);
+        let mut needs = vm(512, 1);
+        needs.machine = Some("pc-i440fx-10.0".into());
+        let hosts = vec![old, new, unknown];
+        let d = place(&needs, &hosts, &Policy::default()).expect("fits");
+        assert_eq!(d.feasible, 2);
+        let e = place_on(&needs, "host-a", &hosts, &Policy::default()).expect_err("too old");
+        assert_eq!(
+            e.to_string(),
+            "no host can run VM 'web01': host-a: its QEMU has no machine type 'pc-i440fx-10.0'"
+        );
     }
 
     #[test]

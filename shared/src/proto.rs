@@ -729,6 +729,37 @@ pub struct HostFacts {
     pub networks: Vec<NetStatus>,
     /// Every VM running on the host.
     pub vms: Vec<VmSummary>,
+    /// The machine types its QEMU offers (empty: unknown).
+    pub machine_types: MachineTypes,
+}
+
+/// A QEMU's machine types: versioned ones, and the aliases that stand for one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineTypes {
+    /// Machine types that are not aliases (`pc-i440fx-10.0`, `microvm`).
+    pub names: Vec<String>,
+    /// (alias, the type it stands for): `("pc", "pc-i440fx-10.0")`.
+    pub aliases: Vec<(String, String)>,
+}
+
+impl MachineTypes {
+    /// The type an alias stands for here.
+    pub fn resolve(&self, alias: &str) -> Option<&str> {
+        self.aliases
+            .iter()
+            .find(|(a, _)| a == alias)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// Whether this QEMU runs `machine` (a versioned type or an alias).
+    pub fn has(&self, machine: &str) -> bool {
+        self.names.iter().any(|n| n == machine) || self.resolve(machine).is_some()
+    }
+
+    /// Nothing is known (the agent could not ask its QEMU).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.aliases.is_empty()
+    }
 }
 
 /// The first message on an agent's connection.

@@ -192,6 +192,14 @@ fn one_definition_gets_each_hosts_own_console_address() {
         .unwrap_or_else(|| panic!("define stored no MAC: {stored}"))
         .to_string();
     assert!(mac.starts_with("52:54:00:"), "{mac}");
+    // Defined with machine='pc': stored as the versioned type the hosts'
+    // QEMU has behind that alias, as libvirt does.
+    let versioned = stored
+        .split("machine=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default();
+    assert!(versioned.starts_with("pc-i440fx-"), "{stored}");
 
     // host-a's `public` is bridge br0 (a tap), host-b's the uplink (a macvtap).
     for (host, addr, idx, dev) in [

@@ -64,8 +64,8 @@ use flotilla_coordinator::lifecycle::VmLifecycle;
 use flotilla_coordinator::scheduler::Policy;
 use flotilla_coordinator::store::{MemStore, Store};
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, HelloAck, HostFacts, MigrationOutcome, NetStatus, OperatorError,
-    OperatorRequest, OperatorResponse, VmSummary,
+    AgentRequest, AgentResponse, HelloAck, HostFacts, MachineTypes, MigrationOutcome, NetStatus,
+    OperatorError, OperatorRequest, OperatorResponse, VmSummary,
 };
 use flotilla_shared::xml::Network;
 
@@ -910,6 +910,11 @@ impl World {
             memory_mib: 4096,
             networks: g.networks,
             vms: g.vms,
+            // Every host's QEMU: definitions name `pc`, stored expanded.
+            machine_types: MachineTypes {
+                names: vec!["pc-i440fx-10.0".into()],
+                aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+            },
         };
         let conn = g.conn;
         match g.seq {

@@ -230,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         coordinator,
         tls_dir: cli.tls_dir.clone(),
         host: settings.console.host.clone(),
+        machine_types: flotilla_agent::machine_types::probe(&settings.qemu.emulator),
     });
     let metrics = cli.metrics_listen;
     sys.block_on(async move {

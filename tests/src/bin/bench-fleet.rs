@@ -107,6 +107,7 @@ fn scheduler_bench(vms: usize) {
                     used_vcpus: 0,
                     networks: Arc::new(networks),
                     nic_blocked: Arc::default(),
+                    machine_types: Arc::default(),
                 }
             })
             .collect();
@@ -129,6 +130,7 @@ fn scheduler_bench(vms: usize) {
                     .map(|_| NETWORKS[(rng.next() % 5) as usize].to_string())
                     .collect(),
                 nic_networks: Vec::new(),
+                machine: None,
             };
             let t = Instant::now();
             let decision = scheduler::place(&needs, &fleet, &policy);
@@ -250,6 +252,7 @@ fn sim_facts(name: &str, i: usize, vms: Vec<VmSummary>) -> HostFacts {
             })
             .collect(),
         vms,
+        machine_types: Default::default(),
     }
 }
 
