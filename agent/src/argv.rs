@@ -289,6 +289,13 @@ impl QemuArgv {
         for g in live.graphics() {
             b.graphics(g)?;
         }
+        // libvirt's seccomp confinement: no obsolete system calls, no
+        // setuid, no fork or exec, no scheduler or affinity changes. Every fd
+        // QEMU needs (NICs, its log) is handed to it open.
+        b.push([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         Ok(QemuArgv {
             program: host.emulator.clone(),
             args: b.args,
@@ -651,6 +658,10 @@ mod tests {
         assert_eq!(option_after(&argv, "-k"), ["de"]);
         assert_eq!(option_after(&argv, "-m"), ["size=65536k"]);
         assert_eq!(option_after(&argv, "-accel"), ["tcg"]);
+        assert_eq!(
+            option_after(&argv, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
         assert!(argv.args.contains(&"-S".to_string()));
         assert_eq!(
             option_after(&argv, "-chardev")[0],

@@ -203,6 +203,10 @@ fn a_bridge_host_plumbs_a_tap_that_survives_an_agent_restart() {
     let capture = Capture::start(&a.ns, "br0", &dhcp_from(MAC));
     let (code, out) = a.ctl(&["start", &def]);
     assert_eq!(code, 0, "{out}");
+    // QEMU runs under seccomp filters (libvirt's -sandbox set).
+    let pid = qemu_pids_for(&uuid)[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
 
     // The guest's DHCP DISCOVER reaches the bridge through its tap.
     let frame = capture.next(DHCP_WAIT).expect("no DHCP DISCOVER on br0");
