@@ -32,6 +32,6 @@ install_missing() {
     apt_install -t bookworm-backports "${need[@]}"
   fi
   if qemu_lacks_spice; then
-    apt_install -t bookworm-backports qemu-system-modules-spice
+    apt_install qemu-system-modules-spice || apt_install -t bookworm-backports qemu-system-modules-spice
   fi
 }
