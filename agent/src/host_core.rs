@@ -2389,17 +2389,27 @@ mod tests {
         assert_eq!(c.vm_state("web01"), Some(VmState::Running));
     }
 
-    #[test]
-    fn incoming_migration_finishes_after_the_stream_lands() {
-        let t0 = Instant::now();
+    /// A source host h1 (198.18.4.1) whose migrations complete when the test
+    /// says so and a destination h2 (198.18.4.2) on one fabric, both booted.
+    fn migration_pair(
+        make: fn(&str) -> FakeQemu,
+        t0: Instant,
+    ) -> (FakeQemu, HostCore, FakeQemu, HostCore) {
         let fabric = FakeFabric::new();
-        let mut src = fake("198.18.4.1");
-        let mut dst = fake("198.18.4.2");
+        let mut src = make("198.18.4.1");
+        let mut dst = make("198.18.4.2");
         src.join(&fabric);
         dst.join(&fabric);
         src.set_auto_complete(false);
-        let mut a = booted("h1", &mut src, t0);
-        let mut b = booted("h2", &mut dst, t0);
+        let a = booted("h1", &mut src, t0);
+        let b = booted("h2", &mut dst, t0);
+        (src, a, dst, b)
+    }
+
+    #[test]
+    fn incoming_migration_finishes_after_the_stream_lands() {
+        let t0 = Instant::now();
+        let (mut src, mut a, mut dst, mut b) = migration_pair(fake, t0);
         drive(&mut a, &mut src, t0, req(1, start("web01")));
         let incoming = Request::MigrateIncoming {
             xml: xml("web01"),
@@ -2542,14 +2552,7 @@ mod tests {
     #[test]
     fn nics_get_free_devices_and_an_incoming_macvtap_waits_for_the_cpus() {
         let t0 = Instant::now();
-        let fabric = FakeFabric::new();
-        let mut src = nic_host("198.18.4.1");
-        let mut dst = nic_host("198.18.4.2");
-        src.join(&fabric);
-        dst.join(&fabric);
-        src.set_auto_complete(false);
-        let mut a = booted("h1", &mut src, t0);
-        let mut b = booted("h2", &mut dst, t0);
+        let (mut src, mut a, mut dst, mut b) = migration_pair(nic_host, t0);
         let start = |name: &str, uuid: &str| Request::Start {
             xml: nic_vm(name, uuid),
             source: format!("{name}.xml"),

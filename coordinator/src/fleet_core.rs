@@ -2844,6 +2844,16 @@ mod tests {
             }
         }
 
+        /// `web` defined and running on host a; host b registered and empty.
+        fn web_on_a_and_b_free() -> Rig {
+            let mut r = Rig::new();
+            r.register("a", 1, &[]);
+            r.define();
+            r.start(1);
+            r.register("b", 2, &[]);
+            r
+        }
+
         fn register(&mut self, host: &str, conn: ConnId, vms: &[(&str, VmRunState)]) {
             let input = Input::Register {
                 host: host.into(),
@@ -3224,11 +3234,7 @@ mod tests {
 
     #[test]
     fn a_migration_records_its_destination_before_the_destination_hears_of_it() {
-        let mut r = Rig::new();
-        r.register("a", 1, &[]);
-        r.define();
-        r.start(1);
-        r.register("b", 2, &[]);
+        let mut r = Rig::web_on_a_and_b_free();
         let (_, out) = r.op(migrate_web_to_b());
         // The source marks its storage first; the destination then gets the
         // token to read back.
@@ -3254,11 +3260,7 @@ mod tests {
 
     #[test]
     fn a_source_that_cannot_mark_its_storage_fails_the_migration_before_it_starts() {
-        let mut r = Rig::new();
-        r.register("a", 1, &[]);
-        r.define();
-        r.start(1);
-        r.register("b", 2, &[]);
+        let mut r = Rig::web_on_a_and_b_free();
         let (id, out) = r.op(migrate_web_to_b());
         let (call, _, _) = Rig::calls(&out).pop().expect("mark storage");
         let refused = Input::AgentReplied {
@@ -3281,11 +3283,7 @@ mod tests {
 
     #[test]
     fn a_completed_migration_is_settled_at_once() {
-        let mut r = Rig::new();
-        r.register("a", 1, &[]);
-        r.define();
-        r.start(1);
-        r.register("b", 2, &[]);
+        let mut r = Rig::web_on_a_and_b_free();
         let (id, out) = r.op(migrate_web_to_b());
         // Walk the steps: prepare, migrate, poll completed, finish, quit.
         let mut out = out;

@@ -253,6 +253,26 @@ pub fn agent_ctl(ns: &Netns, host: &str, dirs: &AgentDirs, args: &[&str]) -> (i3
     (o.status.code().unwrap_or(-1), text)
 }
 
+/// Asks the source agent for `vm`'s migration status until it has
+/// completed or failed, and returns that answer; panics after `timeout`.
+pub fn migration_outcome(
+    ns: &Netns,
+    host: &str,
+    dirs: &AgentDirs,
+    vm: &str,
+    timeout: Duration,
+) -> String {
+    let mut last = String::new();
+    assert!(
+        wait_until(timeout, || {
+            last = agent_ctl(ns, host, dirs, &["migration-status", vm]).1;
+            last.contains("status: completed") || last.contains("status: failed")
+        }),
+        "migration never finished: {last}"
+    );
+    last
+}
+
 /// Runs a command to completion and returns its output.
 pub fn output(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().expect("run command")

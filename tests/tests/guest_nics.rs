@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use flotilla_tests::{
-    agent_ctl, domain_xml, links_in, new_uuid, qemu_pids_for, wait_until, AgentDaemon, AgentDirs,
-    Capture, Netns,
+    agent_ctl, domain_xml, links_in, migration_outcome, new_uuid, qemu_pids_for, wait_until,
+    AgentDaemon, AgentDirs, Capture, Netns,
 };
 
 const MAC: &str = "52:54:00:7e:00:01";
@@ -89,6 +89,15 @@ impl Host {
             })
             .filter(|n| n.starts_with("vnet") || n.starts_with("macvtap"))
             .collect()
+    }
+
+    /// Waits until no tap or macvtap is left on this host.
+    fn await_no_guest_devices(&self, what: &str) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.guest_devices().is_empty()),
+            "{what}: {:?}",
+            self.guest_devices()
+        );
     }
 
     fn bridge_fdb(&self, dev: &str) -> String {
@@ -252,11 +261,7 @@ fn a_bridge_host_plumbs_a_tap_that_survives_an_agent_restart() {
     // Destroy takes the tap with it.
     let (code, out) = a.ctl(&["destroy", "tapped"]);
     assert_eq!(code, 0, "{out}");
-    assert!(
-        wait_until(Duration::from_secs(10), || a.guest_devices().is_empty()),
-        "{:?}",
-        a.guest_devices()
-    );
+    a.await_no_guest_devices("devices left");
     assert!(qemu_pids_for(&uuid).is_empty());
 }
 
@@ -304,11 +309,7 @@ fn a_macvtap_host_sends_through_its_uplink_and_two_nics_reach_two_networks() {
     assert!(wait_until(Duration::from_secs(10), || qemu_pids_for(&uuid).is_empty()));
     assert!(b.link("macvtap0").is_some(), "{}", links_in(&b.ns));
     b.start_agent();
-    assert!(
-        wait_until(Duration::from_secs(10), || b.guest_devices().is_empty()),
-        "{:?}",
-        b.guest_devices()
-    );
+    b.await_no_guest_devices("devices left");
 }
 
 #[test]
@@ -340,14 +341,7 @@ fn a_guest_migrates_from_a_bridge_host_to_a_macvtap_host_and_announces_itself() 
     );
     let (code, out) = a.ctl(&["migrate-out", "roamer", "--uri", &uri]);
     assert_eq!(code, 0, "{out}");
-    let mut last = String::new();
-    assert!(
-        wait_until(Duration::from_secs(90), || {
-            last = a.ctl(&["migration-status", "roamer"]).1;
-            last.contains("status: completed") || last.contains("status: failed")
-        }),
-        "migration never finished: {last}"
-    );
+    let last = migration_outcome(&a.ns, a.name, &a.dirs, "roamer", Duration::from_secs(90));
     assert!(last.contains("status: completed"), "{last}");
     let finish = Instant::now();
     let (code, out) = b.ctl(&["migrate-finish", "roamer"]);
@@ -365,11 +359,7 @@ fn a_guest_migrates_from_a_bridge_host_to_a_macvtap_host_and_announces_itself() 
         "first RARP on the destination's uplink {:.0} ms after migrate-finish was sent",
         heard.duration_since(finish).as_secs_f64() * 1000.0
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || a.guest_devices().is_empty()),
-        "the source's tap is still there: {:?}",
-        a.guest_devices()
-    );
+    a.await_no_guest_devices("the source's tap is still there");
     let (_, live) = b.ctl(&["dumpxml", "roamer"]);
     assert!(
         live.contains("macvtap0") && live.contains("uplink0"),
@@ -378,11 +368,7 @@ fn a_guest_migrates_from_a_bridge_host_to_a_macvtap_host_and_announces_itself() 
     assert!(b.link("macvtap0").is_some_and(|l| l.contains(",UP")));
     let (code, out) = b.ctl(&["destroy", "roamer"]);
     assert_eq!(code, 0, "{out}");
-    assert!(
-        wait_until(Duration::from_secs(10), || b.guest_devices().is_empty()),
-        "{:?}",
-        b.guest_devices()
-    );
+    b.await_no_guest_devices("devices left");
 }
 
 #[test]

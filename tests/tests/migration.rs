@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_ctl, domain_xml, new_uuid, qemu_pids_for, refused, rfb_banner, wait_until, AgentDaemon,
-    AgentDirs, Netns,
+    agent_ctl, domain_xml, migration_outcome, new_uuid, qemu_pids_for, refused, rfb_banner,
+    wait_until, AgentDaemon, AgentDirs, Netns,
 };
 
 struct Host {
@@ -146,14 +146,7 @@ fn a_running_guest_moves_and_its_console_follows() {
         "300",
     ]);
     assert_eq!(code, 0, "{out}");
-    let mut last = String::new();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            last = a.ctl(&["migration-status", "mover"]).1;
-            last.contains("status: completed") || last.contains("status: failed")
-        }),
-        "migration never finished: {last}"
-    );
+    let last = migration_outcome(&a.ns, a.name, &a.dirs, "mover", Duration::from_secs(60));
     assert!(last.contains("status: completed"), "{last}");
     assert!(last.contains("downtime_ms:"), "{last}");
 
