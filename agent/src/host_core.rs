@@ -2389,6 +2389,24 @@ mod tests {
         assert_eq!(c.vm_state("web01"), Some(VmState::Running));
     }
 
+    /// Feeds a start and its host read; returns the launch the core asks
+    /// for, left unanswered.
+    fn until_launch(
+        c: &mut HostCore,
+        fake: &mut FakeQemu,
+        now: Instant,
+        start: HostInput,
+    ) -> (u64, LaunchPlan) {
+        let out = c.handle(now, start);
+        let (op, call) = hv_calls(&out)[0].clone();
+        let result = fake.call_now(call);
+        let out = c.handle(now, HostInput::HvDone { op, result });
+        match &hv_calls(&out)[..] {
+            [(op, HvCall::Launch(plan))] => (*op, (**plan).clone()),
+            _ => panic!("expected a launch, got {out:?}"),
+        }
+    }
+
     /// A source host h1 (198.18.4.1) whose migrations complete when the test
     /// says so and a destination h2 (198.18.4.2) on one fabric, both booted.
     fn migration_pair(
@@ -2798,28 +2816,12 @@ mod tests {
         let now = Instant::now();
         let mut fake = nic_host("198.18.4.1");
         let mut c = booted("h1", &mut fake, now);
-        let out = c.handle(
-            now,
-            req(
-                1,
-                Request::Start {
-                    xml: nic_vm("one", UUID),
-                    source: "one.xml".into(),
-                },
-            ),
-        );
-        let (op, call) = hv_calls(&out)[0].clone();
-        let out = c.handle(
-            now,
-            HostInput::HvDone {
-                op,
-                result: fake.call_now(call),
-            },
-        );
-        let [(op, HvCall::Launch(plan))] = &hv_calls(&out)[..] else {
-            panic!("{out:?}");
+        let start = Request::Start {
+            xml: nic_vm("one", UUID),
+            source: "one.xml".into(),
         };
-        let result = fake.call_now(HvCall::Launch(plan.clone()));
+        let (op, plan) = until_launch(&mut c, &mut fake, now, req(1, start));
+        let result = fake.call_now(HvCall::Launch(Box::new(plan)));
         let HvResult::Launched { pid } = result else {
             panic!("{result:?}");
         };
@@ -2831,7 +2833,7 @@ mod tests {
             log_tail: String::new(),
         };
         assert_eq!(c.handle(now, exit), vec![]);
-        let out = c.handle(now, HostInput::HvDone { op: *op, result });
+        let out = c.handle(now, HostInput::HvDone { op, result });
         assert!(
             matches!(reply(&out), Response::Error(e) if e.contains("QEMU exited right after it started")),
             "{out:?}"
@@ -2849,25 +2851,11 @@ mod tests {
         drive(&mut c, &mut fake, now, req(1, start("web01")));
         // web02's launch is under way and stays so.
         let xml2 = xml("web02").replace(UUID, "00000000-0000-4000-8000-000000000002");
-        let out = c.handle(
-            now,
-            req(
-                2,
-                Request::Start {
-                    xml: xml2,
-                    source: "w".into(),
-                },
-            ),
-        );
-        let (op, call) = hv_calls(&out)[0].clone();
-        let out = c.handle(
-            now,
-            HostInput::HvDone {
-                op,
-                result: fake.call_now(call),
-            },
-        );
-        assert!(matches!(&hv_calls(&out)[..], [(_, HvCall::Launch(_))]));
+        let start = Request::Start {
+            xml: xml2,
+            source: "w".into(),
+        };
+        until_launch(&mut c, &mut fake, now, req(2, start));
         // Meanwhile web01 is served: a status poll, a console listing.
         let out = drive(
             &mut c,

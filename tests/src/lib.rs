@@ -273,6 +273,15 @@ pub fn migration_outcome(
     last
 }
 
+/// The `uri: …` line of a `ctl migrate-incoming` answer.
+pub fn incoming_uri(answer: &str) -> String {
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("uri: "))
+        .unwrap_or_else(|| panic!("no uri in {answer:?}"))
+        .to_string()
+}
+
 /// Runs a command to completion and returns its output.
 pub fn output(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().expect("run command")

@@ -13,8 +13,8 @@
 use std::time::{Duration, Instant};
 
 use flotilla_tests::{
-    agent_ctl, domain_xml, links_in, migration_outcome, new_uuid, qemu_pids_for, wait_until,
-    AgentDaemon, AgentDirs, Capture, Netns,
+    agent_ctl, domain_xml, incoming_uri, links_in, migration_outcome, new_uuid, qemu_pids_for,
+    wait_until, AgentDaemon, AgentDirs, Capture, Netns,
 };
 
 const MAC: &str = "52:54:00:7e:00:01";
@@ -326,11 +326,7 @@ fn a_guest_migrates_from_a_bridge_host_to_a_macvtap_host_and_announces_itself() 
     // Prepare: host-b plumbs its own macvtap, down while the source runs.
     let (code, out) = b.ctl(&["migrate-incoming", &def]);
     assert_eq!(code, 0, "{out}");
-    let uri = out
-        .lines()
-        .find_map(|l| l.strip_prefix("uri: "))
-        .expect("uri")
-        .to_string();
+    let uri = incoming_uri(&out);
     let waiting = b.link("macvtap0").expect("no macvtap0 at prepare");
     assert!(!waiting.contains(",UP"), "{waiting}");
 

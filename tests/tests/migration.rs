@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_ctl, domain_xml, migration_outcome, new_uuid, qemu_pids_for, refused, rfb_banner,
-    wait_until, AgentDaemon, AgentDirs, Netns,
+    agent_ctl, domain_xml, incoming_uri, migration_outcome, new_uuid, qemu_pids_for, refused,
+    rfb_banner, wait_until, AgentDaemon, AgentDirs, Netns,
 };
 
 struct Host {
@@ -123,11 +123,7 @@ fn a_running_guest_moves_and_its_console_follows() {
     // Prepare: the destination resolves `public` itself and waits paused.
     let (code, out) = b.ctl(&["migrate-incoming", def]);
     assert_eq!(code, 0, "{out}");
-    let uri = out
-        .lines()
-        .find_map(|l| l.strip_prefix("uri: "))
-        .expect("uri")
-        .to_string();
+    let uri = incoming_uri(&out);
     assert!(uri.starts_with("tcp:198.18.100.2:"), "{uri}");
     assert_eq!(
         qemu_pids_for(&uuid).len(),
