@@ -387,6 +387,8 @@ pub struct FleetCore {
     migrations: BTreeMap<String, MigrationJob>,
     /// Storage tokens handed out (see `FleetSettings::token_seed`).
     tokens: u64,
+    /// `migrations.len()` as the gauges last published it.
+    published_migrations: usize,
     drains: BTreeMap<RequestId, DrainJob>,
     /// Each host's state when last logged, to log transitions once.
     host_states: BTreeMap<String, HostState>,
@@ -532,6 +534,7 @@ impl FleetCore {
             next_call: 1,
             migrations: BTreeMap::new(),
             tokens: 0,
+            published_migrations: 0,
             drains: BTreeMap::new(),
             host_states: BTreeMap::new(),
             fences: BTreeMap::new(),
@@ -573,16 +576,13 @@ impl FleetCore {
                 }
                 self.log_host_transitions(now);
             }
-            // Requests and replies are where a start or a migration ends, and
-            // a scrape right after one must see it; reports are too frequent
-            // to recount on, so their effect shows at the next tick.
             Input::Operator { id, request } => {
                 self.operator(now, id, request);
-                self.publish_gauges(now);
+                self.publish_migration_change(now);
             }
             Input::AgentReplied { call, result } => {
                 self.replied(now, call, result);
-                self.publish_gauges(now);
+                self.publish_migration_change(now);
             }
             Input::Tick => self.tick(now),
         }
@@ -1318,7 +1318,18 @@ impl FleetCore {
         }
     }
 
+    /// A migration that begins or ends is published at once (a scrape right
+    /// after `flotilla migrate` returns must see it over). Everything else
+    /// waits for the tick: recounting every host and VM on each start would
+    /// put O(fleet) work on the start path.
+    fn publish_migration_change(&mut self, now: Instant) {
+        if self.migrations.len() != self.published_migrations {
+            self.publish_gauges(now);
+        }
+    }
+
     fn publish_gauges(&mut self, now: Instant) {
+        self.published_migrations = self.migrations.len();
         let mut hosts: BTreeMap<&'static str, u64> =
             HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for row in self.host_rows.values() {
