@@ -116,6 +116,70 @@ pub enum ArgvError {
     },
 }
 
+/// The node a disk's device, NBD export and mirror name: the format node,
+/// or the storage node itself for raw images (as libvirt skips a raw
+/// format layer that does nothing).
+pub fn disk_top_node(n: usize, format: &str) -> String {
+    match format {
+        "raw" => format!("flotilla-disk{n}-storage"),
+        _ => format!("flotilla-disk{n}-format"),
+    }
+}
+
+/// Each disk with a source, by target (`vda`), with its top node: the same
+/// numbering [`QemuArgv::build`] gives the `-blockdev`s.
+pub fn disk_top_nodes(domain: &Domain) -> Vec<(String, String)> {
+    domain
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            Device::Disk(d) => Some(d),
+            _ => None,
+        })
+        .enumerate()
+        .filter(|(_, d)| d.source_path().is_some())
+        .map(|(n, d)| {
+            let format = d.driver_type.as_deref().unwrap_or("raw");
+            (
+                d.target_dev.clone().unwrap_or_default(),
+                disk_top_node(n, format),
+            )
+        })
+        .collect()
+}
+
+/// `-blockdev` JSON in libvirt's shape: a protocol node for the file or
+/// device, and a format node above it unless the image is raw.
+fn blockdevs(
+    n: usize,
+    disk_type: Option<&str>,
+    path: &str,
+    format: &str,
+    readonly: bool,
+) -> Vec<String> {
+    let driver = match disk_type {
+        Some("block") => "host_device",
+        _ => "file",
+    };
+    let filename = serde_json::Value::from(path).to_string();
+    let storage = format!("flotilla-disk{n}-storage");
+    if format == "raw" {
+        return vec![format!(
+            "{{\"driver\":\"{driver}\",\"filename\":{filename},\"node-name\":\"{storage}\",\"read-only\":{readonly}}}"
+        )];
+    }
+    let format_json = serde_json::Value::from(format).to_string();
+    vec![
+        format!(
+            "{{\"driver\":\"{driver}\",\"filename\":{filename},\"node-name\":\"{storage}\",\"auto-read-only\":true,\"discard\":\"unmap\"}}"
+        ),
+        format!(
+            "{{\"node-name\":\"{}\",\"read-only\":{readonly},\"driver\":{format_json},\"file\":\"{storage}\"}}",
+            disk_top_node(n, format)
+        ),
+    ]
+}
+
 /// Escapes a value for a QEMU `key=value,…` option: commas are doubled.
 pub fn escape_opt(value: &str) -> String {
     value.replace(',', ",,")
@@ -337,20 +401,16 @@ impl Builder {
             )));
         };
         let format = d.driver_type.as_deref().unwrap_or("raw");
-        let mut drive = format!(
-            "file={},format={},if=none,id=drive{n}",
-            escape_opt(path),
-            escape_opt(format)
-        );
-        if d.readonly || d.device.as_deref() == Some("cdrom") {
-            drive.push_str(",readonly=on");
+        let readonly = d.readonly || d.device.as_deref() == Some("cdrom");
+        for blockdev in blockdevs(n, d.disk_type.as_deref(), path, format, readonly) {
+            self.push(["-blockdev", &blockdev]);
         }
-        self.push(["-drive", &drive]);
+        let node = disk_top_node(n, format);
         let cdrom = d.device.as_deref() == Some("cdrom");
         let device = match (d.target_bus.as_deref().unwrap_or("virtio"), cdrom) {
-            ("virtio", false) => format!("virtio-blk-pci,drive=drive{n},id=disk{n}"),
-            ("ide", false) => format!("ide-hd,drive=drive{n},id=disk{n}"),
-            ("ide", true) => format!("ide-cd,drive=drive{n},id=disk{n}"),
+            ("virtio", false) => format!("virtio-blk-pci,drive={node},id=disk{n}"),
+            ("ide", false) => format!("ide-hd,drive={node},id=disk{n}"),
+            ("ide", true) => format!("ide-cd,drive={node},id=disk{n}"),
             (bus, _) => return Err(self.unsupported(format!("disk bus '{bus}'"))),
         };
         self.push(["-device", &device]);
@@ -591,6 +651,40 @@ mod tests {
     }
 
     #[test]
+    fn disks_are_blockdevs_in_libvirts_shape_and_name_their_top_node() {
+        let xml = "<domain type='kvm'><name>d</name><memory unit='MiB'>64</memory>\
+                   <os><type>hvm</type></os><devices>\
+                   <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                   <source file='/srv/d.qcow2'/><target dev='vda' bus='virtio'/></disk>\
+                   <disk type='block' device='disk'><source dev='/dev/sdb'/>\
+                   <target dev='vdb' bus='virtio'/><readonly/></disk></devices></domain>";
+        let d = Domain::parse("d.xml", xml).expect("ok").model;
+        let argv = QemuArgv::build(&d, &host(), &VmPaths::new("/run/d"), &[]).expect("argv");
+        assert_eq!(
+            option_after(&argv, "-blockdev"),
+            [
+                r#"{"driver":"file","filename":"/srv/d.qcow2","node-name":"flotilla-disk0-storage","auto-read-only":true,"discard":"unmap"}"#,
+                r#"{"node-name":"flotilla-disk0-format","read-only":false,"driver":"qcow2","file":"flotilla-disk0-storage"}"#,
+                r#"{"driver":"host_device","filename":"/dev/sdb","node-name":"flotilla-disk1-storage","read-only":true}"#,
+            ]
+        );
+        assert_eq!(
+            &option_after(&argv, "-device")[..2],
+            [
+                "virtio-blk-pci,drive=flotilla-disk0-format,id=disk0",
+                "virtio-blk-pci,drive=flotilla-disk1-storage,id=disk1"
+            ]
+        );
+        assert_eq!(
+            disk_top_nodes(&d),
+            [
+                ("vda".to_string(), "flotilla-disk0-format".to_string()),
+                ("vdb".to_string(), "flotilla-disk1-storage".to_string())
+            ]
+        );
+    }
+
+    #[test]
     fn display_args_match_libvirts_expected_argv() {
         let Some(dir) = corpus() else {
             assert!(std::env::var_os("CI").is_none(), "corpus missing in CI");
@@ -702,9 +796,11 @@ mod tests {
             let argv = QemuArgv::build(&d, &host(), &VmPaths::new(format!("/run/{name}")), &[]).expect("argv");
             let name_opts = split_opts(option_after(&argv, "-name")[0]);
             prop_assert_eq!(&name_opts, &vec![format!("guest={name}"), "debug-threads=on".to_string()]);
-            let drive = split_opts(option_after(&argv, "-drive")[0]);
-            prop_assert_eq!(&drive[0], &format!("file={path}"));
-            prop_assert_eq!(drive.len(), 4);
+            // The path travels as a JSON string: commas and quotes stay inside it.
+            let blockdev: serde_json::Value =
+                serde_json::from_str(option_after(&argv, "-blockdev")[0]).expect("JSON");
+            prop_assert_eq!(blockdev["filename"].as_str(), Some(path.as_str()));
+            prop_assert_eq!(blockdev["node-name"].as_str(), Some("flotilla-disk0-storage"));
             let chardev = split_opts(option_after(&argv, "-chardev")[0]);
             prop_assert_eq!(chardev.len(), 5);
             prop_assert_eq!(&chardev[2], &format!("path=/run/{name}/qmp.sock"));

@@ -513,6 +513,7 @@ impl FakeHost {
                 self.records.insert(name, (record, xml));
                 HvResult::Done
             }
+            HvCall::RemoveImages { .. } => HvResult::Done,
             HvCall::RemoveRecord { name, macvtaps, .. } => {
                 self.records.remove(&name);
                 for d in macvtaps {
@@ -723,6 +724,17 @@ impl FakeHost {
                 HvResult::Qmp(json!({}))
             }
             QmpCommand::HumanMonitor(_) => HvResult::Qmp(Value::String(String::new())),
+            QmpCommand::QueryBlock => HvResult::Qmp(query_block(&p.plan.argv.args)),
+            QmpCommand::QueryBlockJobs => HvResult::Qmp(json!([])),
+            QmpCommand::NbdServerStart { .. }
+            | QmpCommand::NbdExport { .. }
+            | QmpCommand::NbdServerStop
+            | QmpCommand::NbdClientAdd { .. }
+            | QmpCommand::BlockdevMirror { .. }
+            | QmpCommand::BlockJobCancel { .. }
+            | QmpCommand::JobDismiss { .. }
+            | QmpCommand::BlockdevDel { .. }
+            | QmpCommand::MigrateContinue => HvResult::Qmp(json!({})),
             QmpCommand::MigrateSetParameters { .. }
             | QmpCommand::MigrateSetCapabilities { .. }
             | QmpCommand::ClientMigrateInfo { .. }
@@ -732,6 +744,33 @@ impl FakeHost {
         };
         (result, follow)
     }
+}
+
+/// `query-block` as QEMU answers it for the `-blockdev`s of `argv`: each
+/// file with the format of the node above it, 1 GiB.
+fn query_block(argv: &[String]) -> Value {
+    let nodes: Vec<Value> = argv
+        .windows(2)
+        .filter(|w| w[0] == "-blockdev")
+        .filter_map(|w| serde_json::from_str(&w[1]).ok())
+        .collect();
+    let rows: Vec<Value> = nodes
+        .iter()
+        .filter_map(|n| {
+            let file = n.get("filename")?.as_str()?;
+            let name = n.get("node-name")?.as_str()?;
+            let format = nodes
+                .iter()
+                .find(|f| f.get("file").and_then(Value::as_str) == Some(name))
+                .and_then(|f| f.get("driver").and_then(Value::as_str))
+                .unwrap_or("raw");
+            Some(
+                json!({"device": "", "inserted": {"file": file, "node-name": name,
+                "image": {"filename": file, "format": format, "virtual-size": 1u64 << 30}}}),
+            )
+        })
+        .collect();
+    Value::Array(rows)
 }
 
 #[cfg(test)]
@@ -839,6 +878,8 @@ mod tests {
             source: "web01.xml".into(),
             postcopy: false,
             storage_token: None,
+            copy: None,
+            allow_unsafe: false,
         };
         let Response::Incoming { uri, .. } = call(&mut h2, &mut f2, now, 2, incoming) else {
             panic!("no incoming");

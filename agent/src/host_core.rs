@@ -68,20 +68,23 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use flotilla_shared::proto::{AgentEvent, HostFacts, MigrationProgress};
+use flotilla_shared::proto::{
+    AgentEvent, DiskImage, HostFacts, MigrationProgress, NbdServer, StorageCopy,
+};
 use flotilla_shared::xml::{Domain, XmlFlavor};
 use serde_json::Value;
 
-use crate::argv::{Accel, QemuArgv, QemuHost, VmPaths};
+use crate::argv::{disk_top_nodes, Accel, QemuArgv, QemuHost, VmPaths};
 use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
 use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
 use crate::nic_plan::{attach_problem, plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
-use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
+use crate::qemu_process::{ConsoleSecret, LaunchMode, NbdExports, StartTimeouts};
 use crate::qmp::{MigrationCapability, QmpCommand};
 use crate::resolver::{AddressSource, NetworkResolver};
+use crate::storage_copy::{self, NewImage};
 use crate::storage_proof;
 use crate::vm_record::{vm_dir, VmRecord};
 use flotilla_shared::proto::VmRunState;
@@ -208,6 +211,11 @@ struct Vm {
     live_xml: String,
     /// The port an incoming migration listens on, released when it finishes.
     migration_port: Option<u16>,
+    /// The NBD server receiving copied disks (a destination), stopped
+    /// before the guest resumes.
+    nbd_port: Option<u16>,
+    /// Disks this source mirrors to a destination (targets).
+    mirrors: Vec<String>,
     stops: Vec<StopWait>,
 }
 
@@ -246,6 +254,33 @@ struct Incoming {
     postcopy: bool,
     /// See [`Request::MigrateIncoming`].
     storage_token: Option<String>,
+    /// Disks to receive over NBD.
+    copy: Option<StorageCopy>,
+    /// `--unsafe`: unshared disks are accepted.
+    allow_unsafe: bool,
+}
+
+/// One QMP command of a [`Pending::Chain`].
+struct Link {
+    cmd: QmpCommand,
+    /// Its failure does not stop the chain (clean-up of what may not exist).
+    best_effort: bool,
+}
+
+impl Link {
+    fn must(cmd: QmpCommand) -> Link {
+        Link {
+            cmd,
+            best_effort: false,
+        }
+    }
+
+    fn may(cmd: QmpCommand) -> Link {
+        Link {
+            cmd,
+            best_effort: true,
+        }
+    }
 }
 
 struct LaunchCtx {
@@ -260,6 +295,8 @@ struct LaunchCtx {
     uri: Option<String>,
     launched_at: Instant,
     nics: Vec<NicPlan>,
+    nbd: Option<NbdServer>,
+    created_images: Vec<PathBuf>,
 }
 
 /// What to answer when a single QMP command succeeds.
@@ -277,9 +314,33 @@ enum Pending {
     Scan,
     Strays,
     NicSweep,
+    MarkQuery {
+        id: u64,
+        name: String,
+        token: String,
+    },
     Marked {
         id: u64,
-        disks: usize,
+        disks: Vec<DiskImage>,
+    },
+    /// QMP commands one after another, answered with `done` at the end.
+    Chain {
+        id: u64,
+        name: String,
+        cmd: &'static str,
+        best_effort: bool,
+        rest: VecDeque<Link>,
+        done: String,
+    },
+    /// The mirrors' half of a source's migration status.
+    MirrorStatus {
+        id: u64,
+        name: String,
+        progress: MigrationProgress,
+    },
+    FinishNbdStop {
+        id: u64,
+        name: String,
     },
     Attach(Box<FoundRecord>),
     Observe(String),
@@ -595,26 +656,121 @@ impl HostCore {
                 source,
                 postcopy,
                 storage_token,
+                copy,
+                allow_unsafe,
             } => {
                 let incoming = Incoming {
                     postcopy,
                     storage_token,
+                    copy,
+                    allow_unsafe,
                 };
                 self.start(id, xml, source, Some(incoming), out)
             }
             Request::MarkStorage { name, token } => {
+                if !self.vms.contains_key(&name) {
+                    return reply(out, self.not_running(&name));
+                }
+                // What QEMU has open (format, size, backing file) tells a
+                // destination that copies the disks what to create.
+                let pending = Pending::MarkQuery {
+                    id,
+                    name: name.clone(),
+                    token,
+                };
+                self.qmp(out, pending, &name, QmpCommand::QueryBlock);
+            }
+            Request::MirrorStorage {
+                name,
+                nbd,
+                targets,
+                mode,
+                bandwidth_mib_s,
+            } => {
+                let Some(vm) = self.vms.get_mut(&name) else {
+                    return reply(out, self.not_running(&name));
+                };
+                let nodes = Domain::parse(&name, &vm.live_xml)
+                    .map(|d| disk_top_nodes(&d.model))
+                    .unwrap_or_default();
+                let mut chain = Vec::new();
+                for t in &targets {
+                    let Some((_, node)) = nodes.iter().find(|(target, _)| target == t) else {
+                        return reply(out, Response::Error(format!("VM '{name}' has no disk {t}")));
+                    };
+                    let job = storage_copy::mirror_job(t);
+                    // What an earlier, failed attempt may have left behind.
+                    chain.push(Link::may(QmpCommand::JobDismiss { job: job.clone() }));
+                    chain.push(Link::may(QmpCommand::BlockdevDel { node: job.clone() }));
+                    chain.push(Link::must(QmpCommand::NbdClientAdd {
+                        node: job.clone(),
+                        host: nbd.host.clone(),
+                        port: nbd.port,
+                        export: storage_copy::export_name(t),
+                    }));
+                    chain.push(Link::must(QmpCommand::BlockdevMirror {
+                        job: job.clone(),
+                        device: node.clone(),
+                        target: job,
+                        sync: storage_copy::sync_mode(mode),
+                        speed: bandwidth_mib_s.unwrap_or(0) << 20,
+                    }));
+                }
+                vm.mirrors = targets.clone();
+                let done = format!(
+                    "mirroring {} disk(s) of '{name}' to {}:{}",
+                    targets.len(),
+                    nbd.host,
+                    nbd.port
+                );
+                self.chain(id, &name, chain, done, out);
+            }
+            Request::CompleteMirrors { name } => {
                 let Some(vm) = self.vms.get(&name) else {
                     return reply(out, self.not_running(&name));
                 };
-                let disks = Domain::parse(&name, &vm.live_xml)
-                    .map(|d| storage_proof::writable_disks(&d.model))
-                    .unwrap_or_default();
-                let markers = disks.iter().map(|d| (d.marker(), token.clone())).collect();
-                let pending = Pending::Marked {
-                    id,
-                    disks: disks.len(),
+                let chain = vm
+                    .mirrors
+                    .iter()
+                    .map(|t| {
+                        Link::must(QmpCommand::BlockJobCancel {
+                            job: storage_copy::mirror_job(t),
+                            force: false,
+                        })
+                    })
+                    .collect();
+                let done = format!("{} mirror(s) completing", vm.mirrors.len());
+                self.chain(id, &name, chain, done, out);
+            }
+            Request::ContinueSwitchover { name } => {
+                let Some(vm) = self.vms.get_mut(&name) else {
+                    return reply(out, self.not_running(&name));
                 };
-                self.hv(out, pending, HvCall::WriteMarkers { markers });
+                let mut chain = Vec::new();
+                for t in std::mem::take(&mut vm.mirrors) {
+                    let job = storage_copy::mirror_job(&t);
+                    chain.push(Link::must(QmpCommand::JobDismiss { job: job.clone() }));
+                    chain.push(Link::may(QmpCommand::BlockdevDel { node: job }));
+                }
+                chain.push(Link::must(QmpCommand::MigrateContinue));
+                self.chain(id, &name, chain, "switching over".into(), out);
+            }
+            Request::CancelMirrors { name } => {
+                let Some(vm) = self.vms.get_mut(&name) else {
+                    return reply(out, self.not_running(&name));
+                };
+                // Cancelled jobs conclude on their own; the next attempt
+                // dismisses them and removes their NBD clients.
+                let chain = std::mem::take(&mut vm.mirrors)
+                    .iter()
+                    .map(|t| {
+                        Link::may(QmpCommand::BlockJobCancel {
+                            job: storage_copy::mirror_job(t),
+                            force: true,
+                        })
+                    })
+                    .collect();
+                self.chain(id, &name, chain, "mirrors cancelled".into(), out);
             }
             Request::StartPostcopy { name } => self.simple_qmp(
                 id,
@@ -642,9 +798,13 @@ impl HostCore {
                 auto_converge,
                 postcopy,
             } => {
-                if !self.vms.contains_key(&name) {
+                let Some(vm) = self.vms.get(&name) else {
                     return reply(out, self.not_running(&name));
-                }
+                };
+                // Mirrored disks must finish while the guest is stopped and
+                // before the source lets go of them; always set, so a plain
+                // retry after a copying attempt does not stop there.
+                let pause = !vm.mirrors.is_empty();
                 let rest: VecDeque<QmpCommand> = VecDeque::from([
                     QmpCommand::MigrateSetParameters {
                         downtime_limit_ms: max_downtime_ms,
@@ -656,6 +816,7 @@ impl HostCore {
                     capabilities: vec![
                         (MigrationCapability::AutoConverge, auto_converge),
                         (MigrationCapability::PostcopyRam, postcopy),
+                        (MigrationCapability::PauseBeforeSwitchover, pause),
                     ],
                 };
                 let pending = Pending::MigrateOut {
@@ -849,7 +1010,7 @@ impl HostCore {
         }
         // Migration moves memory, not disks: they must already be here, and
         // be the very storage the source uses.
-        let paths = match incoming {
+        let mut paths: Vec<String> = match incoming {
             Some(_) => domain
                 .disks()
                 .filter_map(|d| d.source_path())
@@ -857,6 +1018,10 @@ impl HostCore {
                 .collect(),
             None => Vec::new(),
         };
+        // A copy of the top image needs its backing files here.
+        if let Some(copy) = incoming.as_ref().and_then(|i| i.copy.as_ref()) {
+            paths.extend(copy.disks.iter().filter_map(|d| d.backing.clone()));
+        }
         let markers = match incoming.as_ref().and_then(|i| i.storage_token.as_ref()) {
             Some(_) => storage_proof::writable_disks(&domain)
                 .iter()
@@ -938,22 +1103,46 @@ impl HostCore {
             Err(e) => return fail(self, out, &plan.ports, e.to_string()),
         };
         let mut ports = plan.ports.clone();
+        let mut images: Vec<NewImage> = Vec::new();
         let (argv, mode, migration_port) = if let Some(Incoming {
             postcopy,
             storage_token,
+            copy,
+            allow_unsafe,
         }) = incoming
         {
-            if let Some(missing) = read.missing.first() {
+            // Copied disks are created here when missing.
+            if let Some(copy) = &copy {
+                images = match storage_copy::images_to_create(&name, &host, copy, &read.missing) {
+                    Ok(i) => i,
+                    Err(e) => return fail(self, out, &ports, e),
+                };
+            }
+            let copied = |p: &String| {
+                copy.as_ref()
+                    .is_some_and(|c| c.disks.iter().any(|d| d.path == *p))
+            };
+            if let Some(missing) = read.missing.iter().find(|m| !copied(m)) {
                 let msg = format!(
                     "cannot accept VM '{name}' on host {host}: disk source {missing} does not exist \
-                     here (live migration needs storage both hosts see)"
+                     here (live migration needs storage both hosts see; --copy-storage-all \
+                     copies writable disks)"
                 );
                 return fail(self, out, &ports, msg);
             }
             if let Some(token) = &storage_token {
                 let disks = storage_proof::writable_disks(&domain);
-                if let Err(msg) = storage_proof::check(&name, &host, token, &disks, &read.markers) {
+                let usage = match &copy {
+                    Some(c) => storage_proof::Use::Copied(c.mode.flag()),
+                    None => storage_proof::Use::InPlace { allow_unsafe },
+                };
+                if let Err(msg) =
+                    storage_proof::check(&name, &host, token, &disks, &read.markers, usage)
+                {
                     return fail(self, out, &ports, msg);
+                }
+                if allow_unsafe && copy.is_none() {
+                    tracing::warn!(vm = %name, host = %host, "accepting disks without proof of shared storage (--unsafe)");
                 }
                 // Proven: the markers have done their work.
                 let paths = disks
@@ -982,9 +1171,41 @@ impl HostCore {
                 IpAddr::V6(a) => format!("tcp:[{a}]:{port}"),
                 IpAddr::V4(a) => format!("tcp:{a}:{port}"),
             };
+            // Copied disks arrive over NBD on the same network as the stream.
+            let nbd = match copy.filter(|c| !c.disks.is_empty()) {
+                None => None,
+                Some(copy) => {
+                    let Some(nbd_port) = self
+                        .ports
+                        .allocate_least_recent(MIGRATION_PORTS, &mut *self.probe)
+                    else {
+                        return fail(
+                            self,
+                            out,
+                            &ports,
+                            format!("no free port for the disks' NBD server on host {host}"),
+                        );
+                    };
+                    ports.push(nbd_port);
+                    let nodes = disk_top_nodes(&domain);
+                    let exports = copy
+                        .disks
+                        .iter()
+                        .filter_map(|d| {
+                            let (_, node) = nodes.iter().find(|(t, _)| *t == d.target)?;
+                            Some((node.clone(), storage_copy::export_name(&d.target)))
+                        })
+                        .collect();
+                    Some(NbdExports {
+                        host: addr.to_string(),
+                        port: nbd_port,
+                        exports,
+                    })
+                }
+            };
             (
                 argv.with_incoming_defer(),
-                LaunchMode::Incoming { uri, postcopy },
+                LaunchMode::Incoming { uri, postcopy, nbd },
                 Some(port),
             )
         } else {
@@ -1001,10 +1222,17 @@ impl HostCore {
             })
             .collect();
         tracing::info!(vm = %name, host = %host, argv = %argv, "starting QEMU");
-        let uri = match &mode {
-            LaunchMode::Incoming { uri, .. } => Some(uri.clone()),
-            LaunchMode::Run => None,
+        let (uri, nbd) = match &mode {
+            LaunchMode::Incoming { uri, nbd, .. } => (
+                Some(uri.clone()),
+                nbd.as_ref().map(|n| NbdServer {
+                    host: n.host.clone(),
+                    port: n.port,
+                }),
+            ),
+            LaunchMode::Run => (None, None),
         };
+        let created_images = images.iter().map(|i| i.path.clone()).collect();
         let uuid = domain.uuid.hyphenated().to_string();
         let launch = LaunchPlan {
             name: name.clone(),
@@ -1016,6 +1244,7 @@ impl HostCore {
             mode,
             nics: nics.clone(),
             timeouts: self.settings.timeouts,
+            images,
         };
         let ctx = LaunchCtx {
             id,
@@ -1029,6 +1258,8 @@ impl HostCore {
             migration_port,
             uri,
             launched_at: now,
+            nbd,
+            created_images,
         };
         self.hv(
             out,
@@ -1128,9 +1359,81 @@ impl HostCore {
             Pending::Ignore => {}
             Pending::Scan => self.scanned(now, result, out),
             Pending::Strays => self.strays_found(now, result, out),
+            Pending::MarkQuery { id, name, token } => {
+                let answer = match result {
+                    HvResult::Qmp(v) => v,
+                    other => {
+                        let response = Response::Error(format!("query-block: {}", failure(&other)));
+                        return out.push(HostEffect::Reply { id, response });
+                    }
+                };
+                let disks = self
+                    .vms
+                    .get(&name)
+                    .and_then(|vm| Domain::parse(&name, &vm.live_xml).ok())
+                    .map(|d| storage_proof::writable_disks(&d.model))
+                    .unwrap_or_default();
+                let images = match storage_copy::disk_images(&disks, &answer) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        let response = Response::Error(format!("VM '{name}': {e}"));
+                        return out.push(HostEffect::Reply { id, response });
+                    }
+                };
+                let markers = disks.iter().map(|d| (d.marker(), token.clone())).collect();
+                let pending = Pending::Marked { id, disks: images };
+                self.hv(out, pending, HvCall::WriteMarkers { markers });
+            }
+            Pending::Chain {
+                id,
+                name,
+                cmd,
+                best_effort,
+                mut rest,
+                done,
+            } => {
+                if let (false, HvResult::Failed(_) | HvResult::Exited) = (best_effort, &result) {
+                    let response = Response::Error(format!("{cmd}: {}", failure(&result)));
+                    return out.push(HostEffect::Reply { id, response });
+                }
+                match rest.pop_front() {
+                    Some(next) => self.chain_link(id, &name, next, rest, done, out),
+                    None => out.push(HostEffect::Reply {
+                        id,
+                        response: Response::Done(done),
+                    }),
+                }
+            }
+            Pending::MirrorStatus {
+                id,
+                name,
+                mut progress,
+            } => {
+                let targets = self
+                    .vms
+                    .get(&name)
+                    .map(|v| v.mirrors.clone())
+                    .unwrap_or_default();
+                let response = match result {
+                    HvResult::Qmp(jobs) => {
+                        progress.mirrors = storage_copy::mirror_progress(&targets, &jobs);
+                        Response::Migration(progress)
+                    }
+                    other => Response::Error(format!("query-block-jobs: {}", failure(&other))),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
+            Pending::FinishNbdStop { id, name } => {
+                // Nothing is lost if it failed: the mirrors concluded before
+                // the switchover, and the server dies with QEMU at the latest.
+                if let HvResult::Failed(e) = &result {
+                    tracing::warn!(vm = %name, error = %e, "nbd-server-stop failed");
+                }
+                self.finish_resume(id, name, out);
+            }
             Pending::Marked { id, disks } => {
                 let response = match result {
-                    HvResult::Done => Response::Done(format!("{disks} disk(s) marked")),
+                    HvResult::Done => Response::StorageMarked(disks),
                     other => Response::Error(format!(
                         "cannot mark the storage for migration: {}",
                         failure(&other)
@@ -1158,6 +1461,8 @@ impl HostCore {
                                 record,
                                 live_xml: found.live_xml,
                                 migration_port: None,
+                                nbd_port: None,
+                                mirrors: Vec::new(),
                                 stops: Vec::new(),
                             },
                         );
@@ -1178,6 +1483,7 @@ impl HostCore {
                             name: record.name.clone(),
                             paths: self.paths(&record.name),
                             macvtaps: record.macvtaps(),
+                            images: record.created_images.clone(),
                         };
                         self.hv(out, Pending::Ignore, call);
                     }
@@ -1268,7 +1574,16 @@ impl HostCore {
                 let completed = was == Some(VmState::Outgoing)
                     && self.vm_state(&name) == Some(VmState::PostMigrate);
                 let devs = self.macvtaps(&name);
-                if completed && !devs.is_empty() {
+                let mirroring = self.vms.get(&name).is_some_and(|v| !v.mirrors.is_empty());
+                if let (Response::Migration(progress), true) = (&response, mirroring) {
+                    // A storage copy: the mirrors' state goes with the sample.
+                    let pending = Pending::MirrorStatus {
+                        id,
+                        name: name.clone(),
+                        progress: progress.clone(),
+                    };
+                    self.qmp(out, pending, &name, QmpCommand::QueryBlockJobs);
+                } else if completed && !devs.is_empty() {
                     // The guest is about to run on the destination: from now
                     // on nothing here may send with its MAC (the host's own
                     // IPv6 on an up macvtap would), and the completion is
@@ -1377,23 +1692,17 @@ impl HostCore {
                         out.push(HostEffect::WakeAt(due));
                     }
                     "paused" | "running" => {
-                        // As libvirt: the destination's macvtaps stay down
-                        // until its CPUs start, so nothing with the guest's
-                        // MAC leaves this host while the source still runs.
-                        let devs = self.macvtaps(&name);
-                        if devs.is_empty() {
-                            self.qmp(
-                                out,
-                                Pending::FinishCont {
+                        // As libvirt: the copied disks' NBD server stops
+                        // before the guest runs on them.
+                        match self.vms.get(&name).and_then(|v| v.nbd_port) {
+                            Some(_) => {
+                                let pending = Pending::FinishNbdStop {
                                     id,
                                     name: name.clone(),
-                                },
-                                &name,
-                                QmpCommand::Cont,
-                            );
-                        } else {
-                            let call = HvCall::SetLinks { devs, up: true };
-                            self.hv(out, Pending::FinishLinks { id, name }, call);
+                                };
+                                self.qmp(out, pending, &name, QmpCommand::NbdServerStop);
+                            }
+                            None => self.finish_resume(id, name, out),
                         }
                     }
                     s => {
@@ -1461,9 +1770,17 @@ impl HostCore {
                     let paths = self.paths(&name);
                     let mut write = None;
                     if let Some(vm) = self.vms.get_mut(&name) {
-                        if let Some(p) = vm.migration_port.take() {
+                        for p in [vm.migration_port.take(), vm.nbd_port.take()]
+                            .into_iter()
+                            .flatten()
+                        {
                             self.ports.release(p);
                             vm.record.ports.retain(|x| *x != p);
+                            write = Some(vm.record.clone());
+                        }
+                        // The guest runs on the copied images: they are its disks now.
+                        if !vm.record.created_images.is_empty() {
+                            vm.record.created_images.clear();
                             write = Some(vm.record.clone());
                         }
                     }
@@ -1504,6 +1821,65 @@ impl HostCore {
                     out.push(HostEffect::WakeAt(t));
                 }
             }
+        }
+    }
+
+    /// Carries out one link of a chain of QMP commands.
+    fn chain_link(
+        &mut self,
+        id: u64,
+        name: &str,
+        link: Link,
+        rest: VecDeque<Link>,
+        done: String,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let pending = Pending::Chain {
+            id,
+            name: name.to_string(),
+            cmd: link.cmd.name(),
+            best_effort: link.best_effort,
+            rest,
+            done,
+        };
+        self.qmp(out, pending, name, link.cmd);
+    }
+
+    /// Runs `links` in order and answers `done`, or the first failure of a
+    /// link that must succeed.
+    fn chain(
+        &mut self,
+        id: u64,
+        name: &str,
+        links: Vec<Link>,
+        done: String,
+        out: &mut Vec<HostEffect>,
+    ) {
+        let mut rest = VecDeque::from(links);
+        match rest.pop_front() {
+            Some(first) => self.chain_link(id, name, first, rest, done, out),
+            None => out.push(HostEffect::Reply {
+                id,
+                response: Response::Done(done),
+            }),
+        }
+    }
+
+    /// The stream has landed (and any NBD server stopped): bring up the
+    /// guest's macvtaps, then its CPUs. As libvirt: the destination's
+    /// macvtaps stay down until then, so nothing with the guest's MAC leaves
+    /// this host while the source still runs.
+    fn finish_resume(&mut self, id: u64, name: String, out: &mut Vec<HostEffect>) {
+        let devs = self.macvtaps(&name);
+        if devs.is_empty() {
+            let pending = Pending::FinishCont {
+                id,
+                name: name.clone(),
+            };
+            self.qmp(out, pending, &name, QmpCommand::Cont);
+        } else {
+            let call = HvCall::SetLinks { devs, up: true };
+            self.hv(out, Pending::FinishLinks { id, name }, call);
         }
     }
 
@@ -1568,6 +1944,8 @@ impl HostCore {
             uri,
             launched_at,
             nics,
+            nbd,
+            created_images,
         } = ctx;
         self.starting.remove(&name);
         let incoming = migration_port.is_some();
@@ -1584,6 +1962,7 @@ impl HostCore {
                         .filter(|n| n.is_macvtap())
                         .filter_map(|n| n.dev.clone())
                         .collect(),
+                    images: created_images.clone(),
                 };
                 self.hv(out, Pending::Ignore, call);
                 HvResult::Failed(format!("QEMU exited right after it started: {reason}"))
@@ -1595,6 +1974,12 @@ impl HostCore {
             other => {
                 ports.iter().for_each(|p| self.ports.release(*p));
                 count_launch(incoming, "error");
+                // Images made for a copy that will not come are removed
+                // (libvirt leaves them behind).
+                if !created_images.is_empty() {
+                    let paths = created_images.clone();
+                    self.hv(out, Pending::Ignore, HvCall::RemoveImages { paths });
+                }
                 let e = failure(&other);
                 tracing::error!(vm = %name, host = %host, error = %e, "start failed");
                 out.push(HostEffect::Reply {
@@ -1613,6 +1998,7 @@ impl HostCore {
             ports,
             endpoints,
             nics,
+            created_images,
         };
         let state = if incoming {
             VmState::Incoming
@@ -1627,7 +2013,11 @@ impl HostCore {
         }
         let vm = summary(&record, state.qemu_status());
         let response = match uri {
-            Some(uri) => Response::Incoming { vm, uri },
+            Some(uri) => Response::Incoming {
+                vm,
+                uri,
+                nbd: nbd.clone(),
+            },
             None => Response::Started {
                 vm,
                 live_xml: live_xml.clone(),
@@ -1643,6 +2033,8 @@ impl HostCore {
                 record: record.clone(),
                 live_xml: live_xml.clone(),
                 migration_port,
+                nbd_port: nbd.map(|n| n.port),
+                mirrors: Vec::new(),
                 stops: Vec::new(),
             },
         );
@@ -1693,6 +2085,7 @@ impl HostCore {
                     name: record.name.clone(),
                     paths: self.paths(&record.name),
                     macvtaps: record.macvtaps(),
+                    images: record.created_images.clone(),
                 };
                 self.hv(out, Pending::Ignore, call);
             }
@@ -1797,10 +2190,12 @@ impl HostCore {
                 response: Response::Done(msg),
             });
         }
+        // Images created for a copy the guest never resumed on go too.
         let call = HvCall::RemoveRecord {
             name: name.clone(),
             paths: self.paths(&name),
             macvtaps: vm.record.macvtaps(),
+            images: vm.record.created_images.clone(),
         };
         self.hv(out, Pending::Ignore, call);
         // The shell only logs it for now: the coordinator learns of the exit
@@ -1944,6 +2339,7 @@ pub fn migration_progress(v: &Value) -> MigrationProgress {
         downtime_ms: v["downtime"].as_u64(),
         total_time_ms: v["total-time"].as_u64(),
         error: v["error-desc"].as_str().map(str::to_string),
+        mirrors: Vec::new(),
     }
 }
 
@@ -1972,6 +2368,7 @@ fn summary(r: &VmRecord, state: &str) -> VmSummary {
 mod tests {
     use super::*;
     use crate::fake_qemu::{drive, sim_settings, FakeFabric, FakeQemu};
+    use flotilla_shared::proto::CopyMode;
     use flotilla_shared::xml::Network;
 
     fn networks() -> HostNetworks {
@@ -2434,9 +2831,11 @@ mod tests {
             source: "w".into(),
             postcopy: false,
             storage_token: None,
+            copy: None,
+            allow_unsafe: false,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
-        let Response::Incoming { vm, uri } = reply(&out) else {
+        let Response::Incoming { vm, uri, .. } = reply(&out) else {
             panic!("{out:?}");
         };
         assert_eq!(uri, "tcp:198.18.4.2:49152");
@@ -2608,6 +3007,8 @@ mod tests {
             source: "one.xml".into(),
             postcopy: false,
             storage_token: None,
+            copy: None,
+            allow_unsafe: false,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
         let Response::Incoming { uri, .. } = reply(&out) else {
@@ -2688,13 +3089,25 @@ mod tests {
             token: "t-1".into(),
         };
         let out = drive(&mut a, &mut src, t0, req(2, mark));
-        assert_eq!(reply(&out), &Response::Done("1 disk(s) marked".into()));
-        let incoming = |token: &str| Request::MigrateIncoming {
-            xml: with_disk.clone(),
-            source: "w".into(),
-            postcopy: false,
-            storage_token: Some(token.into()),
+        let image = DiskImage {
+            target: "vda".into(),
+            path: "/srv/web01.qcow2".into(),
+            format: "raw".into(),
+            virtual_size: 1 << 30,
+            backing: None,
+            backing_format: None,
         };
+        assert_eq!(reply(&out), &Response::StorageMarked(vec![image.clone()]));
+        let request =
+            |token: &str, copy: Option<StorageCopy>, allow_unsafe| Request::MigrateIncoming {
+                xml: with_disk.clone(),
+                source: "w".into(),
+                postcopy: false,
+                storage_token: Some(token.into()),
+                copy,
+                allow_unsafe,
+            };
+        let incoming = |token: &str| request(token, None, false);
         // A host with a file of its own at the same path.
         let mut other = fake("198.18.4.3");
         other.join(&fabric);
@@ -2702,17 +3115,38 @@ mod tests {
         let mut c = booted("h3", &mut other, t0);
         let out = drive(&mut c, &mut other, t0, req(1, incoming("t-1")));
         assert!(
-            matches!(reply(&out), Response::Error(e) if e.contains("disk vda (/srv/web01.qcow2) is not the storage the source uses")),
+            matches!(reply(&out), Response::Error(e) if e.contains("disk vda (/srv/web01.qcow2) is not on storage both hosts share")),
             "{out:?}"
         );
         assert!(other.process("web01").is_none(), "nothing started");
+        // `--unsafe` takes the operator's word for it.
+        let out = drive(&mut c, &mut other, t0, req(2, request("t-1", None, true)));
+        assert!(
+            matches!(reply(&out), Response::Incoming { nbd: None, .. }),
+            "{out:?}"
+        );
         // An older token is no proof either; the current one is.
         let mut dst = fake("198.18.4.2");
         dst.join(&fabric);
         let mut b = booted("h2", &mut dst, t0);
         let out = drive(&mut b, &mut dst, t0, req(1, incoming("t-0")));
         assert!(matches!(reply(&out), Response::Error(e) if e.contains("holds another token")));
-        let out = drive(&mut b, &mut dst, t0, req(2, incoming("t-1")));
+        // Shared storage is never copied onto itself.
+        let copy = StorageCopy {
+            mode: CopyMode::All,
+            disks: vec![image],
+        };
+        let out = drive(
+            &mut b,
+            &mut dst,
+            t0,
+            req(2, request("t-1", Some(copy), false)),
+        );
+        assert!(
+            matches!(reply(&out), Response::Error(e) if e.contains("with --copy-storage-all: disk vda (/srv/web01.qcow2) is on storage both hosts share")),
+            "{out:?}"
+        );
+        let out = drive(&mut b, &mut dst, t0, req(3, incoming("t-1")));
         assert!(matches!(reply(&out), Response::Incoming { .. }), "{out:?}");
     }
 
@@ -2724,6 +3158,8 @@ mod tests {
             source: "w".into(),
             postcopy: false,
             storage_token: None,
+            copy: None,
+            allow_unsafe: false,
         };
         for (route, uri) in [
             // Before the link is up: the first network that resolves.
@@ -2756,6 +3192,8 @@ mod tests {
             source: "w".into(),
             postcopy: true,
             storage_token: None,
+            copy: None,
+            allow_unsafe: false,
         };
         drive(&mut b, &mut dst, t0, req(1, incoming));
         let caps = &dst.process("web01").expect("runs").plan.mode;
@@ -2797,6 +3235,8 @@ mod tests {
                     source: "w".into(),
                     postcopy: false,
                     storage_token: None,
+                    copy: None,
+                    allow_unsafe: false,
                 },
             ),
         );

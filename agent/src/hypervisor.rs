@@ -21,6 +21,7 @@ use crate::interfaces::InterfaceTable;
 use crate::nic_plan::NicPlan;
 use crate::qemu_process::{ConsoleSecret, LaunchMode, StartTimeouts};
 use crate::qmp::QmpCommand;
+use crate::storage_copy::NewImage;
 use crate::vm_record::VmRecord;
 
 /// A signal for a VM's QEMU.
@@ -54,6 +55,8 @@ pub struct LaunchPlan {
     pub nics: Vec<NicPlan>,
     /// Step timeouts.
     pub timeouts: StartTimeouts,
+    /// Images to create (`qemu-img create`) before QEMU opens them.
+    pub images: Vec<NewImage>,
 }
 
 /// An operation for the [`Hypervisor`]: the core's only way to touch the host.
@@ -157,6 +160,13 @@ pub enum HvCall {
         paths: VmPaths,
         /// Its macvtap devices.
         macvtaps: Vec<String>,
+        /// Images created for a storage copy the guest never ran on.
+        images: Vec<PathBuf>,
+    },
+    /// Delete images created for a storage copy that did not happen.
+    RemoveImages {
+        /// The images.
+        paths: Vec<PathBuf>,
     },
     /// Bring these macvtaps up (the guest's CPUs are about to start here)
     /// or down (they stopped for good: the guest now runs elsewhere).

@@ -28,6 +28,7 @@ use crate::interfaces::InterfaceTable;
 use crate::nic_plumbing;
 use crate::qemu_process::{confirm_console, launch, log_tail, process_matches, signal, LaunchMode};
 use crate::qmp::{QmpClient, QmpError, QmpEvent};
+use crate::storage_copy::NewImage;
 use crate::vm_record::{vms_dir, write_atomic, VmRecord};
 
 /// How long a re-attach waits for a running QEMU's monitor.
@@ -128,7 +129,13 @@ impl QemuHypervisor {
             mode,
             nics,
             timeouts,
+            images,
         } = plan;
+        for image in &images {
+            if let Err(e) = create_image(image).await {
+                return HvResult::Failed(e);
+            }
+        }
         let up = mode == LaunchMode::Run;
         let opened = match nic_plumbing::plumb(&name, &paths.dir, &nics, up).await {
             Ok(o) => o,
@@ -266,10 +273,16 @@ impl Hypervisor for QemuHypervisor {
                 }))
             }
             HvCall::RemoveRecord {
-                paths, macvtaps, ..
+                paths,
+                macvtaps,
+                images,
+                ..
             } => {
                 for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
                     let _ = std::fs::remove_file(paths.dir.join(f));
+                }
+                for image in images {
+                    let _ = std::fs::remove_file(image);
                 }
                 Box::pin(async move {
                     nic_plumbing::delete_links(&macvtaps).await;
@@ -284,6 +297,12 @@ impl Hypervisor for QemuHypervisor {
                     Ok(()) => HvResult::Done,
                     Err(e) => HvResult::Failed(e.to_string()),
                 }))
+            }
+            HvCall::RemoveImages { paths } => {
+                for p in paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                Box::pin(std::future::ready(HvResult::Done))
             }
             HvCall::RemoveMarkers { paths } => {
                 for p in paths {
@@ -394,4 +413,21 @@ async fn wait_for_exit(pid: i32, uuid: &str, child: Option<tokio::process::Child
     }
     signal(pid, Signal::SIGKILL);
     "QEMU closed its monitor and was killed".to_string()
+}
+
+/// `qemu-img create` for an image a storage copy lands in.
+async fn create_image(image: &NewImage) -> Result<(), String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(image.qemu_img_args())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "cannot create {} for the storage copy: {}",
+        image.path.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
 }

@@ -128,7 +128,20 @@ pub enum LaunchMode {
         uri: String,
         /// Enable `postcopy-ram`, which must match the source.
         postcopy: bool,
+        /// Serve disks over NBD to receive a storage copy.
+        nbd: Option<NbdExports>,
     },
+}
+
+/// A destination's NBD server for a storage copy, and what it exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdExports {
+    /// Address to listen on (the migration network's).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// (block node, export name) for each copied disk, writable.
+    pub exports: Vec<(String, String)>,
 }
 
 /// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
@@ -239,7 +252,7 @@ pub async fn launch(
                     confirm_console(e, timeouts.console).await?;
                 }
             }
-            LaunchMode::Incoming { uri, postcopy } => {
+            LaunchMode::Incoming { uri, postcopy, nbd } => {
                 if *postcopy {
                     let caps = QmpCommand::MigrateSetCapabilities {
                         capabilities: vec![(MigrationCapability::PostcopyRam, true)],
@@ -252,6 +265,25 @@ pub async fn launch(
                 qmp.run(&incoming, timeouts.command)
                     .await
                     .map_err(qmp_step("migrate-incoming"))?;
+                if let Some(nbd) = nbd {
+                    let start = QmpCommand::NbdServerStart {
+                        host: nbd.host.clone(),
+                        port: nbd.port,
+                    };
+                    qmp.run(&start, timeouts.command)
+                        .await
+                        .map_err(qmp_step("nbd-server-start"))?;
+                    for (node, name) in &nbd.exports {
+                        let export = QmpCommand::NbdExport {
+                            id: format!("flotilla-nbd-{name}"),
+                            node: node.clone(),
+                            name: name.clone(),
+                        };
+                        qmp.run(&export, timeouts.command)
+                            .await
+                            .map_err(qmp_step("block-export-add"))?;
+                    }
+                }
             }
         }
         Ok(())

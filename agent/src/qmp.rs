@@ -81,6 +81,9 @@ pub enum MigrationCapability {
     AutoConverge,
     /// `postcopy-ram`: allow switching to post-copy.
     PostcopyRam,
+    /// `pause-before-switchover`: stop in `pre-switchover` with the guest
+    /// paused, so disk mirrors finish before the source lets go of its disks.
+    PauseBeforeSwitchover,
 }
 
 impl MigrationCapability {
@@ -89,6 +92,7 @@ impl MigrationCapability {
         match self {
             MigrationCapability::AutoConverge => "auto-converge",
             MigrationCapability::PostcopyRam => "postcopy-ram",
+            MigrationCapability::PauseBeforeSwitchover => "pause-before-switchover",
         }
     }
 }
@@ -162,6 +166,73 @@ pub enum QmpCommand {
     /// switches learn their new port after a migration. QEMU's own timing
     /// (50 ms first, 100 ms more each round, 5 rounds).
     AnnounceSelf,
+    /// `query-block`: each drive and its image (format, size, backing file).
+    QueryBlock,
+    /// `nbd-server-start` on a TCP address (a migration destination).
+    NbdServerStart {
+        /// Address to listen on.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `block-export-add` of a node over the running NBD server, writable.
+    NbdExport {
+        /// Export id.
+        id: String,
+        /// The block node.
+        node: String,
+        /// The name clients ask for.
+        name: String,
+    },
+    /// `nbd-server-stop`.
+    NbdServerStop,
+    /// `blockdev-add` of an NBD client node (a mirror's target).
+    NbdClientAdd {
+        /// The new node's name.
+        node: String,
+        /// Server address.
+        host: String,
+        /// Server port.
+        port: u16,
+        /// Export name.
+        export: String,
+    },
+    /// `blockdev-mirror` from `device` into `target`; the job stays until
+    /// dismissed, so its end (in sync or failed) can be read back.
+    BlockdevMirror {
+        /// Job id.
+        job: String,
+        /// The disk's top node.
+        device: String,
+        /// The target node.
+        target: String,
+        /// `full` or `top`.
+        sync: &'static str,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
+    /// `query-block-jobs`.
+    QueryBlockJobs,
+    /// `block-job-cancel`: without force a ready mirror copies what is left
+    /// and concludes in sync; with force it stops at once.
+    BlockJobCancel {
+        /// Job id.
+        job: String,
+        /// Stop without finishing.
+        force: bool,
+    },
+    /// `job-dismiss` of a concluded job.
+    JobDismiss {
+        /// Job id.
+        job: String,
+    },
+    /// `blockdev-del`.
+    BlockdevDel {
+        /// The node.
+        node: String,
+    },
+    /// `migrate-continue` from `pre-switchover`.
+    MigrateContinue,
 }
 
 impl QmpCommand {
@@ -185,6 +256,17 @@ impl QmpCommand {
             QmpCommand::ExpirePassword { .. } => "expire_password",
             QmpCommand::HumanMonitor(_) => "human-monitor-command",
             QmpCommand::AnnounceSelf => "announce-self",
+            QmpCommand::QueryBlock => "query-block",
+            QmpCommand::NbdServerStart { .. } => "nbd-server-start",
+            QmpCommand::NbdExport { .. } => "block-export-add",
+            QmpCommand::NbdServerStop => "nbd-server-stop",
+            QmpCommand::NbdClientAdd { .. } => "blockdev-add",
+            QmpCommand::BlockdevMirror { .. } => "blockdev-mirror",
+            QmpCommand::QueryBlockJobs => "query-block-jobs",
+            QmpCommand::BlockJobCancel { .. } => "block-job-cancel",
+            QmpCommand::JobDismiss { .. } => "job-dismiss",
+            QmpCommand::BlockdevDel { .. } => "blockdev-del",
+            QmpCommand::MigrateContinue => "migrate-continue",
         }
     }
 
@@ -198,7 +280,39 @@ impl QmpCommand {
             | QmpCommand::QueryStatus
             | QmpCommand::QueryMigrate
             | QmpCommand::MigrateCancel
-            | QmpCommand::MigrateStartPostcopy => Value::Null,
+            | QmpCommand::MigrateStartPostcopy
+            | QmpCommand::QueryBlock
+            | QmpCommand::NbdServerStop
+            | QmpCommand::QueryBlockJobs => Value::Null,
+            QmpCommand::NbdServerStart { host, port } => json!({
+                "addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}
+            }),
+            QmpCommand::NbdExport { id, node, name } => json!({
+                "type": "nbd", "id": id, "node-name": node, "name": name, "writable": true
+            }),
+            QmpCommand::NbdClientAdd {
+                node,
+                host,
+                port,
+                export,
+            } => json!({
+                "driver": "nbd", "node-name": node, "export": export,
+                "server": {"type": "inet", "host": host, "port": port.to_string()}
+            }),
+            QmpCommand::BlockdevMirror {
+                job,
+                device,
+                target,
+                sync,
+                speed,
+            } => json!({
+                "job-id": job, "device": device, "target": target, "sync": sync,
+                "speed": speed, "auto-dismiss": false
+            }),
+            QmpCommand::BlockJobCancel { job, force } => json!({"device": job, "force": force}),
+            QmpCommand::JobDismiss { job } => json!({ "id": job }),
+            QmpCommand::BlockdevDel { node } => json!({ "node-name": node }),
+            QmpCommand::MigrateContinue => json!({"state": "pre-switchover"}),
             QmpCommand::MigrateIncoming { uri } | QmpCommand::Migrate { uri } => {
                 json!({ "uri": uri })
             }

@@ -53,14 +53,34 @@ pub fn writable_disks(domain: &Domain) -> Vec<WritableDisk> {
         .collect()
 }
 
-/// Why the destination does not see the source's storage, if it does not:
-/// each disk's marker, as read on the destination, must hold `token`.
+/// What the migration does with the writable disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Runs the guest on them in place: each must be on storage both hosts
+    /// share, unless the operator said `--unsafe`.
+    InPlace {
+        /// `--unsafe`: an unshared disk is accepted (and logged).
+        allow_unsafe: bool,
+    },
+    /// Copies them here (`--copy-storage-*`, named by the flag): none may
+    /// be shared, or the copy would write each over itself.
+    Copied(&'static str),
+}
+
+/// The storage safety rule, after libvirt's `qemuMigrationSrcIsSafe`: each
+/// writable disk's marker, as read on the destination, holds `token` exactly
+/// when the two hosts share that disk's storage. Read-only disks and
+/// CD-ROMs are never checked ([`writable_disks`]). libvirt's cache-mode rule
+/// is not needed: QEMU drops the destination's page cache when it takes the
+/// disks over (the `drop-cache` of `file` nodes), so any cache mode is safe
+/// on shared storage.
 pub fn check(
     vm: &str,
     host: &str,
     token: &str,
     disks: &[WritableDisk],
     read: &[(PathBuf, Option<String>)],
+    usage: Use,
 ) -> Result<(), String> {
     for d in disks {
         let marker = d.marker();
@@ -68,19 +88,34 @@ pub fn check(
             .iter()
             .find(|(p, _)| *p == marker)
             .and_then(|(_, c)| c.as_deref());
-        if seen.map(str::trim) != Some(token) {
-            return Err(format!(
-                "cannot accept VM '{vm}' on host {host}: disk {} ({}) is not the storage \
-                 the source uses: the marker the source wrote beside it {} here; live \
-                 migration needs storage both hosts share",
-                d.target,
-                d.path.display(),
-                if seen.is_some() {
-                    "holds another token"
-                } else {
-                    "is missing"
-                }
-            ));
+        let shared = seen.map(str::trim) == Some(token);
+        match usage {
+            Use::InPlace { allow_unsafe } if !shared && !allow_unsafe => {
+                return Err(format!(
+                    "cannot accept VM '{vm}' on host {host}: disk {} ({}) is not on storage \
+                     both hosts share (the marker the source wrote beside it {} here), and a \
+                     migration that does not copy it would run the guest on a different disk; \
+                     --copy-storage-all copies it, --unsafe migrates anyway",
+                    d.target,
+                    d.path.display(),
+                    if seen.is_some() {
+                        "holds another token"
+                    } else {
+                        "is missing"
+                    }
+                ));
+            }
+            Use::Copied(flag) if shared => {
+                return Err(format!(
+                    "cannot accept VM '{vm}' on host {host} with {flag}: disk {} ({}) is on \
+                     storage both hosts share (this host reads the marker the source wrote \
+                     beside it), so copying it would write it over itself; migrate without \
+                     {flag}",
+                    d.target,
+                    d.path.display(),
+                ));
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -118,21 +153,46 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_different_marker_names_the_disk() {
+    fn an_unshared_disk_is_refused_unless_unsafe_and_a_shared_one_is_never_copied() {
         let disks = writable_disks(&domain());
         let marker = disks[0].marker();
-        let ok = [(marker.clone(), Some("t1\n".to_string()))];
-        assert_eq!(check("web", "b", "t1", &disks, &ok), Ok(()));
+        let shared = [(marker.clone(), Some("t1\n".to_string()))];
+        let in_place = Use::InPlace {
+            allow_unsafe: false,
+        };
+        assert_eq!(check("web", "b", "t1", &disks, &shared, in_place), Ok(()));
         for (seen, what) in [(None, "is missing"), (Some("t0"), "holds another token")] {
             let read = [(marker.clone(), seen.map(str::to_string))];
             assert_eq!(
-                check("web", "b", "t1", &disks, &read),
+                check("web", "b", "t1", &disks, &read, in_place),
                 Err(format!(
-                    "cannot accept VM 'web' on host b: disk vda (/srv/web.qcow2) is not the \
-                     storage the source uses: the marker the source wrote beside it {what} \
-                     here; live migration needs storage both hosts share"
+                    "cannot accept VM 'web' on host b: disk vda (/srv/web.qcow2) is not on \
+                     storage both hosts share (the marker the source wrote beside it {what} \
+                     here), and a migration that does not copy it would run the guest on a \
+                     different disk; --copy-storage-all copies it, --unsafe migrates anyway"
                 ))
             );
+            let unsafe_ok = Use::InPlace { allow_unsafe: true };
+            assert_eq!(check("web", "b", "t1", &disks, &read, unsafe_ok), Ok(()));
+            let copied = Use::Copied("--copy-storage-all");
+            assert_eq!(check("web", "b", "t1", &disks, &read, copied), Ok(()));
         }
+        assert_eq!(
+            check(
+                "web",
+                "b",
+                "t1",
+                &disks,
+                &shared,
+                Use::Copied("--copy-storage-inc")
+            ),
+            Err(
+                "cannot accept VM 'web' on host b with --copy-storage-inc: disk vda \
+                 (/srv/web.qcow2) is on storage both hosts share (this host reads the marker \
+                 the source wrote beside it), so copying it would write it over itself; \
+                 migrate without --copy-storage-inc"
+                    .into()
+            )
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct VmRecord {
     /// Its NICs and their host devices (absent in records from before NICs).
     #[serde(default)]
     pub nics: Vec<NicPlan>,
+    /// Images this host created to receive a storage copy, until the guest
+    /// runs on them: removed with the record if it never does.
+    #[serde(default)]
+    pub created_images: Vec<PathBuf>,
 }
 
 impl VmRecord {

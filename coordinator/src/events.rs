@@ -88,13 +88,40 @@ pub fn migration_progress(p: &MigrationProgress) -> String {
         0 => String::new(),
         bps => format!(", {:.1} MiB/s", bps as f64 / MIB),
     };
-    format!(
+    let disks = disk_progress(p);
+    // Memory has not started while the disk mirrors catch up.
+    if !p.mirrors.is_empty() && p.total == 0 {
+        return format!("copying disks: {disks}");
+    }
+    let memory = format!(
         "{} {}% of {:.1} MiB ({:.1} MiB sent{rate}, pass {})",
         p.status,
         migration_percent(p),
         p.total as f64 / MIB,
         p.transferred as f64 / MIB,
         p.dirty_sync_count
+    );
+    match disks.is_empty() {
+        true => memory,
+        false => format!("{memory}; disks {disks}"),
+    }
+}
+
+/// `42% of 1024.0 MiB, 1 of 2 in sync`: the disk mirrors of a storage copy,
+/// empty when there are none.
+pub fn disk_progress(p: &MigrationProgress) -> String {
+    if p.mirrors.is_empty() {
+        return String::new();
+    }
+    let (len, done) = p.disk();
+    let percent = (u128::from(done) * 100)
+        .checked_div(u128::from(len))
+        .map_or(0, |d| d.min(100));
+    let ready = p.mirrors.iter().filter(|m| m.ready).count();
+    format!(
+        "{percent}% of {:.1} MiB, {ready} of {} in sync",
+        len as f64 / (1024.0 * 1024.0),
+        p.mirrors.len()
     )
 }
 
@@ -200,6 +227,7 @@ mod tests {
             downtime_ms: None,
             total_time_ms: None,
             error: None,
+            mirrors: Vec::new(),
         };
         assert_eq!(
             migration_progress_line("web01", &p),

@@ -30,9 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, ConsoleInfo, HelloAck, HostEntry, HostFacts, MachineTypes,
-    MigrationOutcome, MigrationProgress, NetStatus, OperatorError, OperatorRequest,
-    OperatorResponse, VmListEntry, VmRunState, VmSummary,
+    AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, HelloAck, HostEntry, HostFacts,
+    MachineTypes, MigrationOutcome, MigrationProgress, NetStatus, OperatorError, OperatorRequest,
+    OperatorResponse, StorageCopy, VmListEntry, VmRunState, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
 
@@ -318,6 +318,8 @@ struct MigrationJob {
     xml: String,
     params: MigrationParams,
     dest_consoles: Vec<ConsoleInfo>,
+    /// The source's writable disks, as it reported them when it marked them.
+    disks: Vec<DiskImage>,
     /// Steps not yet carried out, in order.
     steps: VecDeque<Command>,
     /// A step's agent call is in flight; the next waits for its answer.
@@ -352,6 +354,7 @@ impl MigrationJob {
             xml,
             params,
             dest_consoles: Vec::new(),
+            disks: Vec::new(),
             steps: VecDeque::new(),
             step_in_flight: false,
             client_infos: VecDeque::new(),
@@ -1205,6 +1208,11 @@ impl FleetCore {
             source: format!("migration of '{vm}' from {}", job.source),
             postcopy: job.params.postcopy,
             storage_token: Some(token),
+            copy: job.params.copy_storage.map(|mode| StorageCopy {
+                mode,
+                disks: job.disks.clone(),
+            }),
+            allow_unsafe: job.params.allow_unsafe,
         };
         let conn = self
             .hosts
@@ -1306,7 +1314,7 @@ impl FleetCore {
             .filter(|j| {
                 matches!(
                     j.machine.phase(),
-                    Phase::Performing | Phase::Aborting { .. }
+                    Phase::Mirroring | Phase::Performing | Phase::Aborting { .. }
                 ) && j.streaming
                     && !j.poll_in_flight
                     && j.next_poll > now
@@ -1466,13 +1474,27 @@ impl FleetCore {
                 auto_converge,
                 postcopy,
                 timeout_secs,
+                copy_storage,
+                allow_unsafe,
             } => {
+                // Post-copy would run the guest on the destination before
+                // its mirrored disks are in sync there.
+                if let (true, Some(mode)) = (postcopy, copy_storage) {
+                    let e = OperatorError::Incompatible {
+                        first: "--postcopy".into(),
+                        second: mode.flag().into(),
+                    };
+                    self.reply(id, OperatorResponse::Error(e));
+                    return;
+                }
                 let params = MigrationParams {
                     max_downtime_ms,
                     bandwidth_mib_s,
                     auto_converge,
                     postcopy,
                     timeout: timeout_secs.map(Duration::from_secs),
+                    copy_storage,
+                    allow_unsafe,
                 };
                 if let Err(e) = self.migrate(now, Owner::Operator(id), &name, to, params) {
                     self.reply(id, OperatorResponse::Error(e));
@@ -2075,6 +2097,25 @@ impl FleetCore {
                     };
                     Some((source.clone(), AgentRequest::MarkStorage { name, token }))
                 }
+                Command::StartMirrors { nbd } => Some((
+                    source.clone(),
+                    AgentRequest::MirrorStorage {
+                        name,
+                        nbd: nbd.clone(),
+                        targets: job.disks.iter().map(|d| d.target.clone()).collect(),
+                        mode: job.params.copy_storage.unwrap_or(CopyMode::All),
+                        bandwidth_mib_s: job.params.bandwidth_mib_s,
+                    },
+                )),
+                Command::CompleteMirrors => {
+                    Some((source.clone(), AgentRequest::CompleteMirrors { name }))
+                }
+                Command::ContinueSwitchover => {
+                    Some((source.clone(), AgentRequest::ContinueSwitchover { name }))
+                }
+                Command::CancelMirrors => {
+                    Some((source.clone(), AgentRequest::CancelMirrors { name }))
+                }
                 Command::SwitchToPostcopy => {
                     Some((source.clone(), AgentRequest::StartPostcopy { name }))
                 }
@@ -2183,6 +2224,9 @@ impl FleetCore {
                 let Some((uri, params)) = job.start.take() else {
                     return;
                 };
+                // Until `migrate` is answered, a poll reads the status of
+                // whatever migration this QEMU ran before.
+                job.streaming = false;
                 (
                     AgentRequest::MigrateOut {
                         name: vm.to_string(),
@@ -2222,7 +2266,7 @@ impl FleetCore {
         };
         if !matches!(
             job.machine.phase(),
-            Phase::Performing | Phase::Aborting { .. }
+            Phase::Mirroring | Phase::Performing | Phase::Aborting { .. }
         ) || job.poll_in_flight
             || !job.streaming
             || now < job.next_poll
@@ -2675,6 +2719,11 @@ impl FleetCore {
         match step {
             MigStep::MarkStorage { token } => {
                 let prepare = Command::PrepareDestination;
+                if let (Ok((_, AgentResponse::StorageMarked(disks))), Some(job)) =
+                    (&result, self.migrations.get_mut(vm))
+                {
+                    job.disks = disks.clone();
+                }
                 let sent = match failure {
                     Some(f) => Err(f),
                     None => self.ask_destination(vm, token),
@@ -2703,7 +2752,13 @@ impl FleetCore {
                     job.next_poll = now + MIGRATION_POLL;
                     self.effects.push(Effect::WakeAt(now + MIGRATION_POLL));
                 }
+                let mirroring = self
+                    .migrations
+                    .get(vm)
+                    .is_some_and(|j| *j.machine.phase() == Phase::Mirroring);
                 let input = match result {
+                    // No stream yet: the status is an earlier migration's.
+                    Ok((_, AgentResponse::Migration(p))) if mirroring => MigInput::Progress(p),
                     Ok((_, AgentResponse::Migration(p))) => match p.status.as_str() {
                         "completed" => MigInput::SourceCompleted(p),
                         "failed" => MigInput::SourceFailed(
@@ -2737,16 +2792,31 @@ impl FleetCore {
                     (
                         None,
                         Command::PrepareDestination,
-                        Ok((_, AgentResponse::Incoming { uri, vm: summary })),
+                        Ok((
+                            _,
+                            AgentResponse::Incoming {
+                                uri,
+                                vm: summary,
+                                nbd,
+                            },
+                        )),
                     ) => {
                         if let Some(job) = self.migrations.get_mut(vm) {
                             job.dest_consoles = summary.consoles;
                         }
-                        Some(MigInput::Prepared { uri })
+                        Some(MigInput::Prepared { uri, nbd })
                     }
                     (None, Command::PrepareDestination, Ok((_, other))) => Some(
                         MigInput::PrepareFailed(format!("unexpected answer {other:?}")),
                     ),
+                    (None, Command::StartMirrors { .. }, _) => {
+                        if let Some(job) = self.migrations.get_mut(vm) {
+                            job.streaming = true;
+                            job.next_poll = now + MIGRATION_POLL;
+                            self.effects.push(Effect::WakeAt(now + MIGRATION_POLL));
+                        }
+                        Some(MigInput::MirrorsStarted)
+                    }
                     (None, Command::StartMigration { .. }, _) => {
                         if let Some(job) = self.migrations.get_mut(vm) {
                             job.streaming = true;
@@ -2830,6 +2900,8 @@ mod tests {
             auto_converge: false,
             postcopy: false,
             timeout_secs: None,
+            copy_storage: None,
+            allow_unsafe: false,
         }
     }
 
@@ -3005,6 +3077,25 @@ mod tests {
             Rig::answer(id, &out),
             Some(&OperatorResponse::Error(OperatorError::NoMigration {
                 name: "web".into()
+            }))
+        );
+        // Post-copy would run the guest before its copied disks are in sync.
+        let mut both = migrate_web_to_b();
+        if let OperatorRequest::Migrate {
+            postcopy,
+            copy_storage,
+            ..
+        } = &mut both
+        {
+            *postcopy = true;
+            *copy_storage = Some(CopyMode::All);
+        }
+        let (id, out) = r.op(both);
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::Incompatible {
+                first: "--postcopy".into(),
+                second: "--copy-storage-all".into()
             }))
         );
     }
@@ -3312,6 +3403,7 @@ mod tests {
                     AgentRequest::MigrateIncoming { .. } => AgentResponse::Incoming {
                         vm: facts("b", &[("web", VmRunState::InMigrate)]).vms.remove(0),
                         uri: "tcp:b:49152".into(),
+                        nbd: None,
                     },
                     AgentRequest::MigrationStatus { .. } => {
                         AgentResponse::Migration(MigrationProgress {

@@ -12,7 +12,17 @@
 //! the destination runs does the source quit. Every failure before that point
 //! leaves the guest on the source and removes the destination's QEMU.
 //!
+//! A storage-copying migration (`--copy-storage-all`/`-inc`) mirrors the
+//! disks first, as libvirt does: `Mirroring` waits until every mirror is
+//! ready, the memory stream then runs with the source set to pause before
+//! switchover, and only once each mirror has concluded in sync does the
+//! source switch over. Any end that leaves the guest on the source drops
+//! the mirrors there (`CancelMirrors`) before the destination goes.
+//!
 //! ```text
+//! Preparing ──Prepared{nbd}──▶ Mirroring ──Progress(all ready)──▶ Performing
+//!    Performing ──Progress(pre-switchover)──▶ CompleteMirrors ──Progress(all concluded)──▶ ContinueSwitchover
+//!
 //! Preparing ──Prepared──▶ Performing ──SourceCompleted──▶ Finishing ──Finished──▶ Confirming ──▶ Completed
 //!     │                      │  ▲ Progress (SwitchToPostcopy once)   │                    (SourceQuit + Confirmed)
 //!     │ PrepareFailed        │  │                                    │ FinishFailed
@@ -24,7 +34,7 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_shared::proto::MigrationProgress;
+use flotilla_shared::proto::{CopyMode, MigrationProgress, NbdServer};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +49,10 @@ pub struct MigrationParams {
     pub postcopy: bool,
     /// Abort if not completed in this time.
     pub timeout: Option<Duration>,
+    /// Copy the writable disks to the destination.
+    pub copy_storage: Option<CopyMode>,
+    /// Accept disks the storage safety rules call unsafe.
+    pub allow_unsafe: bool,
 }
 
 /// Where the job stands.
@@ -46,6 +60,9 @@ pub struct MigrationParams {
 pub enum Phase {
     /// Destination is starting QEMU with `-incoming defer`.
     Preparing,
+    /// The source mirrors its disks into the destination's NBD server; the
+    /// memory stream starts once every mirror is ready.
+    Mirroring,
     /// Source is sending state.
     Performing,
     /// Source reported completion; destination is being resumed.
@@ -106,7 +123,13 @@ pub enum Input {
     Prepared {
         /// e.g. `tcp:198.18.2.1:49152`.
         uri: String,
+        /// Where copied disks go, when the destination serves them.
+        nbd: Option<NbdServer>,
     },
+    /// The source started its disk mirrors.
+    MirrorsStarted,
+    /// A step of the disk mirrors failed on the source.
+    MirrorFailed(String),
     /// The destination could not prepare.
     PrepareFailed(String),
     /// A progress sample from the source.
@@ -151,6 +174,17 @@ pub enum Command {
         /// How.
         params: MigrationParams,
     },
+    /// Mirror the source's writable disks into `nbd`.
+    StartMirrors {
+        /// The destination's NBD server.
+        nbd: NbdServer,
+    },
+    /// The source paused before switchover: finish every ready mirror.
+    CompleteMirrors,
+    /// Every mirror concluded in sync: let the source switch over.
+    ContinueSwitchover,
+    /// Drop the source's mirrors; its own disks stay as they are.
+    CancelMirrors,
     /// `migrate-start-postcopy` on the source.
     SwitchToPostcopy,
     /// `migrate_cancel` on the source.
@@ -197,6 +231,13 @@ impl Command {
         let e = failure.text();
         match self {
             Command::PrepareDestination => Some(Input::PrepareFailed(e)),
+            Command::StartMirrors { .. } => Some(Input::MirrorFailed(e)),
+            // A refused completion leaves the source paused before
+            // switchover; a lost one is told apart by the next poll.
+            Command::CompleteMirrors => match failure {
+                StepFailure::Refused(_) => Some(Input::MirrorFailed(e)),
+                StepFailure::Lost(_) => None,
+            },
             Command::StartMigration { .. } => Some(Input::SourceFailed(e)),
             Command::SwitchToPostcopy => {
                 Some(Input::SourceFailed(format!("migrate-start-postcopy: {e}")))
@@ -220,7 +261,11 @@ impl Command {
             // complete or fail on its own, a failed resume leaves the source
             // paused, a failed clean-up leaves a paused copy that
             // reconciliation removes as stale.
-            Command::CancelMigration | Command::ResumeSource | Command::Report(_) => None,
+            Command::CancelMigration
+            | Command::ResumeSource
+            | Command::ContinueSwitchover
+            | Command::CancelMirrors
+            | Command::Report(_) => None,
         }
     }
 }
@@ -257,6 +302,14 @@ pub struct Migration {
     source_done: bool,
     placement_recorded: bool,
     last_stats: Option<MigrationProgress>,
+    /// Where the memory stream goes once the mirrors are ready.
+    uri: Option<String>,
+    /// Mirrors were asked for on the source: an end on the source drops them.
+    mirrors_started: bool,
+    /// `CompleteMirrors` was sent for this pause before switchover.
+    mirrors_completing: bool,
+    /// `ContinueSwitchover` was sent.
+    switchover_continued: bool,
 }
 
 impl Migration {
@@ -271,6 +324,10 @@ impl Migration {
             source_done: false,
             placement_recorded: false,
             last_stats: None,
+            uri: None,
+            mirrors_started: false,
+            mirrors_completing: false,
+            switchover_continued: false,
         };
         (m, vec![Command::PrepareDestination])
     }
@@ -290,6 +347,10 @@ impl Migration {
             source_done: false,
             placement_recorded: false,
             last_stats: None,
+            uri: None,
+            mirrors_started: false,
+            mirrors_completing: false,
+            switchover_continued: false,
         };
         (m, vec![Command::FinishDestination])
     }
@@ -311,6 +372,11 @@ impl Migration {
     }
 
     fn end(&mut self, phase: Phase, now: Instant, mut cmds: Vec<Command>) -> Vec<Command> {
+        if self.mirrors_started && !phase.on_destination() {
+            // The guest stays on its own disks: the mirrors go first, so
+            // nothing writes to the destination's NBD server when it goes.
+            cmds.insert(0, Command::CancelMirrors);
+        }
         self.phase = phase.clone();
         cmds.push(Command::Report(Report::Outcome {
             phase,
@@ -322,7 +388,7 @@ impl Migration {
 
     fn abort(&mut self, reason: String, now: Instant) -> Vec<Command> {
         match &self.phase {
-            Phase::Preparing => self.end(
+            Phase::Preparing | Phase::Mirroring => self.end(
                 Phase::Aborted { reason },
                 now,
                 vec![Command::DestroyDestination],
@@ -351,19 +417,94 @@ impl Migration {
             .timeout
             .is_some_and(|t| now.duration_since(self.started) >= t);
         match (self.phase.clone(), input) {
-            (Phase::Preparing | Phase::Performing, Input::Tick) if timed_out => {
+            (Phase::Preparing | Phase::Mirroring | Phase::Performing, Input::Tick) if timed_out => {
                 let t = self.params.timeout.unwrap_or_default();
                 self.abort(format!("timed out after {}s", t.as_secs()), now)
             }
             (_, Input::Tick) => Vec::new(),
             (_, Input::Abort(reason)) => self.abort(reason, now),
 
-            (Phase::Preparing, Input::Prepared { uri }) => {
-                self.phase = Phase::Performing;
-                vec![Command::StartMigration {
-                    uri,
-                    params: self.params.clone(),
-                }]
+            (Phase::Preparing, Input::Prepared { uri, nbd }) => match nbd {
+                Some(nbd) if self.params.copy_storage.is_some() => {
+                    self.phase = Phase::Mirroring;
+                    self.uri = Some(uri);
+                    self.mirrors_started = true;
+                    vec![Command::StartMirrors { nbd }]
+                }
+                // Nothing to copy (no writable disk): memory only.
+                _ => {
+                    self.phase = Phase::Performing;
+                    vec![Command::StartMigration {
+                        uri,
+                        params: self.params.clone(),
+                    }]
+                }
+            },
+            (Phase::Mirroring, Input::MirrorsStarted) => Vec::new(),
+            (Phase::Mirroring, Input::MirrorFailed(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("copying the disks failed on the source: {e}"),
+                },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            (Phase::Mirroring, Input::Progress(s)) => {
+                let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
+                let failed = s
+                    .mirrors
+                    .iter()
+                    .find_map(|m| m.error.as_ref().map(|e| format!("disk {}: {e}", m.target)))
+                    .or_else(|| {
+                        s.mirrors
+                            .iter()
+                            .find(|m| !m.ready && m.status == "concluded")
+                            .map(|m| {
+                                format!(
+                                    "disk {}: the mirror stopped before it was in sync",
+                                    m.target
+                                )
+                            })
+                    });
+                let all_ready = !s.mirrors.is_empty() && s.mirrors.iter().all(|m| m.ready);
+                self.last_stats = Some(s);
+                if let Some(e) = failed {
+                    cmds.extend(self.end(
+                        Phase::Failed {
+                            reason: format!("copying the disks failed on the source: {e}"),
+                        },
+                        now,
+                        vec![Command::DestroyDestination],
+                    ));
+                    return cmds;
+                }
+                if all_ready {
+                    self.phase = Phase::Performing;
+                    cmds.push(Command::StartMigration {
+                        uri: self.uri.take().unwrap_or_default(),
+                        params: self.params.clone(),
+                    });
+                }
+                cmds
+            }
+            (Phase::Mirroring, Input::DestinationLost(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("destination QEMU died while receiving the disks: {e}"),
+                },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            (Phase::Mirroring, Input::SourceFailed(e)) => self.end(
+                Phase::Failed {
+                    reason: format!("migration failed on the source: {e}"),
+                },
+                now,
+                vec![Command::DestroyDestination],
+            ),
+            (Phase::Performing, Input::MirrorFailed(e)) => {
+                self.phase = Phase::Aborting {
+                    reason: format!("copying the disks failed on the source: {e}"),
+                };
+                vec![Command::CancelMigration]
             }
             (Phase::Preparing, Input::PrepareFailed(e)) => self.end(
                 Phase::Failed {
@@ -380,6 +521,31 @@ impl Migration {
                 vec![Command::DestroyDestination],
             ),
 
+            (Phase::Performing, Input::Progress(s)) if s.status == "pre-switchover" => {
+                // Paused before switchover (only storage copies ask for it):
+                // the mirrors finish now, with the guest stopped, and the
+                // source switches over only once each concluded in sync.
+                let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
+                let failed = s
+                    .mirrors
+                    .iter()
+                    .find_map(|m| m.error.as_ref().map(|e| format!("disk {}: {e}", m.target)));
+                let concluded = s.mirrors.iter().all(|m| m.status == "concluded");
+                self.last_stats = Some(s);
+                if let Some(e) = failed {
+                    self.phase = Phase::Aborting {
+                        reason: format!("copying the disks failed on the source: {e}"),
+                    };
+                    cmds.push(Command::CancelMigration);
+                } else if !self.mirrors_completing {
+                    self.mirrors_completing = true;
+                    cmds.push(Command::CompleteMirrors);
+                } else if concluded && !self.switchover_continued {
+                    self.switchover_continued = true;
+                    cmds.push(Command::ContinueSwitchover);
+                }
+                cmds
+            }
             (Phase::Performing | Phase::Aborting { .. }, Input::Progress(s)) => {
                 let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
                 let first_pass_done = s.dirty_sync_count >= 1;
@@ -530,6 +696,7 @@ impl Migration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_shared::proto::MirrorProgress;
 
     fn stats(sync: u64) -> MigrationProgress {
         MigrationProgress {
@@ -548,6 +715,7 @@ mod tests {
         let cmds = m.handle(
             Input::Prepared {
                 uri: "tcp:198.18.2.1:49152".into(),
+                nbd: None,
             },
             t0,
         );
@@ -874,5 +1042,178 @@ mod tests {
         assert!(!cmds.contains(&Command::DestroyDestination), "{cmds:?}");
         assert!(matches!(outcome(&cmds), Some(Phase::InDoubt { .. })));
         assert!(m.reached_switchover());
+    }
+
+    fn mirror(status: &str, ready: bool, error: Option<&str>) -> MirrorProgress {
+        MirrorProgress {
+            target: "vda".into(),
+            status: status.into(),
+            len: 100,
+            offset: if ready { 100 } else { 40 },
+            ready,
+            error: error.map(str::to_string),
+        }
+    }
+
+    fn sample(status: &str, mirrors: Vec<MirrorProgress>) -> MigrationProgress {
+        MigrationProgress {
+            status: status.into(),
+            mirrors,
+            ..MigrationProgress::default()
+        }
+    }
+
+    /// A `--copy-storage-all` job whose destination serves NBD.
+    fn mirroring() -> (Migration, Instant, MigrationParams) {
+        let params = MigrationParams {
+            copy_storage: Some(CopyMode::All),
+            ..MigrationParams::default()
+        };
+        let t0 = Instant::now();
+        let (mut m, _) = Migration::start(params.clone(), t0);
+        let nbd = NbdServer {
+            host: "198.19.0.12".into(),
+            port: 49153,
+        };
+        let cmds = m.handle(
+            Input::Prepared {
+                uri: "tcp:198.19.0.12:49152".into(),
+                nbd: Some(nbd.clone()),
+            },
+            t0,
+        );
+        assert_eq!(cmds, vec![Command::StartMirrors { nbd }]);
+        assert_eq!(m.phase(), &Phase::Mirroring);
+        assert!(m.handle(Input::MirrorsStarted, t0).is_empty());
+        (m, t0, params)
+    }
+
+    #[test]
+    fn a_storage_copy_sends_memory_only_once_every_mirror_is_ready_and_switches_over_in_sync() {
+        let (mut m, t0, params) = mirroring();
+        let cmds = m.handle(
+            Input::Progress(sample("none", vec![mirror("running", false, None)])),
+            t0,
+        );
+        assert!(!cmds
+            .iter()
+            .any(|c| matches!(c, Command::StartMigration { .. })));
+        let cmds = m.handle(
+            Input::Progress(sample("none", vec![mirror("ready", true, None)])),
+            t0,
+        );
+        assert_eq!(
+            cmds.last(),
+            Some(&Command::StartMigration {
+                uri: "tcp:198.19.0.12:49152".into(),
+                params
+            })
+        );
+        assert_eq!(m.phase(), &Phase::Performing);
+        // Paused before switchover: the mirrors finish, and only once they
+        // concluded does the source switch over, once.
+        let paused =
+            |status: &str, ready| sample("pre-switchover", vec![mirror(status, ready, None)]);
+        let cmds = m.handle(Input::Progress(paused("ready", true)), t0);
+        assert_eq!(cmds.last(), Some(&Command::CompleteMirrors));
+        let cmds = m.handle(Input::Progress(paused("waiting", true)), t0);
+        assert!(!cmds.contains(&Command::ContinueSwitchover), "{cmds:?}");
+        let cmds = m.handle(Input::Progress(paused("concluded", true)), t0);
+        assert_eq!(cmds.last(), Some(&Command::ContinueSwitchover));
+        let cmds = m.handle(Input::Progress(paused("concluded", true)), t0);
+        assert!(
+            !cmds.contains(&Command::ContinueSwitchover),
+            "sent twice: {cmds:?}"
+        );
+        let cmds = m.handle(Input::SourceCompleted(stats(2)), t0);
+        assert_eq!(cmds, vec![Command::FinishDestination]);
+        m.handle(Input::Finished, t0);
+        m.handle(Input::SourceQuit, t0);
+        let cmds = m.handle(Input::Confirmed, t0);
+        assert!(!cmds.contains(&Command::CancelMirrors), "{cmds:?}");
+        assert_eq!(outcome(&cmds), Some(&Phase::Completed));
+    }
+
+    #[test]
+    fn every_end_on_the_source_drops_the_mirrors_before_the_destination() {
+        // Aborted while copying the disks.
+        let (mut m, t0, _) = mirroring();
+        let cmds = m.handle(Input::Abort("aborted by operator".into()), t0);
+        assert_eq!(
+            &cmds[..2],
+            &[Command::CancelMirrors, Command::DestroyDestination]
+        );
+        assert!(matches!(outcome(&cmds), Some(Phase::Aborted { .. })));
+        // A mirror that failed.
+        let (mut m, t0, _) = mirroring();
+        let broken = sample(
+            "none",
+            vec![mirror("concluded", false, Some("Input/output error"))],
+        );
+        let cmds = m.handle(Input::Progress(broken), t0);
+        assert_eq!(
+            &cmds[1..3],
+            &[Command::CancelMirrors, Command::DestroyDestination]
+        );
+        assert!(matches!(outcome(&cmds), Some(Phase::Failed { reason })
+            if reason == "copying the disks failed on the source: disk vda: Input/output error"));
+        // Aborted while sending memory: cancel, then the same clean-up.
+        let (mut m, t0, _) = mirroring();
+        m.handle(
+            Input::Progress(sample("none", vec![mirror("ready", true, None)])),
+            t0,
+        );
+        assert_eq!(
+            m.handle(Input::Abort("stop".into()), t0),
+            vec![Command::CancelMigration]
+        );
+        let cmds = m.handle(Input::SourceFailed("cancelled".into()), t0);
+        assert_eq!(
+            &cmds[..2],
+            &[Command::CancelMirrors, Command::DestroyDestination]
+        );
+        // A mirror that failed during the pause before switchover cancels the migration.
+        let (mut m, t0, _) = mirroring();
+        m.handle(
+            Input::Progress(sample("none", vec![mirror("ready", true, None)])),
+            t0,
+        );
+        let broken = sample(
+            "pre-switchover",
+            vec![mirror("concluded", true, Some("No space left"))],
+        );
+        let cmds = m.handle(Input::Progress(broken), t0);
+        assert_eq!(cmds.last(), Some(&Command::CancelMigration));
+        // A source that could not start its mirrors.
+        let (mut m, t0, _) = mirroring();
+        let cmds = m.handle(Input::MirrorFailed("blockdev-add: refused".into()), t0);
+        assert_eq!(
+            &cmds[..2],
+            &[Command::CancelMirrors, Command::DestroyDestination]
+        );
+    }
+
+    #[test]
+    fn a_copy_with_nothing_to_copy_is_a_plain_migration() {
+        let params = MigrationParams {
+            copy_storage: Some(CopyMode::Inc),
+            ..MigrationParams::default()
+        };
+        let t0 = Instant::now();
+        let (mut m, _) = Migration::start(params.clone(), t0);
+        let cmds = m.handle(
+            Input::Prepared {
+                uri: "tcp:b:49152".into(),
+                nbd: None,
+            },
+            t0,
+        );
+        assert_eq!(
+            cmds,
+            vec![Command::StartMigration {
+                uri: "tcp:b:49152".into(),
+                params
+            }]
+        );
     }
 }

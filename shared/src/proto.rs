@@ -32,11 +32,13 @@ use serde::{Deserialize, Serialize};
 /// Version 2 numbers every agent report and reply ([`AgentEvent`],
 /// [`AgentReply`]) so the coordinator can tell a report that predates one of
 /// its actions exactly. Version 3 says per network whether guest NICs can
-/// attach there ([`NetStatus::attach_error`]).
-pub const PROTOCOL_VERSION: u32 = 3;
-/// The oldest version this build still accepts. Version 2's network
-/// statuses lack a field, so it is refused by name rather than misread.
-pub const MIN_PROTOCOL_VERSION: u32 = 3;
+/// attach there ([`NetStatus::attach_error`]). Version 4 copies storage
+/// during migrations ([`StorageCopy`], [`MirrorProgress`]) and lets an
+/// operator override the storage safety rules (`allow_unsafe`).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The oldest version this build still accepts. Version 3's migration
+/// messages lack fields, so it is refused by name rather than misread.
+pub const MIN_PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -234,6 +236,11 @@ pub enum AgentRequest {
         /// ([`AgentRequest::MarkStorage`]): the destination reads it back to
         /// prove it sees the same storage, not a file at the same path.
         storage_token: Option<String>,
+        /// Disks to receive over NBD instead of finding them shared
+        /// (`--copy-storage-all` / `--copy-storage-inc`).
+        copy: Option<StorageCopy>,
+        /// Accept writable disks the destination does not share (`--unsafe`).
+        allow_unsafe: bool,
     },
     /// Migration source: write `token` beside each writable disk of the
     /// running VM, for the destination to read back.
@@ -242,6 +249,38 @@ pub enum AgentRequest {
         name: String,
         /// A token no other migration uses.
         token: String,
+    },
+    /// Migration source: mirror each copied disk into the destination's NBD
+    /// server (`blockdev-mirror`), before the memory stream starts.
+    MirrorStorage {
+        /// The VM.
+        name: String,
+        /// The destination's NBD server.
+        nbd: NbdServer,
+        /// The disks (targets, e.g. `vda`) to mirror; each is exported under its target.
+        targets: Vec<String>,
+        /// Whole disks, or only the top image of each chain.
+        mode: CopyMode,
+        /// Cap per mirror, MiB/s.
+        bandwidth_mib_s: Option<u64>,
+    },
+    /// Migration source, paused before switchover: finish each ready mirror
+    /// (`block-job-cancel` without force copies what is left, then stops).
+    CompleteMirrors {
+        /// The VM.
+        name: String,
+    },
+    /// Migration source: every mirror has concluded: drop them and let the
+    /// migration switch over (`migrate-continue`).
+    ContinueSwitchover {
+        /// The VM.
+        name: String,
+    },
+    /// Migration source: abandon the mirrors (`block-job-cancel` with force)
+    /// and remove their NBD clients; the guest keeps its own disks.
+    CancelMirrors {
+        /// The VM.
+        name: String,
     },
     /// Migration source: send the running VM to `uri`.
     MigrateOut {
@@ -366,6 +405,78 @@ pub fn net_list_table(networks: &[NetStatus]) -> String {
     out
 }
 
+/// Which disks `--copy-storage-*` copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyMode {
+    /// `--copy-storage-all`: every writable disk, whole.
+    All,
+    /// `--copy-storage-inc`: the top image of each writable disk's chain;
+    /// its backing files must exist on the destination.
+    Inc,
+}
+
+impl CopyMode {
+    /// The flag that asks for it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            CopyMode::All => "--copy-storage-all",
+            CopyMode::Inc => "--copy-storage-inc",
+        }
+    }
+}
+
+/// A writable disk image of a running guest, as its QEMU sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    /// The image file.
+    pub path: String,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// The backing file, for an image that has one.
+    pub backing: Option<String>,
+    /// The backing file's format.
+    pub backing_format: Option<String>,
+}
+
+/// What a migration destination must receive over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCopy {
+    /// Whole disks or top images.
+    pub mode: CopyMode,
+    /// The source's writable disks.
+    pub disks: Vec<DiskImage>,
+}
+
+/// A destination's NBD server for incoming disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdServer {
+    /// Address on the migration network.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// One disk mirror on a migration source (`query-block-jobs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorProgress {
+    /// The disk's target (`vda`).
+    pub target: String,
+    /// QEMU's job status: `running`, `ready`, `concluded`, …
+    pub status: String,
+    /// Bytes the job must copy so far.
+    pub len: u64,
+    /// Bytes copied.
+    pub offset: u64,
+    /// Source and target are in sync; writes are mirrored from now on.
+    pub ready: bool,
+    /// Why the job failed, if it did.
+    pub error: Option<String>,
+}
+
 /// A `query-migrate` sample.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationProgress {
@@ -389,6 +500,17 @@ pub struct MigrationProgress {
     pub total_time_ms: Option<u64>,
     /// QEMU's error description (failed only).
     pub error: Option<String>,
+    /// The disk mirrors of a storage-copying migration (none otherwise).
+    pub mirrors: Vec<MirrorProgress>,
+}
+
+impl MigrationProgress {
+    /// Disk bytes to copy and copied, over every mirror.
+    pub fn disk(&self) -> (u64, u64) {
+        self.mirrors
+            .iter()
+            .fold((0, 0), |(t, d), m| (t + m.len, d + m.offset))
+    }
 }
 
 /// A QEMU's run state, as `query-status` names it, plus the agent's own
@@ -665,6 +787,14 @@ pub enum OperatorError {
     /// The request could not be read.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Two options that cannot go together (as virsh's `VIR_ERR_INVALID_ARG`).
+    #[error("invalid argument: {first} cannot be combined with {second}")]
+    Incompatible {
+        /// One option.
+        first: String,
+        /// The other.
+        second: String,
+    },
     /// The certificate's role may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -685,7 +815,11 @@ pub enum AgentResponse {
         vm: VmSummary,
         /// Where to send the stream.
         uri: String,
+        /// Where to mirror copied disks, when the request asked for a copy.
+        nbd: Option<NbdServer>,
     },
+    /// A migration source marked its writable disks; what they are.
+    StorageMarked(Vec<DiskImage>),
     /// Migration progress.
     Migration(MigrationProgress),
     /// A VM started.
@@ -927,6 +1061,10 @@ pub enum OperatorRequest {
         postcopy: bool,
         /// Abort when not done in this many seconds.
         timeout_secs: Option<u64>,
+        /// Copy the writable disks to the destination during the migration.
+        copy_storage: Option<CopyMode>,
+        /// Migrate although the storage safety rules say no (`virsh migrate --unsafe`).
+        allow_unsafe: bool,
     },
     /// Cancel a running migration.
     MigrateAbort {
@@ -1117,9 +1255,10 @@ mod tests {
     #[test]
     fn retired_versions_are_refused_by_name() {
         // Version 1's agent messages had no sequence numbers, version 2's
-        // network statuses no NIC field; their frames are refused before
-        // their body is read, whatever the body.
-        for old in [1u8, 2] {
+        // network statuses no NIC field, version 3's migrations no storage
+        // copy; their frames are refused before their body is read,
+        // whatever the body.
+        for old in [1u8, 2, 3] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1128,14 +1267,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 3,
-                    max: 3
+                    min: 4,
+                    max: 4
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 3 to 3); \
+                    "protocol version {old} is no longer supported (this build speaks 4 to 4); \
                      upgrade the peer"
                 )
             );

@@ -1,9 +1,10 @@
 //! A guest whose state can be observed: a 512-byte boot sector that counts.
 //!
 //! SeaBIOS loads it at 0x7c00. It increments a 32-bit counter at
-//! [`COUNTER_ADDR`] forever, writes it across 512 KiB of RAM (a dirtying
-//! workload for migrations), and prints it as eight hex digits in the top-left
-//! corner of the VGA text screen. A migrated guest continues its count; a
+//! [`COUNTER_ADDR`] forever, writes it to its disk's second sector (so a
+//! writable disk, and a copy of it, holds the count: [`disk_counter`]) and
+//! across 512 KiB of RAM (a dirtying workload for migrations), and prints it
+//! as eight hex digits in the top-left corner of the VGA text screen. A migrated guest continues its count; a
 //! restarted one starts again from zero, so a test (or a person watching the
 //! console) can tell a live migration from a cold restart.
 
@@ -19,12 +20,25 @@ pub fn counting_boot_sector() -> [u8; 512] {
         0x8e, 0xd8,                         // mov ds, ax
         0x8e, 0xd0,                         // mov ss, ax
         0xbc, 0x00, 0x7c,                   // mov sp, 0x7c00
-        0xb8, 0x00, 0xb8,                   // mov ax, 0xb800   (VGA text memory)
-        0x8e, 0xc0,                         // mov es, ax
+        0x88, 0x16, 0x04, 0x7e,             // mov [0x7e04], dl  (the boot drive)
         0x66, 0xc7, 0x06, 0x00, 0x7e,       // mov dword [0x7e00], 0
         0x00, 0x00, 0x00, 0x00,
         // next:
         0x66, 0xff, 0x06, 0x00, 0x7e,       // inc dword [0x7e00]
+        // Persist the sector at 0x7e00 (the counter first) to LBA 1 with
+        // INT 13h: a writable disk then holds the latest count. On a
+        // read-only disk the BIOS refuses and the guest counts on.
+        0x31, 0xc0,                         // xor ax, ax
+        0x8e, 0xc0,                         // mov es, ax
+        0xbb, 0x00, 0x7e,                   // mov bx, 0x7e00
+        0xb8, 0x01, 0x03,                   // mov ax, 0x0301   (write 1 sector)
+        0xb9, 0x02, 0x00,                   // mov cx, 2        (cylinder 0, sector 2)
+        0x30, 0xf6,                         // xor dh, dh       (head 0)
+        0x8a, 0x16, 0x04, 0x7e,             // mov dl, [0x7e04]
+        0xcd, 0x13,                         // int 0x13
+        0xfa,                               // cli
+        0xb8, 0x00, 0xb8,                   // mov ax, 0xb800   (VGA text memory)
+        0x8e, 0xc0,                         // mov es, ax
         0x66, 0xa1, 0x00, 0x7e,             // mov eax, [0x7e00]
         // Dirty 512 KiB of RAM (128 pages from 0x10000) as a workload would,
         // one page per count, so a migration has real work to converge.
@@ -49,7 +63,7 @@ pub fn counting_boot_sector() -> [u8; 512] {
         0x66, 0xc1, 0xe8, 0x04,             // shr eax, 4
         0x83, 0xef, 0x02,                   // sub di, 2
         0xe2, 0xdf,                         // loop digit        (-33)
-        0xeb, 0xba,                         // jmp next          (-70)
+        0xeb, 0x9f,                         // jmp next          (-97)
     ];
     let mut sector = [0u8; 512];
     sector[..code.len()].copy_from_slice(code);
@@ -67,6 +81,13 @@ pub fn counting_disk_image() -> Vec<u8> {
     image
 }
 
+/// The count a guest last wrote to its disk, from the disk's raw bytes
+/// (`None` if the image is too short to hold it).
+pub fn disk_counter(raw: &[u8]) -> Option<u32> {
+    let b = raw.get(512..516)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// Parses the value HMP `xp /1wx ADDR` prints (`0000000000007e00: 0x0001a2b3`).
 pub fn parse_xp_word(output: &str) -> Option<u32> {
     let hex = output.split(':').nth(1)?.trim().trim_start_matches("0x");
@@ -81,11 +102,11 @@ mod tests {
     fn sector_is_bootable_and_jumps_land_on_their_labels() {
         let s = counting_boot_sector();
         assert_eq!(&s[510..], &[0x55, 0xaa]);
-        // loop at 0x5a jumps back to `digit` at 0x3b; jmp at 0x5c back to `next` at 0x18.
-        assert_eq!((0x5ci32 + i32::from(s[0x5b] as i8)), 0x3b);
-        assert_eq!((0x5ei32 + i32::from(s[0x5d] as i8)), 0x18);
-        assert_eq!(&s[0x18..0x1d], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
-        assert_eq!(&s[0x3b..0x3d], &[0x88, 0xc3]);
+        // loop at 0x74 jumps back to `digit` at 0x55; jmp at 0x76 back to `next` at 0x17.
+        assert_eq!((0x76i32 + i32::from(s[0x75] as i8)), 0x55);
+        assert_eq!((0x78i32 + i32::from(s[0x77] as i8)), 0x17);
+        assert_eq!(&s[0x17..0x1c], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
+        assert_eq!(&s[0x55..0x57], &[0x88, 0xc3]);
     }
 
     #[test]

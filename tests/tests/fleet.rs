@@ -74,12 +74,21 @@ impl Fleet {
 /// host-a: `public` is bridge br0 at 198.18.1.1; host-b: `public` is a
 /// macvtap-style uplink at 198.18.2.1; host-c has no `public` at all.
 fn fleet() -> Fleet {
+    fleet_with(false)
+}
+
+/// Like [`fleet`], with each host's `local` directory its own (a tmpfs in
+/// the agent's private mount namespace): storage no other host sees, at
+/// the same path everywhere.
+fn fleet_with(private_local: bool) -> Fleet {
     let work = tempfile::Builder::new()
         .prefix("flt-fleet-")
         .tempdir_in("/tmp")
         .expect("tmp");
     let tls = work.path().join("tls");
     certs(&tls, &["init"]);
+    let local = work.path().join("local");
+    std::fs::create_dir(&local).expect("local");
     let ctl = control_plane();
     let coordinator = CoordinatorProcess::start_with(
         &ctl,
@@ -145,7 +154,13 @@ fn fleet() -> Fleet {
             format!("198.19.0.{}:9465", 11 + hosts.len()),
         ]);
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        agents.push(AgentDaemon::start(&h, name, &dirs, &extra));
+        agents.push(match private_local {
+            true => {
+                let setup = format!("mount -t tmpfs tmpfs {}", local.display());
+                AgentDaemon::start_with_private_mounts(&h, name, &dirs, &extra, &setup)
+            }
+            false => AgentDaemon::start(&h, name, &dirs, &extra),
+        });
         hosts.push((h, dirs, name.to_string()));
     }
     let f = Fleet {
@@ -734,12 +749,26 @@ fn define_counter(f: &Fleet, name: &str) -> String {
 fn define_counter_with(f: &Fleet, name: &str, graphics: &str) -> String {
     let image = f.work.path().join(format!("{name}.img"));
     std::fs::write(&image, flotilla_tests::guest::counting_disk_image()).expect("image");
-    let uuid = new_uuid();
-    let devices = format!(
+    let disk = format!(
         "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>{graphics}",
+         <source file='{}'/><target dev='vda' bus='virtio'/><readonly/></disk>",
         image.display()
     );
+    define_counter_on(f, name, &disk, graphics)
+}
+
+/// The counting guest on a writable qcow2 disk at `image`.
+fn qcow2_disk(image: &Path) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        image.display()
+    )
+}
+
+fn define_counter_on(f: &Fleet, name: &str, disk: &str, graphics: &str) -> String {
+    let uuid = new_uuid();
+    let devices = format!("{disk}{graphics}");
     let xml = domain_xml(name, &uuid, &devices).replace(
         "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
         "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
@@ -795,7 +824,19 @@ fn start_counting_on_a(f: &Fleet, name: &str) -> String {
 #[test]
 fn live_migration_moves_the_guest_and_its_console() {
     let f = fleet();
-    let uuid = start_counting_on_a(&f, "mover");
+    // A writable qcow2 system disk on storage both hosts share.
+    let image = f.work.path().join("mover.qcow2");
+    let raw = f.work.path().join("mover.raw");
+    std::fs::write(&raw, flotilla_tests::guest::counting_disk_image()).expect("image");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &image]);
+    let uuid = define_counter_on(&f, "mover", &qcow2_disk(&image), VNC_PUBLIC);
+    let o = f.cli(&["start", "mover", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(30), || counter(&f, 0, "mover")
+            .is_some_and(|c| c > 0)),
+        "guest never counted"
+    );
     let stored = text(&f.cli(&["dumpxml", "mover"]));
     let before = counter(&f, 0, "mover").expect("counter");
     // No --to: the scheduler excludes the source and host-c lacks `public`.
@@ -849,6 +890,272 @@ fn live_migration_moves_the_guest_and_its_console() {
         "{}",
         text(&f.cli(&["list", "--json"]))
     );
+    // The guest kept writing its count to the shared disk from host-b.
+    let last = counter(&f, 1, "mover").expect("counter");
+    stop_and_check_disk(&f, 1, "mover", &uuid, &image, last);
+}
+
+/// Runs `qemu-img ARGS PATHS…` and insists it succeeds.
+fn qemu_img(args: &[&str], paths: &[&Path]) -> String {
+    let mut c = std::process::Command::new("qemu-img");
+    c.args(args).args(paths);
+    let o = output(c);
+    assert!(o.status.success(), "qemu-img {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `script` in host `idx`'s mount namespace (its `local` storage).
+fn in_host_mounts(f: &Fleet, idx: usize, script: &str) -> Output {
+    let mut c = std::process::Command::new("nsenter");
+    c.arg("-t")
+        .arg(f.agents[idx].child.id().to_string())
+        .args(["-m", "sh", "-c", script]);
+    output(c)
+}
+
+/// Destroys the VM, then checks the image it ran on from host `idx`'s view:
+/// `qemu-img check` is clean and the guest's last count, at least `seen`,
+/// is on the disk.
+fn stop_and_check_disk(f: &Fleet, idx: usize, name: &str, uuid: &str, image: &Path, seen: u32) {
+    let o = f.cli(&["destroy", name]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_pids_for(uuid).is_empty()),
+        "QEMU still runs"
+    );
+    let raw = f.work.path().join(format!("{name}-check-{idx}.raw"));
+    let script = format!(
+        "qemu-img check {img} && qemu-img convert -O raw {img} {raw}",
+        img = image.display(),
+        raw = raw.display()
+    );
+    let o = in_host_mounts(f, idx, &script);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&raw).expect("raw copy");
+    let on_disk = flotilla_tests::guest::disk_counter(&bytes).expect("counter sector");
+    assert!(
+        on_disk >= seen,
+        "the disk holds count {on_disk}, but the guest had counted to {seen}"
+    );
+}
+
+/// The counting guest's qcow2 disk in host-a's own `local` storage, with
+/// `data_mib` MiB of written data after it (a disk that takes a while to copy).
+fn local_counter_on_a(f: &Fleet, local: &Path, name: &str, data_mib: u32) -> (String, PathBuf) {
+    let raw = f.work.path().join(format!("{name}.raw"));
+    std::fs::write(&raw, flotilla_tests::guest::counting_disk_image()).expect("image");
+    let image = local.join(format!("{name}.qcow2"));
+    let mut script = format!(
+        "qemu-img convert -f raw -O qcow2 {raw} {img} && qemu-img resize -q {img} {size}M",
+        raw = raw.display(),
+        img = image.display(),
+        size = 32 + data_mib
+    );
+    if data_mib > 0 {
+        script.push_str(&format!(
+            " && qemu-io -f qcow2 -c 'write -P 0xa5 8M {data_mib}M' {}",
+            image.display()
+        ));
+    }
+    let o = in_host_mounts(f, 0, &script);
+    assert!(o.status.success(), "{}", text(&o));
+    let uuid = define_counter_on(f, name, &qcow2_disk(&image), "");
+    let o = f.cli(&["start", name, "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(30), || counter(f, 0, name)
+            .is_some_and(|c| c > 0)),
+        "guest never counted"
+    );
+    (uuid, image)
+}
+
+/// A fleet whose hosts each have their own `local` storage, and its path.
+fn local_fleet() -> (Fleet, PathBuf) {
+    let f = fleet_with(true);
+    let local = f.work.path().join("local");
+    (f, local)
+}
+
+#[test]
+fn a_local_disk_is_refused_without_a_copy_and_moves_with_copy_storage_all() {
+    let (f, local) = local_fleet();
+    let (uuid, image) = local_counter_on_a(&f, &local, "loner", 0);
+
+    let o = f.cli(&["migrate", "loner", "--to", "host-b"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "destination refused: cannot accept VM 'loner' on host host-b: disk source {} \
+             does not exist here (live migration needs storage both hosts see; \
+             --copy-storage-all copies writable disks)",
+            image.display()
+        )),
+        "{}",
+        text(&o)
+    );
+    runs_only_on(&f, 0, "loner", &uuid);
+    // Nothing was left on host-b: no image, no QEMU.
+    let o = in_host_mounts(&f, 1, &format!("test ! -e {}", image.display()));
+    assert!(o.status.success(), "host-b kept an image");
+
+    let before = counter(&f, 0, "loner").expect("counter");
+    let o = f.cli(&["migrate", "loner", "--to", "host-b", "--copy-storage-all"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Migration of 'loner' from host-a to host-b completed in"),
+        "{}",
+        text(&o)
+    );
+    let after = counter(&f, 1, "loner").expect("counter on host-b");
+    assert!(
+        after > before,
+        "counter went {before} -> {after}: restarted"
+    );
+    runs_only_on(&f, 1, "loner", &uuid);
+    let events = text(&f.cli(&["events"]));
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("vm loner migration ") && l.contains("disks ")),
+        "no disk progress in:\n{events}"
+    );
+    // host-b's own copy holds what the guest kept writing there.
+    let last = counter(&f, 1, "loner").expect("counter");
+    stop_and_check_disk(&f, 1, "loner", &uuid, &image, last);
+}
+
+#[test]
+fn aborting_a_storage_copy_leaves_the_guest_and_its_disk_on_the_source() {
+    let (f, local) = local_fleet();
+    // A 48 MiB disk at 4 MiB/s: the disks take about 12 s, then memory.
+    let (uuid, image) = local_counter_on_a(&f, &local, "keeper", 16);
+    let args = [
+        "migrate",
+        "keeper",
+        "--to",
+        "host-b",
+        "--copy-storage-all",
+        "--bandwidth",
+        "4",
+        "--max-downtime",
+        "1",
+    ];
+    for (stage, line) in [
+        ("copying the disks", "vm keeper migration copying disks"),
+        ("sending memory", "vm keeper migration active "),
+    ] {
+        let cli = {
+            let mut c = f.ctl.command(&bin("flotilla"));
+            c.arg("--coordinator")
+                .arg(COORD)
+                .arg("--tls-dir")
+                .arg(&f.tls)
+                .args(args);
+            c.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().expect("spawn migrate")
+        };
+        let seen = |l: &str| {
+            text(&f.cli(&["events"]))
+                .lines()
+                .filter(|e| e.contains(l))
+                .count()
+        };
+        let earlier = seen(line);
+        assert!(
+            wait_until(Duration::from_secs(60), || seen(line) > earlier),
+            "never reached '{stage}': {}",
+            text(&f.cli(&["events"]))
+        );
+        let o = f.cli(&["migrate-abort", "keeper"]);
+        assert!(o.status.success(), "{stage}: {}", text(&o));
+        let o = cli.wait_with_output().expect("migrate");
+        assert_eq!(o.status.code(), Some(1), "{stage}: {}", text(&o));
+        assert!(
+            text(&o).contains("aborted: aborted by operator; it runs on host-a"),
+            "{stage}: {}",
+            text(&o)
+        );
+        runs_only_on(&f, 0, "keeper", &uuid);
+        // The image host-b created for the copy is gone with its QEMU.
+        let gone = || {
+            in_host_mounts(&f, 1, &format!("test ! -e {}", image.display()))
+                .status
+                .success()
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), gone),
+            "{stage}: host-b kept its half-copied image"
+        );
+    }
+    let last = counter(&f, 0, "keeper").expect("counter");
+    stop_and_check_disk(&f, 0, "keeper", &uuid, &image, last);
+}
+
+#[test]
+fn copy_storage_inc_moves_only_the_top_of_a_qcow2_chain() {
+    let (f, local) = local_fleet();
+    let raw = f.work.path().join("base.raw");
+    std::fs::write(&raw, flotilla_tests::guest::counting_disk_image()).expect("image");
+    let base = local.join("base.qcow2");
+    let top = local.join("layer.qcow2");
+    // The same base on both hosts (as from one template), with data the
+    // top image does not hold; the top image only on host-a.
+    let make_base = format!(
+        "qemu-img convert -f raw -O qcow2 {raw} {base} && qemu-img resize -q {base} 64M && \
+         qemu-io -f qcow2 -c 'write -P 0x5a 8M 8M' {base}",
+        raw = raw.display(),
+        base = base.display()
+    );
+    for idx in [0, 1] {
+        let o = in_host_mounts(&f, idx, &make_base);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let o = in_host_mounts(
+        &f,
+        0,
+        &format!(
+            "qemu-img create -q -f qcow2 -b {} -F qcow2 {}",
+            base.display(),
+            top.display()
+        ),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let uuid = define_counter_on(&f, "layered", &qcow2_disk(&top), "");
+    let o = f.cli(&["start", "layered", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(30), || counter(&f, 0, "layered")
+            .is_some_and(|c| c > 0)),
+        "guest never counted"
+    );
+    let o = f.cli(&["migrate", "layered", "--to", "host-b", "--copy-storage-inc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    runs_only_on(&f, 1, "layered", &uuid);
+    // host-b's top image has host-b's base behind it, and holds only what
+    // the guest wrote (the first cluster), not the base's 8 MiB.
+    let o = in_host_mounts(
+        &f,
+        1,
+        &format!("qemu-img map -U --output=json {}", top.display()),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let map: serde_json::Value = serde_json::from_slice(&o.stdout).expect("map");
+    let in_top: u64 = map
+        .as_array()
+        .expect("extents")
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        in_top > 0 && in_top <= 1 << 20,
+        "host-b's top image holds {in_top} bytes: {}",
+        text(&o)
+    );
+    let last = counter(&f, 1, "layered").expect("counter");
+    stop_and_check_disk(&f, 1, "layered", &uuid, &top, last);
 }
 
 /// A migration that never converges: the guest dirties its counter page

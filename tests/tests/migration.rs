@@ -260,13 +260,26 @@ fn a_destination_with_its_own_file_at_the_same_path_refuses_at_prepare() {
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains(&format!(
-            "cannot accept VM 'w' on host host-b: disk vda ({}) is not the storage the source \
-             uses: the marker the source wrote beside it is missing here",
+            "cannot accept VM 'w' on host host-b: disk vda ({}) is not on storage both hosts \
+             share (the marker the source wrote beside it is missing here), and a migration \
+             that does not copy it would run the guest on a different disk; \
+             --copy-storage-all copies it, --unsafe migrates anyway",
             disk.display()
         )),
         "{out}"
     );
     assert_eq!(qemu_pids_for(&uuid).len(), 1, "nothing started on host-b");
+    // `--unsafe` takes the operator's word (as virsh migrate --unsafe does).
+    let (code, out) = hb.ctl(&[
+        "migrate-incoming",
+        def,
+        "--storage-token",
+        "tok-1",
+        "--unsafe",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = hb.ctl(&["destroy", "w"]);
+    assert_eq!(code, 0, "{out}");
 
     // host-c shares the storage: it reads the token back and waits for the stream.
     let (code, out) = hc.ctl(&["migrate-incoming", def, "--storage-token", "tok-1"]);

@@ -706,6 +706,7 @@ impl World {
             | HvCall::LoadNetworks { .. }
             | HvCall::WriteRecord { .. }
             | HvCall::RemoveRecord { .. }
+            | HvCall::RemoveImages { .. }
             | HvCall::SetLinks { .. }
             | HvCall::WriteMarkers { .. }
             | HvCall::RemoveMarkers { .. }
@@ -1018,6 +1019,8 @@ impl World {
                     auto_converge: false,
                     postcopy: false,
                     timeout_secs: self.rng.chance(0.2).then_some(1),
+                    copy_storage: None,
+                    allow_unsafe: false,
                 },
                 None => OperatorRequest::Hosts,
             },

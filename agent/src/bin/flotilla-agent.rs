@@ -138,6 +138,9 @@ enum Ctl {
         /// Refuse unless every writable disk's marker holds this token (see mark-storage).
         #[arg(long)]
         storage_token: Option<String>,
+        /// Accept writable disks this host does not share with the source.
+        #[arg(long = "unsafe")]
+        allow_unsafe: bool,
     },
     /// Migration source: write a token beside each writable disk for the destination to read back.  Example: ctl mark-storage web01 --token T
     MarkStorage {
@@ -402,12 +405,15 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         Ctl::MigrateIncoming {
             file,
             storage_token,
+            allow_unsafe,
         } => Request::MigrateIncoming {
             xml: std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?,
             source: file.display().to_string(),
             postcopy: false,
             storage_token: storage_token.clone(),
+            copy: None,
+            allow_unsafe: *allow_unsafe,
         },
         Ctl::MarkStorage { name, token } => Request::MarkStorage {
             name: name.clone(),
@@ -455,13 +461,17 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             }
         }
         Response::Done(msg) => println!("{}", msg.trim_end()),
-        Response::Incoming { vm, uri } => {
+        Response::Incoming { vm, uri, nbd } => {
             println!(
                 "Domain '{}' waiting for migration (pid {})",
                 vm.name, vm.pid
             );
             println!("uri: {uri}");
+            if let Some(n) = nbd {
+                println!("nbd: {}:{}", n.host, n.port);
+            }
         }
+        Response::StorageMarked(disks) => println!("{} disk(s) marked", disks.len()),
         Response::Migration(p) => {
             println!("status: {}", p.status);
             println!(

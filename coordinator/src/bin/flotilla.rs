@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use flotilla_shared::net::pki::{self, Role};
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    ClientMessage, MigrationOutcome, OperatorRequest, OperatorResponse, ServerMessage,
+    ClientMessage, CopyMode, MigrationOutcome, OperatorRequest, OperatorResponse, ServerMessage,
 };
 use flotilla_shared::xml::validate::validate_document;
 
@@ -174,6 +174,18 @@ enum Command {
         /// Abort when not done within this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Copy every writable disk to the destination's own storage during
+        /// the migration (NBD mirrors), as `virsh migrate --copy-storage-all`.
+        #[arg(long, conflicts_with = "copy_storage_inc")]
+        copy_storage_all: bool,
+        /// Copy only the top image of each writable disk's qcow2 chain; its
+        /// backing files must exist on the destination.
+        #[arg(long)]
+        copy_storage_inc: bool,
+        /// Migrate even though a writable disk is not on storage the
+        /// destination shares (as `virsh migrate --unsafe`).
+        #[arg(long = "unsafe")]
+        allow_unsafe: bool,
     },
     /// Cancel a running migration; the VM keeps running on its source.
     ///
@@ -322,6 +334,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             auto_converge,
             postcopy,
             timeout,
+            copy_storage_all,
+            copy_storage_inc,
+            allow_unsafe,
         } => OperatorRequest::Migrate {
             name,
             to,
@@ -330,6 +345,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             auto_converge,
             postcopy,
             timeout_secs: timeout,
+            copy_storage: match (copy_storage_all, copy_storage_inc) {
+                (true, _) => Some(CopyMode::All),
+                (false, true) => Some(CopyMode::Inc),
+                (false, false) => None,
+            },
+            allow_unsafe,
         },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -483,15 +504,21 @@ async fn migrate(
                 ServerMessage::Progress(p) => {
                     // The bar fills with what has been sent once: resent
                     // dirty pages would push `transferred` past the total.
-                    bar.set_length(p.total);
-                    bar.set_position(p.total.saturating_sub(p.remaining));
+                    // Disks (a storage copy) and memory fill one bar.
+                    let (disk_len, disk_done) = p.disk();
+                    bar.set_length(p.total + disk_len);
+                    bar.set_position(p.total.saturating_sub(p.remaining) + disk_done);
                     // QEMU has no rate before its first bandwidth sample.
                     let rate = match p.throughput_bps {
                         0 => String::new(),
                         bps => format!(", {}/s", indicatif::HumanBytes(bps)),
                     };
+                    let disks = match flotilla_coordinator::events::disk_progress(&p) {
+                        d if d.is_empty() => d,
+                        d => format!(", disks {d}"),
+                    };
                     bar.set_message(format!(
-                        "{} sent{rate}, pass {}, expected downtime {} ms",
+                        "{} sent{rate}, pass {}, expected downtime {} ms{disks}",
                         indicatif::HumanBytes(p.transferred),
                         p.dirty_sync_count,
                         p.expected_downtime_ms
