@@ -3244,7 +3244,8 @@ mod tests {
             reply(&out),
             &Response::Error(
                 "cannot accept VM 'web03' on host h2: disk source /images/web03.qcow2 does not exist \
-                 here (live migration needs storage both hosts see)"
+                 here (live migration needs storage both hosts see; --copy-storage-all copies \
+                 writable disks)"
                     .into()
             )
         );
