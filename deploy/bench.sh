@@ -63,6 +63,7 @@ section() { # title command...
 
 section "1. Start latency, and 6. footprint" "$BIN/bench-start"
 section "2. Live migration" "$BIN/bench-migration"
+section "2b. Live migration with storage copy" "$BIN/bench-migration" 3 copy-storage
 section "3. Scheduler throughput (pure module)" "$BIN/bench-fleet" scheduler 100000
 section "4. Coordinator fan-in" "$BIN/bench-fleet" fanin 100 1000 5000
 section "5. Fleet start throughput" "$BIN/bench-fleet" fleet-start 10000 1000
@@ -73,7 +74,7 @@ kvm=no
 {
   echo "# Benchmarks"
   echo
-  echo "Written by \`deploy/bench.sh\` (all six in $(( ($(date +%s) - began + 59) / 60 )) min) on $(date -u +%Y-%m-%d)."
+  echo "Written by \`deploy/bench.sh\` (all sections in $(( ($(date +%s) - began + 59) / 60 )) min) on $(date -u +%Y-%m-%d)."
   echo "Medians over repeated runs with their spread; where two systems are"
   echo "compared they ran in the same invocation, alternating, and the ratio is"
   echo "given, because the machine is shared and noisy. Method and findings follow"

@@ -20,7 +20,14 @@
 //!   [`HostCore`] over the same `FakeQemu` (an agent restart) re-attaches to
 //!   the VMs still running and drops the records of those that died;
 //! - the host's **interface table**, **network definitions** and which disk
-//!   paths are missing.
+//!   paths are missing;
+//! - **storage copies**: an incoming QEMU launched with NBD exports serves
+//!   them on the fabric; a source's mirror into it becomes ready at the next
+//!   `query-block-jobs`, and concludes in sync when completed (cancel without
+//!   force) while the source's guest is stopped. With
+//!   `pause-before-switchover` a migration stops in `pre-switchover` until
+//!   `migrate-continue`. A destination that resumes a guest on copied disks
+//!   that never concluded in sync is recorded ([`FakeQemu::stale_disks`]).
 //!
 //! Process exits are not fed to the core by the fake: they queue up and the
 //! simulation delivers them, in whatever order and at whatever time it
@@ -45,7 +52,7 @@ use crate::host_networks::HostNetworks;
 use crate::hypervisor::Stray;
 use crate::interfaces::InterfaceTable;
 use crate::qemu_process::{LaunchMode, StartTimeouts};
-use crate::qmp::QmpCommand;
+use crate::qmp::{MigrationCapability, QmpCommand};
 use crate::vm_record::VmRecord;
 
 /// Settings for a simulated host named `host`: fixed paths, TCG, defaults.
@@ -98,6 +105,8 @@ pub fn drive(
 pub struct FakeFabric {
     listeners: Arc<Mutex<BTreeMap<String, (FakeQemu, String)>>>,
     storage: Arc<Mutex<BTreeMap<PathBuf, String>>>,
+    /// NBD servers of incoming QEMUs, by `host:port`.
+    nbd: Arc<Mutex<BTreeMap<String, (FakeQemu, String)>>>,
 }
 
 impl std::fmt::Debug for FakeFabric {
@@ -117,6 +126,17 @@ impl FakeFabric {
 
     fn listening(&self, uri: &str) -> bool {
         lock(&self.listeners).contains_key(uri)
+    }
+
+    /// A mirror into the NBD server at `target` concluded in sync with a
+    /// stopped guest: that destination's disks now hold what the guest wrote.
+    fn synced(&self, target: &str) {
+        let dest = lock(&self.nbd).get(target).cloned();
+        if let Some((host, name)) = dest {
+            if let Some(p) = host.host().procs.get_mut(&name) {
+                p.disk_synced = true;
+            }
+        }
     }
 
     /// The incoming QEMU on `uri` received the whole stream: it is now paused.
@@ -161,6 +181,27 @@ pub struct FakeProcess {
     pub migration: Option<FakeMigration>,
     /// Every QMP command it received, in order.
     pub commands: Vec<QmpCommand>,
+    /// `pause-before-switchover` is on.
+    pub pause_before_switchover: bool,
+    /// Its disk mirrors (a storage copy's source), by job id.
+    pub mirrors: BTreeMap<String, FakeMirror>,
+    /// NBD client nodes and the `host:port` each reaches.
+    pub nbd_clients: BTreeMap<String, String>,
+    /// Where it serves copied disks (a storage copy's destination).
+    pub nbd: Option<String>,
+    /// A mirror into it concluded in sync with the guest stopped.
+    pub disk_synced: bool,
+}
+
+/// One `blockdev-mirror` job of a fake QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeMirror {
+    /// The NBD client node it writes to.
+    pub target: String,
+    /// `running`, `ready` or `concluded`.
+    pub status: String,
+    /// In sync; writes are mirrored.
+    pub ready: bool,
 }
 
 /// What the fabric must learn after a call (done once the host is unlocked).
@@ -168,8 +209,10 @@ enum Follow {
     Nothing,
     /// The listener on this URI received a whole migration.
     Land(String),
-    /// This host's VM listens on this URI.
-    Listen(String, String),
+    /// This host's VM listens on this URI (and serves NBD at this `host:port`).
+    Listen(String, String, Option<String>),
+    /// A mirror into the NBD server at this `host:port` concluded in sync.
+    Synced(String),
 }
 
 /// A guest NIC's host device on a fake host.
@@ -190,6 +233,8 @@ struct FakeHost {
     devices: BTreeMap<String, FakeDevice>,
     /// Launches refused because a device name was taken: a planning bug.
     collisions: Vec<String>,
+    /// Guests resumed on copied disks that never concluded in sync.
+    stale_disks: Vec<String>,
     /// Storage markers when this host does not share the fabric's storage.
     private_storage: Option<BTreeMap<PathBuf, String>>,
     networks: HostNetworks,
@@ -222,6 +267,7 @@ impl FakeQemu {
                 interfaces: Ok(interfaces),
                 devices: BTreeMap::new(),
                 collisions: Vec::new(),
+                stale_disks: Vec::new(),
                 private_storage: None,
                 networks: HostNetworks::default(),
                 missing: BTreeSet::new(),
@@ -317,6 +363,12 @@ impl FakeQemu {
             {
                 return false;
             }
+            if p.pause_before_switchover {
+                // Stopped before switchover, until `migrate-continue`.
+                m.status = "pre-switchover".into();
+                p.status = "finish-migrate".into();
+                return true;
+            }
             m.status = "completed".into();
             p.status = "postmigrate".into();
             m.uri.clone()
@@ -379,6 +431,11 @@ impl FakeQemu {
         self.host().collisions.clone()
     }
 
+    /// Guests this host resumed on copied disks that never concluded in sync.
+    pub fn stale_disks(&self) -> Vec<String> {
+        self.host().stale_disks.clone()
+    }
+
     /// A VM's record in the state directory.
     pub fn record(&self, name: &str) -> Option<VmRecord> {
         self.host().records.get(name).map(|r| r.0.clone())
@@ -391,9 +448,13 @@ impl FakeQemu {
         match follow {
             Follow::Nothing => {}
             Follow::Land(uri) => fabric.land(&uri),
-            Follow::Listen(uri, name) => {
+            Follow::Listen(uri, name, nbd) => {
+                if let Some(target) = nbd {
+                    lock(&fabric.nbd).insert(target, (self.clone(), name.clone()));
+                }
                 lock(&fabric.listeners).insert(uri, (self.clone(), name));
             }
+            Follow::Synced(target) => fabric.synced(&target),
         }
         result
     }
@@ -413,6 +474,9 @@ impl FakeHost {
             self.devices.retain(|_, d| d.macvtap || d.vm != name);
             if let Some(uri) = &p.listening {
                 lock(&self.fabric.listeners).remove(uri);
+            }
+            if let Some(target) = &p.nbd {
+                lock(&self.fabric.nbd).remove(target);
             }
             self.exits.push(HostInput::VmExited {
                 name: name.to_string(),
@@ -589,12 +653,16 @@ impl FakeHost {
             };
             self.devices.insert(d, device);
         }
-        let (status, listening) = match &plan.mode {
-            LaunchMode::Run => ("running", None),
-            LaunchMode::Incoming { uri, .. } => ("inmigrate", Some(uri.clone())),
+        let (status, listening, nbd) = match &plan.mode {
+            LaunchMode::Run => ("running", None, None),
+            LaunchMode::Incoming { uri, nbd, .. } => (
+                "inmigrate",
+                Some(uri.clone()),
+                nbd.as_ref().map(|n| format!("{}:{}", n.host, n.port)),
+            ),
         };
         let follow = match &listening {
-            Some(uri) => Follow::Listen(uri.clone(), plan.name.clone()),
+            Some(uri) => Follow::Listen(uri.clone(), plan.name.clone(), nbd.clone()),
             None => Follow::Nothing,
         };
         self.procs.insert(
@@ -607,6 +675,11 @@ impl FakeHost {
                 migration: None,
                 commands: Vec::new(),
                 plan,
+                pause_before_switchover: false,
+                mirrors: BTreeMap::new(),
+                nbd_clients: BTreeMap::new(),
+                nbd,
+                disk_synced: false,
             },
         );
         (HvResult::Launched { pid }, follow)
@@ -629,6 +702,7 @@ impl FakeHost {
             ))
         };
         let mut follow = Follow::Nothing;
+        let mut stale = None;
         let result = match &cmd {
             QmpCommand::QueryStatus => HvResult::Qmp(json!({
                 "status": p.status, "running": p.status == "running", "singlestep": false
@@ -637,6 +711,11 @@ impl FakeHost {
                 err("GenericError", "Migration is not finalized yet")
             }
             QmpCommand::Cont => {
+                if p.nbd.is_some() && !p.disk_synced && p.status == "paused" {
+                    stale = Some(format!(
+                        "{vm}: resumed on copied disks that never concluded in sync"
+                    ));
+                }
                 p.status = "running".into();
                 HvResult::Qmp(json!({}))
             }
@@ -686,12 +765,16 @@ impl FakeHost {
                             "failed",
                             Some(format!("Failed to connect to '{uri}': Connection refused")),
                         ),
+                        (true, true) if p.pause_before_switchover => ("pre-switchover", None),
                         (true, true) => ("completed", None),
                         (true, false) => ("active", None),
                     };
                     if status == "completed" {
                         p.status = "postmigrate".into();
                         follow = Follow::Land(uri.clone());
+                    }
+                    if status == "pre-switchover" {
+                        p.status = "finish-migrate".into();
                     }
                     p.migration = Some(FakeMigration {
                         uri: uri.clone(),
@@ -703,12 +786,25 @@ impl FakeHost {
             }
             QmpCommand::MigrateCancel => {
                 if let Some(m) = p.migration.as_mut() {
-                    if m.status == "active" {
+                    if m.status == "pre-switchover" {
+                        // QEMU runs the guest again.
+                        p.status = "running".into();
+                    }
+                    if matches!(m.status.as_str(), "active" | "pre-switchover") {
                         m.status = "cancelled".into();
                     }
                 }
                 HvResult::Qmp(json!({}))
             }
+            QmpCommand::MigrateContinue => match p.migration.as_mut() {
+                Some(m) if m.status == "pre-switchover" => {
+                    m.status = "completed".into();
+                    p.status = "postmigrate".into();
+                    follow = Follow::Land(m.uri.clone());
+                    HvResult::Qmp(json!({}))
+                }
+                _ => err("GenericError", "Migration not in pre-switchover state"),
+            },
             QmpCommand::MigrateStartPostcopy => match p.migration.as_mut() {
                 Some(m) if m.status == "active" => {
                     m.status = "postcopy-active".into();
@@ -725,23 +821,104 @@ impl FakeHost {
             }
             QmpCommand::HumanMonitor(_) => HvResult::Qmp(Value::String(String::new())),
             QmpCommand::QueryBlock => HvResult::Qmp(query_block(&p.plan.argv.args)),
-            QmpCommand::QueryBlockJobs => HvResult::Qmp(json!([])),
+            QmpCommand::QueryBlockJobs => {
+                let jobs: Vec<Value> = p
+                    .mirrors
+                    .iter()
+                    .map(|(id, m)| {
+                        json!({"device": id, "type": "mirror", "status": m.status,
+                               "ready": m.ready, "len": 100, "offset": if m.ready { 100 } else { 50 }})
+                    })
+                    .collect();
+                // A mirror catches up by the next look.
+                for m in p.mirrors.values_mut().filter(|m| m.status == "running") {
+                    m.status = "ready".into();
+                    m.ready = true;
+                }
+                HvResult::Qmp(Value::Array(jobs))
+            }
+            QmpCommand::NbdClientAdd {
+                node, host, port, ..
+            } => {
+                let target = format!("{host}:{port}");
+                if p.nbd_clients.contains_key(node) {
+                    err("GenericError", "Duplicate nodes with node-name")
+                } else if lock(&fabric.nbd).contains_key(&target) {
+                    p.nbd_clients.insert(node.clone(), target);
+                    HvResult::Qmp(json!({}))
+                } else {
+                    err(
+                        "GenericError",
+                        "Failed to connect to the NBD server: Connection refused",
+                    )
+                }
+            }
+            QmpCommand::BlockdevMirror { job, target, .. } => {
+                match (p.mirrors.contains_key(job), p.nbd_clients.get(target)) {
+                    (true, _) => err("GenericError", "Job ID already in use"),
+                    (false, None) => err("GenericError", "Cannot find target node"),
+                    (false, Some(t)) => {
+                        let mirror = FakeMirror {
+                            target: t.clone(),
+                            status: "running".into(),
+                            ready: false,
+                        };
+                        p.mirrors.insert(job.clone(), mirror);
+                        HvResult::Qmp(json!({}))
+                    }
+                }
+            }
+            QmpCommand::BlockJobCancel { job, force } => {
+                let stopped = p.status != "running";
+                match p.mirrors.get_mut(job) {
+                    Some(m) if m.status != "concluded" => {
+                        if m.ready && !force && stopped {
+                            follow = Follow::Synced(m.target.clone());
+                        }
+                        m.status = "concluded".into();
+                        HvResult::Qmp(json!({}))
+                    }
+                    _ => err("DeviceNotActive", "Block job not found"),
+                }
+            }
+            QmpCommand::JobDismiss { job } => match p.mirrors.get(job) {
+                Some(m) if m.status == "concluded" => {
+                    p.mirrors.remove(job);
+                    HvResult::Qmp(json!({}))
+                }
+                _ => err("GenericError", "Job not found or not concluded"),
+            },
+            QmpCommand::BlockdevDel { node } => {
+                if p.mirrors
+                    .values()
+                    .any(|m| p.nbd_clients.get(node) == Some(&m.target))
+                {
+                    err("GenericError", "Node is in use")
+                } else if p.nbd_clients.remove(node).is_some() {
+                    HvResult::Qmp(json!({}))
+                } else {
+                    err("GenericError", "Failed to find node")
+                }
+            }
             QmpCommand::NbdServerStart { .. }
             | QmpCommand::NbdExport { .. }
-            | QmpCommand::NbdServerStop
-            | QmpCommand::NbdClientAdd { .. }
-            | QmpCommand::BlockdevMirror { .. }
-            | QmpCommand::BlockJobCancel { .. }
-            | QmpCommand::JobDismiss { .. }
-            | QmpCommand::BlockdevDel { .. }
-            | QmpCommand::MigrateContinue => HvResult::Qmp(json!({})),
+            | QmpCommand::NbdServerStop => HvResult::Qmp(json!({})),
+            QmpCommand::MigrateSetCapabilities { capabilities } => {
+                if let Some((_, on)) = capabilities
+                    .iter()
+                    .find(|(c, _)| *c == MigrationCapability::PauseBeforeSwitchover)
+                {
+                    p.pause_before_switchover = *on;
+                }
+                HvResult::Qmp(json!({}))
+            }
             QmpCommand::MigrateSetParameters { .. }
-            | QmpCommand::MigrateSetCapabilities { .. }
             | QmpCommand::ClientMigrateInfo { .. }
             | QmpCommand::SetPassword { .. }
             | QmpCommand::ExpirePassword { .. }
             | QmpCommand::AnnounceSelf => HvResult::Qmp(json!({})),
         };
+        self.stale_disks.extend(stale);
         (result, follow)
     }
 }

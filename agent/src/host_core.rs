@@ -759,16 +759,17 @@ impl HostCore {
                 let Some(vm) = self.vms.get_mut(&name) else {
                     return reply(out, self.not_running(&name));
                 };
-                // Cancelled jobs conclude on their own; the next attempt
-                // dismisses them and removes their NBD clients.
-                let chain = std::mem::take(&mut vm.mirrors)
-                    .iter()
-                    .map(|t| {
+                // A source paused before switchover stays paused until told:
+                // cancelling the migration (a no-op when none is active) runs
+                // its guest again. Cancelled jobs conclude on their own; the
+                // next attempt dismisses them and removes their NBD clients.
+                let chain = std::iter::once(Link::may(QmpCommand::MigrateCancel))
+                    .chain(std::mem::take(&mut vm.mirrors).iter().map(|t| {
                         Link::may(QmpCommand::BlockJobCancel {
                             job: storage_copy::mirror_job(t),
                             force: true,
                         })
-                    })
+                    }))
                     .collect();
                 self.chain(id, &name, chain, "mirrors cancelled".into(), out);
             }

@@ -1073,6 +1073,7 @@ impl FleetCore {
             return;
         }
         let (mut sources, mut holders, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
+        let mut before_switchover = None;
         for (h, live) in &self.hosts {
             if !self.connected(live, now) {
                 continue;
@@ -1085,9 +1086,21 @@ impl FleetCore {
                 VmRunState::PostMigrate => sources.push((h.clone(), conn)),
                 VmRunState::Paused => holders.push((h.clone(), conn)),
                 VmRunState::InMigrate => waiting.push((h.clone(), conn)),
+                // Paused before switchover (a storage copy) with no job to
+                // finish it: nothing switched over, so the guest is the
+                // source's, and cancelling the migration runs it again.
+                VmRunState::FinishMigrate => before_switchover = Some((h.clone(), conn)),
                 // A copy that may run: reconciliation's business, not ours.
                 _ => return,
             }
+        }
+        if let Some((host, conn)) = before_switchover {
+            tracing::warn!(vm, host = %host, "cancelling a migration left paused before switchover");
+            let request = AgentRequest::MigrateCancel {
+                name: vm.to_string(),
+            };
+            self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
+            return;
         }
         // Every host that might hold a copy has reported: each known host,
         // and the recorded migration's destination even if it is not known.
@@ -3501,6 +3514,43 @@ mod tests {
         assert!(
             matches!(&calls[..], [(_, h, AgentRequest::MigrateFinish { .. })] if h == "b"),
             "the destination resumes first, and nothing else happens yet: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_source_left_paused_before_switchover_is_cancelled_so_its_guest_runs_again() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        r.store
+            .set_migrating_to("web", Some("b".into()))
+            .expect("record");
+        // A new coordinator; the storage copy's source waits before
+        // switchover, and nothing will ever tell it to continue.
+        let mut core = FleetCore::new(r.store.clone(), r.core.settings.clone())
+            .expect("core")
+            .without_stopwatch();
+        core.handle(
+            r.t0,
+            Input::Register {
+                host: "b".into(),
+                facts: facts("b", &[]),
+                conn: 4,
+            },
+        );
+        let out = core.handle(
+            r.t0,
+            Input::Register {
+                host: "a".into(),
+                facts: facts("a", &[("web", VmRunState::FinishMigrate)]),
+                conn: 3,
+            },
+        );
+        let calls = Rig::calls(&out);
+        assert!(
+            matches!(&calls[..], [(_, h, AgentRequest::MigrateCancel { name })] if h == "a" && name == "web"),
+            "{out:?}"
         );
     }
 }

@@ -64,8 +64,8 @@ use flotilla_coordinator::lifecycle::VmLifecycle;
 use flotilla_coordinator::scheduler::Policy;
 use flotilla_coordinator::store::{MemStore, Store};
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, HelloAck, HostFacts, MachineTypes, MigrationOutcome, NetStatus,
-    OperatorError, OperatorRequest, OperatorResponse, VmSummary,
+    AgentRequest, AgentResponse, CopyMode, HelloAck, HostFacts, MachineTypes, MigrationOutcome,
+    NetStatus, OperatorError, OperatorRequest, OperatorResponse, VmSummary,
 };
 use flotilla_shared::xml::Network;
 
@@ -348,7 +348,8 @@ fn settings() -> FleetSettings {
 /// Host `i`: one device with one address, network `public` over it (so
 /// migrations have an address to arrive at and NICs a device: a bridge, or
 /// on host-b an uplink for macvtaps), migrations that complete when the
-/// simulation says so, and an agent that boots at time zero.
+/// simulation says so, and an agent that boots at time zero. host-c's
+/// storage is its own: its guests move only with `--copy-storage-all`.
 fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
     let name = format!("host-{}", (b'a' + i as u8) as char);
     let addr = format!("198.18.4.{}", i + 1);
@@ -375,6 +376,9 @@ fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
     });
     fake.set_auto_complete(false);
     fake.join(fabric);
+    if i == 2 {
+        fake.use_private_storage();
+    }
     HostSim {
         name,
         fake,
@@ -1019,7 +1023,7 @@ impl World {
                     auto_converge: false,
                     postcopy: false,
                     timeout_secs: self.rng.chance(0.2).then_some(1),
-                    copy_storage: None,
+                    copy_storage: self.rng.chance(0.4).then_some(CopyMode::All),
                     allow_unsafe: false,
                 },
                 None => OperatorRequest::Hosts,
@@ -1567,6 +1571,9 @@ impl World {
                     "{}: a launch wanted a device another VM holds ({c})",
                     h.name
                 ));
+            }
+            if let Some(v) = h.fake.stale_disks().first() {
+                return Err(format!("{}: {v}", h.name));
             }
         }
         // An up macvtap carries the guest MAC (the host's IPv6 sends from

@@ -9,6 +9,11 @@
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `target/release/bench-migration [ROUNDS]`. Prints a table of medians and
 //! ranges. Creates and removes its own namespaces; touches nothing else.
+//!
+//! `bench-migration ROUNDS copy-storage` instead moves a guest whose 1 GiB
+//! qcow2 disk (256 MiB written) is on each host's own storage (a tmpfs in
+//! each agent's and each libvirtd's mount namespace): `flotilla migrate
+//! --copy-storage-all` against `virsh migrate --live --copy-storage-all`.
 
 #![allow(clippy::expect_used)]
 
@@ -58,6 +63,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
+    let copy_storage = std::env::args().nth(2).as_deref() == Some("copy-storage");
     let work = tempfile::Builder::new()
         .prefix("flt-bench-")
         .tempdir_in("/tmp")
@@ -169,6 +175,29 @@ fn main() {
         lv.virsh_ok(&["net-start", "public"]);
     }
 
+    if copy_storage {
+        let hmp = |on_a: bool, line: &str| {
+            let (ns, host, dirs) = if on_a {
+                (&a, "host-a", &dirs_of[0])
+            } else {
+                (&b, "host-b", &dirs_of[1])
+            };
+            let mut c = agent_command(ns, host, dirs);
+            c.args(["ctl", "qemu-monitor-command", "bench-copy", "--hmp", line]);
+            String::from_utf8_lossy(&output(c).stdout).into_owned()
+        };
+        let hosts = Hosts {
+            ctl: &ctl,
+            tls: &tls,
+            agents: [agents[0].child.id(), agents[1].child.id()],
+            libvirtds: [&lv_a, &lv_b],
+            work: work.path(),
+            hmp: &hmp,
+        };
+        copy_storage_table(&hosts, rounds);
+        drop(agents);
+        return;
+    }
     println!("| guest | path | runs | wall ms median (range) | downtime ms median (range) | MiB sent median |");
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
@@ -395,6 +424,193 @@ fn main() {
         println!("- {r}");
     }
     drop(agents);
+}
+
+/// What the storage-copy table needs of the set-up.
+struct Hosts<'a> {
+    ctl: &'a Netns,
+    tls: &'a Path,
+    /// Each agent's pid: its mount namespace (and its QEMUs') is the host's.
+    agents: [u32; 2],
+    libvirtds: [&'a LibvirtDaemon; 2],
+    work: &'a Path,
+    /// An HMP command to Flotilla's copy of the guest on host-a (true) or host-b.
+    hmp: &'a dyn Fn(bool, &str) -> String,
+}
+
+/// Runs `script` in the mount namespace of `pid`.
+fn in_mounts(pid: u32, script: &str) {
+    let mut c = Command::new("nsenter");
+    c.arg("-t")
+        .arg(pid.to_string())
+        .args(["-m", "sh", "-c", script]);
+    let o = output(c);
+    assert!(
+        o.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `flotilla migrate --copy-storage-all` and `virsh migrate --live
+/// --copy-storage-all` of a guest on a 1 GiB qcow2 with 256 MiB written,
+/// each host's copy on storage only it sees, alternating directions.
+fn copy_storage_table(h: &Hosts, rounds: usize) {
+    let local = h.work.join("local");
+    std::fs::create_dir_all(&local).expect("local dir");
+    let raw = h.work.join("copy-boot.raw");
+    std::fs::write(&raw, counting_disk_image()).expect("image");
+    let image = local.join("copy.qcow2");
+    let make = format!(
+        "qemu-img convert -f raw -O qcow2 {raw} {img} && qemu-img resize -q {img} 1G && \
+         qemu-io -f qcow2 -c 'write -P 0xa5 8M 256M' {img} >/dev/null",
+        raw = raw.display(),
+        img = image.display()
+    );
+    let lv_pids = [h.libvirtds[0].child.id(), h.libvirtds[1].child.id()];
+    // Each agent and each libvirtd gets its own `local`; host-a's two hold
+    // the disk, host-b's start empty.
+    for pid in h.agents.iter().chain(lv_pids.iter()) {
+        in_mounts(*pid, &format!("mount -t tmpfs tmpfs {}", local.display()));
+    }
+    in_mounts(h.agents[0], &make);
+    in_mounts(lv_pids[0], &make);
+    let name = "bench-copy";
+    let xml = domain_xml(
+        name,
+        &new_uuid(),
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            image.display()
+        ),
+    )
+    .replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+    );
+    let file = h.work.join("bench-copy.xml");
+    std::fs::write(&file, &xml).expect("xml");
+    let file_s = file.to_str().expect("utf8");
+    let cli = |args: &[&str]| {
+        let o = flotilla(h.ctl, COORD, h.tls, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    cli(&["define", file_s]);
+    cli(&["start", name, "--host", "host-a"]);
+    h.libvirtds[0].virsh_ok(&["define", file_s]);
+    h.libvirtds[0].virsh_ok(&["start", name]);
+    let mut ours = Sample::default();
+    let mut lv = Sample::default();
+    let counting = || {
+        parse_xp_word(&(h.hmp)(true, &format!("xp /1wx {COUNTER_ADDR:#x}"))).is_some_and(|c| c > 0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), counting),
+        "guest did not boot"
+    );
+    let mut on_a = true;
+    for _ in 0..rounds {
+        let (from, to, dest_ip) = if on_a {
+            (0, 1, "198.18.100.2")
+        } else {
+            (1, 0, "198.18.100.1")
+        };
+        // Two cores: the other path's guest is paused while one is timed.
+        h.libvirtds[from].virsh_ok(&["suspend", name]);
+        let t = Instant::now();
+        let text = cli(&[
+            "migrate",
+            name,
+            "--to",
+            ["host-a", "host-b"][to],
+            "--copy-storage-all",
+            "--max-downtime",
+            "300",
+        ]);
+        ours.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        ours.downtime_ms.push(
+            text.split("downtime ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.trim_end_matches(',').parse().ok())
+                .unwrap_or(f64::NAN),
+        );
+        h.libvirtds[from].virsh_ok(&["resume", name]);
+        (h.hmp)(to == 0, "stop");
+        // libvirt creates destination images only inside storage pools:
+        // this one is made beforehand, untimed.
+        in_mounts(
+            lv_pids[to],
+            &format!(
+                "test -e {img} || qemu-img create -q -f qcow2 {img} 1G",
+                img = image.display()
+            ),
+        );
+        let t = Instant::now();
+        let o = {
+            let mut c = Command::new("virsh");
+            c.args([
+                "-q",
+                "-c",
+                &h.libvirtds[from].uri(),
+                "migrate",
+                "--live",
+                "--copy-storage-all",
+                name,
+                &h.libvirtds[to].uri(),
+            ])
+            .arg("--migrateuri")
+            .arg(format!("tcp://{dest_ip}:49300"));
+            output(c)
+        };
+        let wall = t.elapsed().as_secs_f64() * 1000.0;
+        assert!(
+            o.status.success(),
+            "virsh migrate --copy-storage-all: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        lv.wall_ms.push(wall);
+        let info = h.libvirtds[to].virsh_ok(&["domjobinfo", name, "--completed"]);
+        lv.downtime_ms.push(
+            info.lines()
+                .find(|l| l.starts_with("Total downtime"))
+                .and_then(|l| l.split_once(':'))
+                .and_then(|(_, v)| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                .unwrap_or(f64::NAN),
+        );
+        (h.hmp)(to == 0, "cont");
+        on_a = !on_a;
+    }
+    let _ = flotilla(h.ctl, COORD, h.tls, &["destroy", name]);
+    for l in h.libvirtds {
+        let _ = l.virsh(&["destroy", name]);
+        let _ = l.virsh(&["undefine", name]);
+    }
+    println!("| disk | path | runs | wall ms median (range) | downtime ms median (range) |");
+    println!("|---|---|---|---|---|");
+    for (label, s) in [
+        ("`flotilla migrate --copy-storage-all`", &ours),
+        ("`virsh migrate --live --copy-storage-all`", &lv),
+    ] {
+        println!(
+            "| qcow2 1 GiB, 256 MiB written, local to each host | {label} | {} | {} | {} |",
+            s.wall_ms.len(),
+            summary(&s.wall_ms),
+            summary(&s.downtime_ms)
+        );
+    }
+    println!();
+    println!(
+        "- flotilla/libvirt wall time {:.2}",
+        median(&ours.wall_ms) / median(&lv.wall_ms)
+    );
 }
 
 /// `1.76 MiB`, `512.000 KiB`, `3 GiB`, `1234 B` → MiB.
