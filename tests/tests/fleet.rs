@@ -811,6 +811,12 @@ fn runs_only_on(f: &Fleet, idx: usize, name: &str, uuid: &str) {
 
 fn start_counting_on_a(f: &Fleet, name: &str) -> String {
     let uuid = define_counter(f, name);
+    count_on_a(f, name);
+    uuid
+}
+
+/// Starts the defined counting guest on host-a and waits until it counts.
+fn count_on_a(f: &Fleet, name: &str) {
     let o = f.cli(&["start", name, "--host", "host-a"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -818,7 +824,6 @@ fn start_counting_on_a(f: &Fleet, name: &str) -> String {
             .is_some_and(|c| c > 0)),
         "guest never counted"
     );
-    uuid
 }
 
 #[test]
@@ -830,13 +835,7 @@ fn live_migration_moves_the_guest_and_its_console() {
     std::fs::write(&raw, flotilla_tests::guest::counting_disk_image()).expect("image");
     qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &image]);
     let uuid = define_counter_on(&f, "mover", &qcow2_disk(&image), VNC_PUBLIC);
-    let o = f.cli(&["start", "mover", "--host", "host-a"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        wait_until(Duration::from_secs(30), || counter(&f, 0, "mover")
-            .is_some_and(|c| c > 0)),
-        "guest never counted"
-    );
+    count_on_a(&f, "mover");
     let stored = text(&f.cli(&["dumpxml", "mover"]));
     let before = counter(&f, 0, "mover").expect("counter");
     // No --to: the scheduler excludes the source and host-c lacks `public`.
@@ -960,13 +959,7 @@ fn local_counter_on_a(f: &Fleet, local: &Path, name: &str, data_mib: u32) -> (St
     let o = in_host_mounts(f, 0, &script);
     assert!(o.status.success(), "{}", text(&o));
     let uuid = define_counter_on(f, name, &qcow2_disk(&image), "");
-    let o = f.cli(&["start", name, "--host", "host-a"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        wait_until(Duration::from_secs(30), || counter(f, 0, name)
-            .is_some_and(|c| c > 0)),
-        "guest never counted"
-    );
+    count_on_a(f, name);
     (uuid, image)
 }
 
@@ -1123,13 +1116,7 @@ fn copy_storage_inc_moves_only_the_top_of_a_qcow2_chain() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let uuid = define_counter_on(&f, "layered", &qcow2_disk(&top), "");
-    let o = f.cli(&["start", "layered", "--host", "host-a"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        wait_until(Duration::from_secs(30), || counter(&f, 0, "layered")
-            .is_some_and(|c| c > 0)),
-        "guest never counted"
-    );
+    count_on_a(&f, "layered");
     let o = f.cli(&["migrate", "layered", "--to", "host-b", "--copy-storage-inc"]);
     assert!(o.status.success(), "{}", text(&o));
     runs_only_on(&f, 1, "layered", &uuid);
