@@ -219,6 +219,14 @@ struct Vm {
     stops: Vec<StopWait>,
 }
 
+impl Vm {
+    /// The guest ran on this host: images created for its storage copy are
+    /// its disks from now on, whatever the record on disk still says.
+    fn ran_here(&mut self) {
+        self.record.created_images.clear();
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopPhase {
     /// `system_powerdown` sent.
@@ -619,6 +627,9 @@ impl HostCore {
                 Ok(s) => {
                     vm.state = s;
                     vm.status = s.qemu_status().to_string();
+                    if s == VmState::Running {
+                        vm.ran_here();
+                    }
                 }
                 Err(e) => tracing::debug!(vm = %name, error = %e, "lifecycle move ignored"),
             }
@@ -631,6 +642,9 @@ impl HostCore {
             return;
         };
         vm.status = status.to_string();
+        if status == "running" {
+            vm.ran_here();
+        }
         // While the guest is sent away it keeps running; query-migrate decides.
         if matches!(vm.state, VmState::Stopping | VmState::Outgoing) {
             return;
@@ -1480,11 +1494,13 @@ impl HostCore {
                         for p in &record.ports {
                             self.ports.release(*p);
                         }
+                        // Whether the guest ever ran on its copied images
+                        // is unknown here: they stay.
                         let call = HvCall::RemoveRecord {
                             name: record.name.clone(),
                             paths: self.paths(&record.name),
                             macvtaps: record.macvtaps(),
-                            images: record.created_images.clone(),
+                            images: Vec::new(),
                         };
                         self.hv(out, Pending::Ignore, call);
                     }
@@ -2082,11 +2098,13 @@ impl HostCore {
                 }
             } else if self.reattach {
                 tracing::info!(vm = %record.name, pid = record.pid, "recorded VM is no longer running");
+                // Whether the guest ever ran on its copied images is
+                // unknown here: they stay.
                 let call = HvCall::RemoveRecord {
                     name: record.name.clone(),
                     paths: self.paths(&record.name),
                     macvtaps: record.macvtaps(),
-                    images: record.created_images.clone(),
+                    images: Vec::new(),
                 };
                 self.hv(out, Pending::Ignore, call);
             }
@@ -2191,7 +2209,8 @@ impl HostCore {
                 response: Response::Done(msg),
             });
         }
-        // Images created for a copy the guest never resumed on go too.
+        // Images created for a copy go too, unless the guest ran here
+        // (`Vm::ran_here`): then they are its disks.
         let call = HvCall::RemoveRecord {
             name: name.clone(),
             paths: self.paths(&name),
