@@ -1170,10 +1170,7 @@ impl HostCore {
                 Ok(a) => a,
                 Err(e) => return fail(self, out, &ports, e),
             };
-            let Some(port) = self
-                .ports
-                .allocate_least_recent(MIGRATION_PORTS, &mut *self.probe)
-            else {
+            let Some(port) = self.migration_port() else {
                 return fail(
                     self,
                     out,
@@ -1190,10 +1187,7 @@ impl HostCore {
             let nbd = match copy.filter(|c| !c.disks.is_empty()) {
                 None => None,
                 Some(copy) => {
-                    let Some(nbd_port) = self
-                        .ports
-                        .allocate_least_recent(MIGRATION_PORTS, &mut *self.probe)
-                    else {
+                    let Some(nbd_port) = self.migration_port() else {
                         return fail(
                             self,
                             out,
@@ -1281,6 +1275,13 @@ impl HostCore {
             Pending::Launch(Box::new(ctx)),
             HvCall::Launch(Box::new(launch)),
         );
+    }
+
+    /// A port from the migration range (streams and NBD servers), the one
+    /// released longest ago first.
+    fn migration_port(&mut self) -> Option<u16> {
+        self.ports
+            .allocate_least_recent(MIGRATION_PORTS, &mut *self.probe)
     }
 
     /// The VM's macvtaps (none if it is not here).

@@ -275,7 +275,7 @@ pub async fn launch(
                         .map_err(qmp_step("nbd-server-start"))?;
                     for (node, name) in &nbd.exports {
                         let export = QmpCommand::NbdExport {
-                            id: format!("flotilla-nbd-{name}"),
+                            id: crate::storage_copy::export_id(name),
                             node: node.clone(),
                             name: name.clone(),
                         };

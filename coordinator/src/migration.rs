@@ -270,6 +270,18 @@ impl Command {
     }
 }
 
+/// The reason a storage copy failed on the source.
+fn copy_failed(e: &str) -> String {
+    format!("copying the disks failed on the source: {e}")
+}
+
+/// The first mirror that reports an error, as `disk vda: …`.
+fn mirror_error(s: &MigrationProgress) -> Option<String> {
+    s.mirrors
+        .iter()
+        .find_map(|m| m.error.as_ref().map(|e| format!("disk {}: {e}", m.target)))
+}
+
 /// What the operator sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
@@ -443,34 +455,30 @@ impl Migration {
             (Phase::Mirroring, Input::MirrorsStarted) => Vec::new(),
             (Phase::Mirroring, Input::MirrorFailed(e)) => self.end(
                 Phase::Failed {
-                    reason: format!("copying the disks failed on the source: {e}"),
+                    reason: copy_failed(&e),
                 },
                 now,
                 vec![Command::DestroyDestination],
             ),
             (Phase::Mirroring, Input::Progress(s)) => {
                 let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
-                let failed = s
-                    .mirrors
-                    .iter()
-                    .find_map(|m| m.error.as_ref().map(|e| format!("disk {}: {e}", m.target)))
-                    .or_else(|| {
-                        s.mirrors
-                            .iter()
-                            .find(|m| !m.ready && m.status == "concluded")
-                            .map(|m| {
-                                format!(
-                                    "disk {}: the mirror stopped before it was in sync",
-                                    m.target
-                                )
-                            })
-                    });
+                let failed = mirror_error(&s).or_else(|| {
+                    s.mirrors
+                        .iter()
+                        .find(|m| !m.ready && m.status == "concluded")
+                        .map(|m| {
+                            format!(
+                                "disk {}: the mirror stopped before it was in sync",
+                                m.target
+                            )
+                        })
+                });
                 let all_ready = !s.mirrors.is_empty() && s.mirrors.iter().all(|m| m.ready);
                 self.last_stats = Some(s);
                 if let Some(e) = failed {
                     cmds.extend(self.end(
                         Phase::Failed {
-                            reason: format!("copying the disks failed on the source: {e}"),
+                            reason: copy_failed(&e),
                         },
                         now,
                         vec![Command::DestroyDestination],
@@ -502,7 +510,7 @@ impl Migration {
             ),
             (Phase::Performing, Input::MirrorFailed(e)) => {
                 self.phase = Phase::Aborting {
-                    reason: format!("copying the disks failed on the source: {e}"),
+                    reason: copy_failed(&e),
                 };
                 vec![Command::CancelMigration]
             }
@@ -526,15 +534,12 @@ impl Migration {
                 // the mirrors finish now, with the guest stopped, and the
                 // source switches over only once each concluded in sync.
                 let mut cmds = vec![Command::Report(Report::Progress(s.clone()))];
-                let failed = s
-                    .mirrors
-                    .iter()
-                    .find_map(|m| m.error.as_ref().map(|e| format!("disk {}: {e}", m.target)));
+                let failed = mirror_error(&s);
                 let concluded = s.mirrors.iter().all(|m| m.status == "concluded");
                 self.last_stats = Some(s);
                 if let Some(e) = failed {
                     self.phase = Phase::Aborting {
-                        reason: format!("copying the disks failed on the source: {e}"),
+                        reason: copy_failed(&e),
                     };
                     cmds.push(Command::CancelMigration);
                 } else if !self.mirrors_completing {

@@ -306,15 +306,7 @@ fn main() {
                 String::from_utf8_lossy(&o.stderr)
             );
             ours.wall_ms.push(wall);
-            // "…, downtime 4 ms, 1.76 MiB transferred"
-            let after = |key: &str| {
-                text.split(key)
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|v| v.trim_end_matches(',').parse::<f64>().ok())
-                    .unwrap_or(f64::NAN)
-            };
-            ours.downtime_ms.push(after("downtime "));
+            ours.downtime_ms.push(flotilla_downtime_ms(&text));
             ours.sent_mib.push(
                 text.split(" transferred")
                     .next()
@@ -360,19 +352,10 @@ fn main() {
             // The source has no domain left to ask once the command returns;
             // the destination keeps the completed job's statistics.
             let info = to_lv.virsh_ok(&["domjobinfo", &name, "--completed"]);
-            let field = |key: &str| {
-                info.lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            };
-            lv.downtime_ms.push(
-                field("Total downtime")
-                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-                    .unwrap_or(f64::NAN),
+            lv.downtime_ms.push(libvirt_downtime_ms(&info));
+            lv.sent_mib.push(
+                jobinfo_field(&info, "Memory processed").map_or(f64::NAN, |v| parse_size_mib(&v)),
             );
-            lv.sent_mib
-                .push(field("Memory processed").map_or(f64::NAN, |v| parse_size_mib(&v)));
 
             // Raw QMP between two QEMUs started by hand: the floor.
             to_lv.virsh_ok(&["suspend", &name]);
@@ -535,13 +518,7 @@ fn copy_storage_table(h: &Hosts, rounds: usize) {
             "300",
         ]);
         ours.wall_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        ours.downtime_ms.push(
-            text.split("downtime ")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.trim_end_matches(',').parse().ok())
-                .unwrap_or(f64::NAN),
-        );
+        ours.downtime_ms.push(flotilla_downtime_ms(&text));
         h.libvirtds[from].virsh_ok(&["resume", name]);
         (h.hmp)(to == 0, "stop");
         // libvirt creates destination images only inside storage pools:
@@ -578,13 +555,7 @@ fn copy_storage_table(h: &Hosts, rounds: usize) {
         );
         lv.wall_ms.push(wall);
         let info = h.libvirtds[to].virsh_ok(&["domjobinfo", name, "--completed"]);
-        lv.downtime_ms.push(
-            info.lines()
-                .find(|l| l.starts_with("Total downtime"))
-                .and_then(|l| l.split_once(':'))
-                .and_then(|(_, v)| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-                .unwrap_or(f64::NAN),
-        );
+        lv.downtime_ms.push(libvirt_downtime_ms(&info));
         (h.hmp)(to == 0, "cont");
         on_a = !on_a;
     }
@@ -611,6 +582,31 @@ fn copy_storage_table(h: &Hosts, rounds: usize) {
         "- flotilla/libvirt wall time {:.2}",
         median(&ours.wall_ms) / median(&lv.wall_ms)
     );
+}
+
+/// The downtime `flotilla migrate` reports ("…, downtime 4 ms, 1.76 MiB
+/// transferred"); NaN when it reports none.
+fn flotilla_downtime_ms(text: &str) -> f64 {
+    text.split("downtime ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// A field of `virsh domjobinfo`, trimmed.
+fn jobinfo_field(info: &str, key: &str) -> Option<String> {
+    info.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// `Total downtime: 23 ms` of `virsh domjobinfo --completed`; NaN without it.
+fn libvirt_downtime_ms(info: &str) -> f64 {
+    jobinfo_field(info, "Total downtime")
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 /// `1.76 MiB`, `512.000 KiB`, `3 GiB`, `1234 B` → MiB.
