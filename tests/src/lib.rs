@@ -638,6 +638,61 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The lines a child process writes to a pipe, read on a thread as they
+/// arrive, so a test can wait for a line instead of sleeping.
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Lines {
+    /// Starts reading `pipe` on its own thread.
+    pub fn read(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until the lines seen so far satisfy `done`; on timeout or end
+    /// of the pipe, returns what was seen as the error.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => return Err(format!("{e} after:\n{}", self.seen.join("\n"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every line, once the writer has closed the pipe.
+    pub fn finish(mut self) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.seen.extend(self.rx.try_iter());
+        self.seen.join("\n")
+    }
+}
+
 /// A plain HTTP/1.0 GET of `path` from `addr`; returns the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;

@@ -557,7 +557,12 @@ fn the_counting_guest_boots_and_counts() {
         }),
         "the guest never started counting"
     );
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let later = read();
-    assert!(later > first, "counter stuck at {first} (then {later})");
+    let mut later = first;
+    assert!(
+        flotilla_tests::wait_until(std::time::Duration::from_secs(10), || {
+            later = read();
+            later > first
+        }),
+        "counter stuck at {first} (then {later})"
+    );
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use flotilla_tests::{
     bin, domain_xml, flotilla, new_uuid, output, qemu_pids_for, rfb_banner, wait_until,
-    AgentDaemon, AgentDirs, CoordinatorProcess, Netns,
+    AgentDaemon, AgentDirs, CoordinatorProcess, Lines, Netns,
 };
 
 const COORD: &str = "198.19.0.1:7443";
@@ -347,19 +347,26 @@ fn one_definition_gets_each_hosts_own_console_address() {
             .stderr(std::process::Stdio::null());
         c.spawn().expect("spawn events --follow")
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // The follower prints the history first and then streams: once it has
+    // printed every past start, it is subscribed.
+    let mut follower = follower;
+    let mut streamed = Lines::read(follower.stdout.take().expect("piped stdout"));
+    let starts = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("vm web01 started on host-a"))
+            .count()
+    };
+    streamed
+        .wait_for(Duration::from_secs(10), |l| starts(l) == before)
+        .expect("the follower never printed the history");
     let o = f.cli(&["start", "web01", "--host", "host-a"]);
     assert!(o.status.success(), "{}", text(&o));
-    std::thread::sleep(Duration::from_millis(500));
-    let mut follower = follower;
+    streamed
+        .wait_for(Duration::from_secs(10), |l| starts(l) == before + 1)
+        .expect("the follower did not see the new start");
     let _ = follower.kill();
-    let streamed = String::from_utf8_lossy(&follower.wait_with_output().expect("follower").stdout)
-        .into_owned();
-    assert_eq!(
-        streamed.matches("vm web01 started on host-a").count(),
-        before + 1,
-        "the follower did not see the new start:\n{streamed}"
-    );
+    let _ = follower.wait();
 }
 
 #[test]
@@ -1178,23 +1185,30 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
         "{}",
         text(&o)
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Without a terminal the CLI prints a progress line a second instead of
+    // a bar. Abort only once it has shown the migration active, so that
+    // what is aborted is a running migration on a machine of any speed.
+    let mut cli = cli;
+    let mut cli_stderr = Lines::read(cli.stderr.take().expect("piped stderr"));
+    cli_stderr
+        .wait_for(Duration::from_secs(30), |lines| {
+            lines
+                .iter()
+                .any(|l| l.starts_with("progress: active ") && l.contains(" MiB sent"))
+        })
+        .expect("no active progress line");
     let o = f.cli(&["migrate-abort", "stay"]);
     assert!(o.status.success(), "{}", text(&o));
     let o = cli.wait_with_output().expect("migrate");
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("aborted: aborted by operator; it runs on host-a"),
-        "{}",
-        text(&o)
+    let told = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        cli_stderr.finish()
     );
-    // Without a terminal the CLI prints a progress line a second instead of a bar.
+    assert_eq!(o.status.code(), Some(1), "{told}");
     assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .any(|l| l.starts_with("progress: active ") && l.contains(" MiB sent")),
-        "{}",
-        text(&o)
+        told.contains("aborted: aborted by operator; it runs on host-a"),
+        "{told}"
     );
     runs_only_on(&f, 0, "stay", &uuid);
     // The event log tells the same story, with sampled progress in between.
@@ -1255,12 +1269,24 @@ fn abort_timeout_and_a_dead_destination_leave_the_guest_on_its_source() {
         });
         dest.is_some()
     }));
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed while memory is streaming, not while it is being prepared.
+    let mut cli = cli;
+    let mut cli_stderr = Lines::read(cli.stderr.take().expect("piped stderr"));
+    cli_stderr
+        .wait_for(Duration::from_secs(30), |lines| {
+            lines.iter().any(|l| l.starts_with("progress: active "))
+        })
+        .expect("no active progress line");
     let pid = nix::unistd::Pid::from_raw(dest.expect("destination pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill destination");
     let o = cli.wait_with_output().expect("migrate");
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("it runs on host-a"), "{}", text(&o));
+    let told = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        cli_stderr.finish()
+    );
+    assert_eq!(o.status.code(), Some(1), "{told}");
+    assert!(told.contains("it runs on host-a"), "{told}");
     runs_only_on(&f, 0, "stay", &uuid);
     let o = f.cli(&["domdisplay", "stay"]);
     assert!(text(&o).contains("vnc://198.18.1.1:5900"), "{}", text(&o));

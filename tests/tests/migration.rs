@@ -158,8 +158,10 @@ fn a_running_guest_moves_and_its_console_follows() {
         after > before,
         "counter went from {before} to {after}: not a live migration"
     );
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(b.counter("mover") > after, "guest is not running on host-b");
+    assert!(
+        wait_until(Duration::from_secs(10), || b.counter("mover") > after),
+        "guest is not running on host-b"
+    );
     let (_, list) = b.ctl(&["list", "--json"]);
     assert!(list.contains("\"state\": \"running\""), "{list}");
 
