@@ -33,6 +33,7 @@ fi
 [ "$(id -u)" -eq 0 ] || { echo "deploy/bench.sh: run as root (it creates network namespaces)" >&2; exit 1; }
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
@@ -41,6 +42,8 @@ ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_network.so >/dev/null 2>&
   need+=(libvirt-daemon-driver-network)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+. deploy/lib/web.sh
+install_web
 
 echo "== building (release)"
 cargo build --release --locked --workspace --bins
@@ -64,6 +67,7 @@ section() { # title command...
 section "1. Start latency, and 6. footprint" "$BIN/bench-start"
 section "2. Live migration" "$BIN/bench-migration"
 section "2b. Live migration with storage copy" "$BIN/bench-migration" 3 copy-storage
+section "2c. Web console across live migration" "$BIN/bench-webconsole" 10
 section "3. Scheduler throughput (pure module)" "$BIN/bench-fleet" scheduler 100000
 section "4. Coordinator fan-in" "$BIN/bench-fleet" fanin 100 1000 5000
 section "5. Fleet start throughput" "$BIN/bench-fleet" fleet-start 10000 1000

@@ -2,7 +2,9 @@
 # The Flotilla demo fleet on this machine: three namespace hosts that each
 # define network `public` their own way, a coordinator with its embedded
 # store, and a counting guest that is started, photographed through its VNC
-# console, live-migrated, and photographed again on its new host.
+# console (with vncdotool, and in chromium through the coordinator's web
+# console), live-migrated, and photographed again on its new host; the
+# browser's page follows the guest there by itself.
 #
 #   deploy/demo.sh        build, bring the fleet up, run the demo (as root)
 #   deploy/demo.sh down   remove every namespace and process it made
@@ -46,6 +48,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+. deploy/lib/web.sh
+install_web
 
 if [ -z "${FLOTILLA_DEMO_BIN:-}" ]; then
   step "building (release)"
@@ -106,6 +110,8 @@ data-dir = "$RUN/data"
 tls-dir = "$RUN/tls"
 heartbeat-secs = 1
 metrics-listen = "198.19.0.1:9464"
+web-listen = "198.19.0.1:8443"
+novnc-dir = "$ROOT/deploy/web/node_modules/@novnc/novnc"
 TOML
 setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --config "$RUN/coordinator.toml" \
   >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
@@ -182,9 +188,35 @@ shot() { # name
 step "the console, through a real VNC client"
 first=$(shot before-migration)
 
+step "the console in a browser: noVNC through the coordinator (chromium, headless)"
+# tests/web/browser.mjs drives chromium: one JSON command per line in, one
+# JSON answer per line out. It trusts the coordinator's key and nothing else.
+coproc BROWSER {
+  ip netns exec $P-ctl env FLOTILLA_WEB_DEPS="$ROOT/deploy/web" \
+    FLOTILLA_WEB_CERT="$RUN/tls/coordinator.pem" node "$ROOT/tests/web/browser.mjs" \
+    2>>"$RUN/logs/browser.log"
+}
+ask() { # json → the answer's JSON
+  local answer
+  echo "$1" >&"${BROWSER[1]}"
+  IFS= read -r -t 120 answer <&"${BROWSER[0]}" || { echo "demo: the browser did not answer $1" >&2; exit 1; }
+  case $answer in *'"error"'*) echo "demo: browser: $answer" >&2; exit 1 ;; esac
+  echo "$answer"
+}
+field() { python3 -c 'import json,sys; v=json.loads(sys.argv[1]).get(sys.argv[2]); print("" if v is None else v)' "$1" "$2"; }
+IFS= read -r -t 60 hello <&"${BROWSER[0]}" || { echo "demo: chromium did not start (see $RUN/logs/browser.log)" >&2; exit 1; }
+url=$(fl webconsole demo)
+echo "console URL (opens once, within 60 s): $url"
+ask "{\"cmd\":\"open\",\"page\":\"console\",\"url\":\"$url\"}" >/dev/null
+seen=$(ask "{\"cmd\":\"wait_counter\",\"page\":\"console\",\"connects\":1,\"shot\":\"$DEMO/screenshots/browser-before-migration.png\"}")
+echo "browser screenshot: $DEMO/screenshots/browser-before-migration.png (counter $(field "$seen" counter) on screen)"
+
 step "live migration (the scheduler picks the destination)"
 fl migrate demo --max-downtime 300
 step "the console on its new host"
+shown=$(field "$(ask '{"cmd":"counter","page":"console"}')" counter)
+back=$(ask "{\"cmd\":\"wait_counter\",\"page\":\"console\",\"above\":${shown:-0},\"connects\":2,\"shot\":\"$DEMO/screenshots/browser-after-migration.png\"}")
+echo "browser screenshot: $DEMO/screenshots/browser-after-migration.png (counter $(field "$back" counter) on screen, $(field "$back" ms) ms after the migration completed; banner: $(field "$back" banner))"
 second=$(shot after-migration)
 fl list
 echo "its NIC, plumbed again on the new host's own 'public':"
@@ -198,6 +230,11 @@ ip netns exec $P-ctl curl -fsS http://198.19.0.11:9465/metrics |
   grep -E '^flotilla_agent_' | grep -v _bucket | sed 's/^/  host-a: /'
 step "events"
 fl events | tail -n 12
+login=$(fl web-login)
+ask "{\"cmd\":\"open\",\"page\":\"fleet\",\"url\":\"$login\"}" >/dev/null
+ask "{\"cmd\":\"wait_text\",\"page\":\"fleet\",\"contains\":\"migration completed\",\"shot\":\"$DEMO/screenshots/fleet-page.png\"}" >/dev/null
+echo "fleet page: $DEMO/screenshots/fleet-page.png"
+echo '{"cmd":"quit"}' >&"${BROWSER[1]}"
 
 cat <<MSG
 
@@ -208,6 +245,7 @@ Keep playing:
   export FLOTILLA_COORDINATOR=$COORD FLOTILLA_TLS_DIR=$RUN/tls
   ip netns exec $P-ctl $BIN/flotilla hosts
   ip netns exec $P-ctl $BIN/flotilla migrate demo
+  ip netns exec $P-ctl $BIN/flotilla webconsole demo   # a URL for a browser in $P-ctl
 Metrics (Prometheus text):
   ip netns exec $P-ctl curl -s http://198.19.0.1:9464/metrics      # coordinator
   ip netns exec $P-ctl curl -s http://198.19.0.11:9465/metrics     # host-a's agent

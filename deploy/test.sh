@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs Flotilla's whole test suite, installing what the end-to-end tests need
-# (QEMU, its iPXE ROMs, iproute2, tcpdump) first when they are missing. Run as root: the end-to-end
-# tests create network namespaces and start QEMU inside them.
+# (QEMU, its iPXE ROMs, iproute2, tcpdump; for the web console chromium,
+# node, and noVNC and puppeteer-core from npm) first when they are missing.
+# Run as root: the end-to-end tests create network namespaces and start QEMU
+# inside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+# Storage tests create qcow2 images and chains with qemu-img.
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # Guest NIC tests: QEMU's iPXE ROMs make a diskless guest send DHCP, and
 # tcpdump watches for it on the host side.
@@ -14,6 +18,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+. deploy/lib/web.sh
+install_web
 
 # The end-to-end tests run the real binaries; build them first.
 cargo build --workspace --bins --locked

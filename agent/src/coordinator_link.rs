@@ -140,6 +140,29 @@ async fn serve_request(
     seq: Arc<AtomicU64>,
 ) {
     let response = match quic::read_frame::<AgentRequest>(&mut recv).await {
+        Ok(AgentRequest::OpenConsole { name }) => {
+            tracing::info!(vm = %name, "console relay");
+            let display = agent
+                .send(AgentCall(AgentRequest::DomDisplay { name: name.clone() }))
+                .await
+                .unwrap_or_else(|e| AgentResponse::Error(format!("agent unavailable: {e}")));
+            match crate::console_relay::connect(&name, display).await {
+                Ok((tcp, addr)) => {
+                    let reply = AgentReply {
+                        seq: seq.fetch_add(1, Ordering::SeqCst) + 1,
+                        response: AgentResponse::ConsoleOpened {
+                            addr: addr.to_string(),
+                        },
+                    };
+                    if quic::write_frame(&mut send, &reply).await.is_ok() {
+                        let copied = crate::console_relay::relay(send, recv, tcp).await;
+                        tracing::info!(vm = %name, ?copied, "console relay ended");
+                    }
+                    return;
+                }
+                Err(refusal) => refusal,
+            }
+        }
         Ok(req) => {
             tracing::info!(request = ?RequestName(&req), "coordinator request");
             agent

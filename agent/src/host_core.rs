@@ -864,6 +864,15 @@ impl HostCore {
                     self.hv(out, Pending::ResumeLinks { id, name }, call);
                 }
             }
+            // A relay turns its stream into raw bytes, so only the
+            // coordinator link can carry one out ([`crate::console_relay`]).
+            Request::OpenConsole { .. } => reply(
+                out,
+                Response::Error(
+                    "a console relay needs a stream of its own: open it from the coordinator"
+                        .into(),
+                ),
+            ),
             Request::MonitorCommand { name, command } => self.simple_qmp(
                 id,
                 name,

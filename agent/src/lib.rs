@@ -10,6 +10,7 @@
 
 pub mod argv;
 pub mod console;
+pub mod console_relay;
 pub mod control;
 pub mod coordinator_link;
 pub mod fake_qemu;

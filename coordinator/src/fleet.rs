@@ -25,7 +25,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use crate::events::EventLog;
 pub use crate::fleet_core::FleetSettings;
-use crate::fleet_core::{ConnId, Effect, FleetCore, Input, Metric, RequestId};
+use crate::fleet_core::{ConnId, ConsoleTarget, Effect, FleetCore, Input, Metric, RequestId};
 use crate::store::StoreError;
 
 /// How often the core gets a tick for gauges and host transitions.
@@ -50,6 +50,40 @@ pub struct Fleet {
     inputs: Option<mpsc::Receiver<Input>>,
     /// The earliest wake-up already scheduled.
     wake: Option<Instant>,
+    /// Web console lookups waiting for the core.
+    console_routes: BTreeMap<RequestId, oneshot::Sender<Result<ConsoleLink, OperatorError>>>,
+    /// Completed migrations, for web consoles to follow their guest.
+    moves: tokio::sync::broadcast::Sender<Moved>,
+}
+
+/// A completed migration: `vm` runs on `to` now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The VM.
+    pub vm: String,
+    /// Where it ran.
+    pub from: String,
+    /// Where it runs now.
+    pub to: String,
+}
+
+/// Where to open a VM's console relay: its host's agent connection.
+#[derive(Debug, Clone)]
+pub struct ConsoleLink {
+    /// The host that runs the VM.
+    pub host: String,
+    /// Its agent's connection.
+    pub conn: quinn::Connection,
+    /// The console password, for the coordinator's side of the handshake.
+    pub password: Option<String>,
+}
+
+/// Where is `name`'s VNC console now?
+#[derive(Message)]
+#[rtype(result = "Result<ConsoleLink, OperatorError>")]
+pub struct ConsoleCall {
+    /// The VM.
+    pub name: String,
 }
 
 /// An operator's event request, with the sink for the lines.
@@ -134,7 +168,14 @@ impl Fleet {
             events: EventLog::default(),
             inputs: Some(rx),
             wake: None,
+            console_routes: BTreeMap::new(),
+            moves: tokio::sync::broadcast::channel(64).0,
         })
+    }
+
+    /// Where completed migrations are announced; subscribe before starting.
+    pub fn moves(&self) -> tokio::sync::broadcast::Sender<Moved> {
+        self.moves.clone()
     }
 
     fn input(&self, input: Input) {
@@ -195,6 +236,15 @@ impl Fleet {
                 }
             }
             Effect::Event(line) => self.events.emit(SystemTime::now(), &line),
+            Effect::ConsoleRoute { id, result } => {
+                if let Some(tx) = self.console_routes.remove(&id) {
+                    let _ = tx.send(result.and_then(|t| self.console_link(t)));
+                }
+            }
+            Effect::Moved { vm, from, to } => {
+                // Nobody watching is fine: no web console is open.
+                let _ = self.moves.send(Moved { vm, from, to });
+            }
             Effect::Metric(m) => record(m),
             Effect::WakeAt(at) => {
                 if self.wake.is_some_and(|w| w <= at && w > Instant::now()) {
@@ -207,6 +257,23 @@ impl Fleet {
                 });
             }
         }
+    }
+}
+
+impl Fleet {
+    fn console_link(&self, t: ConsoleTarget) -> Result<ConsoleLink, OperatorError> {
+        let conn = self
+            .conns
+            .get(&t.conn)
+            .cloned()
+            .ok_or(OperatorError::HostUnreachable {
+                host: t.host.clone(),
+            })?;
+        Ok(ConsoleLink {
+            host: t.host,
+            conn,
+            password: t.password,
+        })
     }
 }
 
@@ -367,6 +434,25 @@ impl Handler<OperatorCall> for Fleet {
             rx.await.unwrap_or_else(|_| {
                 OperatorResponse::Error(OperatorError::Unavailable("shutting down".into()))
             })
+        })
+    }
+}
+
+impl Handler<ConsoleCall> for Fleet {
+    type Result = ResponseFuture<Result<ConsoleLink, OperatorError>>;
+
+    fn handle(&mut self, call: ConsoleCall, _: &mut Self::Context) -> Self::Result {
+        let id = self.next_request;
+        self.next_request += 1;
+        let (tx, rx) = oneshot::channel();
+        self.console_routes.insert(id, tx);
+        self.input(Input::ConsoleRoute {
+            id,
+            name: call.name,
+        });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(OperatorError::Unavailable("shutting down".into())))
         })
     }
 }

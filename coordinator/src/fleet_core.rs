@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use flotilla_shared::proto::{
     AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, HelloAck, HostEntry, HostFacts,
     MachineTypes, MigrationOutcome, MigrationProgress, NetStatus, OperatorError, OperatorRequest,
-    OperatorResponse, StorageCopy, VmListEntry, VmRunState, VmSummary,
+    OperatorResponse, PlacementNote, StorageCopy, VmListEntry, VmRunState, VmSummary,
 };
-use flotilla_shared::xml::{tree, Domain, ListenKind, XmlFlavor};
+use flotilla_shared::xml::{tree, Domain, GraphicsProtocol, ListenKind, XmlFlavor};
 
 use crate::events::{migration_progress_line, ProgressSampler};
 use crate::lifecycle::{HostState, VmLifecycle};
@@ -135,6 +135,26 @@ pub enum Input {
     },
     /// Time passed: timeouts, polls, gauges.
     Tick,
+    /// Where to reach a VM's VNC console now, for the web console; exactly
+    /// one [`Effect::ConsoleRoute`] answers it.
+    ConsoleRoute {
+        /// Its number, shared with operator requests.
+        id: RequestId,
+        /// The VM.
+        name: String,
+    },
+}
+
+/// Where a VM's VNC console is reached: through its host's agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleTarget {
+    /// The host that runs the VM now.
+    pub host: String,
+    /// That host's connection, to open the relay stream on.
+    pub conn: ConnId,
+    /// The console password from the definition, for the coordinator to
+    /// answer QEMU's challenge with; it never goes to the browser.
+    pub password: Option<String>,
 }
 
 /// Something for the shell to carry out.
@@ -196,6 +216,23 @@ pub enum Effect {
     Metric(Metric),
     /// Feed [`Input::Tick`] at this time.
     WakeAt(Instant),
+    /// The answer to [`Input::ConsoleRoute`].
+    ConsoleRoute {
+        /// The request.
+        id: RequestId,
+        /// Where the console is, or why there is none.
+        result: Result<ConsoleTarget, OperatorError>,
+    },
+    /// A migration completed: the VM runs on `to` now. Web consoles of the
+    /// VM reconnect there.
+    Moved {
+        /// The VM.
+        vm: String,
+        /// Where it ran.
+        from: String,
+        /// Where it runs now.
+        to: String,
+    },
 }
 
 /// A metric the shell records.
@@ -243,6 +280,9 @@ struct VmEntry {
     /// that host has been heard from, "not on the recorded host" is not
     /// "shut off".
     pending_dest: Option<String>,
+    /// The scheduler's explanation of its last placement seen by this
+    /// coordinator (not stored: it is news, not state).
+    placement: Option<String>,
 }
 
 #[derive(Debug)]
@@ -518,6 +558,7 @@ impl FleetCore {
                     footprint: fp,
                     life,
                     pending_dest: row.migrating_to,
+                    placement: None,
                 },
             );
         }
@@ -588,6 +629,10 @@ impl FleetCore {
                 self.publish_migration_change(now);
             }
             Input::Tick => self.tick(now),
+            Input::ConsoleRoute { id, name } => {
+                let result = self.console_route(&name, now);
+                self.effects.push(Effect::ConsoleRoute { id, result });
+            }
         }
         std::mem::take(&mut self.effects)
     }
@@ -650,6 +695,41 @@ impl FleetCore {
         }
     }
 
+    /// The host and connection that reach `name`'s VNC console, and its
+    /// password. A migrating VM's console is still on its source.
+    fn console_route(&self, name: &str, now: Instant) -> Result<ConsoleTarget, OperatorError> {
+        let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
+        let host = match &vm.life {
+            VmLifecycle::Running { host } => host.clone(),
+            VmLifecycle::Migrating { source, .. } => source.clone(),
+            _ => {
+                return Err(OperatorError::NotRunning {
+                    name: name.to_string(),
+                })
+            }
+        };
+        let conn = self.conn_of(&host, now)?;
+        let row = self
+            .store
+            .get(name)
+            .map_err(|e| OperatorError::Store(e.to_string()))?
+            .ok_or_else(|| not_found(name))?;
+        let doc = Domain::parse(name, &row.xml)
+            .map_err(|e| OperatorError::StoredDefinitionUnreadable(e.to_string()))?;
+        let vnc = doc
+            .model
+            .graphics()
+            .find(|g| g.protocol == GraphicsProtocol::Vnc)
+            .ok_or_else(|| OperatorError::NoVncConsole {
+                name: name.to_string(),
+            })?;
+        Ok(ConsoleTarget {
+            host,
+            conn,
+            password: vnc.passwd.clone(),
+        })
+    }
+
     fn conn_of(&self, host: &str, now: Instant) -> Result<ConnId, OperatorError> {
         let unreachable = || OperatorError::HostUnreachable {
             host: host.to_string(),
@@ -689,6 +769,12 @@ impl FleetCore {
 
     fn emit(&mut self, line: String) {
         self.effects.push(Effect::Event(line));
+    }
+
+    fn note_placement(&mut self, vm: &str, explanation: String) {
+        if let Some(v) = self.vms.get_mut(vm) {
+            v.placement = Some(explanation);
+        }
     }
 
     fn reply(&mut self, id: RequestId, response: OperatorResponse) {
@@ -1471,6 +1557,9 @@ impl FleetCore {
                             cpus: live.map_or(r.cpus, |h| h.facts.cpus),
                             memory_mib: live.map_or(r.memory_mib, |h| h.facts.memory_mib),
                             vms: live.map_or(0, |h| h.facts.vms.len() as u32),
+                            committed_vcpus: self.usage.used(&r.name).vcpus,
+                            committed_memory_mib: self.usage.used(&r.name).memory_mib,
+                            networks: live.map(|h| h.facts.networks.clone()).unwrap_or_default(),
                             last_seen_secs: live.map_or(u64::MAX, |h| {
                                 now.saturating_duration_since(h.last_seen).as_secs()
                             }),
@@ -1549,6 +1638,24 @@ impl FleetCore {
                     "events stream notes; the shell serves them".into(),
                 )),
             ),
+            // The web shell issues tickets; one that reaches the core came
+            // to a coordinator that serves no web pages.
+            OperatorRequest::WebTicket { .. } => {
+                self.reply(id, OperatorResponse::Error(OperatorError::WebDisabled))
+            }
+            OperatorRequest::Placements => {
+                let notes = self
+                    .vms
+                    .iter()
+                    .filter_map(|(name, v)| {
+                        Some(PlacementNote {
+                            name: name.clone(),
+                            explanation: v.placement.clone()?,
+                        })
+                    })
+                    .collect();
+                self.reply(id, OperatorResponse::Placements(notes));
+            }
         }
     }
 
@@ -1648,6 +1755,7 @@ impl FleetCore {
                                 footprint: fp,
                                 life: VmLifecycle::ShutOff,
                                 pending_dest: None,
+                                placement: None,
                             },
                         );
                     }
@@ -1778,6 +1886,7 @@ impl FleetCore {
             Err(e) => {
                 tracing::info!(vm = %name, reason = %e, "no placement");
                 self.emit(format!("vm {name} not placed: {e}"));
+                self.note_placement(&name, format!("not placed: {e}"));
                 self.effects
                     .push(Effect::Metric(Metric::Start("no_placement")));
                 let e = OperatorError::NoPlacement {
@@ -2425,6 +2534,14 @@ impl FleetCore {
             elapsed_ms as f64 / 1000.0
         ));
         self.effects.push(Effect::Metric(Metric::Migration(metric)));
+        if phase == Phase::Completed {
+            self.note_placement(vm, format!("migrated from {} to {on}", job.source));
+            self.effects.push(Effect::Moved {
+                vm: vm.to_string(),
+                from: job.source.clone(),
+                to: on.clone(),
+            });
+        }
         match job.owner {
             Owner::Operator(id) => self.reply(
                 id,
@@ -2571,6 +2688,7 @@ impl FleetCore {
                 );
                 tracing::info!(vm, host, "started");
                 self.emit(format!("vm {vm} started on {host} (ranked: {explanation})"));
+                self.note_placement(vm, format!("started on {host} (ranked: {explanation})"));
                 self.effects.push(Effect::Metric(Metric::Start("ok")));
                 self.effects.push(Effect::Metric(Metric::StartSeconds(
                     now.saturating_duration_since(sent).as_secs_f64(),

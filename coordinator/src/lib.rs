@@ -3,7 +3,8 @@
 //! Pure decisions live in [`scheduler`], [`reconcile`], [`migration`] and
 //! [`usage`]; durable state in [`store`]; the [`fleet`] actor owns the live
 //! view of hosts and answers operators; [`server`] is the QUIC shell that
-//! authenticates peers and feeds the actor.
+//! authenticates peers and feeds the actor; [`web`] serves the browser
+//! console ([`rfb`], tickets in [`web_auth`]) and the fleet page.
 
 pub mod events;
 pub mod fleet;
@@ -11,7 +12,10 @@ pub mod fleet_core;
 pub mod lifecycle;
 pub mod migration;
 pub mod reconcile;
+pub mod rfb;
 pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod usage;
+pub mod web;
+pub mod web_auth;

@@ -15,16 +15,20 @@ use flotilla_shared::proto::{
 };
 use tracing::Instrument as _;
 
-use crate::fleet::{Disconnected, EventsCall, Fleet, HostEvent, OperatorCall, Register};
+use std::sync::Arc;
 
-/// Accepts connections until the endpoint closes.
-pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>) {
+use crate::fleet::{Disconnected, EventsCall, Fleet, HostEvent, OperatorCall, Register};
+use crate::web::Web;
+
+/// Accepts connections until the endpoint closes. `web` issues web tickets
+/// when the coordinator serves web pages.
+pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>, web: Option<Arc<Web>>) {
     while let Some(incoming) = endpoint.accept().await {
-        actix::spawn(connection(incoming, fleet.clone()));
+        actix::spawn(connection(incoming, fleet.clone(), web.clone()));
     }
 }
 
-async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>) {
+async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>, web: Option<Arc<Web>>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -48,7 +52,15 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>) {
         tracing::debug!("connected");
         while let Ok((send, recv)) = conn.accept_bi().await {
             actix::spawn(
-                stream(send, recv, who.clone(), conn.clone(), fleet.clone()).in_current_span(),
+                stream(
+                    send,
+                    recv,
+                    who.clone(),
+                    conn.clone(),
+                    fleet.clone(),
+                    web.clone(),
+                )
+                .in_current_span(),
             );
         }
         if who.role == Role::Agent {
@@ -68,6 +80,7 @@ async fn stream(
     who: Identity,
     conn: quinn::Connection,
     fleet: Addr<Fleet>,
+    web: Option<Arc<Web>>,
 ) {
     let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
         Err(e) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::BadRequest(
@@ -87,6 +100,15 @@ async fn stream(
             if who.role == Role::Operator =>
         {
             events(follow, &mut send, &fleet).await
+        }
+        Ok(ClientMessage::Operator(OperatorRequest::WebTicket { console }))
+            if who.role == Role::Operator =>
+        {
+            tracing::info!(operator = %who.name, ?console, "web ticket");
+            ServerMessage::Operator(match web {
+                Some(web) => web.ticket(console).await,
+                None => OperatorResponse::Error(OperatorError::WebDisabled),
+            })
         }
         Ok(msg) => dispatch(msg, &who, conn, &fleet).await,
     };

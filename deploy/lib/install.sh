@@ -4,14 +4,20 @@
 # A machine whose qemu-utils comes from bookworm-backports needs
 # qemu-system-x86 from there too (the two must be the same release), and
 # QEMU from backports (10.x) ships SPICE as a package of its own.
+# --no-remove matters: without it apt installs bookworm's QEMU by removing
+# the newer qemu-utils, and the storage tests lose qemu-img.
 
 apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove "$@" >/dev/null
 }
 
 qemu_lacks_spice() {
-  command -v qemu-system-x86_64 >/dev/null 2>&1 &&
-    qemu-system-x86_64 -spice help 2>&1 | grep -q "no option group"
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1
+  # Captured first: QEMU exits 1 here, and under the callers' pipefail a
+  # pipe into grep would report that instead of grep's answer.
+  local out
+  out=$(qemu-system-x86_64 -spice help 2>&1 || true)
+  [[ $out == *"no option group"* ]]
 }
 
 install_missing() {

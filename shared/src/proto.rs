@@ -34,11 +34,14 @@ use serde::{Deserialize, Serialize};
 /// its actions exactly. Version 3 says per network whether guest NICs can
 /// attach there ([`NetStatus::attach_error`]). Version 4 copies storage
 /// during migrations ([`StorageCopy`], [`MirrorProgress`]) and lets an
-/// operator override the storage safety rules (`allow_unsafe`).
-pub const PROTOCOL_VERSION: u32 = 4;
-/// The oldest version this build still accepts. Version 3's migration
-/// messages lack fields, so it is refused by name rather than misread.
-pub const MIN_PROTOCOL_VERSION: u32 = 4;
+/// operator override the storage safety rules (`allow_unsafe`). Version 5
+/// adds web tickets ([`OperatorRequest::WebTicket`]), placement
+/// explanations, console relays ([`AgentRequest::OpenConsole`]) and what
+/// each host has committed ([`HostEntry`]).
+pub const PROTOCOL_VERSION: u32 = 5;
+/// The oldest version this build still accepts. Version 4's host listing
+/// lacks fields, so it is refused by name rather than misread.
+pub const MIN_PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -337,6 +340,14 @@ pub enum AgentRequest {
         name: String,
         /// The HMP command line, e.g. `info status`.
         command: String,
+    },
+    /// Relay the VM's VNC console over this stream: after the
+    /// [`AgentResponse::ConsoleOpened`] frame the stream carries the raw
+    /// RFB bytes both ways, so a coordinator reaches a console on a network
+    /// only the host can reach.
+    OpenConsole {
+        /// The VM.
+        name: String,
     },
 }
 
@@ -798,6 +809,15 @@ pub enum OperatorError {
     /// The certificate's role may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A web ticket from a coordinator that serves no web pages.
+    #[error("this coordinator serves no web pages: start it with --web-listen ADDR")]
+    WebDisabled,
+    /// A web console for a VM without a VNC console.
+    #[error("domain '{name}' has no VNC console for the web console to show")]
+    NoVncConsole {
+        /// The VM.
+        name: String,
+    },
     /// The coordinator cannot take requests now.
     #[error("coordinator unavailable: {0}")]
     Unavailable(String),
@@ -845,6 +865,11 @@ pub enum AgentResponse {
         networks: Vec<NetStatus>,
         /// Files in the networks directory that were skipped, and why.
         problems: Vec<String>,
+    },
+    /// A console relay is connected; raw RFB bytes follow on the stream.
+    ConsoleOpened {
+        /// The console address the host connected to.
+        addr: String,
     },
     /// The request failed.
     Error(String),
@@ -1088,6 +1113,24 @@ pub enum OperatorRequest {
         /// Keep the stream open for new events.
         follow: bool,
     },
+    /// A one-time ticket for the web pages: a VM's console page, or the
+    /// fleet page when `console` is `None`.
+    WebTicket {
+        /// The VM whose console the ticket opens.
+        console: Option<String>,
+    },
+    /// Why each VM is where it is: the scheduler's explanation of its last
+    /// placement, as far as this coordinator has seen it.
+    Placements,
+}
+
+/// The scheduler's explanation of one VM's last placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementNote {
+    /// The VM.
+    pub name: String,
+    /// `started on host-a (ranked: …)`, `not placed: …` or `migrated from … to …`.
+    pub explanation: String,
 }
 
 /// One VM in a listing.
@@ -1118,6 +1161,12 @@ pub struct HostEntry {
     pub memory_mib: u64,
     /// VMs running there.
     pub vms: u32,
+    /// vCPUs committed to VMs placed there.
+    pub committed_vcpus: u32,
+    /// Memory committed to VMs placed there, MiB.
+    pub committed_memory_mib: u64,
+    /// Its networks as it last reported them (empty while unreachable).
+    pub networks: Vec<NetStatus>,
     /// Seconds since the last heartbeat.
     pub last_seen_secs: u64,
 }
@@ -1195,6 +1244,15 @@ pub enum OperatorResponse {
         /// VMs that could not move, with the reason.
         failed: Vec<(String, String)>,
     },
+    /// A URL that opens a web page once.
+    WebUrl {
+        /// The URL, with its one-time ticket.
+        url: String,
+        /// Seconds until the ticket expires unused.
+        expires_secs: u64,
+    },
+    /// Each VM's last placement, by name.
+    Placements(Vec<PlacementNote>),
     /// The request was refused or failed.
     Error(OperatorError),
 }
@@ -1256,9 +1314,9 @@ mod tests {
     fn retired_versions_are_refused_by_name() {
         // Version 1's agent messages had no sequence numbers, version 2's
         // network statuses no NIC field, version 3's migrations no storage
-        // copy; their frames are refused before their body is read,
-        // whatever the body.
-        for old in [1u8, 2, 3] {
+        // copy, version 4's host entries no committed capacity; their frames
+        // are refused before their body is read, whatever the body.
+        for old in [1u8, 2, 3, 4] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1267,14 +1325,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 4,
-                    max: 4
+                    min: 5,
+                    max: 5
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 4 to 4); \
+                    "protocol version {old} is no longer supported (this build speaks 5 to 5); \
                      upgrade the peer"
                 )
             );

@@ -4,7 +4,9 @@
 //! [`COUNTER_ADDR`] forever, writes it to its disk's second sector (so a
 //! writable disk, and a copy of it, holds the count: [`disk_counter`]) and
 //! across 512 KiB of RAM (a dirtying workload for migrations), and prints it
-//! as eight hex digits in the top-left corner of the VGA text screen. A migrated guest continues its count; a
+//! as eight hex digits in the top-left corner of the VGA text screen, above
+//! a reference strip of the sixteen hex digits in the same colours (so a
+//! screenshot can be read: [`crate::browser`]). A migrated guest continues its count; a
 //! restarted one starts again from zero, so a test (or a person watching the
 //! console) can tell a live migration from a cold restart.
 
@@ -23,6 +25,24 @@ pub fn counting_boot_sector() -> [u8; 512] {
         0x88, 0x16, 0x04, 0x7e,             // mov [0x7e04], dl  (the boot drive)
         0x66, 0xc7, 0x06, 0x00, 0x7e,       // mov dword [0x7e00], 0
         0x00, 0x00, 0x00, 0x00,
+        // A reference strip "0123456789ABCDEF" in the same colours on row
+        // 1, once: a screenshot's counter cells are read by matching them
+        // against it, whatever the font and scale.
+        0xb8, 0x00, 0xb8,                   // mov ax, 0xb800
+        0x8e, 0xc0,                         // mov es, ax
+        0xbf, 0xa0, 0x00,                   // mov di, 160       (row 1)
+        0xb3, 0x30,                         // mov bl, '0'
+        // ref:
+        0x26, 0x88, 0x1d,                   // mov [es:di], bl
+        0x26, 0xc6, 0x45, 0x01, 0x1f,       // mov byte [es:di+1], 0x1f
+        0x83, 0xc7, 0x02,                   // add di, 2
+        0xfe, 0xc3,                         // inc bl
+        0x80, 0xfb, 0x3a,                   // cmp bl, '9' + 1
+        0x75, 0x02,                         // jne skip
+        0xb3, 0x41,                         // mov bl, 'A'
+        // skip:
+        0x80, 0xfb, 0x47,                   // cmp bl, 'F' + 1
+        0x75, 0xe7,                         // jne ref           (-25)
         // next:
         0x66, 0xff, 0x06, 0x00, 0x7e,       // inc dword [0x7e00]
         // Persist the sector at 0x7e00 (the counter first) to LBA 1 with
@@ -102,11 +122,14 @@ mod tests {
     fn sector_is_bootable_and_jumps_land_on_their_labels() {
         let s = counting_boot_sector();
         assert_eq!(&s[510..], &[0x55, 0xaa]);
-        // loop at 0x74 jumps back to `digit` at 0x55; jmp at 0x76 back to `next` at 0x17.
-        assert_eq!((0x76i32 + i32::from(s[0x75] as i8)), 0x55);
-        assert_eq!((0x78i32 + i32::from(s[0x77] as i8)), 0x17);
-        assert_eq!(&s[0x17..0x1c], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
-        assert_eq!(&s[0x55..0x57], &[0x88, 0xc3]);
+        // The strip's jne at 0x38 jumps back to `ref` at 0x21.
+        assert_eq!((0x3ai32 + i32::from(s[0x39] as i8)), 0x21);
+        assert_eq!(&s[0x21..0x24], &[0x26, 0x88, 0x1d]);
+        // loop at 0x97 jumps back to `digit` at 0x78; jmp at 0x99 back to `next` at 0x3a.
+        assert_eq!((0x99i32 + i32::from(s[0x98] as i8)), 0x78);
+        assert_eq!((0x9bi32 + i32::from(s[0x9a] as i8)), 0x3a);
+        assert_eq!(&s[0x3a..0x3f], &[0x66, 0xff, 0x06, 0x00, 0x7e]);
+        assert_eq!(&s[0x78..0x7a], &[0x88, 0xc3]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod guest;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -615,6 +616,152 @@ impl Drop for CoordinatorProcess {
     }
 }
 
+/// Namespaces `{prefix}a` and `{prefix}b` (with `{prefix}far` at the far end
+/// of b's uplink), wired the way the two-host tests and benchmarks expect:
+/// a's `public` candidate is bridge br0 at 198.18.1.1, b's is veth uplink0
+/// at 198.18.2.1, and a fabric link fab0 (198.18.100.1 and .2) joins them.
+pub fn public_and_fabric(prefix: &str) -> (Netns, Netns, Netns) {
+    let a = Netns::new(&format!("{prefix}a"));
+    let b = Netns::new(&format!("{prefix}b"));
+    let far = Netns::new(&format!("{prefix}far"));
+    a.bridge("br0", Some("198.18.1.1/24"));
+    b.veth_to(
+        "uplink0",
+        Some("198.18.2.1/24"),
+        None,
+        &far,
+        "eth0",
+        "198.18.2.100/24",
+    );
+    a.veth_to(
+        "fab0",
+        Some("198.18.100.1/24"),
+        None,
+        &b,
+        "fab0",
+        "198.18.100.2/24",
+    );
+    (a, b, far)
+}
+
+/// Two namespace hosts for the benchmarks: host-a (`public` is bridge br0
+/// at 198.18.1.1), host-b (`public` is uplink0 at 198.18.2.1), a fabric link
+/// between them that carries migrations (network `migration`), and a
+/// coordinator at 198.19.0.1:7443 on the management bridge.
+pub struct TwoHosts {
+    /// The coordinator's namespace (operators' commands run here).
+    pub ctl: Netns,
+    /// host-a.
+    pub a: Netns,
+    /// host-b.
+    pub b: Netns,
+    /// The far end of host-b's uplink.
+    pub far: Netns,
+    /// The TLS directory.
+    pub tls: PathBuf,
+    /// The coordinator.
+    pub coordinator: CoordinatorProcess,
+    /// host-a's and host-b's agents.
+    pub agents: Vec<AgentDaemon>,
+    /// Their directories.
+    pub dirs: Vec<AgentDirs>,
+    /// Work files (images, logs); removed last.
+    pub work: tempfile::TempDir,
+}
+
+impl TwoHosts {
+    /// The coordinator's address.
+    pub const COORD: &'static str = "198.19.0.1:7443";
+
+    /// Brings both hosts up and waits until they are connected; the
+    /// coordinator gets `coordinator_args` too.
+    pub fn start(coordinator_args: &[&str]) -> TwoHosts {
+        let work = tempfile::Builder::new()
+            .prefix("flt-bench-")
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let tls = work.path().join("tls");
+        let mut c = Command::new(bin("flotilla"));
+        c.args(["certs", "init", "--dir"]).arg(&tls);
+        assert!(output(c).status.success());
+        let ctl = Netns::new("bctl");
+        ctl.bridge("fleet0", Some("198.19.0.1/24"));
+        let (a, b, far) = public_and_fabric("b");
+        ctl.veth_to("mg11", None, Some("fleet0"), &a, "mgmt0", "198.19.0.11/24");
+        ctl.veth_to("mg12", None, Some("fleet0"), &b, "mgmt0", "198.19.0.12/24");
+        let coordinator = CoordinatorProcess::start_with(
+            &ctl,
+            Self::COORD,
+            &work.path().join("data"),
+            &tls,
+            &work.path().join("coordinator.log"),
+            coordinator_args,
+        );
+        let mut agents = Vec::new();
+        let mut dirs_of = Vec::new();
+        for (ns, name, public) in [
+            (&a, "host-a", PUBLIC_BRIDGE),
+            (
+                &b,
+                "host-b",
+                "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+            ),
+        ] {
+            let mut c = Command::new(bin("flotilla"));
+            c.args(["certs", "issue", "--agent", name, "--dir"])
+                .arg(&tls);
+            assert!(output(c).status.success());
+            let dirs = AgentDirs::new();
+            dirs.network("public", public);
+            dirs.network(
+                "migration",
+                "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
+            );
+            let tls_s = tls.to_str().expect("utf8").to_string();
+            agents.push(AgentDaemon::start(
+                ns,
+                name,
+                &dirs,
+                &[
+                    "--coordinator",
+                    Self::COORD,
+                    "--tls-dir",
+                    &tls_s,
+                    "--migration-network",
+                    "migration",
+                ],
+            ));
+            dirs_of.push(dirs);
+        }
+        assert!(wait_until(Duration::from_secs(20), || {
+            String::from_utf8_lossy(&flotilla(&ctl, Self::COORD, &tls, &["hosts"]).stdout)
+                .matches(" connected ")
+                .count()
+                == 2
+        }));
+        TwoHosts {
+            ctl,
+            a,
+            b,
+            far,
+            tls,
+            coordinator,
+            agents,
+            dirs: dirs_of,
+            work,
+        }
+    }
+
+    /// Runs `flotilla ARGS` against this coordinator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        flotilla(&self.ctl, Self::COORD, &self.tls, args)
+    }
+}
+
+/// host-a's `public`: its bridge br0.
+pub const PUBLIC_BRIDGE: &str =
+    "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>";
+
 /// Runs the `flotilla` CLI in `ns` against `coordinator` with the admin certificate in `tls`.
 pub fn flotilla(ns: &Netns, coordinator: &str, tls: &Path, args: &[&str]) -> Output {
     let mut c = ns.command(&bin("flotilla"));
@@ -681,6 +828,16 @@ impl Lines {
             }
         }
         Ok(())
+    }
+
+    /// The next line not yet seen, waiting at most `timeout` for it.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<String, String> {
+        let line = self
+            .rx
+            .recv_timeout(timeout)
+            .map_err(|e| format!("{e} after:\n{}", self.seen.join("\n")))?;
+        self.seen.push(line.clone());
+        Ok(line)
     }
 
     /// Every line, once the writer has closed the pipe.

@@ -185,6 +185,35 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
         "counter went {lo0}..{hi0} -> {lo1}..{hi1}: not a live migration"
     );
 
+    // The browser showed the console before and after, and its page
+    // followed the guest to its new host by itself, counting on.
+    let browser: Vec<(PathBuf, u64)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("browser screenshot: "))
+        .filter_map(|rest| {
+            let (path, tail) = rest.split_once(" (counter ")?;
+            let (n, _) = tail.split_once(" on screen")?;
+            Some((PathBuf::from(path), n.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(browser.len(), 2, "{out}");
+    for (path, _) in &browser {
+        let (w, h) = decoded_png_size(path);
+        assert!(w >= 640 && h >= 400, "{}: {w}x{h}", path.display());
+    }
+    assert!(browser[1].1 > browser[0].1, "{out}");
+    assert!(
+        out.contains(&format!("banner: moved to {host_after}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "console URL (opens once, within 60 s): https://198.19.0.1:8443/console/demo?ticket="
+        ),
+        "{out}"
+    );
+    assert!(out.contains("fleet page: "), "{out}");
+
     // Both metrics endpoints answered with the named series while the fleet ran.
     for series in [
         "coordinator: flotilla_hosts{state=\"connected\"} 3",

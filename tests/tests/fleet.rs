@@ -71,16 +71,32 @@ impl Fleet {
     }
 }
 
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // A failing test's story is in the coordinator's log, which goes
+        // with the work directory: show its end first.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.work.path().join("coordinator.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- coordinator log (last 60 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// host-a: `public` is bridge br0 at 198.18.1.1; host-b: `public` is a
 /// macvtap-style uplink at 198.18.2.1; host-c has no `public` at all.
 fn fleet() -> Fleet {
-    fleet_with(false)
+    fleet_with(false, &[])
 }
 
 /// Like [`fleet`], with each host's `local` directory its own (a tmpfs in
 /// the agent's private mount namespace): storage no other host sees, at
 /// the same path everywhere.
-fn fleet_with(private_local: bool) -> Fleet {
+fn fleet_with(private_local: bool, coordinator_args: &[&str]) -> Fleet {
     let work = tempfile::Builder::new()
         .prefix("flt-fleet-")
         .tempdir_in("/tmp")
@@ -96,7 +112,7 @@ fn fleet_with(private_local: bool) -> Fleet {
         &work.path().join("data"),
         &tls,
         &work.path().join("coordinator.log"),
-        &["--metrics-listen", "198.19.0.1:9464"],
+        &[&["--metrics-listen", "198.19.0.1:9464"], coordinator_args].concat(),
     );
     let mut hosts = Vec::new();
     let mut agents = Vec::new();
@@ -972,7 +988,7 @@ fn local_counter_on_a(f: &Fleet, local: &Path, name: &str, data_mib: u32) -> (St
 
 /// A fleet whose hosts each have their own `local` storage, and its path.
 fn local_fleet() -> (Fleet, PathBuf) {
-    let f = fleet_with(true);
+    let f = fleet_with(true, &[]);
     let local = f.work.path().join("local");
     (f, local)
 }
@@ -1400,4 +1416,222 @@ fn a_stale_half_of_an_interrupted_migration_is_removed() {
     assert!(text(&o).contains("vnc://198.18.1.1:5900"), "{}", text(&o));
     let a = ip("198.18.1.1");
     assert!(f.hosts[0].0.run(move || rfb_banner(a, 5900)).is_ok());
+}
+
+/// Where the coordinator serves its web pages in these tests.
+const WEB: &str = "198.19.0.1:8443";
+
+/// A fleet whose coordinator serves the web console (noVNC from the npm
+/// prefix deploy/lib/web.sh installed), with tickets that expire after
+/// `ticket_secs`.
+fn web_fleet(ticket_secs: &str) -> Fleet {
+    let novnc = flotilla_tests::browser::novnc_dir();
+    fleet_with(
+        false,
+        &[
+            "--web-listen",
+            WEB,
+            "--novnc-dir",
+            novnc.to_str().expect("utf8"),
+            "--web-ticket-secs",
+            ticket_secs,
+        ],
+    )
+}
+
+/// The URL `flotilla webconsole NAME` (or `web-login`) prints.
+fn web_url(f: &Fleet, args: &[&str]) -> String {
+    let o = f.cli(args);
+    assert!(o.status.success(), "{}", text(&o));
+    let url = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(url.starts_with(&format!("https://{WEB}/")), "{url}");
+    assert!(url.contains("?ticket="), "{url}");
+    url
+}
+
+/// Established TCP connections to port 5900 inside host `idx`: the agent's
+/// console relay to QEMU.
+fn relays_on(f: &Fleet, idx: usize) -> usize {
+    let mut c = f.hosts[idx].0.command(Path::new("ss"));
+    c.args(["-Htn", "state", "established", "( dport = :5900 )"]);
+    String::from_utf8_lossy(&output(c).stdout).lines().count()
+}
+
+#[test]
+fn the_web_console_follows_the_guest_across_live_migrations() {
+    let f = web_fleet("5");
+    // A console with a password: the coordinator answers QEMU's challenge.
+    let secret = "s3cret-pw";
+    let graphics = format!(
+        "<graphics type='vnc' passwd='{secret}'><listen type='network' network='public'/></graphics>"
+    );
+    let uuid = define_counter_with(&f, "watched", &graphics);
+    count_on_a(&f, "watched");
+    // Tickets only for a running VM with a VNC console.
+    define_counter_with(&f, "headless", "");
+    for (name, refusal) in [
+        (
+            "nosuch",
+            "failed to get domain 'nosuch': no domain with matching name",
+        ),
+        ("headless", "domain 'headless' is not running"),
+    ] {
+        let o = f.cli(&["webconsole", name]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(refusal), "{}", text(&o));
+    }
+    assert!(f.cli(&["start", "headless"]).status.success());
+    let o = f.cli(&["webconsole", "headless"]);
+    assert!(
+        text(&o).contains("domain 'headless' has no VNC console for the web console to show"),
+        "{}",
+        text(&o)
+    );
+    let issued = std::time::Instant::now();
+    let stale = web_url(&f, &["webconsole", "watched"]);
+    let url = web_url(&f, &["webconsole", "watched"]);
+    // FLOTILLA_WEB_SHOTS=DIR keeps the screenshots for a person to look at.
+    let shots = std::env::var_os("FLOTILLA_WEB_SHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| f.work.path().join("shots"));
+    std::fs::create_dir_all(&shots).expect("shots");
+    let shot = |name: &str| shots.join(name).display().to_string();
+
+    let mut b = flotilla_tests::browser::Browser::launch(&f.ctl, &f.tls.join("coordinator.pem"));
+    let page = b.ask(serde_json::json!({"cmd": "open", "page": "console", "url": url}));
+    assert_eq!(page["status"], 200, "{page}");
+    // The ticket left the address bar, and the password never reached the page.
+    assert_eq!(
+        page["url"],
+        format!("https://{WEB}/console/watched"),
+        "{page}"
+    );
+    let first = b.ask(serde_json::json!({
+        "cmd": "wait_counter", "page": "console", "connects": 1,
+        "timeout_ms": 30000, "shot": shot("1-host-a.png"),
+    }));
+    let c1 = first["counter"].as_u64().expect("counter on screen");
+    let second = b.ask(serde_json::json!({
+        "cmd": "wait_counter", "page": "console", "above": c1, "timeout_ms": 10000,
+        "shot": shot("2-host-a.png"),
+    }));
+    assert!(second["counter"].as_u64() > Some(c1), "{second}");
+    assert_eq!(relays_on(&f, 0), 1, "host-a's agent relays the console");
+    let html = b.ask(serde_json::json!({"cmd": "text", "page": "console"}));
+    assert!(!html.to_string().contains(secret), "{html}");
+
+    // Replayed, wrong and expired tickets: 403, and nothing is proxied.
+    let replay = b.ask(serde_json::json!({"cmd": "open", "page": "replay", "url": url}));
+    assert_eq!(replay["status"], 403, "{replay}");
+    assert!(
+        replay["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("ticket already used")),
+        "{replay}"
+    );
+    let wrong = url.replace("?ticket=", "?ticket=00");
+    let wrong = b.ask(serde_json::json!({"cmd": "open", "page": "replay", "url": wrong}));
+    assert_eq!(wrong["status"], 403, "{wrong}");
+    if let Some(left) = Duration::from_secs(5).checked_sub(issued.elapsed()) {
+        // The ticket's lifetime is what is under test here.
+        std::thread::sleep(left + Duration::from_millis(100));
+    }
+    let expired = b.ask(serde_json::json!({"cmd": "open", "page": "replay", "url": stale}));
+    assert_eq!(expired["status"], 403, "{expired}");
+    assert!(
+        expired["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("ticket expired")),
+        "{expired}"
+    );
+    assert_eq!(relays_on(&f, 0), 1, "refused pages opened no relay");
+
+    // The fleet page, open while the guest moves.
+    let login = web_url(&f, &["web-login"]);
+    let fleet = b.ask(serde_json::json!({"cmd": "open", "page": "fleet", "url": login}));
+    assert_eq!(fleet["status"], 200, "{fleet}");
+    for words in [
+        "host-a",
+        "host-b",
+        "host-c",
+        "watched",
+        "started on host-a (ranked: host-a",
+    ] {
+        b.ask(serde_json::json!({"cmd": "wait_text", "page": "fleet", "contains": words}));
+    }
+
+    // Live-migrate with the page open: it reconnects to host-b by itself.
+    for (to, idx, n) in [("host-b", 1, 2), ("host-a", 0, 3)] {
+        let o = f.cli(&["migrate", "watched", "--to", to]);
+        assert!(o.status.success(), "{}", text(&o));
+        let at_switch = b.ask(serde_json::json!({"cmd": "counter", "page": "console"}));
+        let shown = at_switch["counter"].as_u64().unwrap_or(0);
+        let back = b.ask(serde_json::json!({
+            "cmd": "wait_counter", "page": "console", "above": shown, "connects": n,
+            "timeout_ms": 30000, "shot": shot(&format!("{n}-{to}.png")),
+        }));
+        eprintln!(
+            "screen back {} ms after the migration of 'watched' to {to} completed",
+            back["ms"]
+        );
+        assert_eq!(back["banner"], format!("moved to {to}"), "{back}");
+        assert_eq!(back["movedTo"], to, "{back}");
+        // Told by the coordinator (its notice, or the 4001 close), not guessed.
+        assert!(
+            back["moves"]
+                .as_array()
+                .is_some_and(|m| m.len() == n - 1 && m.last().is_some_and(|m| m["to"] == to)),
+            "{back}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || relays_on(&f, idx) == 1),
+            "the console is not relayed by {to}"
+        );
+        b.ask(serde_json::json!({
+            "cmd": "wait_text", "page": "fleet",
+            "contains": format!("vm watched migration completed"),
+        }));
+    }
+    let events = b.ask(serde_json::json!({"cmd": "text", "page": "fleet"}));
+    let text_now = events["text"].as_str().unwrap_or_default().to_string();
+    for line in [
+        "vm watched migrating from host-a to host-b",
+        "vm watched migrating from host-b to host-a",
+        "migrated from host-b to host-a",
+    ] {
+        assert!(
+            text_now.contains(line),
+            "fleet page lacks {line:?}:\n{text_now}"
+        );
+    }
+    b.ask(serde_json::json!({"cmd": "wait_text", "page": "fleet", "contains": "", "shot": shot("fleet.png")}));
+    runs_only_on(&f, 0, "watched", &uuid);
+}
+
+#[test]
+fn a_coordinator_without_web_listen_issues_no_web_tickets() {
+    let work = tempfile::Builder::new()
+        .prefix("flt-noweb-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let tls = work.path().join("tls");
+    certs(&tls, &["init"]);
+    let ctl = control_plane();
+    let _coordinator = CoordinatorProcess::start(
+        &ctl,
+        COORD,
+        &work.path().join("data"),
+        &tls,
+        &work.path().join("coordinator.log"),
+    );
+    for args in [&["webconsole", "web01"][..], &["web-login"]] {
+        let o = flotilla(&ctl, COORD, &tls, args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o)
+                .contains("this coordinator serves no web pages: start it with --web-listen ADDR"),
+            "{}",
+            text(&o)
+        );
+    }
 }

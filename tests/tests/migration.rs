@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_ctl, domain_xml, incoming_uri, migration_outcome, new_uuid, qemu_pids_for, refused,
-    rfb_banner, wait_until, AgentDaemon, AgentDirs, Netns,
+    agent_ctl, domain_xml, incoming_uri, migration_outcome, new_uuid, public_and_fabric,
+    qemu_pids_for, refused, rfb_banner, wait_until, AgentDaemon, AgentDirs, Netns,
 };
 
 struct Host {
@@ -41,26 +41,7 @@ impl Host {
 /// veth at 198.18.2.1. Both share a fabric link (198.18.100.0/24) that each
 /// defines as network `migration`.
 fn two_hosts() -> (Host, Host, Netns) {
-    let a = Netns::new("mig-a");
-    let b = Netns::new("mig-b");
-    let far = Netns::new("mig-far");
-    a.bridge("br0", Some("198.18.1.1/24"));
-    b.veth_to(
-        "uplink0",
-        Some("198.18.2.1/24"),
-        None,
-        &far,
-        "eth0",
-        "198.18.2.100/24",
-    );
-    a.veth_to(
-        "fab0",
-        Some("198.18.100.1/24"),
-        None,
-        &b,
-        "fab0",
-        "198.18.100.2/24",
-    );
+    let (a, b, far) = public_and_fabric("mig-");
     let make = |ns: Netns, name: &'static str, public: &str| {
         let dirs = AgentDirs::new();
         dirs.network("public", public);

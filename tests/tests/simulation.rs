@@ -301,6 +301,9 @@ struct World {
     ops_at_core: BTreeSet<RequestId>,
     next_op: RequestId,
     acked_defines: BTreeMap<String, String>,
+    /// Migration ends announced to web consoles that disagree with the
+    /// core's own record of where the VM runs.
+    bad_moves: Vec<String>,
     /// The order in which the coordinator took requests.
     processed: u64,
     processed_at: BTreeMap<RequestId, u64>,
@@ -431,6 +434,7 @@ impl World {
             ops_at_core: BTreeSet::new(),
             next_op: 1,
             acked_defines: BTreeMap::new(),
+            bad_moves: Vec::new(),
             undefining: BTreeMap::new(),
             processed: 0,
             processed_at: BTreeMap::new(),
@@ -564,6 +568,23 @@ impl World {
                 self.at(d, Ev::OperatorGets { id, response });
             }
             Effect::Event(line) => self.detail(format!("core event: {line}")),
+            Effect::Moved { vm, from, to } => {
+                // Web consoles reconnect to `to`: it must be where the core
+                // now records the VM, and somewhere else than before.
+                let life = self.core.as_ref().and_then(|c| {
+                    c.lifecycles()
+                        .find(|(n, _)| *n == vm)
+                        .map(|(_, l)| l.clone())
+                });
+                let recorded = matches!(&life, Some(VmLifecycle::Running { host }) if *host == to);
+                if !recorded || from == to {
+                    self.bad_moves.push(format!(
+                        "moved {vm} from {from} to {to} while the core records {life:?}"
+                    ));
+                }
+            }
+            // The simulation opens no web consoles.
+            Effect::ConsoleRoute { .. } => {}
             Effect::Progress { .. } | Effect::Note { .. } | Effect::Metric(_) => {}
             Effect::WakeAt(t) => {
                 let at = t.saturating_duration_since(self.base);
@@ -1565,6 +1586,9 @@ impl World {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(m) = self.bad_moves.first() {
+            return Err(m.clone());
+        }
         for h in &self.hosts {
             if let Some(c) = h.fake.collisions().first() {
                 return Err(format!(

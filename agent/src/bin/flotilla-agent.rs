@@ -472,6 +472,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             }
         }
         Response::StorageMarked(disks) => println!("{} disk(s) marked", disks.len()),
+        Response::ConsoleOpened { addr } => println!("console relay to {addr}"),
         Response::Migration(p) => {
             println!("status: {}", p.status);
             println!(

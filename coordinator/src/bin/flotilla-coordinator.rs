@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::{CommandFactory, Parser, ValueEnum};
 use flotilla_coordinator::fleet::{Fleet, FleetSettings};
 use flotilla_coordinator::scheduler::{Policy, Strategy};
 use flotilla_coordinator::server;
 use flotilla_coordinator::store::RedbStore;
+use flotilla_coordinator::web::WebSettings;
 use flotilla_shared::config_file;
 use flotilla_shared::net::tls;
 
@@ -58,6 +59,20 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the web console and fleet page over HTTPS at ADDR (TCP).
+    #[arg(long)]
+    web_listen: Option<SocketAddr>,
+    /// The https://HOST:PORT that printed web URLs start with (default: the
+    /// --web-listen address). Browsers must reach it, and the certificate
+    /// should name it (`flotilla certs init --san`).
+    #[arg(long, requires = "web_listen")]
+    web_url: Option<String>,
+    /// noVNC's directory, with core/rfb.js (Debian's novnc package puts it here).
+    #[arg(long, default_value = "/usr/share/novnc")]
+    novnc_dir: PathBuf,
+    /// Seconds a web ticket may wait to be opened.
+    #[arg(long, default_value_t = 60)]
+    web_ticket_secs: u64,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -133,10 +148,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
     };
     let fleet = Fleet::new(Arc::new(store), settings)
-        .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?
-        .start();
+        .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?;
+    let moves = fleet.moves();
+    let fleet = fleet.start();
+    let web = match cli.web_listen {
+        Some(listen) => {
+            if listen.ip().is_unspecified() && cli.web_url.is_none() {
+                bail!("--web-listen {listen} is on every address: say which one URLs name with --web-url https://HOST:{}", listen.port());
+            }
+            let settings = WebSettings {
+                listen,
+                base_url: cli
+                    .web_url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{listen}"))
+                    .trim_end_matches('/')
+                    .to_string(),
+                novnc_dir: cli.novnc_dir.clone(),
+                ticket_ttl: Duration::from_secs(cli.web_ticket_secs),
+                tls: tls::web_server_config(&cli.tls_dir)?,
+            };
+            let web = flotilla_coordinator::web::start(settings, fleet.clone(), moves)?;
+            tracing::info!(%listen, "web console listening");
+            Some(web)
+        }
+        None => None,
+    };
     tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
-    let serving = actix::spawn(server::serve(endpoint.clone(), fleet));
+    let serving = actix::spawn(server::serve(endpoint.clone(), fleet, web));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

@@ -219,6 +219,25 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Print a URL that opens the VM's console in a browser, once.
+    ///
+    /// The URL holds a one-time ticket that expires after 60 s; opening it
+    /// gives the browser a 15-minute session for this VM's console, which
+    /// follows the VM across live migrations.
+    ///
+    /// Example: flotilla webconsole web01
+    Webconsole {
+        /// The VM's name.
+        name: String,
+    },
+    /// Print a URL that opens the fleet page in a browser, once.
+    ///
+    /// Example: flotilla web-login
+    WebLogin,
+    /// Why each VM is where it is: the scheduler's last explanation.
+    ///
+    /// Example: flotilla placements
+    Placements,
     /// Print a shell completion script.
     ///
     /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
@@ -326,6 +345,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::HostDrain { host, parallel } => OperatorRequest::HostDrain { host, parallel },
         Command::HostUndrain { host } => OperatorRequest::HostUndrain { host },
         Command::Events { follow } => OperatorRequest::Events { follow },
+        Command::Webconsole { name } => OperatorRequest::WebTicket {
+            console: Some(name),
+        },
+        Command::WebLogin => OperatorRequest::WebTicket { console: None },
+        Command::Placements => OperatorRequest::Placements,
         Command::Migrate {
             name,
             to,
@@ -609,6 +633,15 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             }
             println!("Domain '{name}' defined (uuid {uuid}, generation {generation})");
         }
+        OperatorResponse::WebUrl { url, expires_secs } => {
+            println!("{url}");
+            eprintln!("(opens once, within {expires_secs} s)");
+        }
+        OperatorResponse::Placements(notes) => {
+            for n in notes {
+                println!("{:<20} {}", n.name, n.explanation);
+            }
+        }
         OperatorResponse::Done(m) if m.is_empty() => {}
         OperatorResponse::Done(m) => println!("{m}"),
         OperatorResponse::Vms(vms) => {
@@ -655,8 +688,8 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
         }
         OperatorResponse::Hosts(hosts) => {
             println!(
-                "{:<16} {:<12} {:>5} {:>10} {:>4}  LAST SEEN",
-                "NAME", "STATE", "CPUS", "MEMORY", "VMS"
+                "{:<16} {:<12} {:>5} {:>10} {:>4} {:>10} {:>10}  LAST SEEN",
+                "NAME", "STATE", "CPUS", "MEMORY", "VMS", "VCPU USED", "MEM USED"
             );
             for h in hosts {
                 let seen = if h.last_seen_secs == u64::MAX {
@@ -665,8 +698,14 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
                     format!("{}s ago", h.last_seen_secs)
                 };
                 println!(
-                    "{:<16} {:<12} {:>5} {:>7}MiB {:>4}  {seen}",
-                    h.name, h.state, h.cpus, h.memory_mib, h.vms
+                    "{:<16} {:<12} {:>5} {:>7}MiB {:>4} {:>10} {:>7}MiB  {seen}",
+                    h.name,
+                    h.state,
+                    h.cpus,
+                    h.memory_mib,
+                    h.vms,
+                    h.committed_vcpus,
+                    h.committed_memory_mib
                 );
             }
         }

@@ -127,6 +127,24 @@ pub fn server_config(dir: &Path) -> Result<quinn::ServerConfig, TlsError> {
     Ok(server)
 }
 
+/// The coordinator's HTTPS config for its web pages: the same certificate,
+/// no client certificate (browsers present none; tickets and sessions
+/// authenticate instead), HTTP/1.1.
+pub fn web_server_config(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let paths = cert_paths(dir, Role::Coordinator, "");
+    let h = hint(Role::Coordinator, "");
+    let chain = load_certs(&paths.cert, &h)?;
+    let key = load_key(&paths.key, &h)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// A client config presenting `role`/`name`'s certificate from `dir`.
 pub fn client_config(dir: &Path, role: Role, name: &str) -> Result<quinn::ClientConfig, TlsError> {
     let paths = cert_paths(dir, role, name);

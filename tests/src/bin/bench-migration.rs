@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_tests::guest::{counting_disk_image, parse_xp_word, COUNTER_ADDR};
 use flotilla_tests::{
-    agent_command, bin, domain_xml, flotilla, median, new_uuid, output, wait_until, AgentDaemon,
-    AgentDirs, CoordinatorProcess, LibvirtDaemon, Netns,
+    agent_command, domain_xml, flotilla, median, new_uuid, output, wait_until, LibvirtDaemon,
+    Netns, TwoHosts, PUBLIC_BRIDGE,
 };
 
 /// The coordinator's listen address, on the management bridge.
@@ -64,106 +64,18 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
     let copy_storage = std::env::args().nth(2).as_deref() == Some("copy-storage");
-    let work = tempfile::Builder::new()
-        .prefix("flt-bench-")
-        .tempdir_in("/tmp")
-        .expect("tmp");
+    let mut fleet = TwoHosts::start(&[]);
+    let (ctl, a, b, tls, work) = (&fleet.ctl, &fleet.a, &fleet.b, &fleet.tls, &fleet.work);
+    let (agents, dirs_of) = (&fleet.agents, &fleet.dirs);
     let image = work.path().join("count.img");
     std::fs::write(&image, counting_disk_image()).expect("image");
-    let tls = work.path().join("tls");
-    let mut c = Command::new(bin("flotilla"));
-    c.args(["certs", "init", "--dir"]).arg(&tls);
-    assert!(output(c).status.success());
-
-    // Topology: coordinator namespace on a management bridge; host-a and
-    // host-b with their own `public`, joined by a fabric link for migration.
-    let ctl = Netns::new("bctl");
-    ctl.bridge("fleet0", Some("198.19.0.1/24"));
-    let a = Netns::new("ba");
-    let b = Netns::new("bb");
-    let far = Netns::new("bfar");
-    ctl.veth_to("mg11", None, Some("fleet0"), &a, "mgmt0", "198.19.0.11/24");
-    ctl.veth_to("mg12", None, Some("fleet0"), &b, "mgmt0", "198.19.0.12/24");
-    a.bridge("br0", Some("198.18.1.1/24"));
-    b.veth_to(
-        "uplink0",
-        Some("198.18.2.1/24"),
-        None,
-        &far,
-        "eth0",
-        "198.18.2.100/24",
-    );
-    a.veth_to(
-        "fab0",
-        Some("198.18.100.1/24"),
-        None,
-        &b,
-        "fab0",
-        "198.18.100.2/24",
-    );
-    let _coordinator = CoordinatorProcess::start(
-        &ctl,
-        COORD,
-        &work.path().join("data"),
-        &tls,
-        &work.path().join("coordinator.log"),
-    );
-    let mut agents = Vec::new();
-    let mut dirs_of = Vec::new();
-    for (ns, name, public) in [
-        (
-            &a,
-            "host-a",
-            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
-        ),
-        (
-            &b,
-            "host-b",
-            "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
-        ),
-    ] {
-        let mut c = Command::new(bin("flotilla"));
-        c.args(["certs", "issue", "--agent", name, "--dir"])
-            .arg(&tls);
-        assert!(output(c).status.success());
-        let dirs = AgentDirs::new();
-        dirs.network("public", public);
-        dirs.network(
-            "migration",
-            "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
-        );
-        let tls_s = tls.to_str().expect("utf8").to_string();
-        agents.push(AgentDaemon::start(
-            ns,
-            name,
-            &dirs,
-            &[
-                "--coordinator",
-                COORD,
-                "--tls-dir",
-                &tls_s,
-                "--migration-network",
-                "migration",
-            ],
-        ));
-        dirs_of.push(dirs);
-    }
-    assert!(wait_until(Duration::from_secs(20), || {
-        String::from_utf8_lossy(&flotilla(&ctl, COORD, &tls, &["hosts"]).stdout)
-            .matches(" connected ")
-            .count()
-            == 2
-    }));
 
     // libvirt: one private libvirtd per host, each defining `public` its own
     // way, exactly as the agents do.
-    let lv_a = LibvirtDaemon::start(&a, &work.path().join("libvirt-a"));
-    let lv_b = LibvirtDaemon::start(&b, &work.path().join("libvirt-b"));
+    let lv_a = LibvirtDaemon::start(a, &work.path().join("libvirt-a"));
+    let lv_b = LibvirtDaemon::start(b, &work.path().join("libvirt-b"));
     for (lv, public) in [
-        (
-            &lv_a,
-            "<network><name>public</name><forward mode='bridge'/><bridge name='br0'/></network>",
-        ),
+        (&lv_a, PUBLIC_BRIDGE),
         (
             &lv_b,
             "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
@@ -187,15 +99,16 @@ fn main() {
             String::from_utf8_lossy(&output(c).stdout).into_owned()
         };
         let hosts = Hosts {
-            ctl: &ctl,
-            tls: &tls,
+            ctl,
+            tls,
             agents: [agents[0].child.id(), agents[1].child.id()],
             libvirtds: [&lv_a, &lv_b],
             work: work.path(),
             hmp: &hmp,
         };
         copy_storage_table(&hosts, rounds);
-        drop(agents);
+        // The agents go before the libvirtds and namespaces do.
+        fleet.agents.clear();
         return;
     }
     println!("| guest | path | runs | wall ms median (range) | downtime ms median (range) | MiB sent median |");
@@ -242,11 +155,11 @@ fn main() {
         let file = work.path().join(format!("{name}.xml"));
         std::fs::write(&file, &xml).expect("xml");
         let file_s = file.to_str().expect("utf8");
-        assert!(flotilla(&ctl, COORD, &tls, &["define", file_s])
+        assert!(flotilla(ctl, COORD, tls, &["define", file_s])
             .status
             .success());
         assert!(
-            flotilla(&ctl, COORD, &tls, &["start", &name, "--host", "host-a"])
+            flotilla(ctl, COORD, tls, &["start", &name, "--host", "host-a"])
                 .status
                 .success()
         );
@@ -293,9 +206,9 @@ fn main() {
             // Flotilla: CLI invocation to CLI return, through coordinator and agents.
             let t = Instant::now();
             let o = flotilla(
-                &ctl,
+                ctl,
                 COORD,
-                &tls,
+                tls,
                 &["migrate", &name, "--to", to, "--max-downtime", "300"],
             );
             let wall = t.elapsed().as_secs_f64() * 1000.0;
@@ -359,7 +272,7 @@ fn main() {
 
             // Raw QMP between two QEMUs started by hand: the floor.
             to_lv.virsh_ok(&["suspend", &name]);
-            let r = raw_qmp(&a, &b, &image, mib, dirtying, work.path());
+            let r = raw_qmp(a, b, &image, mib, dirtying, work.path());
             to_lv.virsh_ok(&["resume", &name]);
             hmp(!on_a, "cont");
             on_a = !on_a;
@@ -370,7 +283,7 @@ fn main() {
                 s.sent_mib.push(r.sent_mib);
             }
         }
-        let _ = flotilla(&ctl, COORD, &tls, &["destroy", &name]);
+        let _ = flotilla(ctl, COORD, tls, &["destroy", &name]);
         for l in [&lv_a, &lv_b] {
             let _ = l.virsh(&["destroy", &name]);
             let _ = l.virsh(&["undefine", &name]);
@@ -406,7 +319,7 @@ fn main() {
     for r in ratios {
         println!("- {r}");
     }
-    drop(agents);
+    fleet.agents.clear();
 }
 
 /// What the storage-copy table needs of the set-up.
