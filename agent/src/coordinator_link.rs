@@ -9,18 +9,18 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use flotilla_shared::net::pki::Role;
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
-    HostFacts, MachineTypes, ServerMessage,
+    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, FenceReport,
+    HelloAck, HostFacts, MachineTypes, ServerMessage,
 };
 
 use crate::control::AgentCall;
-use crate::host_actor::{CoordinatorRoute, HostAgent};
+use crate::host_actor::{CoordinatorRoute, HostAgent, RenewLease};
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct LinkSettings {
     pub host: String,
     /// Its QEMU's machine types ([`crate::machine_types::probe`], once at start).
     pub machine_types: MachineTypes,
+    /// The agent's state directory, where the fence keeper's lock is.
+    pub state_dir: PathBuf,
 }
 
 /// Why a session with the coordinator ended.
@@ -85,20 +87,34 @@ async fn session(
     if let Some(local) = route_source(addr) {
         agent.do_send(CoordinatorRoute(local));
     }
-    let facts = gather_facts(agent, &settings.host, &settings.machine_types).await;
+    let facts = gather_facts(agent, settings).await;
+    let sent = Instant::now();
     let ack: ServerMessage = quic::call(
         &conn,
         &ClientMessage::Hello(AgentHello::Register(facts)),
         Duration::from_secs(30),
     )
     .await?;
-    let interval = match ack {
-        ServerMessage::Hello(HelloAck::Accepted { heartbeat_secs }) => {
-            Duration::from_secs(heartbeat_secs.max(1))
-        }
+    let (interval, lease, stale) = match ack {
+        ServerMessage::Hello(HelloAck::Accepted {
+            heartbeat_secs,
+            lease_ms,
+            stale,
+        }) => (
+            Duration::from_secs(heartbeat_secs.max(1)),
+            Duration::from_millis(lease_ms),
+            stale,
+        ),
         ServerMessage::Hello(HelloAck::Refused(r)) => return Err(LinkError::Refused(r)),
         other => return Err(LinkError::Refused(format!("unexpected answer {other:?}"))),
     };
+    // Copies the coordinator restarted elsewhere die before anything else
+    // is served on this connection.
+    for name in stale {
+        tracing::warn!(vm = %name, "coordinator restarted this VM elsewhere (newer incarnation): killing the stale copy");
+        let _ = agent.send(AgentCall(AgentRequest::Destroy { name })).await;
+    }
+    agent.do_send(RenewLease(sent + lease));
     tracing::info!(coordinator = %settings.coordinator, "registered with coordinator");
     *backoff = Duration::from_millis(250);
     let mut tick = tokio::time::interval(interval);
@@ -116,7 +132,8 @@ async fn session(
                 // Numbered before gathering: an action answered after this
                 // number was taken may or may not show in these facts.
                 let seq = seq.fetch_add(1, Ordering::SeqCst) + 1;
-                let facts = gather_facts(agent, &settings.host, &settings.machine_types).await;
+                let facts = gather_facts(agent, settings).await;
+                let sent = Instant::now();
                 // An unanswered heartbeat means the coordinator is gone: redial
                 // now rather than at the transport's idle timeout.
                 let ack: ServerMessage = quic::call(
@@ -128,6 +145,9 @@ async fn session(
                 if ack != ServerMessage::Ack {
                     return Err(LinkError::Refused(format!("heartbeat answered with {ack:?}")));
                 }
+                // Measured from when it was sent: the coordinator counts
+                // from its arrival, which is later.
+                agent.do_send(RenewLease(sent + lease));
             }
         }
     }
@@ -208,11 +228,7 @@ fn route_source(peer: std::net::SocketAddr) -> Option<std::net::IpAddr> {
 }
 
 /// This host's facts: CPUs, memory, networks with addresses, running VMs.
-pub async fn gather_facts(
-    agent: &Addr<HostAgent>,
-    host: &str,
-    machine_types: &MachineTypes,
-) -> HostFacts {
+pub async fn gather_facts(agent: &Addr<HostAgent>, settings: &LinkSettings) -> HostFacts {
     let networks = match agent.send(AgentCall(AgentRequest::NetList)).await {
         Ok(AgentResponse::Networks { networks, .. }) => networks,
         _ => Vec::new(),
@@ -222,12 +238,16 @@ pub async fn gather_facts(
         _ => Vec::new(),
     };
     HostFacts {
-        host: host.to_string(),
+        host: settings.host.clone(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory_mib: memory_mib(),
         networks,
         vms,
-        machine_types: machine_types.clone(),
+        machine_types: settings.machine_types.clone(),
+        fence: FenceReport {
+            keeper: crate::fence_keeper::keeper_running(&settings.state_dir),
+            watchdog_secs: None,
+        },
     }
 }
 

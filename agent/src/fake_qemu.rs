@@ -1038,6 +1038,7 @@ mod tests {
         let start = |name: &str, n| Request::Start {
             xml: xml(name, n),
             source: format!("{name}.xml"),
+            incarnation: 0,
         };
 
         assert!(matches!(
@@ -1057,6 +1058,7 @@ mod tests {
             storage_token: None,
             copy: None,
             allow_unsafe: false,
+            incarnation: 0,
         };
         let Response::Incoming { uri, .. } = call(&mut h2, &mut f2, now, 2, incoming) else {
             panic!("no incoming");

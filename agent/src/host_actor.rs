@@ -71,6 +71,12 @@ impl HostAgent {
                     }));
                 }
                 HostEffect::Event(event) => tracing::info!(?event, "host event"),
+                HostEffect::LeaseFile { until, guests } => {
+                    let dir = self.core.state_dir().to_path_buf();
+                    if let Err(e) = crate::fence_keeper::write_lease(&dir, until, guests) {
+                        tracing::error!(error = %e, "cannot write the fence keeper's lease file");
+                    }
+                }
                 HostEffect::WakeAt(at) => {
                     ctx.run_later(at.saturating_duration_since(Instant::now()), |act, ctx| {
                         act.feed(HostInput::Tick, ctx)
@@ -148,6 +154,19 @@ impl Handler<Exited> for HostAgent {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CoordinatorRoute(pub std::net::IpAddr);
+
+/// The coordinator acknowledged a heartbeat: the lease runs until this instant.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RenewLease(pub Instant);
+
+impl Handler<RenewLease> for HostAgent {
+    type Result = ();
+
+    fn handle(&mut self, RenewLease(until): RenewLease, ctx: &mut Self::Context) {
+        self.feed(HostInput::LeaseRenewed { until }, ctx);
+    }
+}
 
 impl Handler<CoordinatorRoute> for HostAgent {
     type Result = ();

@@ -50,7 +50,7 @@
 //! drive(&mut core, &mut fake, now, HostInput::Boot);
 //! let xml = "<domain type='kvm'><name>vm1</name><memory unit='MiB'>64</memory>\
 //!            <os><type>hvm</type></os></domain>";
-//! let request = AgentRequest::Start { xml: xml.into(), source: "vm1.xml".into() };
+//! let request = AgentRequest::Start { xml: xml.into(), source: "vm1.xml".into(), incarnation: 0 };
 //! let out = drive(&mut core, &mut fake, now, HostInput::Request { id: 1, request });
 //! assert!(matches!(&out[..], [HostEffect::Reply { id: 1, response: AgentResponse::Started { .. } }]));
 //! fake.crash("vm1");
@@ -79,6 +79,7 @@ use crate::console::{plan_consoles, ConsoleEndpoint, ConsoleSettings};
 use crate::control::{ConsoleInfo, NetStatus, Request, Response, VmSummary};
 use crate::host_networks::HostNetworks;
 use crate::interfaces::InterfaceTable;
+use crate::lease::Lease;
 use crate::nic_plan::{attach_problem, plan_nics, NicHost, NicPlan};
 use crate::ports::{PortAllocator, MIGRATION_PORTS};
 use crate::qemu_process::{ConsoleSecret, LaunchMode, NbdExports, StartTimeouts};
@@ -171,8 +172,26 @@ pub enum HostInput {
         /// The address.
         local: IpAddr,
     },
+    /// The coordinator acknowledged a heartbeat (or the registration): the
+    /// lease now runs until `until` ([`crate::lease`]).
+    LeaseRenewed {
+        /// When the acknowledged message was sent, plus the lease length.
+        until: Instant,
+    },
     /// Time passed: deadlines at or before `now` fire.
     Tick,
+}
+
+/// An HA guest as the fence keeper must find it: by pid, confirmed by the
+/// UUID on its command line (a pid may be reused).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HaGuest {
+    /// The VM.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// QEMU's pid.
+    pub pid: i32,
 }
 
 /// Everything the core asks its shell to do.
@@ -196,6 +215,14 @@ pub enum HostEffect {
     Event(AgentEvent),
     /// Feed [`HostInput::Tick`] at or after this instant.
     WakeAt(Instant),
+    /// Tell the fence keeper the lease and the HA guests it must kill once
+    /// the lease lapses, should the agent not be there to do it.
+    LeaseFile {
+        /// The lease's expiry.
+        until: Instant,
+        /// Every HA guest running here.
+        guests: Vec<HaGuest>,
+    },
 }
 
 /// The port bind probe: whether a port is free on this host.
@@ -255,6 +282,7 @@ struct StartCtx {
     id: u64,
     domain: Domain,
     incoming: Option<Incoming>,
+    incarnation: u64,
 }
 
 /// What makes a start a migration's destination.
@@ -305,6 +333,8 @@ struct LaunchCtx {
     nics: Vec<NicPlan>,
     nbd: Option<NbdServer>,
     created_images: Vec<PathBuf>,
+    incarnation: u64,
+    ha: bool,
 }
 
 /// What to answer when a single QMP command succeeds.
@@ -445,6 +475,11 @@ pub struct HostCore {
     booting: Option<usize>,
     ready: bool,
     queued: VecDeque<(u64, Request)>,
+    lease: Lease,
+    /// HA guests being launched (name → UUID): the keeper must know them
+    /// before their QEMU exists, or an agent that hangs mid-launch would
+    /// leave one it cannot kill.
+    ha_launching: BTreeMap<String, String>,
 }
 
 impl HostCore {
@@ -475,7 +510,14 @@ impl HostCore {
             booting: None,
             ready: false,
             queued: VecDeque::new(),
+            lease: Lease::default(),
+            ha_launching: BTreeMap::new(),
         }
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.settings.state_dir
     }
 
     /// This host's name.
@@ -508,6 +550,8 @@ impl HostCore {
                 pid: 0,
                 state: VmRunState::Prelaunch,
                 consoles: Vec::new(),
+                incarnation: 0,
+                ha: false,
             })
             .collect()
     }
@@ -544,7 +588,68 @@ impl HostCore {
                 .map(|v| summary(&v.record, &v.status))
                 .collect(),
             machine_types: Default::default(),
+            fence: Default::default(),
         }
+    }
+
+    /// The HA guests running or being launched here, for the fence keeper
+    /// (pid 0: not known yet; the keeper finds it by UUID).
+    fn ha_guests(&self) -> Vec<HaGuest> {
+        self.vms
+            .values()
+            .filter(|v| v.record.ha)
+            .map(|v| HaGuest {
+                name: v.record.name.clone(),
+                uuid: v.record.uuid.clone(),
+                pid: v.record.pid,
+            })
+            .chain(self.ha_launching.iter().map(|(name, uuid)| HaGuest {
+                name: name.clone(),
+                uuid: uuid.clone(),
+                pid: 0,
+            }))
+            .collect()
+    }
+
+    /// Rewrites the fence keeper's file, when there is a lease to keep.
+    fn publish_lease(&self, out: &mut Vec<HostEffect>) {
+        if let Some(until) = self.lease.until() {
+            out.push(HostEffect::LeaseFile {
+                until,
+                guests: self.ha_guests(),
+            });
+        }
+    }
+
+    /// At expiry: every HA guest is killed, since the coordinator may start
+    /// it elsewhere from now on. Non-HA guests keep running: nobody
+    /// restarts them.
+    fn enforce_lease(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
+        if !self.lease.take_expiry(now) {
+            return;
+        }
+        let doomed: Vec<(String, i32)> = self
+            .vms
+            .values()
+            .filter(|v| v.record.ha)
+            .map(|v| (v.record.name.clone(), v.record.pid))
+            .collect();
+        tracing::warn!(host = %self.host(), guests = doomed.len(),
+            "lease from the coordinator expired: killing every HA guest");
+        for (name, pid) in doomed {
+            self.kill_fenced(&name, pid, out);
+        }
+    }
+
+    fn kill_fenced(&mut self, name: &str, pid: i32, out: &mut Vec<HostEffect>) {
+        tracing::warn!(vm = %name, pid, host = %self.host(), "fencing: SIGKILL to HA guest");
+        self.set_state(name, VmState::Stopping);
+        let call = HvCall::Signal {
+            vm: name.to_string(),
+            pid,
+            signal: VmSignal::Kill,
+        };
+        self.hv(out, Pending::Ignore, call);
     }
 
     /// Feeds one input; returns what to do, in order.
@@ -577,6 +682,11 @@ impl HostCore {
                 log_tail,
             } => self.exited(name, pid, reason, log_tail, &mut out),
             HostInput::CoordinatorRoute { local } => self.coordinator_route = Some(local),
+            HostInput::LeaseRenewed { until } => {
+                self.lease.renew(until);
+                out.extend(self.lease.wakes().into_iter().map(HostEffect::WakeAt));
+                self.publish_lease(&mut out);
+            }
             HostInput::Tick => self.tick(now, &mut out),
         }
         out
@@ -664,7 +774,20 @@ impl HostCore {
         let reply =
             |out: &mut Vec<HostEffect>, response| out.push(HostEffect::Reply { id, response });
         match req {
-            Request::Start { xml, source } => self.start(id, xml, source, None, out),
+            Request::Start { .. } | Request::MigrateIncoming { .. }
+                if self.lease.refuses_start(now, self.host()).is_some() =>
+            {
+                let why = self
+                    .lease
+                    .refuses_start(now, self.host())
+                    .unwrap_or_default();
+                reply(out, Response::Error(why))
+            }
+            Request::Start {
+                xml,
+                source,
+                incarnation,
+            } => self.start(id, xml, source, incarnation, None, out),
             Request::MigrateIncoming {
                 xml,
                 source,
@@ -672,6 +795,7 @@ impl HostCore {
                 storage_token,
                 copy,
                 allow_unsafe,
+                incarnation,
             } => {
                 let incoming = Incoming {
                     postcopy,
@@ -679,7 +803,7 @@ impl HostCore {
                     copy,
                     allow_unsafe,
                 };
-                self.start(id, xml, source, Some(incoming), out)
+                self.start(id, xml, source, incarnation, Some(incoming), out)
             }
             Request::MarkStorage { name, token } => {
                 if !self.vms.contains_key(&name) {
@@ -1010,6 +1134,7 @@ impl HostCore {
         id: u64,
         xml: String,
         source: String,
+        incarnation: u64,
         incoming: Option<Incoming>,
         out: &mut Vec<HostEffect>,
     ) {
@@ -1058,6 +1183,7 @@ impl HostCore {
             id,
             domain,
             incoming,
+            incarnation,
         };
         self.hv(
             out,
@@ -1078,6 +1204,7 @@ impl HostCore {
             id,
             domain,
             incoming,
+            incarnation,
         } = ctx;
         let name = domain.name.clone();
         let host = self.host().to_string();
@@ -1278,7 +1405,14 @@ impl HostCore {
             launched_at: now,
             nbd,
             created_images,
+            incarnation,
+            ha: domain.ha(),
         };
+        if ctx.ha {
+            // Written before QEMU starts (effects run in order).
+            self.ha_launching.insert(ctx.name.clone(), ctx.uuid.clone());
+            self.publish_lease(out);
+        }
         self.hv(
             out,
             Pending::Launch(Box::new(ctx)),
@@ -1973,8 +2107,11 @@ impl HostCore {
             nics,
             nbd,
             created_images,
+            incarnation,
+            ha,
         } = ctx;
         self.starting.remove(&name);
+        self.ha_launching.remove(&name);
         let incoming = migration_port.is_some();
         let early_exit = self.early_exits.remove(&name);
         let result = match (result, early_exit) {
@@ -2026,6 +2163,8 @@ impl HostCore {
             endpoints,
             nics,
             created_images,
+            incarnation,
+            ha,
         };
         let state = if incoming {
             VmState::Incoming
@@ -2066,6 +2205,14 @@ impl HostCore {
             },
         );
         metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
+        if ha {
+            // The keeper learns of the guest before anyone hears it started.
+            self.publish_lease(out);
+            if self.lease.state(now) == crate::lease::LeaseState::Lapsed {
+                // The lease lapsed while QEMU launched: it must not run.
+                self.kill_fenced(&name, pid, out);
+            }
+        }
         // The record must be on disk before we report success: it is how a
         // restarted agent finds this QEMU again.
         let call = HvCall::WriteRecord {
@@ -2256,6 +2403,7 @@ impl HostCore {
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<HostEffect>) {
+        self.enforce_lease(now, out);
         // Incoming-migration polls that are due.
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.polls)
             .into_iter()
@@ -2391,6 +2539,8 @@ fn summary(r: &VmRecord, state: &str) -> VmSummary {
         pid: r.pid,
         state: VmRunState::from_qemu(state),
         consoles: consoles(&r.endpoints),
+        incarnation: r.incarnation,
+        ha: r.ha,
     }
 }
 
@@ -2447,6 +2597,7 @@ mod tests {
         Request::Start {
             xml: xml(name),
             source: format!("{name}.xml"),
+            incarnation: 0,
         }
     }
 
@@ -2554,7 +2705,7 @@ mod tests {
                     .into(),
             ),
             (
-                Request::Start { xml: other_name, source: "web02.xml".into() },
+                Request::Start { xml: other_name, source: "web02.xml".into(), incarnation: 0 },
                 format!("domain 'web02' has the UUID {UUID} of running domain 'web01'"),
             ),
             (
@@ -2593,6 +2744,7 @@ mod tests {
                 Request::Start {
                     xml: xml9,
                     source: "w".into(),
+                    incarnation: 0,
                 },
             ),
         );
@@ -2756,6 +2908,7 @@ mod tests {
                 Request::Start {
                     xml: xml2,
                     source: "w".into(),
+                    incarnation: 0,
                 },
             ),
         );
@@ -2863,6 +3016,7 @@ mod tests {
             storage_token: None,
             copy: None,
             allow_unsafe: false,
+            incarnation: 0,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
         let Response::Incoming { vm, uri, .. } = reply(&out) else {
@@ -3003,6 +3157,7 @@ mod tests {
         let start = |name: &str, uuid: &str| Request::Start {
             xml: nic_vm(name, uuid),
             source: format!("{name}.xml"),
+            incarnation: 0,
         };
         drive(&mut a, &mut src, t0, req(1, start("one", UUID)));
         let out = drive(
@@ -3039,6 +3194,7 @@ mod tests {
             storage_token: None,
             copy: None,
             allow_unsafe: false,
+            incarnation: 0,
         };
         let out = drive(&mut b, &mut dst, t0, req(1, incoming));
         let Response::Incoming { uri, .. } = reply(&out) else {
@@ -3112,6 +3268,7 @@ mod tests {
         let start = Request::Start {
             xml: with_disk.clone(),
             source: "w".into(),
+            incarnation: 0,
         };
         drive(&mut a, &mut src, t0, req(1, start));
         let mark = Request::MarkStorage {
@@ -3136,6 +3293,7 @@ mod tests {
                 storage_token: Some(token.into()),
                 copy,
                 allow_unsafe,
+                incarnation: 0,
             };
         let incoming = |token: &str| request(token, None, false);
         // A host with a file of its own at the same path.
@@ -3190,6 +3348,7 @@ mod tests {
             storage_token: None,
             copy: None,
             allow_unsafe: false,
+            incarnation: 0,
         };
         for (route, uri) in [
             // Before the link is up: the first network that resolves.
@@ -3224,6 +3383,7 @@ mod tests {
             storage_token: None,
             copy: None,
             allow_unsafe: false,
+            incarnation: 0,
         };
         drive(&mut b, &mut dst, t0, req(1, incoming));
         let caps = &dst.process("web01").expect("runs").plan.mode;
@@ -3267,6 +3427,7 @@ mod tests {
                     storage_token: None,
                     copy: None,
                     allow_unsafe: false,
+                    incarnation: 0,
                 },
             ),
         );
@@ -3290,6 +3451,7 @@ mod tests {
         let start = Request::Start {
             xml: nic_vm("one", UUID),
             source: "one.xml".into(),
+            incarnation: 0,
         };
         let (op, plan) = until_launch(&mut c, &mut fake, now, req(1, start));
         let result = fake.call_now(HvCall::Launch(Box::new(plan)));
@@ -3325,6 +3487,7 @@ mod tests {
         let start = Request::Start {
             xml: xml2,
             source: "w".into(),
+            incarnation: 0,
         };
         until_launch(&mut c, &mut fake, now, req(2, start));
         // Meanwhile web01 is served: a status poll, a console listing.

@@ -33,6 +33,13 @@ pub struct VmRecord {
     /// runs on them: removed with the record if it never does.
     #[serde(default)]
     pub created_images: Vec<PathBuf>,
+    /// The incarnation the coordinator started (or moved) it with.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// Its definition asks for high availability: killed when the lease
+    /// lapses.
+    #[serde(default)]
+    pub ha: bool,
 }
 
 impl VmRecord {

@@ -289,6 +289,10 @@ fn record(m: Metric) {
         Metric::Migration(outcome) => {
             metrics::counter!("flotilla_migrations_total", "outcome" => outcome).increment(1)
         }
+        Metric::HostFenced(how) => {
+            metrics::counter!("flotilla_hosts_fenced_total", "how" => how).increment(1)
+        }
+        Metric::HaRestartSeconds(s) => metrics::histogram!("flotilla_ha_restart_seconds").record(s),
         Metric::Gauges {
             hosts,
             vms,
@@ -512,6 +516,7 @@ mod tests {
             heartbeat_timeout: Duration::from_secs(5),
             policy: Policy::default(),
             token_seed: 7,
+            fencing: Default::default(),
         };
         // Empty mirrors would overcommit hosts and undrain drained ones.
         match Fleet::new(std::sync::Arc::new(Unreadable), settings) {

@@ -25,18 +25,20 @@
 //!   registration (a fresh report) says what runs there.
 //! - Reconciliation never starts a VM and never touches a running copy.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, HelloAck, HostEntry, HostFacts,
-    MachineTypes, MigrationOutcome, MigrationProgress, NetStatus, OperatorError, OperatorRequest,
-    OperatorResponse, PlacementNote, StorageCopy, VmListEntry, VmRunState, VmSummary,
+    AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, DomInfo, FenceReport, HelloAck,
+    HostEntry, HostFacts, MachineTypes, MigrationOutcome, MigrationProgress, NetStatus,
+    OperatorError, OperatorRequest, OperatorResponse, PlacementNote, StorageCopy, VmListEntry,
+    VmRunState, VmSummary,
 };
 use flotilla_shared::xml::{tree, Domain, GraphicsProtocol, ListenKind, XmlFlavor};
 
 use crate::events::{migration_progress_line, ProgressSampler};
+use crate::fencing::FencePolicy;
 use crate::lifecycle::{HostState, VmLifecycle};
 use crate::migration::{
     Command, Input as MigInput, Migration, MigrationParams, Phase, Report, StepFailure,
@@ -74,6 +76,8 @@ pub struct FleetSettings {
     /// Random at each start of the coordinator: with a counter, the storage
     /// tokens of migrations, unique across restarts.
     pub token_seed: u64,
+    /// Leases and when a silent host counts as fenced.
+    pub fencing: FencePolicy,
 }
 
 /// Something that happened, for the core to decide on.
@@ -246,6 +250,12 @@ pub enum Metric {
     SchedulingSeconds(f64),
     /// A migration ended (`completed`, `aborted`, `failed`, `in-doubt`).
     Migration(&'static str),
+    /// A silent host was declared fenced (`lease` when its lease lapsed,
+    /// `operator` after `flotilla host-fenced`).
+    HostFenced(&'static str),
+    /// An HA VM runs again elsewhere: seconds from when its host was last
+    /// heard until the restart was acknowledged.
+    HaRestartSeconds(f64),
     /// The current counts: hosts by state, VMs by state, migrations in flight.
     Gauges {
         /// (state, count) for every host state.
@@ -283,6 +293,21 @@ struct VmEntry {
     /// The scheduler's explanation of its last placement seen by this
     /// coordinator (not stored: it is news, not state).
     placement: Option<String>,
+    /// High availability is on in its definition.
+    ha: bool,
+    /// See [`VmRow::incarnation`].
+    incarnation: u64,
+    /// Why this HA VM waits to run again, while it does.
+    pending_restart: Option<String>,
+    /// See [`VmRow::ha_running`].
+    ha_running: bool,
+}
+
+/// Who a start answers to.
+#[derive(Debug)]
+struct StartOwner {
+    op: Option<RequestId>,
+    restart: Option<(String, Instant)>,
 }
 
 #[derive(Debug)]
@@ -295,10 +320,13 @@ enum Ask {
 #[derive(Debug)]
 enum Purpose {
     Start {
-        op: RequestId,
+        /// The operator's request, or `None` for an HA restart.
+        op: Option<RequestId>,
         vm: String,
         sent: Instant,
         explanation: String,
+        /// An HA restart: why, and since when it was owed.
+        restart: Option<(String, Instant)>,
     },
     Stop {
         op: RequestId,
@@ -444,6 +472,15 @@ pub struct FleetCore {
     /// Measures scheduling time for the metric; the simulation has no clock.
     stopwatch: fn() -> Option<Instant>,
     effects: Vec<Effect>,
+    /// The first `now` this core saw: every host's lease is counted from no
+    /// earlier than this, so a restarted coordinator fences nobody before a
+    /// full lease has passed under its own eyes.
+    armed_at: Option<Instant>,
+    /// Hosts declared fenced, with when: their HA VMs restart elsewhere.
+    /// Cleared when the host registers again.
+    fenced_hosts: BTreeMap<String, Instant>,
+    /// Hosts already reported as cut off without a working fence.
+    unfenceable: BTreeSet<String>,
 }
 
 /// `pc-i440fx-9.2` → (`pc-i440fx-`, [9, 2]), so 10.0 sorts after 9.2.
@@ -480,6 +517,21 @@ fn network_addresses(networks: &[NetStatus]) -> NetworkAddresses {
 }
 
 /// What a stored definition holds on its host; an unreadable one holds nothing.
+/// `xml` with high availability `on`, rewritten only when it differs.
+fn xml_with_ha(xml: String, on: bool) -> String {
+    match Domain::parse("the definition", &xml) {
+        Ok(mut d) if d.model.ha() != on => {
+            d.model.set_ha(on);
+            d.model.to_xml(XmlFlavor::Inactive)
+        }
+        _ => xml,
+    }
+}
+
+fn is_ha(row: &VmRow) -> bool {
+    Domain::parse(&row.name, &row.xml).is_ok_and(|d| d.model.ha())
+}
+
 fn footprint(row: &VmRow) -> Footprint {
     Domain::parse(&row.name, &row.xml).map_or_else(
         |_| Footprint::default(),
@@ -543,6 +595,10 @@ impl FleetCore {
         let mut vms = BTreeMap::new();
         for row in store.list()? {
             let fp = footprint(&row);
+            let ha = is_ha(&row);
+            // Fenced away and not yet running again: still owed a restart.
+            let pending_restart = (ha && row.want_running && row.placement.is_none())
+                .then(|| "waiting to restart after its host was fenced".to_string());
             let life = match &row.placement {
                 Some(h) => {
                     usage.set(&row.name, Some((h, fp)));
@@ -559,6 +615,10 @@ impl FleetCore {
                     life,
                     pending_dest: row.migrating_to,
                     placement: None,
+                    ha,
+                    incarnation: row.incarnation,
+                    pending_restart,
+                    ha_running: row.ha_running,
                 },
             );
         }
@@ -585,6 +645,9 @@ impl FleetCore {
             repairs: BTreeMap::new(),
             stopwatch: real_stopwatch,
             effects: Vec::new(),
+            armed_at: None,
+            fenced_hosts: BTreeMap::new(),
+            unfenceable: BTreeSet::new(),
         })
     }
 
@@ -596,6 +659,7 @@ impl FleetCore {
 
     /// Feeds one input at `now`; returns what to carry out, in order.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        self.armed_at.get_or_insert(now);
         match input {
             Input::Register { host, facts, conn } => self.register(now, host, facts, conn),
             Input::Report {
@@ -777,6 +841,13 @@ impl FleetCore {
         }
     }
 
+    /// Answers the operator who asked, if one did (an HA restart has none).
+    fn reply_to(&mut self, id: Option<RequestId>, response: OperatorResponse) {
+        if let Some(id) = id {
+            self.reply(id, response);
+        }
+    }
+
     fn reply(&mut self, id: RequestId, response: OperatorResponse) {
         self.effects.push(Effect::Reply { id, response });
     }
@@ -820,6 +891,10 @@ impl FleetCore {
         };
         match vm.life.transition(to) {
             Ok(next) => {
+                // Placed again (started, found running): no restart is owed.
+                if next != VmLifecycle::ShutOff {
+                    vm.pending_restart = None;
+                }
                 vm.life = next;
                 true
             }
@@ -832,8 +907,25 @@ impl FleetCore {
 
     /// Records a placement (or none) in the store and mirrors it in `usage`.
     fn record_placement(&mut self, name: &str, host: Option<&str>) -> Result<(), StoreError> {
-        self.store
-            .set_placement(name, host.map(str::to_string), host.is_some())?;
+        // A new placement runs the definition as it is now; a move keeps
+        // what the running copy enforces.
+        let starting = self
+            .vms
+            .get(name)
+            .is_some_and(|v| v.life == VmLifecycle::ShutOff && host.is_some());
+        let ha_running = match self.vms.get(name) {
+            Some(v) if starting => v.ha,
+            Some(v) => v.ha_running && host.is_some(),
+            None => false,
+        };
+        self.store.update_row(name, &mut |row| {
+            row.placement = host.map(str::to_string);
+            row.want_running = host.is_some();
+            row.ha_running = ha_running;
+        })?;
+        if let Some(v) = self.vms.get_mut(name) {
+            v.ha_running = ha_running;
+        }
         let fp = self.vms.get(name).map(|v| v.footprint).unwrap_or_default();
         self.usage.set(name, host.map(|h| (h, fp)));
         Ok(())
@@ -864,13 +956,14 @@ impl FleetCore {
 
     // ------------------------------------------------------------ hosts
 
-    fn register(&mut self, now: Instant, host: String, facts: HostFacts, conn: ConnId) {
+    fn register(&mut self, now: Instant, host: String, mut facts: HostFacts, conn: ConnId) {
         let stored = self.host_rows.get(&host);
         let row = HostRow {
             name: host.clone(),
             cpus: facts.cpus,
             memory_mib: facts.memory_mib,
             draining: stored.is_some_and(|h| h.draining),
+            fence: facts.fence.clone(),
         };
         if stored != Some(&row) {
             if let Err(e) = self.store.put_host(&row, false) {
@@ -881,6 +974,30 @@ impl FleetCore {
                 return;
             }
             self.host_rows.insert(host.clone(), row);
+        }
+        // Copies older than the VM's incarnation were fenced away and run
+        // elsewhere now: the agent kills them before serving anything, and
+        // they never count as running here.
+        let stale: Vec<String> = facts
+            .vms
+            .iter()
+            .filter(|v| v.state != VmRunState::Prelaunch)
+            .filter(|v| {
+                self.vms
+                    .get(&v.name)
+                    .is_some_and(|e| v.incarnation < e.incarnation)
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in &stale {
+            tracing::warn!(vm = %name, host = %host, "a fenced host still reports a stale copy; it kills it");
+            self.emit(format!(
+                "vm {name} on returning host {host} is a stale copy (restarted elsewhere); killed there"
+            ));
+        }
+        facts.vms.retain(|v| !stale.contains(&v.name));
+        if self.fenced_hosts.remove(&host).is_some() || self.unfenceable.remove(&host) {
+            self.emit(format!("host {host} is back"));
         }
         tracing::info!(host = %host, vms = facts.vms.len(), networks = facts.networks.len(), "host registered");
         // A new connection starts a new sequence: the old one's fences mean nothing.
@@ -898,11 +1015,14 @@ impl FleetCore {
             },
         );
         self.converge(now, &host, 0);
+        self.sync_ha_running(&host);
         self.log_host_transitions(now);
         self.effects.push(Effect::Hello {
             conn,
             ack: HelloAck::Accepted {
                 heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
+                lease_ms: self.settings.fencing.lease.as_millis() as u64,
+                stale,
             },
         });
     }
@@ -924,15 +1044,43 @@ impl FleetCore {
                 .filter(|vm| self.fenced(host, vm, seq))
                 .collect()
         };
+        // A copy older than the VM's incarnation (a paused half left from
+        // before its host was fenced, say) is not the VM: it goes.
+        let stale: Vec<String> = facts
+            .vms
+            .iter()
+            .filter(|v| v.state != VmRunState::Prelaunch && !fenced.contains(&v.name))
+            .filter(|v| {
+                self.vms
+                    .get(&v.name)
+                    .is_some_and(|e| v.incarnation < e.incarnation)
+            })
+            .map(|v| v.name.clone())
+            .filter(|vm| !self.repairs.contains_key(vm))
+            .collect();
+        for vm in stale {
+            self.emit(format!(
+                "vm {vm} on {host} is a copy older than its incarnation; removing it"
+            ));
+            self.remove_half(host, conn, &vm, "a stale copy (older incarnation)");
+        }
         let Some(h) = self.hosts.get_mut(host) else {
             return;
         };
         // For a VM the coordinator acted on after this report was numbered,
-        // what it already knows wins over what the report says.
+        // what it already knows wins over what the report says. A copy
+        // older than the VM's incarnation is not the VM: it is being killed.
+        let vms_now = &self.vms;
         let mut vms: Vec<VmSummary> = facts
             .vms
             .into_iter()
             .filter(|v| !fenced.contains(&v.name))
+            .filter(|v| {
+                v.state == VmRunState::Prelaunch
+                    || vms_now
+                        .get(&v.name)
+                        .is_none_or(|e| v.incarnation >= e.incarnation)
+            })
             .collect();
         vms.extend(
             h.facts
@@ -951,7 +1099,15 @@ impl FleetCore {
         h.facts = HostFacts { vms, ..facts };
         h.last_seen = now;
         h.seq = seq;
+        // Heard again (a hung agent resumed, a partition healed without
+        // the connection dying): VMs that come here from now on are not
+        // fenced away, and its own copies of fenced VMs, older than their
+        // incarnation, were left out of this report above.
+        if self.fenced_hosts.remove(host).is_some() || self.unfenceable.remove(host) {
+            self.emit(format!("host {host} is back"));
+        }
         self.converge(now, host, seq);
+        self.sync_ha_running(host);
     }
 
     fn vm_stopped(&mut self, host: &str, conn: ConnId, seq: u64, name: &str, reason: &str) {
@@ -963,8 +1119,33 @@ impl FleetCore {
         self.emit(format!("vm {name} stopped on {host}: {reason}"));
         self.set_reported(host, None, name);
         let here = matches!(self.vms.get(name), Some(v) if v.life == VmLifecycle::Running { host: host.to_string() });
-        if here && self.record_placement(name, None).is_ok() {
-            self.set_life(name, VmLifecycle::ShutOff);
+        if here {
+            self.record_stopped(name, host, reason);
+        }
+    }
+
+    /// Records a VM that stopped on its own (no operator verb owns it) as
+    /// shut off; an HA VM that did not exit cleanly (the guest powering
+    /// off, QEMU quitting) is owed a restart, as oVirt restarts HA VMs that
+    /// crash or are killed.
+    fn record_stopped(&mut self, name: &str, host: &str, reason: &str) {
+        let ha = self.vms.get(name).is_some_and(|v| v.ha_running);
+        if self.record_placement(name, None).is_err() {
+            return;
+        }
+        self.set_life(name, VmLifecycle::ShutOff);
+        if ha && !reason.contains("exit status: 0") {
+            let why = format!("its QEMU stopped on {host}: {reason}");
+            if self
+                .store
+                .update_row(name, &mut |r| r.want_running = true)
+                .is_ok()
+            {
+                self.emit(format!("vm {name} is HA and {why}; restarting it"));
+                if let Some(v) = self.vms.get_mut(name) {
+                    v.pending_restart = Some(why);
+                }
+            }
         }
     }
 
@@ -998,6 +1179,8 @@ impl FleetCore {
                     want_running: v.life.host().is_some(),
                     placement: v.life.host().map(str::to_string),
                     migrating_to: v.pending_dest.clone(),
+                    incarnation: v.incarnation,
+                    ha_running: v.ha_running,
                 })
             })
             .collect();
@@ -1053,9 +1236,7 @@ impl FleetCore {
                 }
                 Fix::Stopped { .. } => {
                     tracing::info!(vm = %name, host, "reconcile: VM no longer runs; recording shut off");
-                    if self.record_placement(&name, None).is_ok() {
-                        self.set_life(&name, VmLifecycle::ShutOff);
-                    }
+                    self.record_stopped(&name, host, "it is gone (killed while unobserved)");
                 }
                 Fix::DestroyStale { state, .. } => {
                     if let Some(conn) = self.hosts.get(host).and_then(|h| h.conn) {
@@ -1312,6 +1493,7 @@ impl FleetCore {
                 disks: job.disks.clone(),
             }),
             allow_unsafe: job.params.allow_unsafe,
+            incarnation: self.vms.get(vm).map_or(0, |v| v.incarnation),
         };
         let conn = self
             .hosts
@@ -1396,8 +1578,301 @@ impl FleetCore {
         }
     }
 
+    // ------------------------------------------------------------ HA
+
+    /// What the host says its copies enforce wins: a VM restarted elsewhere
+    /// only if the copy here kills itself when the lease lapses.
+    fn sync_ha_running(&mut self, host: &str) {
+        let Some(h) = self.hosts.get(host) else {
+            return;
+        };
+        let changed: Vec<(String, bool)> = h
+            .facts
+            .vms
+            .iter()
+            .filter(|s| s.state != VmRunState::Prelaunch)
+            .filter_map(|s| {
+                let v = self.vms.get(&s.name)?;
+                (v.life.host() == Some(host) && !v.life.is_transitional() && v.ha_running != s.ha)
+                    .then(|| (s.name.clone(), s.ha))
+            })
+            .collect();
+        for (name, ha) in changed {
+            if self
+                .store
+                .update_row(&name, &mut |r| r.ha_running = ha)
+                .is_ok()
+            {
+                if let Some(v) = self.vms.get_mut(&name) {
+                    v.ha_running = ha;
+                }
+            }
+        }
+    }
+
+    fn list_entry(&self, name: &str, v: &VmEntry, now: Instant) -> VmListEntry {
+        let (state, host) = self.vm_state_word(name, &v.life, now);
+        VmListEntry {
+            name: name.to_string(),
+            uuid: v.uuid.clone(),
+            state: state.to_string(),
+            host,
+            generation: v.generation,
+            ha: v.ha,
+            incarnation: v.incarnation,
+            pending_restart: v.pending_restart.clone(),
+        }
+    }
+
+    /// When the host was last heard, as far as fencing counts: never before
+    /// this core's first instant.
+    fn last_heard(&self, host: &str) -> Instant {
+        let armed = self.armed_at.unwrap_or_else(Instant::now);
+        self.hosts
+            .get(host)
+            .map_or(armed, |h| h.last_seen.max(armed))
+    }
+
+    /// The fencing a host last reported (live, or stored from an earlier run).
+    fn fence_report(&self, host: &str) -> FenceReport {
+        self.hosts.get(host).map_or_else(
+            || {
+                self.host_rows
+                    .get(host)
+                    .map(|r| r.fence.clone())
+                    .unwrap_or_default()
+            },
+            |h| h.facts.fence.clone(),
+        )
+    }
+
+    /// HA VMs whose running copy is recorded on `host`.
+    fn ha_vms_on(&self, host: &str) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|(_, v)| v.ha_running && v.life.host() == Some(host))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Declares fenced every silent host whose lease has certainly lapsed
+    /// and that runs HA VMs, when it has a working fence.
+    fn fence_silent_hosts(&mut self, now: Instant) {
+        let mut hosts: Vec<String> = self
+            .vms
+            .values()
+            .filter(|v| v.ha_running)
+            .filter_map(|v| v.life.host().map(str::to_string))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        for host in hosts {
+            if self.fenced_hosts.contains_key(&host) {
+                continue;
+            }
+            let report = self.fence_report(&host);
+            let watchdog = report
+                .watchdog_secs
+                .map(|s| Duration::from_secs(u64::from(s)));
+            let last_heard = self.last_heard(&host);
+            let deadline = self.settings.fencing.deadline(last_heard, watchdog);
+            if now < deadline {
+                self.effects.push(Effect::WakeAt(deadline));
+                continue;
+            }
+            let silent = now.saturating_duration_since(last_heard).as_secs_f64();
+            if !report.works() {
+                if self.unfenceable.insert(host.clone()) {
+                    let why = format!(
+                        "host {host} has been silent for {silent:.1}s and reports no working fence \
+                         (no fence keeper, no watchdog); after making sure it is off, run \
+                         flotilla host-fenced {host}"
+                    );
+                    tracing::error!("{why}");
+                    self.emit(why.clone());
+                    for vm in self.ha_vms_on(&host) {
+                        if let Some(v) = self.vms.get_mut(&vm) {
+                            v.pending_restart = Some(why.clone());
+                        }
+                    }
+                }
+                continue;
+            }
+            tracing::warn!(host = %host, silent_secs = silent, "host fenced: its lease has lapsed");
+            self.emit(format!(
+                "host {host} fenced: silent for {silent:.1}s, past its lease of {:.1}s \
+                 (its HA guests are dead); restarting its HA VMs elsewhere",
+                self.settings.fencing.lease.as_secs_f64()
+            ));
+            self.effects
+                .push(Effect::Metric(Metric::HostFenced("lease")));
+            self.fenced_hosts.insert(host, last_heard);
+        }
+    }
+
+    /// `flotilla host-fenced HOST`: the operator vouches that the host is
+    /// off; its HA VMs restart at once.
+    fn operator_fenced(&mut self, now: Instant, host: &str) -> OperatorResponse {
+        if !self.host_rows.contains_key(host) {
+            return OperatorResponse::Error(OperatorError::UnknownHost {
+                host: host.to_string(),
+            });
+        }
+        if self.hosts.get(host).is_some_and(|h| self.connected(h, now)) {
+            return OperatorResponse::Error(OperatorError::HostConnected {
+                host: host.to_string(),
+            });
+        }
+        self.unfenceable.remove(host);
+        let last_heard = self.last_heard(host);
+        self.fenced_hosts.insert(host.to_string(), last_heard);
+        self.emit(format!(
+            "host {host} declared fenced by an operator; restarting its HA VMs elsewhere"
+        ));
+        self.effects
+            .push(Effect::Metric(Metric::HostFenced("operator")));
+        let vms = self.ha_vms_on(host);
+        self.restart_fenced(now);
+        OperatorResponse::Done(format!(
+            "host {host} fenced; {} HA VM(s) restarting elsewhere",
+            vms.len()
+        ))
+    }
+
+    /// Restarts elsewhere every HA VM still recorded on a fenced host, and
+    /// retries HA VMs that wait for room.
+    fn restart_fenced(&mut self, now: Instant) {
+        let fenced: Vec<(String, Instant)> = self
+            .fenced_hosts
+            .iter()
+            .map(|(h, t)| (h.clone(), *t))
+            .collect();
+        for (host, last_heard) in fenced {
+            for vm in self.ha_vms_on(&host) {
+                let transitional = self.vms.get(&vm).is_some_and(|v| v.life.is_transitional())
+                    || self.migrations.contains_key(&vm)
+                    || self.repairs.contains_key(&vm);
+                if transitional {
+                    // Its action ends first (a call to a silent host fails).
+                    continue;
+                }
+                // The new incarnation is durable before any start is sent: a
+                // copy reported later with the old one is known to be stale.
+                let stored = self.store.update_row(&vm, &mut |row| {
+                    row.incarnation += 1;
+                    row.placement = None;
+                    row.want_running = true;
+                });
+                let row = match stored {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(vm = %vm, error = %e, "cannot record the new incarnation");
+                        continue;
+                    }
+                };
+                self.usage.set(&vm, None);
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.incarnation = row.incarnation;
+                    v.pending_dest = None;
+                    v.pending_restart =
+                        Some(format!("waiting to restart after host {host} was fenced"));
+                }
+                self.set_life(&vm, VmLifecycle::ShutOff);
+                self.emit(format!(
+                    "vm {vm} fenced away from {host} (incarnation {})",
+                    row.incarnation
+                ));
+                let cause = format!("host {host} was fenced, last heard");
+                self.try_ha_restart(now, &vm, Some((cause, last_heard)));
+            }
+        }
+        let waiting: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(n, v)| {
+                v.ha && v.pending_restart.is_some()
+                    && v.life == VmLifecycle::ShutOff
+                    && !self.repairs.contains_key(*n)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for vm in waiting {
+            self.try_ha_restart(now, &vm, None);
+        }
+    }
+
+    fn try_ha_restart(&mut self, now: Instant, vm: &str, from: Option<(String, Instant)>) {
+        let restart = from.unwrap_or_else(|| {
+            let why = self
+                .vms
+                .get(vm)
+                .and_then(|v| v.pending_restart.clone())
+                .unwrap_or_default();
+            (why, now)
+        });
+        if let Err(e) = self.place_and_send(now, vm, None, None, Some(restart)) {
+            let why = match e {
+                OperatorError::NoPlacement { explanation } => format!("not placed: {explanation}"),
+                other => other.to_string(),
+            };
+            if let Some(v) = self.vms.get_mut(vm) {
+                v.pending_restart = Some(why);
+            }
+        }
+    }
+
+    /// `flotilla ha NAME on|off`: edits the stored definition.
+    fn set_ha(&mut self, name: &str, on: bool) -> OperatorResponse {
+        let row = match self.store.get(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return OperatorResponse::Error(not_found(name)),
+            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
+        };
+        let mut doc = match Domain::parse(name, &row.xml) {
+            Ok(d) => d.model,
+            Err(e) => {
+                return OperatorResponse::Error(OperatorError::StoredDefinitionUnreadable(
+                    e.to_string(),
+                ))
+            }
+        };
+        doc.set_ha(on);
+        let xml = doc.to_xml(XmlFlavor::Inactive);
+        let updated = self.store.update_row(name, &mut |r| {
+            r.xml = xml.clone();
+            r.generation += 1;
+        });
+        let row = match updated {
+            Ok(r) => r,
+            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
+        };
+        let running = match self.vms.get_mut(name) {
+            Some(v) => {
+                v.ha = on;
+                v.generation = row.generation;
+                if !on {
+                    v.pending_restart = None;
+                }
+                v.life.host().is_some() && v.ha_running != on
+            }
+            None => false,
+        };
+        let word = if on { "on" } else { "off" };
+        self.emit(format!("vm {name} high availability {word}"));
+        OperatorResponse::Done(if running {
+            format!(
+                "Domain '{name}' high availability {word} in its definition; the running copy \
+                 keeps what it started with until its next start"
+            )
+        } else {
+            format!("Domain '{name}' high availability {word}")
+        })
+    }
+
     fn tick(&mut self, now: Instant) {
         self.log_host_transitions(now);
+        self.fence_silent_hosts(now);
+        self.restart_fenced(now);
         self.publish_gauges(now);
         // Migrations: timeouts, and the polls that are due.
         let names: Vec<String> = self.migrations.keys().cloned().collect();
@@ -1473,16 +1948,7 @@ impl FleetCore {
                 let entries = self
                     .vms
                     .iter()
-                    .map(|(name, v)| {
-                        let (state, host) = self.vm_state_word(name, &v.life, now);
-                        VmListEntry {
-                            name: name.clone(),
-                            uuid: v.uuid.clone(),
-                            state: state.to_string(),
-                            host,
-                            generation: v.generation,
-                        }
-                    })
+                    .map(|(name, v)| self.list_entry(name, v, now))
                     .filter(|e| all || e.state != "shut off")
                     .collect();
                 self.reply(id, OperatorResponse::Vms(entries));
@@ -1656,6 +2122,32 @@ impl FleetCore {
                     .collect();
                 self.reply(id, OperatorResponse::Placements(notes));
             }
+            OperatorRequest::SetHa { name, on } => {
+                let r = self.set_ha(&name, on);
+                self.reply(id, r);
+            }
+            OperatorRequest::HostFenced { host } => {
+                let r = self.operator_fenced(now, &host);
+                self.reply(id, r);
+            }
+            OperatorRequest::DomInfo { name } => {
+                let r = match self.vms.get(&name) {
+                    None => OperatorResponse::Error(not_found(&name)),
+                    Some(v) => {
+                        let (vcpus, memory_kib) = match self.store.get(&name) {
+                            Ok(Some(row)) => Domain::parse(&name, &row.xml)
+                                .map_or((0, 0), |d| (d.model.vcpus(), d.model.memory.kib)),
+                            _ => (0, 0),
+                        };
+                        OperatorResponse::DomInfo(DomInfo {
+                            entry: self.list_entry(&name, v, now),
+                            vcpus,
+                            memory_kib,
+                        })
+                    }
+                };
+                self.reply(id, r);
+            }
         }
     }
 
@@ -1742,6 +2234,7 @@ impl FleetCore {
                         // A running VM keeps the footprint it started with until it restarts.
                         v.uuid = row.uuid.clone();
                         v.generation = row.generation;
+                        v.ha = is_ha(&row);
                         if v.life == VmLifecycle::ShutOff {
                             v.footprint = fp;
                         }
@@ -1756,6 +2249,10 @@ impl FleetCore {
                                 life: VmLifecycle::ShutOff,
                                 pending_dest: None,
                                 placement: None,
+                                ha: is_ha(&row),
+                                incarnation: row.incarnation,
+                                pending_restart: None,
+                                ha_running: false,
                             },
                         );
                     }
@@ -1866,10 +2363,25 @@ impl FleetCore {
             };
             return self.reply(id, OperatorResponse::Error(e));
         }
-        let (needs, xml, generation) = match self.needs(&name) {
-            Ok(n) => n,
-            Err(e) => return self.reply(id, OperatorResponse::Error(e)),
-        };
+        if let Err(e) = self.place_and_send(now, &name, host, Some(id), None) {
+            self.reply(id, OperatorResponse::Error(e));
+        }
+    }
+
+    /// Chooses a host (or checks `host`), records the placement and sends
+    /// the start; the answer comes to [`Self::start_replied`]. `restart`
+    /// marks an HA restart after fencing (the fenced host, when it was last
+    /// heard). An error means nothing was sent.
+    fn place_and_send(
+        &mut self,
+        now: Instant,
+        name: &str,
+        host: Option<String>,
+        op: Option<RequestId>,
+        restart: Option<(String, Instant)>,
+    ) -> Result<(), OperatorError> {
+        let name = name.to_string();
+        let (needs, xml, generation) = self.needs(&name)?;
         let snapshots = self.snapshots(now);
         let began = (self.stopwatch)();
         let decision = match &host {
@@ -1885,14 +2397,21 @@ impl FleetCore {
             Ok(d) => d,
             Err(e) => {
                 tracing::info!(vm = %name, reason = %e, "no placement");
-                self.emit(format!("vm {name} not placed: {e}"));
+                let repeated = restart.is_some()
+                    && self
+                        .vms
+                        .get(&name)
+                        .and_then(|v| v.pending_restart.as_deref())
+                        == Some(&format!("not placed: {e}"));
+                if !repeated {
+                    self.emit(format!("vm {name} not placed: {e}"));
+                    self.effects
+                        .push(Effect::Metric(Metric::Start("no_placement")));
+                }
                 self.note_placement(&name, format!("not placed: {e}"));
-                self.effects
-                    .push(Effect::Metric(Metric::Start("no_placement")));
-                let e = OperatorError::NoPlacement {
+                return Err(OperatorError::NoPlacement {
                     explanation: e.to_string(),
-                };
-                return self.reply(id, OperatorResponse::Error(e));
+                });
             }
         };
         let target = decision.host.clone();
@@ -1906,10 +2425,7 @@ impl FleetCore {
             explanation.push_str(&format!(", … of {} hosts that fit", decision.feasible));
         }
         tracing::info!(vm = %name, host = %target, ranking = %explanation, "placing");
-        let conn = match self.conn_of(&target, now) {
-            Ok(c) => c,
-            Err(e) => return self.reply(id, OperatorResponse::Error(e)),
-        };
+        let conn = self.conn_of(&target, now)?;
         // The footprint the scheduler counted is the one it holds while running.
         if let Some(v) = self.vms.get_mut(&name) {
             v.footprint = Footprint {
@@ -1919,33 +2435,33 @@ impl FleetCore {
         }
         // Record first: if we crash after the host starts it, the host's next
         // report matches the record instead of surprising us.
-        if let Err(e) = self.record_placement(&name, Some(&target)) {
-            return self.reply(
-                id,
-                OperatorResponse::Error(OperatorError::Store(e.to_string())),
-            );
-        }
+        self.record_placement(&name, Some(&target))
+            .map_err(|e| OperatorError::Store(e.to_string()))?;
         self.set_life(
             &name,
             VmLifecycle::Starting {
                 host: target.clone(),
             },
         );
+        let incarnation = self.vms.get(&name).map_or(0, |v| v.incarnation);
         let request = AgentRequest::Start {
             xml,
             source: format!("definition of '{name}' (generation {generation})"),
+            incarnation,
         };
         self.call(
             &target,
             conn,
             request,
             Purpose::Start {
-                op: id,
+                op,
                 vm: name,
                 sent: now,
                 explanation,
+                restart,
             },
         );
+        Ok(())
     }
 
     fn stop(&mut self, now: Instant, id: RequestId, name: String, request: AgentRequest) {
@@ -2141,6 +2657,10 @@ impl FleetCore {
         tracing::info!(vm = %name, from = %source, to = %dest, "migrating");
         self.emit(format!("vm {name} migrating from {source} to {dest}"));
         let (machine, first) = Migration::start(params.clone(), now);
+        // The destination's copy enforces what the source's does, whatever
+        // the definition says now.
+        let ha_running = self.vms.get(name).is_some_and(|v| v.ha_running);
+        let xml = xml_with_ha(xml, ha_running);
         let job = MigrationJob::new(machine, owner, source, dest, xml, params, now);
         self.migrations.insert(name.to_string(), job);
         self.run_commands(now, name, first);
@@ -2603,7 +3123,11 @@ impl FleetCore {
                 vm,
                 sent,
                 explanation,
-            } => self.start_replied(now, op, &vm, &host, conn, sent, explanation, result),
+                restart,
+            } => {
+                let owner = StartOwner { op, restart };
+                self.start_replied(now, owner, &vm, &host, conn, sent, explanation, result)
+            }
             Purpose::Stop { op, vm } => self.stop_replied(op, &vm, &host, conn, result),
             Purpose::Ask { op, ask } => {
                 let r = match (ask, result) {
@@ -2660,7 +3184,7 @@ impl FleetCore {
     fn start_replied(
         &mut self,
         now: Instant,
-        op: RequestId,
+        owner: StartOwner,
         vm: &str,
         host: &str,
         conn: ConnId,
@@ -2687,14 +3211,37 @@ impl FleetCore {
                     },
                 );
                 tracing::info!(vm, host, "started");
-                self.emit(format!("vm {vm} started on {host} (ranked: {explanation})"));
-                self.note_placement(vm, format!("started on {host} (ranked: {explanation})"));
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.pending_restart = None;
+                }
+                match &owner.restart {
+                    Some((cause, since)) => {
+                        let secs = now.saturating_duration_since(*since).as_secs_f64();
+                        self.emit(format!(
+                            "vm {vm} restarted on {host}: {cause} {secs:.1}s before \
+                             (ranked: {explanation})"
+                        ));
+                        self.note_placement(
+                            vm,
+                            format!("restarted on {host}: {cause} (ranked: {explanation})"),
+                        );
+                        self.effects
+                            .push(Effect::Metric(Metric::HaRestartSeconds(secs)));
+                    }
+                    None => {
+                        self.emit(format!("vm {vm} started on {host} (ranked: {explanation})"));
+                        self.note_placement(
+                            vm,
+                            format!("started on {host} (ranked: {explanation})"),
+                        );
+                    }
+                }
                 self.effects.push(Effect::Metric(Metric::Start("ok")));
                 self.effects.push(Effect::Metric(Metric::StartSeconds(
                     now.saturating_duration_since(sent).as_secs_f64(),
                 )));
-                self.reply(
-                    op,
+                self.reply_to(
+                    owner.op,
                     OperatorResponse::Started {
                         name: vm.to_string(),
                         host: host.to_string(),
@@ -2716,8 +3263,8 @@ impl FleetCore {
                 tracing::warn!(vm, host, error = %e, "start unanswered");
                 self.emit(format!("vm {vm} start on {host} unanswered: {e}"));
                 self.effects.push(Effect::Metric(Metric::Start("error")));
-                self.reply(
-                    op,
+                self.reply_to(
+                    owner.op,
                     OperatorResponse::Error(OperatorError::StartUnanswered {
                         name: vm.to_string(),
                         host: host.to_string(),
@@ -2731,8 +3278,21 @@ impl FleetCore {
                     AgentResponse::Error(e) => e,
                     r => format!("unexpected answer {r:?}"),
                 };
-                if self.record_placement(vm, None).is_ok() {
+                // An HA restart that failed is still owed: it stays wanted.
+                let placed = match owner.restart {
+                    Some(_) => self
+                        .store
+                        .set_placement(vm, None, true)
+                        .map(|_| self.usage.set(vm, None)),
+                    None => self.record_placement(vm, None),
+                };
+                if placed.is_ok() {
                     self.set_life(vm, VmLifecycle::ShutOff);
+                    if owner.restart.is_some() {
+                        if let Some(v) = self.vms.get_mut(vm) {
+                            v.pending_restart = Some(format!("failed to start on {host}: {msg}"));
+                        }
+                    }
                 } else {
                     self.set_life(
                         vm,
@@ -2748,7 +3308,7 @@ impl FleetCore {
                     host: host.to_string(),
                     message: msg,
                 };
-                self.reply(op, OperatorResponse::Error(e));
+                self.reply_to(owner.op, OperatorResponse::Error(e));
             }
         }
     }
@@ -2770,6 +3330,10 @@ impl FleetCore {
                 match self.record_placement(vm, None) {
                     Ok(()) => {
                         self.set_life(vm, VmLifecycle::ShutOff);
+                        // The operator stopped it: HA owes it nothing.
+                        if let Some(v) = self.vms.get_mut(vm) {
+                            v.pending_restart = None;
+                        }
                         OperatorResponse::Done(msg)
                     }
                     Err(e) => {
@@ -3013,12 +3577,15 @@ mod tests {
                     pid: 1,
                     state: *s,
                     consoles: Vec::new(),
+                    incarnation: 0,
+                    ha: false,
                 })
                 .collect(),
             machine_types: MachineTypes {
                 names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-9.2".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
             },
+            fence: Default::default(),
         }
     }
 
@@ -3046,6 +3613,7 @@ mod tests {
                     heartbeat_timeout: Duration::from_secs(5),
                     policy: Policy::default(),
                     token_seed: 7,
+                    fencing: Default::default(),
                 },
             )
             .expect("core")
@@ -3670,5 +4238,197 @@ mod tests {
             matches!(&calls[..], [(_, h, AgentRequest::MigrateCancel { name })] if h == "a" && name == "web"),
             "{out:?}"
         );
+    }
+
+    /// `web` with HA on, running on a; b registered; both run fence keepers.
+    fn ha_web_on_a_and_b_free() -> Rig {
+        let mut r = Rig::new();
+        let keeper = |host: &str| HostFacts {
+            fence: FenceReport {
+                keeper: true,
+                watchdog_secs: None,
+            },
+            ..facts(host, &[])
+        };
+        r.core.handle(
+            r.t0,
+            Input::Register {
+                host: "a".into(),
+                facts: keeper("a"),
+                conn: 1,
+            },
+        );
+        let (id, out) = r.op(OperatorRequest::Define {
+            xml: XML.replace(
+                "<memory",
+                "<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata><memory",
+            ),
+            source: "web.xml".into(),
+        });
+        assert!(matches!(
+            Rig::answer(id, &out),
+            Some(OperatorResponse::Defined { .. })
+        ));
+        r.start(1);
+        r.core.handle(
+            r.t0,
+            Input::Register {
+                host: "b".into(),
+                facts: keeper("b"),
+                conn: 2,
+            },
+        );
+        r
+    }
+
+    fn starts(out: &[Effect]) -> Vec<(String, u64)> {
+        Rig::calls(out)
+            .into_iter()
+            .filter_map(|(_, host, req)| match req {
+                AgentRequest::Start { incarnation, .. } => Some((host, incarnation)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_silent_hosts_ha_vm_restarts_elsewhere_only_after_the_fence_deadline() {
+        let mut r = ha_web_on_a_and_b_free();
+        let s = Duration::from_secs;
+        // b keeps reporting; a falls silent at t0.
+        for (i, at) in [4u64, 8, 9].into_iter().enumerate() {
+            let out = r.core.handle(
+                r.t0 + s(at),
+                Input::Report {
+                    host: "b".into(),
+                    conn: 2,
+                    seq: i as u64 + 1,
+                    facts: HostFacts {
+                        fence: FenceReport {
+                            keeper: true,
+                            watchdog_secs: None,
+                        },
+                        ..facts("b", &[])
+                    },
+                },
+            );
+            assert!(starts(&out).is_empty());
+            let out = r.core.handle(r.t0 + s(at), Input::Tick);
+            assert!(
+                starts(&out).is_empty(),
+                "nothing restarts before the deadline"
+            );
+        }
+        // L × (1 + ρ) + margin = 10.008 s after a was last heard.
+        let out = r
+            .core
+            .handle(r.t0 + Duration::from_millis(10_007), Input::Tick);
+        assert!(starts(&out).is_empty());
+        let out = r
+            .core
+            .handle(r.t0 + Duration::from_millis(10_008), Input::Tick);
+        assert_eq!(starts(&out), vec![("b".to_string(), 1)]);
+        // Recorded before it was sent: the new incarnation and host.
+        let row = r.store.get("web").expect("get").expect("row");
+        assert_eq!((row.incarnation, row.placement.as_deref()), (1, Some("b")));
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::Metric(Metric::HostFenced("lease")))));
+
+        // a comes back still reporting its old copy: it is told to kill it,
+        // and the record stays on b.
+        let out = r.core.handle(
+            r.t0 + s(12),
+            Input::Register {
+                host: "a".into(),
+                facts: facts("a", &[("web", VmRunState::Running)]),
+                conn: 3,
+            },
+        );
+        let stale = out.iter().find_map(|e| match e {
+            Effect::Hello {
+                ack: HelloAck::Accepted {
+                    stale, lease_ms, ..
+                },
+                ..
+            } => Some((stale.clone(), *lease_ms)),
+            _ => None,
+        });
+        assert_eq!(stale, Some((vec!["web".to_string()], 8000)));
+        let row = r.store.get("web").expect("get").expect("row");
+        assert_eq!(row.placement.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_host_without_a_fence_gets_no_restart_until_an_operator_vouches() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        let (_, _) = r.op(OperatorRequest::Define {
+            xml: XML.replace(
+                "<memory",
+                "<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata><memory",
+            ),
+            source: "web.xml".into(),
+        });
+        r.start(1);
+        r.register("b", 2, &[]);
+        let s = Duration::from_secs;
+        r.core.handle(
+            r.t0 + s(9),
+            Input::Report {
+                host: "b".into(),
+                conn: 2,
+                seq: 1,
+                facts: facts("b", &[]),
+            },
+        );
+        let out = r.core.handle(r.t0 + s(11), Input::Tick);
+        assert!(starts(&out).is_empty());
+        assert!(out.iter().any(|e| matches!(e,
+            Effect::Event(l) if l.contains("reports no working fence") && l.contains("flotilla host-fenced a"))));
+        // b is connected: it cannot be declared fenced.
+        let (id, out) = r.op(OperatorRequest::HostFenced { host: "b".into() });
+        assert_eq!(
+            Rig::answer(id, &out),
+            Some(&OperatorResponse::Error(OperatorError::HostConnected {
+                host: "b".into()
+            }))
+        );
+        let id = r.next_op;
+        r.next_op += 1;
+        let out = r.core.handle(
+            r.t0 + s(11),
+            Input::Operator {
+                id,
+                request: OperatorRequest::HostFenced { host: "a".into() },
+            },
+        );
+        assert!(matches!(
+            Rig::answer(id, &out),
+            Some(OperatorResponse::Done(_))
+        ));
+        assert_eq!(starts(&out), vec![("b".to_string(), 1)]);
+    }
+
+    #[test]
+    fn ha_on_a_running_vm_takes_effect_at_its_next_start() {
+        let mut r = Rig::web_on_a_and_b_free();
+        let (id, out) = r.op(OperatorRequest::SetHa {
+            name: "web".into(),
+            on: true,
+        });
+        let Some(OperatorResponse::Done(msg)) = Rig::answer(id, &out) else {
+            panic!("{out:?}");
+        };
+        assert!(msg.contains("until its next start"), "{msg}");
+        let row = r.store.get("web").expect("get").expect("row");
+        assert!(row.xml.contains("urn:flotilla:domain:1"), "{}", row.xml);
+        assert!(!row.ha_running);
+        let (id, out) = r.op(OperatorRequest::DomInfo { name: "web".into() });
+        let Some(OperatorResponse::DomInfo(info)) = Rig::answer(id, &out) else {
+            panic!("{out:?}");
+        };
+        assert!(info.entry.ha);
+        assert_eq!((info.vcpus, info.memory_kib), (1, 512 * 1024));
     }
 }

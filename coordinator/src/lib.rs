@@ -7,6 +7,7 @@
 //! console ([`rfb`], tickets in [`web_auth`]) and the fleet page.
 
 pub mod events;
+pub mod fencing;
 pub mod fleet;
 pub mod fleet_core;
 pub mod lifecycle;

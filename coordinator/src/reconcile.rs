@@ -114,6 +114,8 @@ mod tests {
             want_running: placement.is_some(),
             placement: placement.map(str::to_string),
             migrating_to: None,
+            incarnation: 0,
+            ha_running: false,
         }
     }
 

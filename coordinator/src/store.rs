@@ -46,6 +46,18 @@ pub struct VmRow {
     /// restarts mid-migration knows which other host may run it.
     #[serde(default)]
     pub migrating_to: Option<String>,
+    /// Raised each time the coordinator restarts the VM elsewhere after
+    /// fencing its host, before the start is sent: a copy reported with a
+    /// lower number is stale and is killed.
+    #[serde(default)]
+    pub incarnation: u64,
+    /// Whether the copy that runs now enforces HA (it was started from a
+    /// definition with HA on, or its host reported so): only such a copy
+    /// dies when its host's lease lapses, so only it may be restarted
+    /// elsewhere. A definition edited while the VM runs changes this only
+    /// at the next start.
+    #[serde(default)]
+    pub ha_running: bool,
 }
 
 /// A host the fleet has seen.
@@ -59,6 +71,10 @@ pub struct HostRow {
     pub memory_mib: u64,
     /// The scheduler must not place here.
     pub draining: bool,
+    /// The fencing it last reported: a host that never said it has a working
+    /// fence gets no automatic HA restart, also after a coordinator restart.
+    #[serde(default)]
+    pub fence: flotilla_shared::proto::FenceReport,
 }
 
 /// A store operation failed.
@@ -128,6 +144,8 @@ fn defined_row(
         generation: existing.as_ref().map_or(1, |e| e.generation + 1),
         want_running: existing.as_ref().is_some_and(|e| e.want_running),
         migrating_to: existing.as_ref().and_then(|e| e.migrating_to.clone()),
+        incarnation: existing.as_ref().map_or(0, |e| e.incarnation),
+        ha_running: existing.as_ref().is_some_and(|e| e.ha_running),
         placement: existing.and_then(|e| e.placement),
         name: def.name,
         uuid: def.uuid,
@@ -505,6 +523,7 @@ mod tests {
             cpus: 4,
             memory_mib: 4096,
             draining,
+            fence: Default::default(),
         };
         {
             let s = RedbStore::open(dir.path()).expect("open");

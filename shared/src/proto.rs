@@ -37,11 +37,13 @@ use serde::{Deserialize, Serialize};
 /// operator override the storage safety rules (`allow_unsafe`). Version 5
 /// adds web tickets ([`OperatorRequest::WebTicket`]), placement
 /// explanations, console relays ([`AgentRequest::OpenConsole`]) and what
-/// each host has committed ([`HostEntry`]).
-pub const PROTOCOL_VERSION: u32 = 5;
-/// The oldest version this build still accepts. Version 4's host listing
-/// lacks fields, so it is refused by name rather than misread.
-pub const MIN_PROTOCOL_VERSION: u32 = 5;
+/// each host has committed ([`HostEntry`]). Version 6 adds high
+/// availability: host leases and fencing ([`FenceReport`],
+/// [`HelloAck::Accepted`]), VM incarnations, and the HA verbs.
+pub const PROTOCOL_VERSION: u32 = 6;
+/// The oldest version this build still accepts. Version 5 has no leases:
+/// such an agent would never fence itself, so it is refused by name.
+pub const MIN_PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -198,6 +200,10 @@ pub enum AgentRequest {
         xml: String,
         /// Where it came from, for error messages.
         source: String,
+        /// The VM's incarnation: raised each time the coordinator restarts
+        /// it elsewhere after fencing a host, so a returning host can tell
+        /// its copy is stale (0 from the local control socket).
+        incarnation: u64,
     },
     /// ACPI shutdown, escalating after `timeout_secs`.
     Shutdown {
@@ -244,6 +250,8 @@ pub enum AgentRequest {
         copy: Option<StorageCopy>,
         /// Accept writable disks the destination does not share (`--unsafe`).
         allow_unsafe: bool,
+        /// The VM's incarnation, carried to the destination's copy.
+        incarnation: u64,
     },
     /// Migration source: write `token` beside each writable disk of the
     /// running VM, for the destination to read back.
@@ -375,6 +383,11 @@ pub struct VmSummary {
     pub state: VmRunState,
     /// Consoles.
     pub consoles: Vec<ConsoleInfo>,
+    /// The incarnation it was started (or received) with.
+    pub incarnation: u64,
+    /// Its definition asks for high availability: the host kills it when
+    /// its lease lapses.
+    pub ha: bool,
 }
 
 /// A host network and what it resolves to now.
@@ -809,6 +822,14 @@ pub enum OperatorError {
     /// The certificate's role may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// `host-fenced` for a host that is connected: it is not fenced.
+    #[error(
+        "host '{host}' is connected; only a host that is cut off or down can be declared fenced"
+    )]
+    HostConnected {
+        /// The host.
+        host: String,
+    },
     /// A web ticket from a coordinator that serves no web pages.
     #[error("this coordinator serves no web pages: start it with --web-listen ADDR")]
     WebDisabled,
@@ -890,6 +911,27 @@ pub struct HostFacts {
     pub vms: Vec<VmSummary>,
     /// The machine types its QEMU offers (empty: unknown).
     pub machine_types: MachineTypes,
+    /// What kills its HA guests when its lease lapses, whether or not the
+    /// agent still runs.
+    pub fence: FenceReport,
+}
+
+/// A host's fencing: what guarantees that its HA guests are dead once its
+/// lease has lapsed, even if its agent is hung or gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceReport {
+    /// A fence keeper (a process apart from the agent) watches the lease.
+    pub keeper: bool,
+    /// The kernel watchdog's timeout, when the agent pets `/dev/watchdog`
+    /// only while the lease is valid.
+    pub watchdog_secs: Option<u32>,
+}
+
+impl FenceReport {
+    /// Something other than the agent enforces the lease.
+    pub fn works(&self) -> bool {
+        self.keeper || self.watchdog_secs.is_some()
+    }
 }
 
 /// A QEMU's machine types: versioned ones, and the aliases that stand for one.
@@ -935,6 +977,14 @@ pub enum HelloAck {
     Accepted {
         /// Heartbeat interval.
         heartbeat_secs: u64,
+        /// The lease each acknowledged heartbeat (and this registration)
+        /// renews, measured on the agent's monotonic clock from when it sent
+        /// the message; at expiry the host kills its HA guests.
+        lease_ms: u64,
+        /// VMs the host reported whose copy is stale: the coordinator fenced
+        /// the host and restarted them elsewhere (a newer incarnation). The
+        /// agent kills these before it serves anything else.
+        stale: Vec<String>,
     },
     /// Refused, with the reason.
     Refused(String),
@@ -1122,6 +1172,24 @@ pub enum OperatorRequest {
     /// Why each VM is where it is: the scheduler's explanation of its last
     /// placement, as far as this coordinator has seen it.
     Placements,
+    /// Turn high availability on or off in a VM's definition.
+    SetHa {
+        /// The VM.
+        name: String,
+        /// On or off.
+        on: bool,
+    },
+    /// The operator confirms that `host` is powered off (or its guests are
+    /// otherwise dead): its HA VMs restart elsewhere at once.
+    HostFenced {
+        /// The host.
+        host: String,
+    },
+    /// One VM in detail (virsh `dominfo`).
+    DomInfo {
+        /// The VM.
+        name: String,
+    },
 }
 
 /// The scheduler's explanation of one VM's last placement.
@@ -1131,6 +1199,17 @@ pub struct PlacementNote {
     pub name: String,
     /// `started on host-a (ranked: …)`, `not placed: …` or `migrated from … to …`.
     pub explanation: String,
+}
+
+/// One VM in detail (`flotilla dominfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomInfo {
+    /// What `list` shows.
+    pub entry: VmListEntry,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in KiB.
+    pub memory_kib: u64,
 }
 
 /// One VM in a listing.
@@ -1146,6 +1225,13 @@ pub struct VmListEntry {
     pub host: Option<String>,
     /// Definition generation.
     pub generation: u64,
+    /// High availability is on in its definition.
+    pub ha: bool,
+    /// Its incarnation (raised at each restart after fencing).
+    pub incarnation: u64,
+    /// Why an HA VM waits to be restarted (no room anywhere, no working
+    /// fence on its host), when it does.
+    pub pending_restart: Option<String>,
 }
 
 /// One host in a listing.
@@ -1253,6 +1339,8 @@ pub enum OperatorResponse {
     },
     /// Each VM's last placement, by name.
     Placements(Vec<PlacementNote>),
+    /// One VM in detail.
+    DomInfo(DomInfo),
     /// The request was refused or failed.
     Error(OperatorError),
 }
@@ -1314,9 +1402,10 @@ mod tests {
     fn retired_versions_are_refused_by_name() {
         // Version 1's agent messages had no sequence numbers, version 2's
         // network statuses no NIC field, version 3's migrations no storage
-        // copy, version 4's host entries no committed capacity; their frames
-        // are refused before their body is read, whatever the body.
-        for old in [1u8, 2, 3, 4] {
+        // copy, version 4's host entries no committed capacity, version 5's
+        // hosts no lease; their frames are refused before their body is
+        // read, whatever the body.
+        for old in [1u8, 2, 3, 4, 5] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1325,14 +1414,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 5,
-                    max: 5
+                    min: 6,
+                    max: 6
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 5 to 5); \
+                    "protocol version {old} is no longer supported (this build speaks 6 to 6); \
                      upgrade the peer"
                 )
             );

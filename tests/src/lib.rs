@@ -222,6 +222,19 @@ impl AgentDirs {
     }
 }
 
+impl Drop for AgentDirs {
+    /// An agent that joined a coordinator left a fence keeper running
+    /// (it outlives the agent by design): it goes with the host.
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.state().join("fence-keeper.pid")) {
+            let _ = Command::new("kill")
+                .args(["-9", pid.trim()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Default for AgentDirs {
     fn default() -> Self {
         Self::new()

@@ -1635,3 +1635,256 @@ fn a_coordinator_without_web_listen_issues_no_web_tickets() {
         );
     }
 }
+
+// ------------------------------------------------------------ high availability
+
+/// How a test cuts host-a off from the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Its management link goes down.
+    LinkDown,
+    /// One way only: a blackhole route to the coordinator inside host-a, so
+    /// the coordinator's packets still arrive but nothing gets back.
+    OneWay,
+    /// Its agent is stopped (SIGSTOP): alive, silent.
+    AgentHung,
+    /// Its agent is killed and not restarted (until the heal).
+    AgentKilled,
+}
+
+/// Short leases keep the suite fast; the benchmark measures the defaults.
+const HA_ARGS: &[&str] = &[
+    "--lease-secs",
+    "4",
+    "--fence-margin-secs",
+    "1",
+    "--heartbeat-secs",
+    "1",
+    "--heartbeat-timeout-secs",
+    "3",
+];
+
+/// Samples every 100 ms, over every namespace, how many QEMUs carry each
+/// UUID; the most ever seen per UUID comes back from `stop`.
+struct TwiceWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<usize>>,
+}
+
+impl TwiceWatch {
+    fn start(uuids: Vec<String>) -> TwiceWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = vec![0; uuids.len()];
+            let tick = || std::thread::sleep(Duration::from_millis(100));
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, u) in uuids.iter().enumerate() {
+                    most[i] = most[i].max(qemu_pids_for(u).len());
+                }
+                // Sampling, not synchronisation: the period is the spec.
+                tick();
+            }
+            most
+        });
+        TwiceWatch { stop, thread }
+    }
+
+    fn stop(self) -> Vec<usize> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("sampler")
+    }
+}
+
+/// `name`'s row in `flotilla list --all --json`.
+fn listed(f: &Fleet, name: &str) -> serde_json::Value {
+    let o = f.cli(&["list", "--all", "--json"]);
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    all["Vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|v| v["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
+fn runs_in(ns: &Netns, uuid: &str) -> bool {
+    let here = ns.pids();
+    qemu_pids_for(uuid).iter().any(|p| here.contains(p))
+}
+
+fn ha_guests_restart_elsewhere_and_never_run_twice(cut: Cut) {
+    let mut f = fleet_with(false, HA_ARGS);
+    let ha =
+        r"<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata>";
+    let mut uuids = Vec::new();
+    for name in ["ha1", "ha2", "plain"] {
+        let uuid = new_uuid();
+        let mut xml = domain_xml(name, &uuid, VNC_PUBLIC);
+        // ha2 says so in its definition; ha1 gets it from `flotilla ha`.
+        if name == "ha2" {
+            xml = xml.replace("<memory", &format!("{ha}<memory"));
+        }
+        let path = f.work.path().join(format!("{name}.xml"));
+        std::fs::write(&path, xml).expect("write");
+        let o = f.cli(&["define", path.to_str().expect("utf8")]);
+        assert!(o.status.success(), "{}", text(&o));
+        uuids.push(uuid);
+    }
+    let o = f.cli(&["ha", "ha1", "on"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = f.cli(&["dominfo", "ha1"]);
+    assert!(
+        text(&o)
+            .lines()
+            .any(|l| l.starts_with("HA:") && l.ends_with(" on")),
+        "{}",
+        text(&o)
+    );
+    for name in ["ha1", "ha2", "plain"] {
+        let o = f.cli(&["start", name, "--host", "host-a"]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let list = text(&f.cli(&["list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("ha1 ") && l.contains(" on ")),
+        "{list}"
+    );
+    let watch = TwiceWatch::start(uuids.clone());
+    let (a, b) = (&f.hosts[0].0, &f.hosts[1].0);
+    for u in &uuids {
+        assert!(runs_in(a, u));
+    }
+
+    let cut_at = std::time::Instant::now();
+    match cut {
+        Cut::LinkDown => a.ip(&["link", "set", "mgmt0", "down"]),
+        Cut::OneWay => a.ip(&["route", "add", "blackhole", "198.19.0.1/32"]),
+        Cut::AgentHung => {
+            let pid = f.agents[0].child.id().to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .expect("kill")
+                .success());
+        }
+        Cut::AgentKilled => f.agents[0].kill9(),
+    }
+    // The HA guests die on host-a (by the agent's lease, or its fence
+    // keeper when the agent cannot act), then run on host-b, the other
+    // host with `public`, with consoles answering there.
+    assert!(
+        wait_until(Duration::from_secs(30), || !runs_in(a, &uuids[0])
+            && !runs_in(a, &uuids[1])),
+        "{cut:?}: HA guests still run on host-a"
+    );
+    let died = cut_at.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(30), || ["ha1", "ha2"].iter().all(|n| {
+            let v = listed(&f, n);
+            v["host"] == "host-b" && v["state"] == "running"
+        })),
+        "{cut:?}: HA guests not restarted on host-b: {}",
+        text(&f.cli(&["list", "--all"]))
+    );
+    let restarted = cut_at.elapsed();
+    for (n, u) in ["ha1", "ha2"].iter().zip(&uuids) {
+        assert!(runs_in(b, u), "{n} not on host-b");
+        assert_eq!(listed(&f, n)["incarnation"], 1, "{n}");
+        let o = f.cli(&["domdisplay", n]);
+        let uri = text(&o).trim().to_string();
+        let addr: SocketAddr = uri
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.strip_prefix("vnc://"))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{n}: {uri}"));
+        assert_eq!(addr.ip(), ip("198.18.2.1"), "{n}: {uri}");
+        let banner = b.run(move || rfb_banner(addr.ip(), addr.port()));
+        assert!(
+            banner.is_ok_and(|s| s.starts_with("RFB ")),
+            "{n}: no console at {addr}"
+        );
+    }
+    // The non-HA guest runs on where it was; nobody restarts it.
+    assert!(runs_in(a, &uuids[2]), "{cut:?}: plain guest killed");
+    assert_eq!(listed(&f, "plain")["host"], "host-a");
+    let events = text(&f.cli(&["events"]));
+    assert!(
+        events.contains("host host-a fenced: silent for"),
+        "{events}"
+    );
+    assert!(
+        events.contains("vm ha1 restarted on host-b: host host-a was fenced"),
+        "{events}"
+    );
+    eprintln!(
+        "{cut:?}: HA guests dead on host-a {:.1}s and running on host-b {:.1}s after the cut",
+        died.as_secs_f64(),
+        restarted.as_secs_f64()
+    );
+
+    // Heal: host-a comes back and runs none of the fenced VMs.
+    match cut {
+        Cut::LinkDown => a.ip(&["link", "set", "mgmt0", "up"]),
+        Cut::OneWay => a.ip(&["route", "del", "blackhole", "198.19.0.1/32"]),
+        Cut::AgentHung => {
+            let pid = f.agents[0].child.id().to_string();
+            assert!(std::process::Command::new("kill")
+                .args(["-CONT", &pid])
+                .status()
+                .expect("kill")
+                .success());
+        }
+        Cut::AgentKilled => {
+            let tls = f.tls.to_str().expect("utf8").to_string();
+            let (ns, dirs, name) = &f.hosts[0];
+            f.agents[0] =
+                AgentDaemon::start(ns, name, dirs, &["--coordinator", COORD, "--tls-dir", &tls]);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || text(&f.cli(&["hosts"]))
+            .lines()
+            .any(|l| l.starts_with("host-a") && l.contains(" connected "))),
+        "{cut:?}: host-a never came back: {}",
+        text(&f.cli(&["hosts"]))
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || listed(&f, "plain")["state"]
+            == "running"),
+        "{}",
+        text(&f.cli(&["list", "--all"]))
+    );
+    for (n, u) in ["ha1", "ha2"].iter().zip(&uuids) {
+        assert!(!runs_in(a, u), "{cut:?}: {n} runs on host-a again");
+        assert!(runs_in(b, u), "{cut:?}: {n} left host-b");
+        assert_eq!(listed(&f, n)["host"], "host-b");
+    }
+    assert!(runs_in(a, &uuids[2]));
+    let most = watch.stop();
+    assert_eq!(
+        most,
+        vec![1, 1, 1],
+        "{cut:?}: a VM ran twice at some sample"
+    );
+}
+
+#[test]
+fn ha_guests_of_a_host_whose_link_goes_down_restart_elsewhere() {
+    ha_guests_restart_elsewhere_and_never_run_twice(Cut::LinkDown);
+}
+
+#[test]
+fn ha_guests_of_a_host_cut_off_one_way_restart_elsewhere() {
+    ha_guests_restart_elsewhere_and_never_run_twice(Cut::OneWay);
+}
+
+#[test]
+fn ha_guests_of_a_host_whose_agent_hangs_are_killed_by_its_fence_keeper() {
+    ha_guests_restart_elsewhere_and_never_run_twice(Cut::AgentHung);
+}
+
+#[test]
+fn ha_guests_of_a_host_whose_agent_dies_are_killed_by_its_fence_keeper() {
+    ha_guests_restart_elsewhere_and_never_run_twice(Cut::AgentKilled);
+}

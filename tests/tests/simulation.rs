@@ -53,10 +53,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::fake_qemu::{sim_settings, FakeFabric, FakeQemu};
-use flotilla_agent::host_core::{HostCore, HostEffect, HostInput, HvCall, HvResult};
+use flotilla_agent::host_core::{HaGuest, HostCore, HostEffect, HostInput, HvCall, HvResult};
 use flotilla_agent::host_networks::HostNetworks;
 use flotilla_agent::interfaces::InterfaceTable;
 use flotilla_agent::qmp::QmpCommand;
+use flotilla_coordinator::fencing::FencePolicy;
 use flotilla_coordinator::fleet_core::{
     CallId, ConnId, Effect, FleetCore, FleetSettings, Input, RequestId,
 };
@@ -64,8 +65,8 @@ use flotilla_coordinator::lifecycle::VmLifecycle;
 use flotilla_coordinator::scheduler::Policy;
 use flotilla_coordinator::store::{MemStore, Store};
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, CopyMode, HelloAck, HostFacts, MachineTypes, MigrationOutcome,
-    NetStatus, OperatorError, OperatorRequest, OperatorResponse, VmSummary,
+    AgentRequest, AgentResponse, CopyMode, FenceReport, HelloAck, HostFacts, MachineTypes,
+    MigrationOutcome, NetStatus, OperatorError, OperatorRequest, OperatorResponse, VmSummary,
 };
 use flotilla_shared::xml::Network;
 
@@ -106,6 +107,12 @@ const ACTIVE: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(40);
 const HOSTS: usize = 3;
 const MAX_VMS: usize = 5;
+/// The lease and fencing rule, as the coordinator's defaults.
+const LEASE: Duration = Duration::from_secs(8);
+/// ρ: hosts' clocks run up to this much slower or faster than the coordinator's.
+const CLOCK_RATE_BOUND: f64 = 1e-3;
+/// How often a host's fence keeper reads the lease.
+const KEEPER_POLL: Duration = Duration::from_millis(100);
 
 /// What a host core's reply is for.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +125,8 @@ enum Waiter {
     },
     /// Part of a facts gathering (`NetList` or `List`).
     Gather,
+    /// The agent's own request (killing a stale copy): nobody waits.
+    Own,
 }
 
 /// Facts being gathered for a registration (`seq` None) or a heartbeat.
@@ -154,6 +163,18 @@ struct HostSim {
     cut_out: bool,
     /// Messages toward this host are held.
     cut_in: bool,
+    /// The host's clock runs at this rate against the coordinator's.
+    clock_rate: f64,
+    /// The agent is stopped (SIGSTOP) until then: nothing reaches it, it
+    /// sends nothing; its QEMUs and fence keeper carry on.
+    hung_until: Option<Duration>,
+    /// When the registration on the current connection was sent.
+    hello_sent: Option<Duration>,
+    /// The lease length the coordinator granted.
+    lease: Option<Duration>,
+    /// The fence keeper's file (it survives the agent): the lease's expiry
+    /// on the host's clock and the HA guests.
+    lease_file: Option<(Instant, Vec<HaGuest>)>,
 }
 
 impl HostSim {
@@ -248,6 +269,10 @@ enum Ev {
         host: usize,
         epoch: u64,
     },
+    /// The host's fence keeper reads its lease file.
+    KeeperPoll {
+        host: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +301,7 @@ struct Weights {
     operator_rate_ms: u64,
     slow_link: u64,
     refuse_finish: u64,
+    hang: u64,
 }
 
 struct World {
@@ -322,14 +348,31 @@ struct World {
     verbose: bool,
     /// Each host's last reported VM list, to trace only changes.
     last_reported: BTreeMap<String, Vec<String>>,
+    /// HA at work: hosts fenced, HA VMs restarted, guests a keeper killed.
+    ha_stats: HaStats,
+}
+
+/// How often the HA machinery acted, summed over seeds.
+#[derive(Debug, Default, Clone, Copy)]
+struct HaStats {
+    fenced: u64,
+    restarted: u64,
+    keeper_kills: u64,
 }
 
 /// A VM with a writable disk on the storage every host shares (each
 /// migration proves that with a marker) and one NIC on `public`: a tap on
 /// host-a and host-c, a macvtap on host-b.
 fn domain_xml(name: &str, uuid: &str) -> String {
+    // Every other VM is highly available: the coordinator restarts it
+    // elsewhere once its host is fenced.
+    let ha = if name.ends_with(['0', '2', '4']) {
+        "<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata>"
+    } else {
+        ""
+    };
     format!(
-        "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>\
+        "<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>{ha}\
          <memory unit='MiB'>512</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
          <disk type='file' device='disk'><source file='/shared/{name}.qcow2'/>\
@@ -345,6 +388,11 @@ fn settings() -> FleetSettings {
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         policy: Policy::default(),
         token_seed: 0,
+        fencing: FencePolicy {
+            lease: LEASE,
+            clock_rate_bound: CLOCK_RATE_BOUND,
+            margin: Duration::from_secs(2),
+        },
     }
 }
 
@@ -395,6 +443,11 @@ fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
         dialing: false,
         cut_out: false,
         cut_in: false,
+        clock_rate: 1.0,
+        hung_until: None,
+        hello_sent: None,
+        lease: None,
+        lease_file: None,
     }
 }
 
@@ -411,10 +464,16 @@ impl World {
             operator_rate_ms: 100 + rng.below(600),
             slow_link: rng.below(3),
             refuse_finish: rng.below(3),
+            hang: rng.below(3),
         };
         let store = Arc::new(MemStore::default());
         let fabric = FakeFabric::new();
-        let hosts = (0..HOSTS).map(|i| sim_host(i, &fabric)).collect();
+        let mut hosts: Vec<HostSim> = (0..HOSTS).map(|i| sim_host(i, &fabric)).collect();
+        // Each host's clock drifts within the bound the coordinator assumes.
+        for h in &mut hosts {
+            let off = (rng.below(2001) as f64 - 1000.0) / 1000.0;
+            h.clock_rate = 1.0 + off * CLOCK_RATE_BOUND;
+        }
         let mut w = World {
             seed,
             rng,
@@ -448,6 +507,7 @@ impl World {
             wake_at: None,
             verbose: std::env::var("FLOTILLA_SIM_TRACE").is_ok_and(|v| v == "1"),
             last_reported: BTreeMap::new(),
+            ha_stats: HaStats::default(),
         };
         w.start_core();
         for h in 0..HOSTS {
@@ -567,7 +627,15 @@ impl World {
                 let d = self.rng.ms(1, 20);
                 self.at(d, Ev::OperatorGets { id, response });
             }
-            Effect::Event(line) => self.detail(format!("core event: {line}")),
+            Effect::Event(line) => {
+                if line.starts_with("host ") && line.contains(" fenced: ") {
+                    self.ha_stats.fenced += 1;
+                }
+                if line.contains(" restarted on ") {
+                    self.ha_stats.restarted += 1;
+                }
+                self.detail(format!("core event: {line}"))
+            }
             Effect::Moved { vm, from, to } => {
                 // Web consoles reconnect to `to`: it must be where the core
                 // now records the VM, and somewhere else than before.
@@ -700,10 +768,21 @@ impl World {
         self.host_input(host, HostInput::Boot);
     }
 
+    /// `host`'s clock at virtual time `at`.
+    fn host_clock(&self, host: usize, at: Duration) -> Instant {
+        self.base + at.mul_f64(self.hosts[host].clock_rate)
+    }
+
+    /// The virtual time at which `host`'s clock reads `t`.
+    fn virtual_at(&self, host: usize, t: Instant) -> Duration {
+        t.saturating_duration_since(self.base)
+            .div_f64(self.hosts[host].clock_rate)
+    }
+
     /// Feeds one input to `host`'s core, if its agent runs, and carries out
     /// what the core asks.
     fn host_input(&mut self, host: usize, input: HostInput) {
-        let now = self.base + self.now;
+        let now = self.host_clock(host, self.now);
         let Some(core) = self.hosts[host].core.as_mut() else {
             return;
         };
@@ -783,12 +862,50 @@ impl World {
             // The agent's link does not forward events yet.
             HostEffect::Event(_) => {}
             HostEffect::WakeAt(t) => {
-                let after = t
-                    .saturating_duration_since(self.base)
-                    .saturating_sub(self.now);
+                // Rounded up: the host's clock must have reached `t`.
+                let after =
+                    (self.virtual_at(host, t) + Duration::from_micros(1)).saturating_sub(self.now);
                 self.at(after, Ev::HostWake { host, life });
             }
+            HostEffect::LeaseFile { until, guests } => {
+                self.hosts[host].lease_file = Some((until, guests));
+                // The keeper reads the file on its own schedule: the first
+                // read past the deadline is up to one poll late.
+                let due = self.virtual_at(host, until) + Duration::from_micros(1);
+                let poll = self.rng.ms(0, KEEPER_POLL.as_millis() as u64);
+                let after = (due + poll).saturating_sub(self.now);
+                self.at(after, Ev::KeeperPoll { host });
+            }
         }
+    }
+
+    /// The fence keeper's poll: past the lease in its file (on the host's
+    /// clock), every HA guest it lists that still runs is killed, whether
+    /// or not the agent runs or answers.
+    fn keeper_poll(&mut self, host: usize) {
+        let Some((until, guests)) = self.hosts[host].lease_file.clone() else {
+            return;
+        };
+        if self.host_clock(host, self.now) < until {
+            return;
+        }
+        for g in guests {
+            // By UUID, as the real keeper also finds a guest whose launch
+            // the agent never saw finish.
+            let alive = self.hosts[host]
+                .fake
+                .process(&g.name)
+                .is_some_and(|p| p.plan.uuid == g.uuid);
+            if alive {
+                self.ha_stats.keeper_kills += 1;
+                self.note(format!(
+                    "fence keeper of {} kills HA guest {} (lease lapsed)",
+                    self.hosts[host].name, g.name
+                ));
+                self.hosts[host].fake.crash(&g.name);
+            }
+        }
+        self.collect_exits(host);
     }
 
     /// A `migrate` command was carried out on `host`: if the migration is
@@ -871,6 +988,7 @@ impl World {
                     },
                 );
             }
+            Waiter::Own => {}
             Waiter::Gather => {
                 let Some(g) = self.hosts[host].gather.as_mut() else {
                     return;
@@ -941,10 +1059,15 @@ impl World {
                 names: vec!["pc-i440fx-10.0".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
             },
+            fence: FenceReport {
+                keeper: true,
+                watchdog_secs: None,
+            },
         };
         let conn = g.conn;
         match g.seq {
             None => {
+                self.hosts[host].hello_sent = Some(self.now);
                 self.note(format!("{name} registers over conn {conn}"));
                 self.agent_send_core(
                     host,
@@ -1174,7 +1297,13 @@ impl World {
 
     fn fault(&mut self) {
         let w = &self.weights;
-        let total = w.partition + w.one_way + w.agent_crash + w.core_crash + w.qemu_crash + w.reset;
+        let total = w.partition
+            + w.one_way
+            + w.agent_crash
+            + w.core_crash
+            + w.qemu_crash
+            + w.reset
+            + w.hang;
         if total == 0 {
             return;
         }
@@ -1221,6 +1350,7 @@ impl World {
                 h.waiting.clear();
                 h.gather = None;
                 h.dialing = false;
+                h.hung_until = None;
                 if let Some((c, _)) = self.hosts[host].session {
                     self.kill_conn(c, "agent crashed");
                 }
@@ -1243,6 +1373,15 @@ impl World {
                     self.expect.insert(vm, Expect::Either);
                 }
             }
+        } else if pick(self.weights.hang) {
+            if self.hosts[host].up() && self.hosts[host].hung_until.is_none() {
+                let d = self.rng.ms(500, 15_000);
+                self.note(format!(
+                    "FAULT agent of {name} hangs for {} ms (SIGSTOP)",
+                    d.as_millis()
+                ));
+                self.hosts[host].hung_until = Some(self.now + d);
+            }
         } else if pick(self.weights.reset) {
             if let Some((c, _)) = self.hosts[host].session {
                 self.kill_conn(c, "connection reset");
@@ -1252,7 +1391,36 @@ impl World {
 
     // ------------------------------------------------------------ the loop
 
+    /// The host an event is for, when only its agent process handles it.
+    fn agent_of(ev: &Ev) -> Option<usize> {
+        match ev {
+            Ev::ToAgent { host, .. }
+            | Ev::HelloAck { host, .. }
+            | Ev::HeartbeatAck { host, .. }
+            | Ev::AgentTick { host }
+            | Ev::Dial { host }
+            | Ev::HvDone { host, .. }
+            | Ev::HostWake { host, .. }
+            | Ev::Exits { host, .. } => Some(*host),
+            _ => None,
+        }
+    }
+
     fn step(&mut self, ev: Ev) -> Result<(), String> {
+        // A stopped agent handles nothing until it resumes, then everything.
+        if let Some(host) = Self::agent_of(&ev) {
+            match self.hosts[host].hung_until {
+                Some(t) if t > self.now => {
+                    self.at(t - self.now, ev);
+                    return Ok(());
+                }
+                Some(_) => {
+                    self.hosts[host].hung_until = None;
+                    self.note(format!("agent of {} resumes", self.hosts[host].name));
+                }
+                None => {}
+            }
+        }
         match ev {
             Ev::ToCore { conn, epoch, input } => {
                 if epoch != self.epoch {
@@ -1363,8 +1531,34 @@ impl World {
                     return Ok(());
                 }
                 match ack {
-                    HelloAck::Accepted { .. } => {
+                    HelloAck::Accepted {
+                        lease_ms, stale, ..
+                    } => {
                         self.hosts[host].dialing = false;
+                        let lease = Duration::from_millis(lease_ms);
+                        self.hosts[host].lease = Some(lease);
+                        // Stale copies die before anything else is served.
+                        for name in stale {
+                            self.note(format!(
+                                "{} kills stale copy of {name}",
+                                self.hosts[host].name
+                            ));
+                            let h = &mut self.hosts[host];
+                            let id = h.next_id;
+                            h.next_id += 1;
+                            h.waiting.insert(id, Waiter::Own);
+                            self.host_input(
+                                host,
+                                HostInput::Request {
+                                    id,
+                                    request: AgentRequest::Destroy { name },
+                                },
+                            );
+                        }
+                        if let Some(sent) = self.hosts[host].hello_sent {
+                            let until = self.host_clock(host, sent) + lease;
+                            self.host_input(host, HostInput::LeaseRenewed { until });
+                        }
                     }
                     HelloAck::Refused(e) => {
                         self.kill_conn(conn, &format!("refused: {e}"));
@@ -1373,9 +1567,18 @@ impl World {
             }
             Ev::HeartbeatAck { host, conn } => {
                 if self.hosts[host].session.is_some_and(|(c, _)| c == conn) {
+                    // Renewed from when the heartbeat was sent, on the
+                    // host's clock.
+                    if let (Some(sent), Some(lease)) =
+                        (self.hosts[host].heartbeat_out, self.hosts[host].lease)
+                    {
+                        let until = self.host_clock(host, sent) + lease;
+                        self.host_input(host, HostInput::LeaseRenewed { until });
+                    }
                     self.hosts[host].heartbeat_out = None;
                 }
             }
+            Ev::KeeperPoll { host } => self.keeper_poll(host),
             Ev::AgentTick { host } => {
                 self.at(HEARTBEAT, Ev::AgentTick { host });
                 if !self.hosts[host].up() {
@@ -1677,9 +1880,26 @@ impl World {
             .as_ref()
             .map(|c| c.lifecycles().collect())
             .unwrap_or_default();
+        // Room for an HA VM: a host the scheduler may use (memory is ample).
+        let room = self
+            .store
+            .hosts()
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|h| !h.draining);
         for row in &rows {
             let copies = self.copies(&row.name);
             let life = lifecycles.get(row.name.as_str());
+            let ha = flotilla_shared::xml::Domain::parse(&row.name, &row.xml)
+                .is_ok_and(|d| d.model.ha());
+            let running = copies.iter().any(|c| c.1 == "running");
+            if ha && row.want_running && !running && room {
+                return Err(format!(
+                    "HA VM {} is owed a restart ({life:?}) but its QEMUs are {copies:?}, \
+                     with room to run it",
+                    row.name
+                ));
+            }
             match &row.placement {
                 Some(h) => {
                     if copies.len() != 1 || copies[0].0 != h {
@@ -1795,10 +2015,10 @@ fn short_agent_req(r: &AgentRequest) -> String {
 }
 
 /// Runs one seed; on failure, the seed and the trace.
-fn run_seed(seed: u64) -> Result<u64, String> {
+fn run_seed(seed: u64) -> Result<(u64, HaStats), String> {
     let mut w = World::new(seed);
     match w.run() {
-        Ok(()) => Ok(w.steps),
+        Ok(()) => Ok((w.steps, w.ha_stats)),
         Err(e) => {
             let trace: Vec<String> = w.trace.iter().cloned().collect();
             Err(format!(
@@ -1817,7 +2037,7 @@ fn fleet_simulation_keeps_its_invariants() {
         .and_then(|s| s.parse().ok())
     {
         match run_seed(seed) {
-            Ok(steps) => println!("seed {seed}: ok ({steps} steps)"),
+            Ok((steps, ha)) => println!("seed {seed}: ok ({steps} steps, {ha:?})"),
             Err(e) => panic!("{e}"),
         }
         return;
@@ -1828,6 +2048,7 @@ fn fleet_simulation_keeps_its_invariants() {
     let began = Instant::now();
     let budget = Duration::from_secs(60);
     let (mut seeds, mut steps) = (0u64, 0u64);
+    let mut ha = HaStats::default();
     // Splits a long run across processes (one per core).
     let first: u64 = std::env::var("FLOTILLA_SIM_FIRST_SEED")
         .ok()
@@ -1842,13 +2063,22 @@ fn fleet_simulation_keeps_its_invariants() {
             break;
         }
         match run_seed(first + seeds) {
-            Ok(s) => steps += s,
+            Ok((s, h)) => {
+                steps += s;
+                ha.fenced += h.fenced;
+                ha.restarted += h.restarted;
+                ha.keeper_kills += h.keeper_kills;
+            }
             Err(e) => panic!("{e}"),
         }
         seeds += 1;
     }
     println!(
-        "simulation: {seeds} seeds, {steps} steps, 0 violations in {:.1}s",
-        began.elapsed().as_secs_f64()
+        "simulation: {seeds} seeds, {steps} steps, 0 violations in {:.1}s; \
+         {} hosts fenced, {} HA restarts, {} HA guests killed by fence keepers",
+        began.elapsed().as_secs_f64(),
+        ha.fenced,
+        ha.restarted,
+        ha.keeper_kills
     );
 }

@@ -108,6 +108,10 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Run the fence keeper for this state directory (the agent starts one
+    /// itself when it joins a coordinator): it kills the host's HA guests
+    /// once the host's lease has lapsed, even when the agent is hung or gone.
+    FenceKeeper,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +218,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let sys = System::new();
         return sys.block_on(ctl(&cli.state_dir, verb, *json));
     }
+    if let Some(Command::FenceKeeper) = &cli.command {
+        std::fs::create_dir_all(&cli.state_dir)
+            .with_context(|| format!("cannot create {}", cli.state_dir.display()))?;
+        flotilla_agent::fence_keeper::run(&cli.state_dir)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let settings = settings(&cli)?;
     let networks = HostNetworks::load(&settings.networks_dir)?;
     for p in &networks.problems {
@@ -234,7 +244,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tls_dir: cli.tls_dir.clone(),
         host: settings.console.host.clone(),
         machine_types: flotilla_agent::machine_types::probe(&settings.qemu.emulator),
+        state_dir: settings.state_dir.clone(),
     });
+    if link.is_some() {
+        // Part of a fleet: HA guests need their fence before any can start.
+        flotilla_agent::fence_keeper::spawn_if_missing(&settings.state_dir)
+            .context("cannot start the fence keeper")?;
+    }
     let metrics = cli.metrics_listen;
     sys.block_on(async move {
         if let Some(addr) = metrics {
@@ -348,6 +364,7 @@ async fn once_start(
     let request = Request::Start {
         xml,
         source: file.display().to_string(),
+        incarnation: 0,
     };
     // A running agent owns this host's VMs and ports: let it do the start.
     let response =
@@ -391,6 +408,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             xml: std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?,
             source: file.display().to_string(),
+            incarnation: 0,
         },
         Ctl::Shutdown { name, timeout } => Request::Shutdown {
             name: name.clone(),
@@ -414,6 +432,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
             storage_token: storage_token.clone(),
             copy: None,
             allow_unsafe: *allow_unsafe,
+            incarnation: 0,
         },
         Ctl::MarkStorage { name, token } => Request::MarkStorage {
             name: name.clone(),

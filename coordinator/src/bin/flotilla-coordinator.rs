@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::{CommandFactory, Parser, ValueEnum};
+use flotilla_coordinator::fencing::FencePolicy;
 use flotilla_coordinator::fleet::{Fleet, FleetSettings};
 use flotilla_coordinator::scheduler::{Policy, Strategy};
 use flotilla_coordinator::server;
@@ -47,6 +48,17 @@ struct Cli {
     /// Seconds without a heartbeat before a host is shown unreachable.
     #[arg(long, default_value_t = 10)]
     heartbeat_timeout_secs: u64,
+    /// Seconds each acknowledged heartbeat renews a host's lease (L): a host
+    /// cut off for this long kills its HA guests.
+    #[arg(long, default_value_t = 8.0)]
+    lease_secs: f64,
+    /// Extra seconds, past the lease, before a silent host's HA VMs are
+    /// restarted elsewhere (the fence keeper's poll and the kill).
+    #[arg(long, default_value_t = 2.0)]
+    fence_margin_secs: f64,
+    /// Bound on how much faster this clock may run than a host's (ρ).
+    #[arg(long, default_value_t = 1e-3)]
+    clock_rate_bound: f64,
     /// Placement strategy.
     #[arg(long, value_enum, default_value = "spread")]
     strategy: StrategyArg,
@@ -88,6 +100,12 @@ enum StrategyArg {
 enum LogFormat {
     Text,
     Json,
+}
+
+/// A flag's seconds as a duration, refusing what no duration is.
+fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{flag} {v}: not a number of seconds"))
 }
 
 fn main() -> ExitCode {
@@ -133,6 +151,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = FleetSettings {
         heartbeat: Duration::from_secs(cli.heartbeat_secs),
         heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
+        fencing: FencePolicy {
+            lease: secs("--lease-secs", cli.lease_secs)?,
+            clock_rate_bound: cli.clock_rate_bound,
+            margin: secs("--fence-margin-secs", cli.fence_margin_secs)?,
+        },
         policy: Policy {
             strategy: match cli.strategy {
                 StrategyArg::Spread => Strategy::Spread,

@@ -238,6 +238,32 @@ enum Command {
     ///
     /// Example: flotilla placements
     Placements,
+    /// Turn high availability on or off: an HA VM whose host is cut off is
+    /// restarted elsewhere once the host's lease has certainly lapsed.
+    ///
+    /// Example: flotilla ha web01 on
+    Ha {
+        /// The VM's name.
+        name: String,
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Declare a cut-off host fenced (you made sure it is off): its HA VMs
+    /// restart elsewhere at once. For hosts that report no working fence.
+    ///
+    /// Example: flotilla host-fenced host-a
+    HostFenced {
+        /// The host's name, as `flotilla hosts` lists it.
+        host: String,
+    },
+    /// One VM in detail: state, host, sizes, high availability.
+    ///
+    /// Example: flotilla dominfo web01
+    Dominfo {
+        /// The VM's name.
+        name: String,
+    },
     /// Print a shell completion script.
     ///
     /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
@@ -350,6 +376,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::WebLogin => OperatorRequest::WebTicket { console: None },
         Command::Placements => OperatorRequest::Placements,
+        Command::Ha { name, state } => OperatorRequest::SetHa {
+            name,
+            on: state == "on",
+        },
+        Command::HostFenced { host } => OperatorRequest::HostFenced { host },
+        Command::Dominfo { name } => OperatorRequest::DomInfo { name },
         Command::Migrate {
             name,
             to,
@@ -646,18 +678,35 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
         OperatorResponse::Done(m) => println!("{m}"),
         OperatorResponse::Vms(vms) => {
             println!(
-                "{:<20} {:<10} {:<12} {:>4}  UUID",
-                "NAME", "STATE", "HOST", "GEN"
+                "{:<20} {:<10} {:<12} {:>4} {:<3}  UUID",
+                "NAME", "STATE", "HOST", "GEN", "HA"
             );
             for v in vms {
                 println!(
-                    "{:<20} {:<10} {:<12} {:>4}  {}",
+                    "{:<20} {:<10} {:<12} {:>4} {:<3}  {}",
                     v.name,
                     v.state,
                     v.host.unwrap_or_else(|| "-".into()),
                     v.generation,
+                    if v.ha { "on" } else { "off" },
                     v.uuid
                 );
+            }
+        }
+        OperatorResponse::DomInfo(d) => {
+            let e = d.entry;
+            println!("{:<16}{}", "Name:", e.name);
+            println!("{:<16}{}", "UUID:", e.uuid);
+            println!("{:<16}{}", "State:", e.state);
+            println!("{:<16}{}", "Host:", e.host.as_deref().unwrap_or("-"));
+            println!("{:<16}{}", "CPU(s):", d.vcpus);
+            println!("{:<16}{} KiB", "Max memory:", d.memory_kib);
+            println!("{:<16}yes", "Persistent:");
+            println!("{:<16}{}", "Generation:", e.generation);
+            println!("{:<16}{}", "HA:", if e.ha { "on" } else { "off" });
+            println!("{:<16}{}", "Incarnation:", e.incarnation);
+            if let Some(why) = e.pending_restart {
+                println!("{:<16}{why}", "Restart:");
             }
         }
         OperatorResponse::Xml(x) => print!("{x}"),

@@ -361,6 +361,18 @@ impl Domain {
         })
     }
 
+    /// Its definition asks for high availability
+    /// (`<metadata><flotilla:ha restart='on'/>`, see [`super::metadata`]);
+    /// parsing refused any other value than on or off.
+    pub fn ha(&self) -> bool {
+        super::metadata::ha(&self.extra).unwrap_or(false)
+    }
+
+    /// Turns high availability on or off in the definition's metadata.
+    pub fn set_ha(&mut self, on: bool) {
+        super::metadata::set_ha(&mut self.extra, on);
+    }
+
     /// The VNC and SPICE graphics devices.
     pub fn graphics(&self) -> impl Iterator<Item = &Graphics> {
         self.devices.iter().filter_map(|d| match d {
@@ -827,6 +839,15 @@ fn read_domain(mut c: Cursor<'_>) -> Result<Domain, ParseError> {
         }
         None => Vec::new(),
     };
+    if let Some(m) = c.element().elements().find(|e| e.name == "metadata") {
+        let extra = Extra {
+            attrs: Vec::new(),
+            children: vec![super::tree::Node::Element(m.clone())],
+        };
+        if let Err(bad) = super::metadata::ha(&extra) {
+            return Err(c.invalid("<flotilla:ha restart>", &bad.value, "on or off"));
+        }
+    }
     Ok(Domain {
         domain_type,
         name,

@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod domain;
 pub mod error;
 pub mod graphics;
+pub mod metadata;
 pub mod network;
 pub mod tree;
 pub mod units;

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use flotilla_coordinator::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use flotilla_shared::net::{pki, quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
-    HostFacts, NetStatus, OperatorError, OperatorRequest, OperatorResponse, ServerMessage,
-    VmRunState, VmSummary,
+    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, FenceReport,
+    HelloAck, HostFacts, NetStatus, OperatorError, OperatorRequest, OperatorResponse,
+    ServerMessage, VmRunState, VmSummary,
 };
 use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
 
@@ -253,6 +253,11 @@ fn sim_facts(name: &str, i: usize, vms: Vec<VmSummary>) -> HostFacts {
             .collect(),
         vms,
         machine_types: Default::default(),
+        // A keeper, as every real agent in a fleet runs one.
+        fence: FenceReport {
+            keeper: true,
+            watchdog_secs: None,
+        },
     }
 }
 
@@ -300,7 +305,7 @@ async fn sim_agent(
         }
     };
     let interval = match hello {
-        ServerMessage::Hello(HelloAck::Accepted { heartbeat_secs }) => {
+        ServerMessage::Hello(HelloAck::Accepted { heartbeat_secs, .. }) => {
             Duration::from_secs(heartbeat_secs.max(1))
         }
         other => {
@@ -327,13 +332,15 @@ async fn sim_agent(
                 tokio::spawn(async move {
                     let Ok(req) = quic::read_frame::<AgentRequest>(&mut recv).await else { return };
                     let answer = match req {
-                        AgentRequest::Start { xml, .. } => {
+                        AgentRequest::Start { xml, incarnation, .. } => {
                             let vm = VmSummary {
                                 name: element_text(&xml, "name"),
                                 uuid: element_text(&xml, "uuid"),
                                 pid: 0,
                                 state: VmRunState::Running,
                                 consoles: Vec::new(),
+                                incarnation,
+                                ha: false,
                             };
                             vms.lock().expect("lock").push(vm.clone());
                             AgentResponse::Started { vm, live_xml: xml, warnings: Vec::new() }
