@@ -162,26 +162,26 @@ fl domiflist demo
 # Which namespace holds an address, so the VNC client connects from that host's network.
 host_of() { case $1 in 198.18.1.1) echo host-a ;; 198.18.2.1) echo host-b ;; *) echo host-c ;; esac; }
 # The guest's counter, read from its RAM through the agent's QEMU monitor.
-counter() { # host
+counter() { # host [vm]
   local word
-  word=$("$BIN/flotilla-agent" --state-dir "$RUN/$1/state" ctl qemu-monitor-command demo \
+  word=$("$BIN/flotilla-agent" --state-dir "$RUN/$1/state" ctl qemu-monitor-command "${2:-demo}" \
     --hmp 'xp /1wx 0x7e00' 2>/dev/null | sed -n 's/.*: *0x\([0-9a-f]*\).*/\1/p' | head -1)
   echo $((16#${word:-0}))
 }
-shot() { # name
-  local uri addr port host
-  uri=$(fl domdisplay demo | head -1 | cut -d' ' -f1)
+shot() { # name [vm]
+  local uri addr port host vm=${2:-demo}
+  uri=$(fl domdisplay "$vm" | head -1 | cut -d' ' -f1)
   addr=${uri#vnc://}; port=${addr##*:}; addr=${addr%:*}
   host=$(host_of "$addr")
   echo "domdisplay: $uri ($host)" >&2
   # SeaBIOS takes a moment to reach the boot sector and put the counter on screen.
-  for _ in $(seq 100); do [ "$(counter "$host")" -gt 0 ] && break; sleep 0.1; done
+  for _ in $(seq 100); do [ "$(counter "$host" "$vm")" -gt 0 ] && break; sleep 0.1; done
   # The counter runs on during the capture, so bracket it: the hex number at
   # the screen's top left lies between the two readings.
   local lo hi
-  lo=$(counter "$host")
+  lo=$(counter "$host" "$vm")
   ip netns exec "$P-$host" "$VENV/bin/vncdo" -s "$addr::$port" capture "$DEMO/screenshots/$1.png"
-  hi=$(counter "$host")
+  hi=$(counter "$host" "$vm")
   echo "screenshot: $DEMO/screenshots/$1.png (guest counter $lo to $hi during the capture; on screen in hex at the top left, between $(printf '%08X' "$lo") and $(printf '%08X' "$hi"))" >&2
   echo "$addr"
 }
@@ -236,10 +236,43 @@ ask "{\"cmd\":\"wait_text\",\"page\":\"fleet\",\"contains\":\"migration complete
 echo "fleet page: $DEMO/screenshots/fleet-page.png"
 echo '{"cmd":"quit"}' >&"${BROWSER[1]}"
 
+step "high availability: host-c is cut off; its HA guest comes back on another host"
+sed -e 's/<name>demo</<name>ha-demo</' "$RUN/demo.xml" > "$RUN/ha-demo.xml"
+fl define "$RUN/ha-demo.xml" >/dev/null
+fl ha ha-demo on
+fl start ha-demo --host host-c
+ha_before=$(shot ha-before-cut ha-demo)
+ip -n $P-host-c link set mgmt0 down
+cut=$(date +%s.%N)
+echo "host-c's management link is down: its lease (8 s) lapses, its agent kills the HA guest, and the"
+echo "coordinator restarts it elsewhere 8 s × 1.001 + 2 s after host-c was last heard"
+ha_host=
+for _ in $(seq 300); do
+  ha_host=$(fl list --json | python3 -c '
+import json, sys
+for v in json.load(sys.stdin)["Vms"]:
+    if v["name"] == "ha-demo" and v["state"] == "running" and v["host"] != "host-c":
+        print(v["host"])')
+  [ -n "$ha_host" ] && break
+  sleep 0.2
+done
+[ -n "$ha_host" ] || { echo "demo: ha-demo was not restarted" >&2; exit 1; }
+echo "ha-demo runs on $ha_host $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$cut" "$(date +%s.%N)") s after the cut"
+ha_after=$(shot ha-after-failover ha-demo)
+fl events | grep -E 'host host-c|ha-demo' | tail -n 6
+ip -n $P-host-c link set mgmt0 up
+for _ in $(seq 150); do
+  [ "$(fl hosts 2>/dev/null | grep -c ' connected ')" = 3 ] && break
+  sleep 0.2
+done
+echo "host-c is back and runs none of what was fenced away from it:"
+fl list
+
 cat <<MSG
 
 The guest counted on from one screenshot to the next: it moved while running.
 Console before: $first   after: $second
+The HA guest restarted on $ha_host when host-c was cut off: console $ha_before, then $ha_after.
 
 Keep playing:
   export FLOTILLA_COORDINATOR=$COORD FLOTILLA_TLS_DIR=$RUN/tls

@@ -35,6 +35,8 @@ pub struct LinkSettings {
     pub machine_types: MachineTypes,
     /// The agent's state directory, where the fence keeper's lock is.
     pub state_dir: PathBuf,
+    /// The watchdog's timeout, when the agent pets one.
+    pub watchdog_secs: Option<u32>,
 }
 
 /// Why a session with the coordinator ended.
@@ -246,7 +248,7 @@ pub async fn gather_facts(agent: &Addr<HostAgent>, settings: &LinkSettings) -> H
         machine_types: settings.machine_types.clone(),
         fence: FenceReport {
             keeper: crate::fence_keeper::keeper_running(&settings.state_dir),
-            watchdog_secs: None,
+            watchdog_secs: settings.watchdog_secs,
         },
     }
 }

@@ -29,6 +29,10 @@ pub use crate::host_core::AgentSettings;
 /// The host agent actor.
 pub struct HostAgent {
     core: HostCore,
+    /// Petted each second while the fence holds.
+    watchdog: Option<crate::watchdog::Watchdog>,
+    /// The watchdog went unpetted (logged once per lapse).
+    unpetted: bool,
     hv: QemuHypervisor,
     exits: Option<mpsc::UnboundedReceiver<VmExit>>,
     replies: HashMap<u64, oneshot::Sender<Response>>,
@@ -48,10 +52,42 @@ impl HostAgent {
         let (tx, rx) = mpsc::unbounded_channel();
         HostAgent {
             core: HostCore::new(settings, networks, reattach, Box::new(port_is_free)),
+            watchdog: None,
+            unpetted: false,
             hv: QemuHypervisor::new(tx),
             exits: Some(rx),
             replies: HashMap::new(),
             next_id: 1,
+        }
+    }
+
+    /// Pets `watchdog` once a second while the fence holds.
+    pub fn with_watchdog(mut self, watchdog: crate::watchdog::Watchdog) -> Self {
+        self.watchdog = Some(watchdog);
+        self
+    }
+
+    /// A deliberate stop: the watchdog disarms instead of resetting the host.
+    pub fn disarm_watchdog(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.disarm();
+        }
+    }
+
+    fn pet_watchdog(&mut self) {
+        let holds = self.core.fence_holds(Instant::now());
+        let Some(w) = self.watchdog.as_mut() else {
+            return;
+        };
+        if holds {
+            w.pet();
+            self.unpetted = false;
+        } else if !self.unpetted {
+            self.unpetted = true;
+            tracing::error!(
+                "not petting the watchdog: the lease lapsed and an HA guest still runs; \
+                 the host resets unless it dies first"
+            );
         }
     }
 
@@ -110,6 +146,26 @@ impl Actor for HostAgent {
             });
         }
         self.feed(HostInput::Boot, ctx);
+        if self.watchdog.is_some() {
+            // A hung agent stops this timer too: that is the point.
+            self.pet_watchdog();
+            ctx.run_interval(std::time::Duration::from_secs(1), |act, _| {
+                act.pet_watchdog()
+            });
+        }
+    }
+}
+
+/// Disarm the watchdog: the agent is stopping on purpose.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DisarmWatchdog;
+
+impl Handler<DisarmWatchdog> for HostAgent {
+    type Result = ();
+
+    fn handle(&mut self, _: DisarmWatchdog, _: &mut Self::Context) {
+        self.disarm_watchdog();
     }
 }
 

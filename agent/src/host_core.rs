@@ -594,7 +594,7 @@ impl HostCore {
 
     /// The HA guests running or being launched here, for the fence keeper
     /// (pid 0: not known yet; the keeper finds it by UUID).
-    fn ha_guests(&self) -> Vec<HaGuest> {
+    pub fn ha_guests(&self) -> Vec<HaGuest> {
         self.vms
             .values()
             .filter(|v| v.record.ha)
@@ -619,6 +619,13 @@ impl HostCore {
                 guests: self.ha_guests(),
             });
         }
+    }
+
+    /// Whether the fence holds, so a watchdog may be petted: the lease is
+    /// valid (or was never granted), or no HA guest is left running here.
+    pub fn fence_holds(&self, now: Instant) -> bool {
+        self.lease.state(now) != crate::lease::LeaseState::Lapsed
+            || (self.vms.values().all(|v| !v.record.ha) && self.ha_launching.is_empty())
     }
 
     /// At expiry: every HA guest is killed, since the coordinator may start
@@ -2687,6 +2694,107 @@ mod tests {
         }
         assert_eq!(c.vm_state("web01"), Some(VmState::Running));
         assert_eq!(fake.record("web01").map(|r| r.ports), Some(vec![5900]));
+    }
+
+    #[test]
+    fn a_lapsed_lease_refuses_starts_kills_ha_guests_and_spares_the_rest() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let mut fake = fake("198.18.4.1");
+        let mut c = booted("h1", &mut fake, now);
+        let ha_xml = xml("ha").replace(
+            "<memory",
+            "<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata><memory",
+        );
+        let plain = xml("plain").replace(UUID, "6f1c1d5e-0b7a-4c33-9a56-1b2c3d4e5f61");
+        let out = drive(
+            &mut c,
+            &mut fake,
+            now,
+            HostInput::LeaseRenewed { until: now + s(8) },
+        );
+        assert!(out.contains(&HostEffect::WakeAt(now + s(6))));
+        assert!(out.contains(&HostEffect::LeaseFile {
+            until: now + s(8),
+            guests: vec![]
+        }));
+        for (id, x, name) in [(1, ha_xml, "ha"), (2, plain, "plain")] {
+            let out = drive(
+                &mut c,
+                &mut fake,
+                now,
+                req(
+                    id,
+                    Request::Start {
+                        xml: x,
+                        source: format!("{name}.xml"),
+                        incarnation: 3,
+                    },
+                ),
+            );
+            assert!(
+                matches!(reply(&out), Response::Started { vm, .. } if vm.incarnation == 3 && vm.ha == (name == "ha"))
+            );
+        }
+        // The keeper knows the HA guest (and only it), by pid and UUID.
+        let pid = fake.process("ha").map(|p| p.pid).expect("ha runs");
+        let file = c.ha_guests();
+        assert_eq!(file.len(), 1);
+        assert_eq!(
+            (file[0].name.as_str(), file[0].pid, file[0].uuid.as_str()),
+            ("ha", pid, UUID)
+        );
+
+        // Two seconds before expiry: no new starts.
+        let out = drive(&mut c, &mut fake, now + s(7), req(3, start("late")));
+        assert!(
+            matches!(reply(&out), Response::Error(e) if e.contains("host h1 is not starting VMs"))
+        );
+        assert!(c.fence_holds(now + s(7)));
+        // At expiry: the HA guest is killed, the other runs on.
+        let out = c.handle(now + s(8), HostInput::Tick);
+        let kills: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                HostEffect::Hv {
+                    call:
+                        HvCall::Signal {
+                            vm,
+                            signal: VmSignal::Kill,
+                            ..
+                        },
+                    ..
+                } => Some(vm.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kills, vec!["ha".to_string()]);
+        assert!(
+            !c.fence_holds(now + s(8)),
+            "an HA guest still runs: no petting"
+        );
+        let exit = HostInput::VmExited {
+            name: "ha".into(),
+            pid,
+            reason: "QEMU exited (signal: 9 (SIGKILL))".into(),
+            log_tail: String::new(),
+        };
+        drive(&mut c, &mut fake, now + s(8), exit);
+        assert!(c.fence_holds(now + s(9)), "every HA guest is dead");
+        assert_eq!(c.vm_state("plain"), Some(VmState::Running));
+        // Enforced once per expiry; a renewal re-arms.
+        assert!(c
+            .handle(now + s(9), HostInput::Tick)
+            .iter()
+            .all(|e| !matches!(e, HostEffect::Hv { .. })));
+        drive(
+            &mut c,
+            &mut fake,
+            now + s(9),
+            HostInput::LeaseRenewed { until: now + s(17) },
+        );
+        let out = drive(&mut c, &mut fake, now + s(9), req(4, start("late")));
+        assert!(matches!(reply(&out), Response::Started { .. }), "{out:?}");
     }
 
     #[test]

@@ -33,3 +33,4 @@ pub mod storage_copy;
 pub mod storage_proof;
 pub mod vm_record;
 pub mod vm_state;
+pub mod watchdog;

@@ -1739,6 +1739,58 @@ impl FleetCore {
         ))
     }
 
+    /// An HA VM whose only copy is a destination that never received its
+    /// guest (`inmigrate` with no migration left to feed it: the source died
+    /// after a switchover in doubt) is not running: the empty copy goes and
+    /// the VM is owed a restart.
+    fn reclaim_empty_destinations(&mut self, now: Instant) {
+        let empty: Vec<(String, String, ConnId)> = self
+            .vms
+            .iter()
+            .filter(|(n, v)| {
+                v.ha_running && !self.migrations.contains_key(*n) && !self.repairs.contains_key(*n)
+            })
+            .filter_map(|(n, v)| {
+                let VmLifecycle::Running { host } = &v.life else {
+                    return None;
+                };
+                // Recorded on the destination of the migration that never
+                // finished, or on a host with no migration at all.
+                if v.pending_dest.as_ref().is_some_and(|d| d != host) {
+                    return None;
+                }
+                let h = self.hosts.get(host)?;
+                let conn = h.conn.filter(|_| self.connected(h, now))?;
+                // The report must postdate the last action on the VM there
+                // (a resume answered after it was numbered, say).
+                if self.fenced(host, n, h.seq) {
+                    return None;
+                }
+                let shell = h
+                    .facts
+                    .vms
+                    .iter()
+                    .any(|s| s.name == **n && s.state == VmRunState::InMigrate);
+                let elsewhere = self
+                    .hosts
+                    .iter()
+                    .any(|(other, o)| other != host && o.facts.vms.iter().any(|s| s.name == **n));
+                (shell && !elsewhere).then(|| (n.clone(), host.clone(), conn))
+            })
+            .collect();
+        for (vm, host, conn) in empty {
+            let why = "its only copy never received the guest (a migration's source died)";
+            self.emit(format!("vm {vm} on {host}: {why}; removing it"));
+            self.remove_half(
+                &host,
+                conn,
+                &vm,
+                "an incoming copy that never received its guest",
+            );
+            self.record_stopped(&vm, &host, why);
+        }
+    }
+
     /// Restarts elsewhere every HA VM still recorded on a fenced host, and
     /// retries HA VMs that wait for room.
     fn restart_fenced(&mut self, now: Instant) {
@@ -1872,6 +1924,7 @@ impl FleetCore {
     fn tick(&mut self, now: Instant) {
         self.log_host_transitions(now);
         self.fence_silent_hosts(now);
+        self.reclaim_empty_destinations(now);
         self.restart_fenced(now);
         self.publish_gauges(now);
         // Migrations: timeouts, and the polls that are due.

@@ -452,6 +452,22 @@ pub fn qemu_pids_for(uuid: &str) -> Vec<i32> {
     out
 }
 
+/// Whether a QEMU carrying `uuid` runs in namespace `ns`.
+pub fn qemu_runs_in(ns: &Netns, uuid: &str) -> bool {
+    let here = ns.pids();
+    qemu_pids_for(uuid).iter().any(|p| here.contains(p))
+}
+
+/// VM `name`'s row in the output of `flotilla list --all --json` (null when
+/// absent).
+pub fn listed_vm(list_json: &Output, name: &str) -> serde_json::Value {
+    let all: serde_json::Value = serde_json::from_slice(&list_json.stdout).unwrap_or_default();
+    all["Vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|v| v["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
 /// A tcpdump watching one device in a namespace for frames that match a
 /// filter; killed on drop.
 pub struct Capture {

@@ -150,9 +150,10 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
     let out = text(o);
     assert!(o.status.success(), "demo.sh failed:\n{out}");
 
-    // The console moved from one host's `public` address to another's.
+    // The console moved from one host's `public` address to another's
+    // (then the HA scene's guest: before the cut and after its restart).
     let shown = displays(&out);
-    assert_eq!(shown.len(), 2, "{out}");
+    assert_eq!(shown.len(), 4, "{out}");
     let ((before, host_before), (after, host_after)) = (&shown[0], &shown[1]);
     assert_ne!(before, after, "{out}");
     assert_ne!(host_before, host_after, "{out}");
@@ -163,10 +164,13 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
             "{addr} is not an address of {host}"
         );
     }
+    assert_eq!(shown[2].1, "host-c", "{out}");
+    assert_ne!(shown[3].1, "host-c", "{out}");
 
-    // Two real screenshots, and the guest counted on between them.
+    // Two real screenshots, and the guest counted on between them; two
+    // more of the HA guest, before the cut and on its new host.
     let shots = screenshots(&out);
-    assert_eq!(shots.len(), 2, "{out}");
+    assert_eq!(shots.len(), 4, "{out}");
     for (path, ..) in &shots {
         let (w, h) = decoded_png_size(path);
         assert!(w >= 640 && h >= 400, "{}: {w}x{h}", path.display());
@@ -229,6 +233,22 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
         assert!(out.contains(series), "missing {series:?} in:\n{out}");
     }
     assert!(out.contains("vm demo migrating from"), "{out}");
+    // High availability: host-c fenced, its HA guest restarted elsewhere.
+    assert!(out.contains("host host-c fenced: silent for"), "{out}");
+    assert!(
+        out.contains("vm ha-demo restarted on host-") && out.contains(": host host-c was fenced"),
+        "{out}"
+    );
+    // Back, host-c runs none of it: the last listing has it elsewhere.
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("ha-demo "))
+        .unwrap_or_default();
+    assert!(
+        last.contains(" running ") && !last.contains("host-c"),
+        "{out}"
+    );
     // The NIC was plumbed on both hosts, each on its own `public`.
     let nics: Vec<&str> = out
         .lines()

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use flotilla_tests::{
-    bin, domain_xml, flotilla, new_uuid, output, qemu_pids_for, rfb_banner, wait_until,
+    bin, domain_xml, flotilla, listed_vm, new_uuid, output, qemu_pids_for, rfb_banner, wait_until,
     AgentDaemon, AgentDirs, CoordinatorProcess, Lines, Netns,
 };
 
@@ -1698,21 +1698,44 @@ impl TwiceWatch {
 
 /// `name`'s row in `flotilla list --all --json`.
 fn listed(f: &Fleet, name: &str) -> serde_json::Value {
-    let o = f.cli(&["list", "--all", "--json"]);
-    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    all["Vms"]
-        .as_array()
-        .and_then(|vms| vms.iter().find(|v| v["name"] == name).cloned())
-        .unwrap_or_default()
+    listed_vm(&f.cli(&["list", "--all", "--json"]), name)
 }
 
-fn runs_in(ns: &Netns, uuid: &str) -> bool {
-    let here = ns.pids();
-    qemu_pids_for(uuid).iter().any(|p| here.contains(p))
-}
+use flotilla_tests::qemu_runs_in as runs_in;
 
 fn ha_guests_restart_elsewhere_and_never_run_twice(cut: Cut) {
     let mut f = fleet_with(false, HA_ARGS);
+    // With the link cut, host-a's agent also pets a "watchdog" (a plain
+    // file here: a real device would reset the machine) and reports its
+    // timeout, which the coordinator adds to the fencing deadline.
+    let watchdog = (cut == Cut::LinkDown).then(|| {
+        let file = f.hosts[0].1.file("watchdog", "");
+        let tls = f.tls.to_str().expect("utf8").to_string();
+        f.agents[0].kill9();
+        let (ns, dirs, name) = &f.hosts[0];
+        f.agents[0] = AgentDaemon::start(
+            ns,
+            name,
+            dirs,
+            &[
+                "--coordinator",
+                COORD,
+                "--tls-dir",
+                &tls,
+                "--watchdog",
+                file.to_str().expect("utf8"),
+                "--watchdog-timeout-secs",
+                "1",
+            ],
+        );
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) >= 2
+            }),
+            "the watchdog is not petted"
+        );
+        file
+    });
     let ha =
         r"<metadata><flotilla:ha xmlns:flotilla='urn:flotilla:domain:1' restart='on'/></metadata>";
     let mut uuids = Vec::new();
@@ -1813,6 +1836,26 @@ fn ha_guests_restart_elsewhere_and_never_run_twice(cut: Cut) {
         events.contains("host host-a fenced: silent for"),
         "{events}"
     );
+    // Never before L × (1 + ρ) + W + margin after host-a was last heard.
+    let silent: f64 = events
+        .split("host host-a fenced: silent for ")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    let w = if watchdog.is_some() { 1.0 } else { 0.0 };
+    assert!(silent >= 4.0 * 1.001 + w + 1.0 - 0.05, "{events}");
+    if let Some(file) = &watchdog {
+        // Its HA guests are dead, so the fence holds: still petted.
+        let before = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            wait_until(Duration::from_secs(10), || std::fs::metadata(file)
+                .map(|m| m.len())
+                .unwrap_or(0)
+                > before),
+            "the watchdog went unpetted although every HA guest is dead"
+        );
+    }
     assert!(
         events.contains("vm ha1 restarted on host-b: host host-a was fenced"),
         "{events}"

@@ -72,6 +72,16 @@ struct Cli {
     /// Network whose address receives incoming live migrations (default: the address this host reaches the coordinator from).
     #[arg(long)]
     migration_network: Option<String>,
+    /// Pet this watchdog device (e.g. /dev/watchdog from softdog) each second
+    /// while the host's lease holds or no HA guest runs: a hung agent resets
+    /// the host. Never inside a test namespace: the whole machine resets.
+    #[arg(long, value_name = "DEVICE")]
+    watchdog: Option<PathBuf>,
+    /// The watchdog's timeout in seconds, at least the device's own (softdog:
+    /// `modprobe softdog soft_margin=10`); the coordinator waits this much
+    /// longer before restarting the host's HA guests elsewhere.
+    #[arg(long, default_value_t = 10)]
+    watchdog_timeout_secs: u32,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -245,7 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         host: settings.console.host.clone(),
         machine_types: flotilla_agent::machine_types::probe(&settings.qemu.emulator),
         state_dir: settings.state_dir.clone(),
+        watchdog_secs: cli.watchdog.as_ref().map(|_| cli.watchdog_timeout_secs),
     });
+    let watchdog = match &cli.watchdog {
+        Some(path) => Some(
+            flotilla_agent::watchdog::Watchdog::open(path, cli.watchdog_timeout_secs)
+                .with_context(|| format!("cannot open the watchdog {}", path.display()))?,
+        ),
+        None => None,
+    };
     if link.is_some() {
         // Part of a fleet: HA guests need their fence before any can start.
         flotilla_agent::fence_keeper::spawn_if_missing(&settings.state_dir)
@@ -257,7 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             flotilla_shared::net::metrics::serve(addr)?;
             tracing::info!(%addr, "metrics at /metrics");
         }
-        daemon(settings, networks, link).await
+        daemon(settings, networks, link, watchdog).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -322,11 +340,20 @@ async fn daemon(
     settings: AgentSettings,
     networks: HostNetworks,
     link: Option<LinkSettings>,
+    watchdog: Option<flotilla_agent::watchdog::Watchdog>,
 ) -> anyhow::Result<()> {
     let state_dir = settings.state_dir.clone();
     tracing::info!(host = %settings.console.host, accel = settings.qemu.accel.as_str(),
         networks = networks.networks.len(), "agent starting");
-    let agent = HostAgent::new(settings, networks, true).start();
+    let mut host_agent = HostAgent::new(settings, networks, true);
+    if let Some(w) = watchdog {
+        tracing::info!(
+            timeout_secs = w.timeout_secs(),
+            "petting the watchdog while the fence holds"
+        );
+        host_agent = host_agent.with_watchdog(w);
+    }
+    let agent = host_agent.start();
     let recipient = agent.clone().recipient();
     let server_dir = state_dir.clone();
     let server = actix::spawn(async move { control::serve(&server_dir, recipient).await });
@@ -347,7 +374,9 @@ async fn daemon(
             _ = int.recv() => break,
         }
     }
-    // VMs keep running: the agent's exit is not the guests' business.
+    // VMs keep running: the agent's exit is not the guests' business. A
+    // deliberate stop disarms the watchdog (the fence keeper still guards).
+    let _ = agent.send(flotilla_agent::host_actor::DisarmWatchdog).await;
     server.abort();
     let _ = std::fs::remove_file(control::socket_path(&state_dir));
     tracing::info!("agent stopping; VMs keep running");
