@@ -44,6 +44,8 @@ pub struct Fleet {
     core_thread: Option<(FleetCore, std::thread::Builder)>,
     conns: BTreeMap<ConnId, quinn::Connection>,
     hellos: BTreeMap<ConnId, oneshot::Sender<HelloAck>>,
+    /// Heartbeats waiting for the core to say whether it applied them.
+    reports: BTreeMap<(ConnId, u64), oneshot::Sender<bool>>,
     operators: BTreeMap<RequestId, OperatorSinks>,
     next_request: RequestId,
     events: EventLog,
@@ -120,6 +122,21 @@ pub struct Register {
     pub conn: quinn::Connection,
 }
 
+/// A heartbeat: true once the core applied its report (only then may it
+/// be acknowledged, since the acknowledgement renews the host's lease).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Heartbeat {
+    /// The host, as its certificate names it.
+    pub host: String,
+    /// Its connection's `stable_id`.
+    pub conn: usize,
+    /// Its number in the connection's sequence.
+    pub seq: u64,
+    /// What it reports.
+    pub facts: HostFacts,
+}
+
 /// A numbered report or exit from a registered host.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -163,6 +180,7 @@ impl Fleet {
             core_thread: Some((core, std::thread::Builder::new().name("fleet-core".into()))),
             conns: BTreeMap::new(),
             hellos: BTreeMap::new(),
+            reports: BTreeMap::new(),
             operators: BTreeMap::new(),
             next_request: 1,
             events: EventLog::default(),
@@ -189,6 +207,15 @@ impl Fleet {
             Effect::Hello { conn, ack } => {
                 if let Some(tx) = self.hellos.remove(&conn) {
                     let _ = tx.send(ack);
+                }
+            }
+            Effect::ReportAnswer {
+                conn,
+                seq,
+                accepted,
+            } => {
+                if let Some(tx) = self.reports.remove(&(conn, seq)) {
+                    let _ = tx.send(accepted);
                 }
             }
             Effect::Call {
@@ -375,6 +402,23 @@ impl Handler<Register> for Fleet {
     }
 }
 
+impl Handler<Heartbeat> for Fleet {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: Heartbeat, _: &mut Self::Context) -> Self::Result {
+        let conn = msg.conn as ConnId;
+        let (tx, rx) = oneshot::channel();
+        self.reports.insert((conn, msg.seq), tx);
+        self.input(Input::Report {
+            host: msg.host,
+            conn,
+            seq: msg.seq,
+            facts: msg.facts,
+        });
+        Box::pin(async move { rx.await.unwrap_or(false) })
+    }
+}
+
 impl Handler<HostEvent> for Fleet {
     type Result = ();
 
@@ -407,6 +451,7 @@ impl Handler<Disconnected> for Fleet {
         let conn = msg.stable_id as ConnId;
         self.conns.remove(&conn);
         self.hellos.remove(&conn);
+        self.reports.retain(|(c, _), _| *c != conn);
         self.input(Input::Disconnected {
             host: msg.host,
             conn,

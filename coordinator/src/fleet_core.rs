@@ -171,6 +171,16 @@ pub enum Effect {
         /// The answer.
         ack: HelloAck,
     },
+    /// Answer a heartbeat: acknowledged only when its report was applied,
+    /// since the acknowledgement renews the host's lease.
+    ReportAnswer {
+        /// The connection it came over.
+        conn: ConnId,
+        /// Its number.
+        seq: u64,
+        /// Applied (else the host must register again).
+        accepted: bool,
+    },
     /// Send `request` to `host` over `conn`; feed the answer back as
     /// [`Input::AgentReplied`] with `call`.
     Call {
@@ -476,8 +486,8 @@ pub struct FleetCore {
     /// earlier than this, so a restarted coordinator fences nobody before a
     /// full lease has passed under its own eyes.
     armed_at: Option<Instant>,
-    /// Hosts declared fenced, with when: their HA VMs restart elsewhere.
-    /// Cleared when the host registers again.
+    /// Hosts declared fenced, with when they were last heard: their HA VMs
+    /// restart elsewhere. Cleared when the host is heard from again.
     fenced_hosts: BTreeMap<String, Instant>,
     /// Hosts already reported as cut off without a working fence.
     unfenceable: BTreeSet<String>,
@@ -667,7 +677,14 @@ impl FleetCore {
                 conn,
                 seq,
                 facts,
-            } => self.report(now, &host, conn, seq, facts),
+            } => {
+                let accepted = self.report(now, &host, conn, seq, facts);
+                self.effects.push(Effect::ReportAnswer {
+                    conn,
+                    seq,
+                    accepted,
+                });
+            }
             Input::VmStopped {
                 host,
                 conn,
@@ -1027,14 +1044,24 @@ impl FleetCore {
         });
     }
 
-    fn report(&mut self, now: Instant, host: &str, conn: ConnId, seq: u64, facts: HostFacts) {
+    /// Applies a heartbeat's report; false when it is not this host's
+    /// current connection's newest (then it must not be acknowledged: the
+    /// host would renew a lease the coordinator does not count).
+    fn report(
+        &mut self,
+        now: Instant,
+        host: &str,
+        conn: ConnId,
+        seq: u64,
+        facts: HostFacts,
+    ) -> bool {
         let fenced: Vec<String> = {
             let Some(h) = self.hosts.get(host) else {
-                return;
+                return false;
             };
             if h.conn != Some(conn) || seq <= h.seq {
                 // Another connection's, or older than one already applied.
-                return;
+                return false;
             }
             h.facts
                 .vms
@@ -1065,7 +1092,7 @@ impl FleetCore {
             self.remove_half(host, conn, &vm, "a stale copy (older incarnation)");
         }
         let Some(h) = self.hosts.get_mut(host) else {
-            return;
+            return false;
         };
         // For a VM the coordinator acted on after this report was numbered,
         // what it already knows wins over what the report says. A copy
@@ -1108,6 +1135,7 @@ impl FleetCore {
         }
         self.converge(now, host, seq);
         self.sync_ha_running(host);
+        true
     }
 
     fn vm_stopped(&mut self, host: &str, conn: ConnId, seq: u64, name: &str, reason: &str) {

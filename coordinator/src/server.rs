@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 
 use std::sync::Arc;
 
-use crate::fleet::{Disconnected, EventsCall, Fleet, HostEvent, OperatorCall, Register};
+use crate::fleet::{Disconnected, EventsCall, Fleet, Heartbeat, HostEvent, OperatorCall, Register};
 use crate::web::Web;
 
 /// Accepts connections until the endpoint closes. `web` issues web tickets
@@ -235,19 +235,41 @@ async fn dispatch(
                 OperatorResponse::Error(OperatorError::Unavailable(e.to_string()))
             }))
         }
-        (Role::Agent, ClientMessage::Event(event)) => {
-            match event {
-                AgentEvent::Heartbeat { facts, .. } if facts.host != who.name => {
-                    tracing::warn!(claimed = %facts.host, "heartbeat for another host ignored")
+        (Role::Agent, ClientMessage::Event(event)) => match event {
+            // Acknowledged only once applied: the acknowledgement renews the
+            // host's lease, which must never outrun what the coordinator
+            // counts.
+            AgentEvent::Heartbeat { facts, .. } if facts.host != who.name => {
+                tracing::warn!(claimed = %facts.host, "heartbeat for another host ignored");
+                refused(format!(
+                    "heartbeat for host '{}' over the connection of '{}'",
+                    facts.host, who.name
+                ))
+            }
+            AgentEvent::Heartbeat { seq, facts } => {
+                let applied = fleet
+                    .send(Heartbeat {
+                        host: who.name.clone(),
+                        conn: conn.stable_id(),
+                        seq,
+                        facts,
+                    })
+                    .await
+                    .unwrap_or(false);
+                match applied {
+                    true => ServerMessage::Ack,
+                    false => refused("heartbeat not applied (not this host's current connection); register again".into()),
                 }
-                event => fleet.do_send(HostEvent {
+            }
+            event => {
+                fleet.do_send(HostEvent {
                     host: who.name.clone(),
                     conn: conn.stable_id(),
                     event,
-                }),
+                });
+                ServerMessage::Ack
             }
-            ServerMessage::Ack
-        }
+        },
         (Role::Operator, ClientMessage::Event(_)) => ServerMessage::Operator(
             OperatorResponse::Error(OperatorError::PermissionDenied(format!(
                 "operator certificate '{}' cannot send host events",

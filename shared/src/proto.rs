@@ -1039,7 +1039,10 @@ pub enum ClientMessage {
     Hello(AgentHello),
     /// An operator request.
     Operator(OperatorRequest),
-    /// An agent's heartbeat or report; acknowledged so a dead coordinator is noticed.
+    /// An agent's heartbeat or report. A heartbeat is acknowledged only once
+    /// the coordinator applied it (the acknowledgement renews the host's
+    /// lease); otherwise the answer is a refusal and the agent registers
+    /// again. An unanswered one means the coordinator is gone.
     Event(AgentEvent),
 }
 

@@ -156,6 +156,9 @@ struct HostSim {
     gather: Option<Gather>,
     /// (connection, this connection's next sequence number), once registered.
     session: Option<(ConnId, u64)>,
+    /// The current connection's registration was acknowledged: as the real
+    /// agent, it serves the coordinator's requests only from then on.
+    registered: bool,
     /// A heartbeat sent at this time and not yet answered.
     heartbeat_out: Option<Duration>,
     dialing: bool,
@@ -439,6 +442,7 @@ fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
         waiting: BTreeMap::new(),
         gather: None,
         session: None,
+        registered: false,
         heartbeat_out: None,
         dialing: false,
         cut_out: false,
@@ -622,6 +626,19 @@ impl World {
                 }
             },
             Effect::Close { conn, .. } => self.kill_conn(conn, "closed by the coordinator"),
+            // The shell acknowledges a heartbeat only once the core applied
+            // it: the acknowledgement renews the host's lease.
+            Effect::ReportAnswer {
+                conn,
+                accepted: true,
+                ..
+            } => {
+                if let Some(&host) = self.conns.get(&conn) {
+                    let d = self.send_delay(host, true);
+                    self.at(d, Ev::HeartbeatAck { host, conn });
+                }
+            }
+            Effect::ReportAnswer { .. } => {}
             Effect::Reply { id, response } => {
                 self.ops_at_core.remove(&id);
                 let d = self.rng.ms(1, 20);
@@ -1434,13 +1451,6 @@ impl World {
                     if !self.conns.contains_key(&c) {
                         return Ok(());
                     }
-                    // The shell answers every heartbeat.
-                    if let Input::Report { .. } = &input {
-                        if let Some(&host) = self.conns.get(&c) {
-                            let d = self.send_delay(host, true);
-                            self.at(d, Ev::HeartbeatAck { host, conn: c });
-                        }
-                    }
                 }
                 if let Input::AgentReplied { call, result } = &input {
                     if let Some(c) = conn {
@@ -1503,6 +1513,22 @@ impl World {
                 {
                     return Ok(());
                 }
+                // A request that overtook the registration's answer waits
+                // for it: the agent accepts streams only once registered.
+                let h = &self.hosts[host];
+                if h.session.is_some_and(|(c, _)| c == conn) && !h.registered {
+                    self.at(
+                        Duration::from_millis(5),
+                        Ev::ToAgent {
+                            host,
+                            conn,
+                            call,
+                            epoch,
+                            request,
+                        },
+                    );
+                    return Ok(());
+                }
                 self.note(format!(
                     "{} serves call {call}: {}",
                     self.hosts[host].name,
@@ -1535,6 +1561,7 @@ impl World {
                         lease_ms, stale, ..
                     } => {
                         self.hosts[host].dialing = false;
+                        self.hosts[host].registered = true;
                         let lease = Duration::from_millis(lease_ms);
                         self.hosts[host].lease = Some(lease);
                         // Stale copies die before anything else is served.
@@ -1592,8 +1619,9 @@ impl World {
                     }
                     return Ok(());
                 }
-                // Still gathering the last facts (or the registration's).
-                if self.hosts[host].gather.is_some() {
+                // Still gathering the last facts (or the registration's), or
+                // not registered yet: heartbeats start after the answer.
+                if self.hosts[host].gather.is_some() || !self.hosts[host].registered {
                     return Ok(());
                 }
                 if let Some((conn, seq)) = self.hosts[host].session.as_mut() {
@@ -1621,6 +1649,7 @@ impl World {
                 self.detail(format!("{} connects: conn {conn}", self.hosts[host].name));
                 let h = &mut self.hosts[host];
                 h.session = Some((conn, 0));
+                h.registered = false;
                 h.heartbeat_out = None;
                 h.dialing = false;
                 // The registration's facts are number 0 of this connection.

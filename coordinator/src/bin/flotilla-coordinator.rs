@@ -108,6 +108,22 @@ fn secs(flag: &str, v: f64) -> anyhow::Result<Duration> {
         .map_err(|_| anyhow::anyhow!("{flag} {v}: not a number of seconds"))
 }
 
+/// The lease must outlast a heartbeat's round plus the 2 s before expiry in
+/// which a host refuses starts, or hosts would refuse every start (and kill
+/// their HA guests at the first late acknowledgement).
+fn lease(lease_secs: f64, heartbeat_secs: u64) -> anyhow::Result<Duration> {
+    let lease = secs("--lease-secs", lease_secs)?;
+    let floor = Duration::from_secs(heartbeat_secs.max(1) + 2);
+    if lease <= floor {
+        bail!(
+            "--lease-secs {lease_secs}: must be more than --heartbeat-secs + 2 ({} s), the \
+             time a host needs to renew it before it stops starting VMs",
+            floor.as_secs()
+        );
+    }
+    Ok(lease)
+}
+
 fn main() -> ExitCode {
     let argv = match config_file::merged_argv(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
@@ -152,7 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(cli.heartbeat_secs),
         heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
         fencing: FencePolicy {
-            lease: secs("--lease-secs", cli.lease_secs)?,
+            lease: lease(cli.lease_secs, cli.heartbeat_secs)?,
             clock_rate_bound: cli.clock_rate_bound,
             margin: secs("--fence-margin-secs", cli.fence_margin_secs)?,
         },
@@ -228,6 +244,19 @@ mod tests {
         argv.extend(flags.iter().map(OsString::from));
         let merged = config_file::merged_argv(argv, &Cli::command()).expect("the example parses");
         Cli::try_parse_from(merged).expect("merged flags parse")
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        assert_eq!(lease(8.0, 2).ok(), Some(Duration::from_secs(8)));
+        assert_eq!(lease(3.5, 1).ok(), Some(Duration::from_millis(3500)));
+        let e = lease(4.0, 2).expect_err("too short");
+        assert_eq!(
+            e.to_string(),
+            "--lease-secs 4: must be more than --heartbeat-secs + 2 (4 s), the time a host \
+             needs to renew it before it stops starting VMs"
+        );
+        assert!(lease(-1.0, 2).is_err());
     }
 
     #[test]
