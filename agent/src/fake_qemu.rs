@@ -643,6 +643,15 @@ impl FakeHost {
             let e = format!("cannot create device '{d}': Device or resource busy");
             return (HvResult::Failed(e), Follow::Nothing);
         }
+        // Two QEMUs cannot listen on one address: the agent must not hand
+        // out a migration port that a live incoming QEMU still holds.
+        if let LaunchMode::Incoming { uri, .. } = &plan.mode {
+            if lock(&self.fabric.listeners).contains_key(uri) {
+                self.collisions.push(format!("{}: {uri}", plan.name));
+                let e = format!("{uri}: Address already in use");
+                return (HvResult::Failed(e), Follow::Nothing);
+            }
+        }
         let run = plan.mode == LaunchMode::Run;
         for (d, macvtap) in wanted {
             let device = FakeDevice {

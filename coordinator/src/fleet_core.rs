@@ -3073,20 +3073,27 @@ impl FleetCore {
                 .get(&job.source)
                 .and_then(|h| h.facts.vms.iter().find(|v| v.name == vm).cloned());
             self.set_reported(&job.source, None, vm);
-            if let Some(v) = moved {
-                let here = self
-                    .hosts
-                    .get(&on)
-                    .is_some_and(|h| h.facts.vms.iter().any(|x| x.name == vm));
-                if !here {
-                    let summary = VmSummary {
-                        pid: 0,
-                        state: VmRunState::Running,
-                        consoles: Vec::new(),
-                        ..v
-                    };
-                    self.set_reported(&on, Some(summary), vm);
-                }
+            // The destination's last report may still show its incoming
+            // half (`inmigrate`, `paused`): it runs the guest now.
+            let there = self
+                .hosts
+                .get(&on)
+                .and_then(|h| h.facts.vms.iter().find(|x| x.name == vm).cloned());
+            let summary = match (there, moved) {
+                (Some(t), _) => Some(VmSummary {
+                    state: VmRunState::Running,
+                    ..t
+                }),
+                (None, Some(v)) => Some(VmSummary {
+                    pid: 0,
+                    state: VmRunState::Running,
+                    consoles: Vec::new(),
+                    ..v
+                }),
+                (None, None) => None,
+            };
+            if let Some(summary) = summary {
+                self.set_reported(&on, Some(summary), vm);
             }
         }
         if matches!(phase, Phase::InDoubt { .. }) {
@@ -4193,11 +4200,22 @@ mod tests {
                     }
                     _ => AgentResponse::Done("ok".into()),
                 };
+                let incoming = matches!(response, AgentResponse::Incoming { .. });
                 let input = Input::AgentReplied {
                     call,
                     result: Ok((10, response)),
                 };
                 next.extend(r.core.handle(now, input));
+                if incoming {
+                    // b's heartbeat shows its incoming half, as a real one does.
+                    let report = Input::Report {
+                        host: "b".into(),
+                        conn: 2,
+                        seq: 11,
+                        facts: facts("b", &[("web", VmRunState::InMigrate)]),
+                    };
+                    next.extend(r.core.handle(now, report));
+                }
             }
             if let Some(resp) = Rig::answer(id, &next) {
                 done = Some(resp.clone());
@@ -4235,7 +4253,34 @@ mod tests {
             (vms[0].state.as_str(), vms[0].host.as_deref()),
             ("running", Some("b"))
         );
-        let (id, out) = r.op(OperatorRequest::Destroy { name: "web".into() });
+        // And it can move on at once, though b's last report showed its
+        // incoming half (the web console test once migrated back within
+        // that window and was told the guest did not run).
+        let back = match migrate_web_to_b() {
+            OperatorRequest::Migrate {
+                name,
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+                postcopy,
+                timeout_secs,
+                copy_storage,
+                allow_unsafe,
+                ..
+            } => OperatorRequest::Migrate {
+                name,
+                to: Some("a".into()),
+                max_downtime_ms,
+                bandwidth_mib_s,
+                auto_converge,
+                postcopy,
+                timeout_secs,
+                copy_storage,
+                allow_unsafe,
+            },
+            other => other,
+        };
+        let (id, out) = r.op(back);
         assert!(
             Rig::answer(id, &out).is_none(),
             "sent, not refused: {out:?}"
