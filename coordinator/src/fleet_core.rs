@@ -3678,9 +3678,13 @@ mod tests {
     }
 
     fn migrate_web_to_b() -> OperatorRequest {
+        migrate_web_to("b")
+    }
+
+    fn migrate_web_to(host: &str) -> OperatorRequest {
         OperatorRequest::Migrate {
             name: "web".into(),
-            to: Some("b".into()),
+            to: Some(host.into()),
             max_downtime_ms: None,
             bandwidth_mib_s: None,
             auto_converge: false,
@@ -4256,31 +4260,7 @@ mod tests {
         // And it can move on at once, though b's last report showed its
         // incoming half (the web console test once migrated back within
         // that window and was told the guest did not run).
-        let back = match migrate_web_to_b() {
-            OperatorRequest::Migrate {
-                name,
-                max_downtime_ms,
-                bandwidth_mib_s,
-                auto_converge,
-                postcopy,
-                timeout_secs,
-                copy_storage,
-                allow_unsafe,
-                ..
-            } => OperatorRequest::Migrate {
-                name,
-                to: Some("a".into()),
-                max_downtime_ms,
-                bandwidth_mib_s,
-                auto_converge,
-                postcopy,
-                timeout_secs,
-                copy_storage,
-                allow_unsafe,
-            },
-            other => other,
-        };
-        let (id, out) = r.op(back);
+        let (id, out) = r.op(migrate_web_to("a"));
         assert!(
             Rig::answer(id, &out).is_none(),
             "sent, not refused: {out:?}"
