@@ -18,6 +18,7 @@ use flotilla_shared::proto::{
     AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, FenceReport,
     HelloAck, HostFacts, MachineTypes, ServerMessage,
 };
+use flotilla_shared::report_delta::ReportSender;
 
 use crate::control::AgentCall;
 use crate::host_actor::{CoordinatorRoute, HostAgent, RenewLease};
@@ -90,6 +91,8 @@ async fn session(
         agent.do_send(CoordinatorRoute(local));
     }
     let facts = gather_facts(agent, settings).await;
+    // Heartbeats send what changed since the last acknowledged report.
+    let mut reports = ReportSender::registered(&facts);
     let sent = Instant::now();
     let ack: ServerMessage = quic::call(
         &conn,
@@ -134,19 +137,20 @@ async fn session(
                 // Numbered before gathering: an action answered after this
                 // number was taken may or may not show in these facts.
                 let seq = seq.fetch_add(1, Ordering::SeqCst) + 1;
-                let facts = gather_facts(agent, settings).await;
+                let report = reports.report(seq, gather_facts(agent, settings).await);
                 let sent = Instant::now();
                 // An unanswered heartbeat means the coordinator is gone: redial
                 // now rather than at the transport's idle timeout.
                 let ack: ServerMessage = quic::call(
                     &conn,
-                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, facts }),
+                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, report }),
                     (interval * 3).max(Duration::from_secs(3)),
                 )
                 .await?;
                 if ack != ServerMessage::Ack {
                     return Err(LinkError::Refused(format!("heartbeat answered with {ack:?}")));
                 }
+                reports.acked();
                 // Measured from when it was sent: the coordinator counts
                 // from its arrival, which is later.
                 agent.do_send(RenewLease(sent + lease));

@@ -6,13 +6,16 @@
 //! calls over quinn, answers to operators, event lines, metrics, wake-ups.
 //!
 //! The core runs on a thread of its own, so its synchronous store writes
-//! (redb commits fsync) never stall the thread that serves QUIC. Inputs reach
+//! never stall the thread that serves QUIC. It takes every input already
+//! queued as one batch inside a store group, so a batch costs one fsync,
+//! and hands the batch's effects over only once that fsync returned. Inputs reach
 //! it in the order this actor sends them and effects come back in the order
 //! the core made them, so "record, then send" and "progress lines, then the
 //! outcome line" survive the hop.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
@@ -26,7 +29,10 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 use crate::events::EventLog;
 pub use crate::fleet_core::FleetSettings;
 use crate::fleet_core::{ConnId, ConsoleTarget, Effect, FleetCore, Input, Metric, RequestId};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
+
+/// The most inputs one group commit takes: bounds the wait of the first.
+const BATCH_MAX: usize = 512;
 
 /// How often the core gets a tick for gauges and host transitions.
 const TICK: Duration = Duration::from_secs(1);
@@ -41,7 +47,7 @@ struct OperatorSinks {
 /// The coordinator actor.
 pub struct Fleet {
     core: mpsc::Sender<Input>,
-    core_thread: Option<(FleetCore, std::thread::Builder)>,
+    core_thread: Option<(FleetCore, Arc<dyn Store>, std::thread::Builder)>,
     conns: BTreeMap<ConnId, quinn::Connection>,
     hellos: BTreeMap<ConnId, oneshot::Sender<HelloAck>>,
     /// Heartbeats waiting for the core to say whether it applied them.
@@ -137,16 +143,20 @@ pub struct Heartbeat {
     pub facts: HostFacts,
 }
 
-/// A numbered report or exit from a registered host.
+/// A numbered exit from a registered host (heartbeats come as [`Heartbeat`]).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct HostEvent {
+pub struct VmExited {
     /// The host, as its certificate names it.
     pub host: String,
     /// Its connection's `stable_id`.
     pub conn: usize,
-    /// The event.
-    pub event: flotilla_shared::proto::AgentEvent,
+    /// Its number in the connection's sequence.
+    pub seq: u64,
+    /// The VM.
+    pub name: String,
+    /// Why its QEMU went away.
+    pub reason: String,
 }
 
 /// A host's connection ended.
@@ -169,15 +179,16 @@ impl Fleet {
     ///
     /// A store that cannot be read refuses the start: empty mirrors would
     /// overcommit hosts and write a drained host back as undrained.
-    pub fn new(
-        store: std::sync::Arc<dyn crate::store::Store>,
-        settings: FleetSettings,
-    ) -> Result<Self, StoreError> {
-        let core = FleetCore::new(store, settings)?;
+    pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Result<Self, StoreError> {
+        let core = FleetCore::new(store.clone(), settings)?;
         let (tx, rx) = mpsc::channel();
         Ok(Fleet {
             core: tx,
-            core_thread: Some((core, std::thread::Builder::new().name("fleet-core".into()))),
+            core_thread: Some((
+                core,
+                store,
+                std::thread::Builder::new().name("fleet-core".into()),
+            )),
             conns: BTreeMap::new(),
             hellos: BTreeMap::new(),
             reports: BTreeMap::new(),
@@ -340,26 +351,47 @@ impl Actor for Fleet {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let (Some((mut core, builder)), Some(inputs)) =
+        if let (Some((mut core, store, builder)), Some(inputs)) =
             (self.core_thread.take(), self.inputs.take())
         {
             let addr = ctx.address();
             let spawned = builder.spawn(move || {
-                for input in inputs {
-                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        core.handle(Instant::now(), input)
-                    }));
-                    match handled {
-                        Ok(effects) if effects.is_empty() => {}
-                        Ok(effects) => addr.do_send(Effects(effects)),
-                        Err(_) => {
-                            // Without its core the coordinator can answer no
-                            // one: exit, so the supervisor restarts it over
-                            // the durable store, rather than leave every
-                            // caller waiting.
-                            tracing::error!("the fleet core panicked; exiting");
-                            std::process::exit(70);
+                // Group commit: every input already queued joins the batch,
+                // its writes share one fsync, and its effects leave only
+                // after that.
+                while let Ok(first) = inputs.recv() {
+                    store.begin_group();
+                    let mut effects = Vec::new();
+                    let mut next = Some(first);
+                    let mut taken = 0;
+                    while let Some(input) = next {
+                        let handled =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                core.handle(Instant::now(), input)
+                            }));
+                        match handled {
+                            Ok(more) => effects.extend(more),
+                            Err(_) => {
+                                // Without its core the coordinator can answer
+                                // no one: exit, so the supervisor restarts it
+                                // over the durable store, rather than leave
+                                // every caller waiting.
+                                tracing::error!("the fleet core panicked; exiting");
+                                std::process::exit(70);
+                            }
                         }
+                        taken += 1;
+                        next = (taken < BATCH_MAX).then(|| inputs.try_recv().ok()).flatten();
+                    }
+                    if let Err(e) = store.end_group() {
+                        // The core believes writes the disk may not hold: no
+                        // effect of this batch may leave, and the core cannot
+                        // take them back. Exit; a restart reloads the store.
+                        tracing::error!(error = %e, "the store could not make a batch durable; exiting");
+                        std::process::exit(74);
+                    }
+                    if !effects.is_empty() {
+                        addr.do_send(Effects(effects));
                     }
                 }
             });
@@ -419,27 +451,16 @@ impl Handler<Heartbeat> for Fleet {
     }
 }
 
-impl Handler<HostEvent> for Fleet {
+impl Handler<VmExited> for Fleet {
     type Result = ();
 
-    fn handle(&mut self, msg: HostEvent, _: &mut Self::Context) {
-        let conn = msg.conn as ConnId;
-        self.input(match msg.event {
-            flotilla_shared::proto::AgentEvent::Heartbeat { seq, facts } => Input::Report {
-                host: msg.host,
-                conn,
-                seq,
-                facts,
-            },
-            flotilla_shared::proto::AgentEvent::VmStopped { seq, name, reason } => {
-                Input::VmStopped {
-                    host: msg.host,
-                    conn,
-                    seq,
-                    name,
-                    reason,
-                }
-            }
+    fn handle(&mut self, msg: VmExited, _: &mut Self::Context) {
+        self.input(Input::VmStopped {
+            host: msg.host,
+            conn: msg.conn as ConnId,
+            seq: msg.seq,
+            name: msg.name,
+            reason: msg.reason,
         });
     }
 }

@@ -39,12 +39,13 @@ use flotilla_shared::xml::{tree, Domain, GraphicsProtocol, ListenKind, XmlFlavor
 
 use crate::events::{migration_progress_line, ProgressSampler};
 use crate::fencing::FencePolicy;
+use crate::host_index::HostIndex;
 use crate::lifecycle::{HostState, VmLifecycle};
 use crate::migration::{
     Command, Input as MigInput, Migration, MigrationParams, Phase, Report, StepFailure,
 };
 use crate::reconcile::{reconcile, Fix};
-use crate::scheduler::{self, HostSnapshot, NetworkAddresses, Policy, VmNeeds};
+use crate::scheduler::{HostSnapshot, NetworkAddresses, Policy, VmNeeds};
 use crate::store::{HostRow, NewDefinition, Store, StoreError, VmRow};
 use crate::usage::{Footprint, Usage};
 
@@ -289,6 +290,8 @@ struct HostLive {
     last_seen: Instant,
     /// The newest report's number on `conn`.
     seq: u64,
+    /// Its entry in `FleetCore::index_expiry`, if any.
+    expiry_indexed: Instant,
 }
 
 struct VmEntry {
@@ -491,6 +494,14 @@ pub struct FleetCore {
     fenced_hosts: BTreeMap<String, Instant>,
     /// Hosts already reported as cut off without a working fence.
     unfenceable: BTreeSet<String>,
+    /// What the scheduler chooses among, brought up to date before each
+    /// decision from the hosts marked here and in `usage`.
+    index: HostIndex,
+    /// Hosts whose snapshot may have changed since the index last saw them.
+    index_stale: BTreeSet<String>,
+    /// (when its heartbeat timeout expires, host) for each host the index
+    /// holds as connected: it goes unreachable without any input arriving.
+    index_expiry: BTreeSet<(Instant, String)>,
 }
 
 /// `pc-i440fx-9.2` → (`pc-i440fx-`, [9, 2]), so 10.0 sorts after 9.2.
@@ -632,11 +643,13 @@ impl FleetCore {
                 },
             );
         }
-        let host_rows = store
+        let host_rows: BTreeMap<String, HostRow> = store
             .hosts()?
             .into_iter()
             .map(|h| (h.name.clone(), h))
             .collect();
+        let index_stale = host_rows.keys().cloned().collect();
+        let index = HostIndex::new(settings.policy.clone());
         Ok(FleetCore {
             store,
             settings,
@@ -658,6 +671,9 @@ impl FleetCore {
             armed_at: None,
             fenced_hosts: BTreeMap::new(),
             unfenceable: BTreeSet::new(),
+            index,
+            index_stale,
+            index_expiry: BTreeSet::new(),
         })
     }
 
@@ -699,7 +715,8 @@ impl FleetCore {
                         h.conn = None;
                     }
                 }
-                self.log_host_transitions(now);
+                self.touch(&host);
+                self.log_host_transition(&host, now);
             }
             Input::Operator { id, request } => {
                 self.operator(now, id, request);
@@ -723,6 +740,29 @@ impl FleetCore {
     /// The lifecycle of every VM, for checkers.
     pub fn lifecycles(&self) -> impl Iterator<Item = (&str, &VmLifecycle)> {
         self.vms.iter().map(|(n, v)| (n.as_str(), &v.life))
+    }
+
+    /// For checkers: refreshes the scheduler's index and compares it with
+    /// snapshots of every host taken from scratch; the first difference.
+    pub fn index_differs(&mut self, now: Instant) -> Option<String> {
+        self.refresh_index(now);
+        if self.index.len() != self.host_rows.len() {
+            return Some(format!(
+                "the index holds {} hosts, the records {}",
+                self.index.len(),
+                self.host_rows.len()
+            ));
+        }
+        self.host_rows.values().find_map(|row| {
+            let want = self.snapshot_of(row, now);
+            (self.index.get(&row.name) != Some(&want)).then(|| {
+                format!(
+                    "the index holds {:?} for {}, the records say {want:?}",
+                    self.index.get(&row.name),
+                    row.name
+                )
+            })
+        })
     }
 
     /// Calls sent and not yet answered.
@@ -824,26 +864,63 @@ impl FleetCore {
         }
     }
 
-    fn snapshots(&self, now: Instant) -> Vec<HostSnapshot> {
-        self.host_rows
-            .values()
-            .map(|row| {
-                let used = self.usage.used(&row.name);
-                let live = self.hosts.get(&row.name);
-                HostSnapshot {
-                    connected: live.is_some_and(|h| self.connected(h, now)),
-                    draining: row.draining,
-                    cpus: live.map_or(row.cpus, |h| h.facts.cpus),
-                    memory_mib: live.map_or(row.memory_mib, |h| h.facts.memory_mib),
-                    used_memory_mib: used.memory_mib,
-                    used_vcpus: used.vcpus,
-                    networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
-                    nic_blocked: live.map(|h| h.nic_blocked.clone()).unwrap_or_default(),
-                    machine_types: live.map(|h| h.machine_types.clone()).unwrap_or_default(),
-                    name: row.name.clone(),
+    fn snapshot_of(&self, row: &HostRow, now: Instant) -> HostSnapshot {
+        let used = self.usage.used(&row.name);
+        let live = self.hosts.get(&row.name);
+        HostSnapshot {
+            connected: live.is_some_and(|h| self.connected(h, now)),
+            draining: row.draining,
+            cpus: live.map_or(row.cpus, |h| h.facts.cpus),
+            memory_mib: live.map_or(row.memory_mib, |h| h.facts.memory_mib),
+            used_memory_mib: used.memory_mib,
+            used_vcpus: used.vcpus,
+            networks: live.map(|h| h.networks.clone()).unwrap_or_default(),
+            nic_blocked: live.map(|h| h.nic_blocked.clone()).unwrap_or_default(),
+            machine_types: live.map(|h| h.machine_types.clone()).unwrap_or_default(),
+            name: row.name.clone(),
+        }
+    }
+
+    /// Marks `host`'s snapshot as possibly changed (its connection, facts,
+    /// drain flag); placements mark theirs in `usage`.
+    fn touch(&mut self, host: &str) {
+        self.index_stale.insert(host.to_string());
+    }
+
+    /// Brings the scheduler's index up to `now`: O(hosts changed), not
+    /// O(hosts). `the_index_follows_every_host_change` checks it against
+    /// snapshots taken from scratch.
+    fn refresh_index(&mut self, now: Instant) {
+        let mut stale = std::mem::take(&mut self.index_stale);
+        stale.extend(self.usage.take_changed());
+        while let Some((at, host)) = self.index_expiry.first().cloned() {
+            if at >= now {
+                break;
+            }
+            self.index_expiry.pop_first();
+            stale.insert(host);
+        }
+        for host in stale {
+            let Some(row) = self.host_rows.get(&host) else {
+                self.index.remove(&host);
+                continue;
+            };
+            let snapshot = self.snapshot_of(row, now);
+            if let Some(old) = self.index.get(&host) {
+                if old.connected {
+                    if let Some(h) = self.hosts.get(&host) {
+                        self.index_expiry.remove(&(h.expiry_indexed, host.clone()));
+                    }
                 }
-            })
-            .collect()
+            }
+            if snapshot.connected {
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    h.expiry_indexed = h.last_seen + self.settings.heartbeat_timeout;
+                    self.index_expiry.insert((h.expiry_indexed, host.clone()));
+                }
+            }
+            self.index.upsert(snapshot);
+        }
     }
 
     // ------------------------------------------------------------ effects
@@ -1029,11 +1106,13 @@ impl FleetCore {
                 facts,
                 last_seen: now,
                 seq: 0,
+                expiry_indexed: now,
             },
         );
+        self.touch(&host);
         self.converge(now, &host, 0);
         self.sync_ha_running(&host);
-        self.log_host_transitions(now);
+        self.log_host_transition(&host, now);
         self.effects.push(Effect::Hello {
             conn,
             ack: HelloAck::Accepted {
@@ -1126,6 +1205,7 @@ impl FleetCore {
         h.facts = HostFacts { vms, ..facts };
         h.last_seen = now;
         h.seq = seq;
+        self.index_stale.insert(host.to_string());
         // Heard again (a hung agent resumed, a partition healed without
         // the connection dying): VMs that come here from now on are not
         // fenced away, and its own copies of fenced VMs, older than their
@@ -1602,6 +1682,20 @@ impl FleetCore {
         }
         for (host, state) in changes {
             self.host_states.insert(host.clone(), state);
+            self.emit(format!("host {host} {}", state.as_str()));
+        }
+    }
+
+    /// One host's transition, where only it changed: a registration or a
+    /// disconnect must not cost O(hosts) (10,000 registering would be
+    /// quadratic). Others' time-outs are logged by the tick.
+    fn log_host_transition(&mut self, host: &str, now: Instant) {
+        let Some(draining) = self.host_rows.get(host).map(|r| r.draining) else {
+            return;
+        };
+        let state = self.host_state(host, draining, now);
+        if self.host_states.get(host) != Some(&state) {
+            self.host_states.insert(host.to_string(), state);
             self.emit(format!("host {host} {}", state.as_str()));
         }
     }
@@ -2463,11 +2557,11 @@ impl FleetCore {
     ) -> Result<(), OperatorError> {
         let name = name.to_string();
         let (needs, xml, generation) = self.needs(&name)?;
-        let snapshots = self.snapshots(now);
+        self.refresh_index(now);
         let began = (self.stopwatch)();
         let decision = match &host {
-            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
-            None => scheduler::place(&needs, &snapshots, &self.settings.policy),
+            Some(h) => self.index.place_on(&needs, h),
+            None => self.index.place(&needs, &[]),
         };
         if let (Some(b), Some(e)) = (began, (self.stopwatch)()) {
             self.effects.push(Effect::Metric(Metric::SchedulingSeconds(
@@ -2583,6 +2677,7 @@ impl FleetCore {
             .put_host(&row, true)
             .map_err(|e| OperatorError::Store(e.to_string()))?;
         self.host_rows.insert(host.to_string(), row);
+        self.touch(host);
         Ok(())
     }
 
@@ -2590,7 +2685,7 @@ impl FleetCore {
         if let Err(e) = self.set_draining(&host, true) {
             return self.reply(id, OperatorResponse::Error(e));
         }
-        self.log_host_transitions(now);
+        self.log_host_transition(&host, now);
         tracing::info!(host = %host, "draining");
         let queue = self
             .vms
@@ -2701,7 +2796,7 @@ impl FleetCore {
             .filter(|h| self.runs_guest(h, name, now))
             .ok_or_else(|| not_running(name))?;
         let (needs, xml, _) = self.needs(name)?;
-        let snapshots = self.snapshots(now);
+        self.refresh_index(now);
         let decision = match &to {
             Some(h) if *h == source => {
                 return Err(OperatorError::AlreadyOn {
@@ -2709,10 +2804,8 @@ impl FleetCore {
                     host: h.clone(),
                 })
             }
-            Some(h) => scheduler::place_on(&needs, h, &snapshots, &self.settings.policy),
-            None => {
-                scheduler::place_excluding(&needs, &snapshots, &[&source], &self.settings.policy)
-            }
+            Some(h) => self.index.place_on(&needs, h),
+            None => self.index.place(&needs, &[&source]),
         }
         .map_err(|e| OperatorError::NoPlacement {
             explanation: e.to_string(),
@@ -3198,11 +3291,12 @@ impl FleetCore {
                 if let Some(h) = self.hosts.get_mut(&host) {
                     h.conn = None;
                 }
+                self.touch(&host);
                 self.effects.push(Effect::Close {
                     host: host.clone(),
                     conn,
                 });
-                self.log_host_transitions(now);
+                self.log_host_transition(&host, now);
             }
         }
         match purpose {

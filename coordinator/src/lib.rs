@@ -10,6 +10,7 @@ pub mod events;
 pub mod fencing;
 pub mod fleet;
 pub mod fleet_core;
+pub mod host_index;
 pub mod lifecycle;
 pub mod migration;
 pub mod reconcile;

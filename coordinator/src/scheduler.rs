@@ -205,12 +205,12 @@ fn describe(rejections: &[(String, Vec<Rejection>)]) -> String {
         .join("; ")
 }
 
-fn free_memory(h: &HostSnapshot, p: &Policy) -> u64 {
+pub(crate) fn free_memory(h: &HostSnapshot, p: &Policy) -> u64 {
     let cap = (h.memory_mib as f64 * p.memory_ratio).floor() as u64;
     cap.saturating_sub(h.used_memory_mib)
 }
 
-fn free_vcpus(h: &HostSnapshot, p: &Policy) -> u32 {
+pub(crate) fn free_vcpus(h: &HostSnapshot, p: &Policy) -> u32 {
     let cap = (f64::from(h.cpus) * p.cpu_ratio).floor() as u32;
     cap.saturating_sub(h.used_vcpus)
 }
@@ -294,7 +294,7 @@ fn rejections(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> Vec<Rejection> {
 }
 
 /// Higher is better. Fractions of what is left after placing the VM.
-fn score(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> f64 {
+pub(crate) fn score(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> f64 {
     let mem_cap = (h.memory_mib as f64 * p.memory_ratio).max(1.0);
     let cpu_cap = (f64::from(h.cpus) * p.cpu_ratio).max(1.0);
     let mem_left = (free_memory(h, p).saturating_sub(vm.memory_mib)) as f64 / mem_cap;

@@ -4,7 +4,9 @@
 //! here the certificate's role and identity decide what the peer may do, in
 //! one `match` over (role, message). Every message, heartbeats included, is a
 //! request on its own bidirectional stream with a reply. A bad frame gets an
-//! error reply and ends that stream only.
+//! error reply and ends that stream only. Each agent connection keeps the
+//! last report it acknowledged, and heartbeats (deltas against it) are
+//! expanded to whole facts here, before the fleet sees them.
 
 use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
@@ -13,18 +15,27 @@ use flotilla_shared::proto::{
     AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorError, OperatorRequest,
     OperatorResponse, ServerMessage,
 };
+use flotilla_shared::report_delta::ReportReceiver;
 use tracing::Instrument as _;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::fleet::{Disconnected, EventsCall, Fleet, Heartbeat, HostEvent, OperatorCall, Register};
+use crate::fleet::{Disconnected, EventsCall, Fleet, Heartbeat, OperatorCall, Register, VmExited};
 use crate::web::Web;
+
+/// A poisoned lock only means a stream task panicked mid-update; the
+/// receiver's state is still one acknowledged report.
+fn lock(reports: &Reports) -> std::sync::MutexGuard<'_, ReportReceiver> {
+    reports
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Accepts connections until the endpoint closes. `web` issues web tickets
 /// when the coordinator serves web pages.
 pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>, web: Option<Arc<Web>>) {
     while let Some(incoming) = endpoint.accept().await {
-        actix::spawn(connection(incoming, fleet.clone(), web.clone()));
+        tokio::spawn(connection(incoming, fleet.clone(), web.clone()));
     }
 }
 
@@ -48,15 +59,21 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>, web: Option<A
     // Instrumented, not entered: a guard held across `.await` would leak this
     // span into whatever the executor polls next.
     let span = tracing::info_span!("conn", %remote, role = ?who.role, name = %who.name);
+    // The last report acknowledged on this connection: heartbeats are
+    // deltas against it.
+    let reports: Reports = Arc::default();
     async move {
         tracing::debug!("connected");
         while let Ok((send, recv)) = conn.accept_bi().await {
-            actix::spawn(
+            tokio::spawn(
                 stream(
                     send,
                     recv,
-                    who.clone(),
-                    conn.clone(),
+                    Peer {
+                        who: who.clone(),
+                        conn: conn.clone(),
+                        reports: reports.clone(),
+                    },
                     fleet.clone(),
                     web.clone(),
                 )
@@ -74,14 +91,25 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>, web: Option<A
     .await;
 }
 
+/// One connection's reports: heartbeats are deltas against the last one
+/// acknowledged.
+type Reports = Arc<Mutex<ReportReceiver>>;
+
+/// Who is on the other end of a stream, and its connection's state.
+struct Peer {
+    who: Identity,
+    conn: quinn::Connection,
+    reports: Reports,
+}
+
 async fn stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    who: Identity,
-    conn: quinn::Connection,
+    peer: Peer,
     fleet: Addr<Fleet>,
     web: Option<Arc<Web>>,
 ) {
+    let who = &peer.who;
     let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
         Err(e) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::BadRequest(
             e.to_string(),
@@ -89,12 +117,12 @@ async fn stream(
         Ok(ClientMessage::Operator(request @ OperatorRequest::Migrate { .. }))
             if who.role == Role::Operator =>
         {
-            migrate(request, &who, &mut send, &fleet).await
+            migrate(request, who, &mut send, &fleet).await
         }
         Ok(ClientMessage::Operator(OperatorRequest::HostDrain { host, parallel }))
             if who.role == Role::Operator =>
         {
-            drain(host, parallel, &who, &mut send, &fleet).await
+            drain(host, parallel, who, &mut send, &fleet).await
         }
         Ok(ClientMessage::Operator(OperatorRequest::Events { follow }))
             if who.role == Role::Operator =>
@@ -110,7 +138,7 @@ async fn stream(
                 None => OperatorResponse::Error(OperatorError::WebDisabled),
             })
         }
-        Ok(msg) => dispatch(msg, &who, conn, &fleet).await,
+        Ok(msg) => dispatch(msg, &peer, &fleet).await,
     };
     let _ = quic::write_frame(&mut send, &reply).await;
     let _ = send.finish();
@@ -203,12 +231,8 @@ async fn drain(
     }
 }
 
-async fn dispatch(
-    msg: ClientMessage,
-    who: &Identity,
-    conn: quinn::Connection,
-    fleet: &Addr<Fleet>,
-) -> ServerMessage {
+async fn dispatch(msg: ClientMessage, peer: &Peer, fleet: &Addr<Fleet>) -> ServerMessage {
+    let who = &peer.who;
     let refused = |m: String| ServerMessage::Hello(HelloAck::Refused(m));
     match (who.role, msg) {
         (Role::Agent, ClientMessage::Hello(AgentHello::Register(facts))) => {
@@ -219,8 +243,20 @@ async fn dispatch(
                     who.name, facts.host
                 ));
             }
-            match fleet.send(Register { facts, conn }).await {
-                Ok(ack) => ServerMessage::Hello(ack),
+            let registered = facts.clone();
+            match fleet
+                .send(Register {
+                    facts,
+                    conn: peer.conn.clone(),
+                })
+                .await
+            {
+                Ok(ack) => {
+                    if matches!(ack, HelloAck::Accepted { .. }) {
+                        lock(&peer.reports).registered(&registered);
+                    }
+                    ServerMessage::Hello(ack)
+                }
                 Err(e) => refused(format!("coordinator busy: {e}")),
             }
         }
@@ -239,33 +275,45 @@ async fn dispatch(
             // Acknowledged only once applied: the acknowledgement renews the
             // host's lease, which must never outrun what the coordinator
             // counts.
-            AgentEvent::Heartbeat { facts, .. } if facts.host != who.name => {
-                tracing::warn!(claimed = %facts.host, "heartbeat for another host ignored");
+            AgentEvent::Heartbeat { report, .. } if report.host() != who.name => {
+                tracing::warn!(claimed = %report.host(), "heartbeat for another host ignored");
                 refused(format!(
                     "heartbeat for host '{}' over the connection of '{}'",
-                    facts.host, who.name
+                    report.host(),
+                    who.name
                 ))
             }
-            AgentEvent::Heartbeat { seq, facts } => {
+            AgentEvent::Heartbeat { seq, report } => {
+                let facts = match lock(&peer.reports).expand(report) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        return refused(format!("heartbeat not applied: {e}; register again"))
+                    }
+                };
                 let applied = fleet
                     .send(Heartbeat {
                         host: who.name.clone(),
-                        conn: conn.stable_id(),
+                        conn: peer.conn.stable_id(),
                         seq,
-                        facts,
+                        facts: facts.clone(),
                     })
                     .await
                     .unwrap_or(false);
                 match applied {
-                    true => ServerMessage::Ack,
+                    true => {
+                        lock(&peer.reports).acked(seq, facts);
+                        ServerMessage::Ack
+                    }
                     false => refused("heartbeat not applied (not this host's current connection); register again".into()),
                 }
             }
-            event => {
-                fleet.do_send(HostEvent {
+            AgentEvent::VmStopped { seq, name, reason } => {
+                fleet.do_send(VmExited {
                     host: who.name.clone(),
-                    conn: conn.stable_id(),
-                    event,
+                    conn: peer.conn.stable_id(),
+                    seq,
+                    name,
+                    reason,
                 });
                 ServerMessage::Ack
             }

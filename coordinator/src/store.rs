@@ -5,6 +5,14 @@
 //! durable when the call returns (redb commits with `Durability::Immediate`),
 //! so an operator who heard "ok" never loses a definition to a crash.
 //!
+//! Group commit: between [`Store::begin_group`] and [`Store::end_group`],
+//! writes commit without waiting for the disk (visible to reads at once)
+//! and `end_group` makes them all durable with one fsync. The fleet's core
+//! thread opens a group around every batch of inputs it takes off its queue
+//! and carries out none of the batch's effects (acknowledgements, agent
+//! calls) until `end_group` returned, so "durable on acknowledgement" and
+//! "recorded before sent" hold for the batch as they did for each write.
+//!
 //! Schema (one place, never renamed; a retired table is left in place):
 //!
 //! | table         | key        | value                    | written by      |
@@ -15,6 +23,7 @@
 //! | `hosts`       | host name  | [`HostRow`] as JSON      | agent register  |
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -207,11 +216,23 @@ pub trait Store: Send + Sync {
     fn get_host(&self, name: &str) -> Result<Option<HostRow>, StoreError>;
     /// Every host, by name.
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+    /// From now until [`Store::end_group`], writes need not be durable when
+    /// they return.
+    fn begin_group(&self) {}
+    /// Makes every write since [`Store::begin_group`] durable. Until it
+    /// returns Ok, nothing that depends on those writes may leave the process.
+    fn end_group(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The embedded redb backend.
 pub struct RedbStore {
     db: Database,
+    /// A group is open: writes commit with `Durability::None`.
+    grouped: AtomicBool,
+    /// A write of the open group is not durable yet.
+    unsynced: AtomicBool,
 }
 
 impl RedbStore {
@@ -245,7 +266,22 @@ impl RedbStore {
             txn.open_table(HOSTS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
-        Ok(RedbStore { db })
+        Ok(RedbStore {
+            db,
+            grouped: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
+        })
+    }
+
+    /// A write transaction, durable on commit unless a group is open.
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        if self.grouped.load(Ordering::Acquire) {
+            txn.set_durability(redb::Durability::None)
+                .map_err(backend)?;
+            self.unsynced.store(true, Ordering::Release);
+        }
+        Ok(txn)
     }
 }
 
@@ -259,7 +295,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 impl Store for RedbStore {
     fn define(&self, def: NewDefinition) -> Result<VmRow, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let txn = self.begin_write()?;
         let row = {
             let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
             let mut uuids = txn.open_table(UUIDS).map_err(backend)?;
@@ -282,7 +318,7 @@ impl Store for RedbStore {
     }
 
     fn undefine(&self, name: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let txn = self.begin_write()?;
         {
             let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
             let row: VmRow = match defs.remove(name).map_err(backend)? {
@@ -320,7 +356,7 @@ impl Store for RedbStore {
         name: &str,
         change: &mut dyn FnMut(&mut VmRow),
     ) -> Result<VmRow, StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let txn = self.begin_write()?;
         let row = {
             let mut defs = txn.open_table(DEFINITIONS).map_err(backend)?;
             let mut row: VmRow = match defs.get(name).map_err(backend)? {
@@ -337,7 +373,7 @@ impl Store for RedbStore {
     }
 
     fn put_host(&self, host: &HostRow, durable: bool) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(backend)?;
+        let mut txn = self.begin_write()?;
         if !durable {
             // Persisted with the next durable commit, or reported again.
             txn.set_durability(redb::Durability::None)
@@ -368,6 +404,20 @@ impl Store for RedbStore {
             out.push(decode(v.value())?);
         }
         Ok(out)
+    }
+
+    fn begin_group(&self) {
+        self.grouped.store(true, Ordering::Release);
+    }
+
+    fn end_group(&self) -> Result<(), StoreError> {
+        self.grouped.store(false, Ordering::Release);
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // An empty durable commit persists every non-durable one before it.
+        let txn = self.db.begin_write().map_err(backend)?;
+        txn.commit().map_err(backend)
     }
 }
 
@@ -535,5 +585,38 @@ mod tests {
         let s = RedbStore::open(dir.path()).expect("reopen");
         assert_eq!(s.get_host("host-a").expect("get"), Some(row(true)));
         assert_eq!(s.hosts().expect("hosts"), vec![row(true)]);
+    }
+
+    #[test]
+    fn a_group_is_visible_at_once_and_durable_after_end_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = RedbStore::open(dir.path()).expect("open");
+            s.begin_group();
+            s.define(def("web01", "6f3c1a52-2f4e-4a59-9d3e-5a0c2b9d1e11"))
+                .expect("define");
+            s.set_placement("web01", Some("host-a".into()), true)
+                .expect("place");
+            // Read back inside the group, before any fsync.
+            let row = s.get("web01").expect("get").expect("defined");
+            assert_eq!(row.placement.as_deref(), Some("host-a"));
+            assert!(
+                s.unsynced.load(Ordering::Acquire),
+                "the group owes an fsync"
+            );
+            s.end_group().expect("durable");
+            assert!(!s.unsynced.load(Ordering::Acquire));
+            // Outside a group, writes are durable on return again.
+            s.set_placement("web01", None, false).expect("stop");
+            assert!(!s.unsynced.load(Ordering::Acquire));
+            s.begin_group();
+            s.set_placement("web01", Some("host-b".into()), true)
+                .expect("place");
+            s.end_group().expect("durable");
+        }
+        let s = RedbStore::open(dir.path()).expect("reopen");
+        let row = s.get("web01").expect("get").expect("survived");
+        assert_eq!(row.placement.as_deref(), Some("host-b"));
+        assert!(row.want_running);
     }
 }

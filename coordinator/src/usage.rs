@@ -8,7 +8,7 @@
 //! except a migration's, which the driver records and the fleet mirrors when
 //! the migration returns.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Resources a placed VM holds on its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,12 +33,15 @@ pub struct HostUse {
 pub struct Usage {
     by_vm: HashMap<String, (String, Footprint)>,
     by_host: HashMap<String, HostUse>,
+    /// Hosts whose sums changed since [`Usage::take_changed`] last ran.
+    changed: HashSet<String>,
 }
 
 impl Usage {
     /// Records that `vm` is placed on `host` holding `footprint`, or nowhere.
     pub fn set(&mut self, vm: &str, placement: Option<(&str, Footprint)>) {
         if let Some((host, fp)) = self.by_vm.remove(vm) {
+            self.changed.insert(host.clone());
             if let Some(h) = self.by_host.get_mut(&host) {
                 h.used.memory_mib = h.used.memory_mib.saturating_sub(fp.memory_mib);
                 h.used.vcpus = h.used.vcpus.saturating_sub(fp.vcpus);
@@ -49,6 +52,7 @@ impl Usage {
             }
         }
         if let Some((host, fp)) = placement {
+            self.changed.insert(host.to_string());
             let h = self.by_host.entry(host.to_string()).or_default();
             h.used.memory_mib += fp.memory_mib;
             h.used.vcpus += fp.vcpus;
@@ -63,6 +67,12 @@ impl Usage {
         if let Some(&(_, fp)) = self.by_vm.get(vm) {
             self.set(vm, Some((host, fp)));
         }
+    }
+
+    /// The hosts whose sums changed since the last call: the scheduler's
+    /// index refreshes only those.
+    pub fn take_changed(&mut self) -> HashSet<String> {
+        std::mem::take(&mut self.changed)
     }
 
     /// What `host`'s placed VMs hold.

@@ -12,4 +12,5 @@ pub mod config_file;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod proto;
+pub mod report_delta;
 pub mod xml;

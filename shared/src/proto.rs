@@ -39,11 +39,13 @@ use serde::{Deserialize, Serialize};
 /// explanations, console relays ([`AgentRequest::OpenConsole`]) and what
 /// each host has committed ([`HostEntry`]). Version 6 adds high
 /// availability: host leases and fencing ([`FenceReport`],
-/// [`HelloAck::Accepted`]), VM incarnations, and the HA verbs.
-pub const PROTOCOL_VERSION: u32 = 6;
-/// The oldest version this build still accepts. Version 5 has no leases:
-/// such an agent would never fence itself, so it is refused by name.
-pub const MIN_PROTOCOL_VERSION: u32 = 6;
+/// [`HelloAck::Accepted`]), VM incarnations, and the HA verbs. Version 7
+/// sends heartbeats as deltas against the last acknowledged report
+/// ([`Report`]).
+pub const PROTOCOL_VERSION: u32 = 7;
+/// The oldest version this build still accepts. Version 6 heartbeats carry
+/// bare facts, which this one would misread: refused by name.
+pub const MIN_PROTOCOL_VERSION: u32 = 7;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -1002,8 +1004,8 @@ pub enum AgentEvent {
     Heartbeat {
         /// Position in this connection's sequence.
         seq: u64,
-        /// What the host runs now.
-        facts: HostFacts,
+        /// What the host runs now, whole or as a change.
+        report: Report,
     },
     /// A VM's QEMU went away.
     VmStopped {
@@ -1014,6 +1016,52 @@ pub enum AgentEvent {
         /// Why.
         reason: String,
     },
+}
+
+/// A heartbeat's facts: whole, or what changed since the report the
+/// coordinator last acknowledged on this connection (see
+/// [`crate::report_delta`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Report {
+    /// Everything.
+    Full(HostFacts),
+    /// Only the changes.
+    Delta(FactsDelta),
+}
+
+impl Report {
+    /// The host the report is for.
+    pub fn host(&self) -> &str {
+        match self {
+            Report::Full(f) => &f.host,
+            Report::Delta(d) => &d.host,
+        }
+    }
+}
+
+/// What changed in a host's facts since the acknowledged report `base`.
+/// A field left `None` is unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactsDelta {
+    /// Host name (must match the agent certificate's identity).
+    pub host: String,
+    /// The sequence number of the acknowledged report this applies to (0:
+    /// the registration's facts).
+    pub base: u64,
+    /// Online CPUs, if changed.
+    pub cpus: Option<u32>,
+    /// Memory in MiB, if changed.
+    pub memory_mib: Option<u64>,
+    /// Every network, if any changed.
+    pub networks: Option<Vec<NetStatus>>,
+    /// Machine types, if changed.
+    pub machine_types: Option<MachineTypes>,
+    /// Fencing, if changed.
+    pub fence: Option<FenceReport>,
+    /// VMs that are new or differ from `base`.
+    pub vms_changed: Vec<VmSummary>,
+    /// VMs in `base` that are gone.
+    pub vms_gone: Vec<String>,
 }
 
 /// An agent's answer to a coordinator request, numbered in the connection's
@@ -1406,9 +1454,9 @@ mod tests {
         // Version 1's agent messages had no sequence numbers, version 2's
         // network statuses no NIC field, version 3's migrations no storage
         // copy, version 4's host entries no committed capacity, version 5's
-        // hosts no lease; their frames are refused before their body is
-        // read, whatever the body.
-        for old in [1u8, 2, 3, 4, 5] {
+        // hosts no lease, version 6's heartbeats no deltas; their frames are
+        // refused before their body is read, whatever the body.
+        for old in [1u8, 2, 3, 4, 5, 6] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1417,14 +1465,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 6,
-                    max: 6
+                    min: 7,
+                    max: 7
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 6 to 6); \
+                    "protocol version {old} is no longer supported (this build speaks 7 to 7); \
                      upgrade the peer"
                 )
             );

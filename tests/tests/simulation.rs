@@ -571,6 +571,11 @@ impl World {
         };
         let now = self.base + self.now;
         let effects = core.handle(now, input);
+        // The scheduler's index, kept up to date by marks, must equal
+        // snapshots taken from scratch after every input.
+        if let Some(d) = core.index_differs(now) {
+            self.bad_moves.push(format!("scheduler index: {d}"));
+        }
         for e in effects {
             self.effect(e);
         }

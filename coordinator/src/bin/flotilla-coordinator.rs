@@ -71,6 +71,10 @@ struct Cli {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Threads for QUIC and TLS (handshakes, packets, streams); decisions
+    /// run on a thread of their own whatever this says.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    quic_threads: u16,
     /// Serve the web console and fleet page over HTTPS at ADDR (TCP).
     #[arg(long)]
     web_listen: Option<SocketAddr>,
@@ -162,8 +166,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = RedbStore::open(&cli.data_dir)
         .with_context(|| format!("opening store in {}", cli.data_dir.display()))?;
     let server_config = tls::server_config(&cli.tls_dir)?;
-    let endpoint = quinn::Endpoint::server(server_config, cli.listen)
-        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    // QUIC and TLS get a multi-threaded runtime of their own: with ten
+    // thousand agents, packets and handshakes are most of the work, and the
+    // actor's thread would serialise them with everything else.
+    let quic_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.quic_threads))
+        .thread_name("quic")
+        .enable_all()
+        .build()
+        .context("cannot start the QUIC runtime")?;
+    let endpoint = {
+        let _runtime = quic_rt.enter();
+        quinn::Endpoint::server(server_config, cli.listen)
+            .with_context(|| format!("cannot listen on {}", cli.listen))?
+    };
     let settings = FleetSettings {
         heartbeat: Duration::from_secs(cli.heartbeat_secs),
         heartbeat_timeout: Duration::from_secs(cli.heartbeat_timeout_secs),
@@ -214,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
     tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
-    let serving = actix::spawn(server::serve(endpoint.clone(), fleet, web));
+    let serving = quic_rt.spawn(server::serve(endpoint.clone(), fleet, web));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
@@ -222,6 +238,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = serving => {}
     }
     endpoint.close(0u32.into(), b"coordinator stopping");
+    // Not dropped: dropping a runtime from inside another one panics.
+    quic_rt.shutdown_background();
     tracing::info!("coordinator stopped");
     Ok(())
 }

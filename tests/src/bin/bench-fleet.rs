@@ -24,13 +24,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_coordinator::host_index::HostIndex;
 use flotilla_coordinator::scheduler::{self, HostSnapshot, Policy, VmNeeds};
 use flotilla_shared::net::{pki, quic, tls};
+use flotilla_shared::proto::FrameError;
 use flotilla_shared::proto::{
     AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, FenceReport,
     HelloAck, HostFacts, NetStatus, OperatorError, OperatorRequest, OperatorResponse,
     ServerMessage, VmRunState, VmSummary,
 };
+use flotilla_shared::report_delta::ReportSender;
 use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
 
 const NETWORKS: [&str; 5] = ["public", "storage", "backup", "tenant-a", "tenant-b"];
@@ -74,84 +77,141 @@ impl Lcg {
     }
 }
 
+/// The bench's synthetic fleet: every host defines all five networks; one in
+/// ten has `tenant-b` unresolvable and one in a hundred is not connected, so
+/// filters have work to do. Sized so 100,000 VMs fit on 1,000 hosts (about
+/// 375 vCPUs and 310 GiB each): failures would time the slow path instead.
+fn synthetic_fleet(hosts: usize) -> Vec<HostSnapshot> {
+    (0..hosts)
+        .map(|i| {
+            let networks: BTreeMap<String, Result<String, String>> = NETWORKS
+                .iter()
+                .enumerate()
+                .map(|(n, name)| {
+                    let v = if n == 4 && i % 10 == 0 {
+                        Err("device 'br4' has no address".to_string())
+                    } else {
+                        Ok(format!("198.18.{}.{}", n, i % 250 + 1))
+                    };
+                    (name.to_string(), v)
+                })
+                .collect();
+            HostSnapshot {
+                name: format!("host-{i:05}"),
+                connected: i % 100 != 99,
+                draining: false,
+                cpus: 128,
+                memory_mib: 512 * 1024,
+                used_memory_mib: 0,
+                used_vcpus: 0,
+                networks: Arc::new(networks),
+                nic_blocked: Arc::default(),
+                machine_types: Arc::default(),
+            }
+        })
+        .collect()
+}
+
+/// The same VMs every run.
+fn synthetic_vms(vms: usize) -> Vec<VmNeeds> {
+    let mut rng = Lcg(42);
+    let sizes = [512u64, 1024, 2048, 4096, 8192];
+    (0..vms)
+        .map(|v| VmNeeds {
+            name: format!("vm-{v}"),
+            memory_mib: sizes[(rng.next() % 5) as usize],
+            vcpus: 1 << (rng.next() % 4),
+            networks: (0..1 + rng.next() % 2)
+                .map(|_| NETWORKS[(rng.next() % 5) as usize].to_string())
+                .collect(),
+            nic_networks: Vec::new(),
+            machine: None,
+        })
+        .collect()
+}
+
+/// Places `vms` one by one, each placement charged to its host before the
+/// next decision, as the coordinator does. Returns the row's figures and
+/// the hosts chosen.
+fn place_all(
+    vms: &[VmNeeds],
+    mut decide: impl FnMut(&VmNeeds) -> Option<String>,
+) -> (f64, Vec<f64>, Vec<Option<String>>) {
+    let mut micros = Vec::with_capacity(vms.len());
+    let mut chosen = Vec::with_capacity(vms.len());
+    let all = Instant::now();
+    for needs in vms {
+        let t = Instant::now();
+        let host = decide(needs);
+        micros.push(t.elapsed().as_secs_f64() * 1e6);
+        chosen.push(host);
+    }
+    (
+        vms.len() as f64 / all.elapsed().as_secs_f64(),
+        micros,
+        chosen,
+    )
+}
+
 fn scheduler_bench(vms: usize) {
-    println!("| hosts | VMs placed | placements/s | p50 µs | p99 µs | unplaced |");
-    println!("|---|---|---|---|---|---|");
+    println!("| hosts | scheduler | VMs placed | placements/s | p50 µs | p99 µs | unplaced |");
+    println!("|---|---|---|---|---|---|---|");
+    let policy = Policy::default();
     for hosts in [1_000usize, 10_000] {
-        let mut rng = Lcg(42);
-        let mut fleet: Vec<HostSnapshot> = (0..hosts)
-            .map(|i| {
-                // Every host defines all five networks; one in ten has
-                // `tenant-b` unresolvable, so filters have work to do.
-                let networks: BTreeMap<String, Result<String, String>> = NETWORKS
-                    .iter()
-                    .enumerate()
-                    .map(|(n, name)| {
-                        let v = if n == 4 && i % 10 == 0 {
-                            Err("device 'br4' has no address".to_string())
-                        } else {
-                            Ok(format!("198.18.{}.{}", n, i % 250 + 1))
-                        };
-                        (name.to_string(), v)
-                    })
-                    .collect();
-                // Sized so 100,000 VMs fit on 1,000 hosts (about 375 vCPUs and
-                // 310 GiB each): failures would time the slow path instead.
-                HostSnapshot {
-                    name: format!("host-{i:05}"),
-                    connected: i % 100 != 99,
-                    draining: false,
-                    cpus: 128,
-                    memory_mib: 512 * 1024,
-                    used_memory_mib: 0,
-                    used_vcpus: 0,
-                    networks: Arc::new(networks),
-                    nic_blocked: Arc::default(),
-                    machine_types: Arc::default(),
-                }
-            })
-            .collect();
-        let index: BTreeMap<String, usize> = fleet
+        // The scan is the reference the index must agree with; at 10,000
+        // hosts it gets a tenth of the VMs, or this row alone takes a minute.
+        let scanned = if hosts > 1_000 { vms / 10 } else { vms };
+        let needs = synthetic_vms(vms);
+        let mut fleet = synthetic_fleet(hosts);
+        let position: BTreeMap<String, usize> = fleet
             .iter()
             .enumerate()
             .map(|(i, h)| (h.name.clone(), i))
             .collect();
-        let policy = Policy::default();
-        let sizes = [512u64, 1024, 2048, 4096, 8192];
-        let mut micros = Vec::with_capacity(vms);
-        let mut unplaced = 0;
-        let all = Instant::now();
-        for v in 0..vms {
-            let needs = VmNeeds {
-                name: format!("vm-{v}"),
-                memory_mib: sizes[(rng.next() % 5) as usize],
-                vcpus: 1 << (rng.next() % 4),
-                networks: (0..1 + rng.next() % 2)
-                    .map(|_| NETWORKS[(rng.next() % 5) as usize].to_string())
-                    .collect(),
-                nic_networks: Vec::new(),
-                machine: None,
-            };
-            let t = Instant::now();
-            let decision = scheduler::place(&needs, &fleet, &policy);
-            micros.push(t.elapsed().as_secs_f64() * 1e6);
-            match decision {
-                Ok(d) => {
-                    let h = &mut fleet[index[&d.host]];
-                    h.used_memory_mib += needs.memory_mib;
-                    h.used_vcpus += needs.vcpus;
-                }
-                Err(_) => unplaced += 1,
-            }
+        let (rate, micros, by_scan) = place_all(&needs[..scanned], |vm| {
+            let d = scheduler::place(vm, &fleet, &policy).ok()?;
+            let h = &mut fleet[position[&d.host]];
+            h.used_memory_mib += vm.memory_mib;
+            h.used_vcpus += vm.vcpus;
+            Some(d.host)
+        });
+        row(hosts, "scan (reference)", scanned, rate, &micros, &by_scan);
+
+        let mut index = HostIndex::new(policy.clone());
+        for h in synthetic_fleet(hosts) {
+            index.upsert(h);
         }
-        let secs = all.elapsed().as_secs_f64();
-        println!(
-            "| {hosts} | {vms} | {:.0} | {:.0} | {:.0} | {unplaced} |",
-            vms as f64 / secs,
-            quantile(&micros, 0.5),
-            quantile(&micros, 0.99)
+        let (rate, micros, by_index) = place_all(&needs, |vm| {
+            let d = index.place(vm, &[]).ok()?;
+            let mut h = index.get(&d.host)?.clone();
+            h.used_memory_mib += vm.memory_mib;
+            h.used_vcpus += vm.vcpus;
+            index.upsert(h);
+            Some(d.host)
+        });
+        assert_eq!(
+            by_index[..scanned],
+            by_scan[..],
+            "the index chose differently from the scan"
         );
+        row(hosts, "index", vms, rate, &micros, &by_index);
     }
+}
+
+fn row(
+    hosts: usize,
+    which: &str,
+    vms: usize,
+    rate: f64,
+    micros: &[f64],
+    chosen: &[Option<String>],
+) {
+    println!(
+        "| {hosts} | {which} | {vms} | {rate:.0} | {:.1} | {:.1} | {} |",
+        quantile(micros, 0.5),
+        quantile(micros, 0.99),
+        chosen.iter().filter(|c| c.is_none()).count()
+    );
 }
 
 // ----------------------------------------------------------- simulated agents
@@ -161,6 +221,9 @@ fn scheduler_bench(vms: usize) {
 struct Stats {
     heartbeat_ms: Mutex<Vec<(Instant, f64)>>,
     failures: Mutex<Vec<String>>,
+    /// Registrations whose connection was lost and redialled, as a real
+    /// agent does; counted, since on this machine they mean overload.
+    redials: std::sync::atomic::AtomicUsize,
 }
 
 /// A test fleet: a coordinator in a namespace and a client endpoint in it.
@@ -192,7 +255,14 @@ impl Bench {
             &work.path().join("data"),
             &tls,
             &work.path().join("coordinator.log"),
-            &["--heartbeat-timeout-secs", "10"],
+            &[
+                "--heartbeat-secs",
+                "1",
+                "--lease-secs",
+                "8",
+                "--heartbeat-timeout-secs",
+                "10",
+            ],
         );
         // The socket is made inside the namespace, so all its traffic stays there.
         let socket = ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"));
@@ -281,27 +351,43 @@ async fn sim_agent(
     registered: tokio::sync::mpsc::UnboundedSender<()>,
 ) {
     let name = sim_name(i);
-    // At most HANDSHAKES in flight: a thousand simultaneous Initial packets
-    // overflow a default UDP receive buffer and cost a one-second retransmit.
-    let permit = HANDSHAKES.acquire().await;
-    let conn = bench.connect(pki::Role::Agent, &name).await;
-    drop(permit);
     let vms: Arc<Mutex<Vec<VmSummary>>> = Arc::default();
-    let hello: ServerMessage = match quic::call(
-        &conn,
-        &ClientMessage::Hello(AgentHello::Register(sim_facts(&name, i, Vec::new()))),
-        Duration::from_secs(60),
-    )
-    .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            stats
-                .failures
-                .lock()
-                .expect("lock")
-                .push(format!("{name}: register: {e}"));
-            return;
+    let (conn, mut reports, hello) = loop {
+        // At most HANDSHAKES in flight: a thousand simultaneous Initial
+        // packets overflow a default UDP receive buffer and cost a
+        // one-second retransmit.
+        let permit = HANDSHAKES.acquire().await;
+        let conn = bench.connect(pki::Role::Agent, &name).await;
+        drop(permit);
+        let registration = sim_facts(&name, i, Vec::new());
+        // Heartbeats are deltas against the last acknowledged report, as
+        // the real agent sends them.
+        let reports = ReportSender::registered(&registration);
+        match quic::call::<_, ServerMessage>(
+            &conn,
+            &ClientMessage::Hello(AgentHello::Register(registration)),
+            Duration::from_secs(60),
+        )
+        .await
+        {
+            Ok(m) => break (conn, reports, m),
+            // A lost connection is redialled, as the real agent does.
+            Err(FrameError::Stream(_))
+                if stats.redials.load(std::sync::atomic::Ordering::Relaxed) < 100 =>
+            {
+                stats
+                    .redials
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                stats
+                    .failures
+                    .lock()
+                    .expect("lock")
+                    .push(format!("{name}: register: {e}"));
+                return;
+            }
         }
     };
     let interval = match hello {
@@ -362,13 +448,16 @@ async fn sim_agent(
             }
             _ = tick.tick() => {
                 let seq = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                let facts = sim_facts(&name, i, vms.lock().expect("lock").clone());
+                let report = reports.report(seq, sim_facts(&name, i, vms.lock().expect("lock").clone()));
                 let t = Instant::now();
                 let ack: Result<ServerMessage, _> = quic::call(
                     &conn,
-                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, facts }),
+                    &ClientMessage::Event(AgentEvent::Heartbeat { seq, report }),
                     Duration::from_secs(30),
                 ).await;
+                if matches!(ack, Ok(ServerMessage::Ack)) {
+                    reports.acked();
+                }
                 match ack {
                     Ok(ServerMessage::Ack) => stats
                         .heartbeat_ms
@@ -427,8 +516,8 @@ fn probe_xml(name: &str) -> String {
 }
 
 fn fanin_bench(sizes: Vec<usize>) {
-    println!("| agents | register all s | coordinator CPU % | coordinator RSS MiB | heartbeat p50 ms | p99 ms | `flotilla start` median ms (range) | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| agents | register all s | coordinator CPU % | coordinator RSS MiB | heartbeat p50 ms | p99 ms | `flotilla start` median ms (range) | redials | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -488,8 +577,9 @@ fn fanin_bench(sizes: Vec<usize>) {
         let min = starts.iter().copied().fold(f64::INFINITY, f64::min);
         let max = starts.iter().copied().fold(0.0, f64::max);
         let errors = stats.failures.lock().expect("lock").len();
+        let redials = stats.redials.load(std::sync::atomic::Ordering::Relaxed);
         println!(
-            "| {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {errors} |",
+            "| {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {redials} | {errors} |",
             registering.as_secs_f64(),
             quantile(&beats, 0.5),
             quantile(&beats, 0.99),
