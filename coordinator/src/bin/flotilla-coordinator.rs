@@ -16,7 +16,7 @@ use flotilla_coordinator::server;
 use flotilla_coordinator::store::RedbStore;
 use flotilla_coordinator::web::WebSettings;
 use flotilla_shared::config_file;
-use flotilla_shared::net::tls;
+use flotilla_shared::net::{quic, tls};
 
 /// Flotilla coordinator: keeps VM definitions, schedules them onto hosts.
 ///
@@ -177,8 +177,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the QUIC runtime")?;
     let endpoint = {
         let _runtime = quic_rt.enter();
-        quinn::Endpoint::server(server_config, cli.listen)
-            .with_context(|| format!("cannot listen on {}", cli.listen))?
+        let socket = quic::fan_in_socket(cli.listen)
+            .with_context(|| format!("cannot listen on {}", cli.listen))?;
+        let runtime = quinn::default_runtime().context("no runtime for QUIC")?;
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .with_context(|| format!("cannot listen on {}", cli.listen))?
     };
     let settings = FleetSettings {
         heartbeat: Duration::from_secs(cli.heartbeat_secs),

@@ -12,6 +12,26 @@ use serde::Serialize;
 
 use crate::proto::{decode_payload, encode_frame, frame_len, FrameError};
 
+/// What a fan-in socket asks the kernel for, each way. Linux caps it at
+/// `net.core.rmem_max`/`wmem_max` (4 MiB on Debian) and doubles it.
+pub const FAN_IN_BUFFER: usize = 16 * 1024 * 1024;
+
+/// A non-blocking UDP socket bound to `addr` with large kernel buffers, for
+/// an endpoint that thousands of peers talk to. The default receive buffer
+/// (208 KiB) overflowed under 10,000 agents heartbeating every second: 18 %
+/// of datagrams dropped (`RcvbufErrors`), and handshakes that kept losing
+/// their packets backed off until they timed out.
+pub fn fan_in_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer than asked for still works.
+    let _ = socket.set_recv_buffer_size(FAN_IN_BUFFER);
+    let _ = socket.set_send_buffer_size(FAN_IN_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Writes one frame to `send`.
 pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,

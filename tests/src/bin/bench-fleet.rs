@@ -265,7 +265,10 @@ impl Bench {
             ],
         );
         // The socket is made inside the namespace, so all its traffic stays there.
-        let socket = ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"));
+        // One socket for every simulated agent: it needs the buffers the
+        // coordinator's has.
+        let socket =
+            ns.run(|| quic::fan_in_socket("127.0.0.1:0".parse().expect("addr")).expect("bind"));
         let endpoint = {
             let _guard = rt.enter();
             quinn::Endpoint::new(
