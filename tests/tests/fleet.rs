@@ -386,6 +386,42 @@ fn one_definition_gets_each_hosts_own_console_address() {
 }
 
 #[test]
+fn a_coordinator_address_where_nothing_listens_fails_at_once_and_a_list_skips_it() {
+    let work = tempfile::Builder::new()
+        .prefix("flt-dead-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let tls = work.path().join("tls");
+    certs(&tls, &["init"]);
+    let ctl = control_plane();
+    let _coordinator = CoordinatorProcess::start(
+        &ctl,
+        COORD,
+        &work.path().join("data"),
+        &tls,
+        &work.path().join("coordinator.log"),
+    );
+    // The same host, a port where nothing listens: its port unreachable
+    // ends the attempt, not the handshake timeout.
+    let dead = "198.19.0.1:7444";
+    let o = flotilla(&ctl, dead, &tls, &["hosts"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "cannot connect to the coordinator: 198.19.0.1:7444: nothing listens at \
+             198.19.0.1:7444 (the host answered port unreachable)"
+        ),
+        "{}",
+        text(&o)
+    );
+    // Listed first, the dead entry does not stand in the way of a live one.
+    let o = flotilla(&ctl, &format!("{dead},{COORD}"), &tls, &["hosts"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = flotilla(&ctl, &format!("{COORD}, {dead}"), &tls, &["list", "--all"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
 fn defines_acknowledged_before_a_kill_9_survive() {
     let work = tempfile::Builder::new()
         .prefix("flt-durable-")

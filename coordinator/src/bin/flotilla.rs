@@ -33,9 +33,14 @@ struct Cli {
 
 #[derive(Args)]
 struct ConnArgs {
-    /// The coordinator, HOST:PORT.
+    /// The coordinator, HOST:PORT, or several separated by commas: all are
+    /// dialled at once and the first to answer is used.
     #[arg(long, global = true, env = "FLOTILLA_COORDINATOR")]
     coordinator: Option<String>,
+    /// Seconds to wait for a coordinator's handshake. One where nothing
+    /// listens fails at once.
+    #[arg(long, global = true, default_value_t = 1.0)]
+    connect_timeout_secs: f64,
     /// Directory written by `flotilla certs`.
     #[arg(long, global = true, env = "FLOTILLA_TLS_DIR")]
     tls_dir: Option<PathBuf>,
@@ -496,12 +501,46 @@ async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
         bail!("no certificates: pass --tls-dir DIR or set FLOTILLA_TLS_DIR");
     };
     let config = tls::client_config(dir, Role::Operator, &conn.operator)?;
-    let addr = quic::resolve(target)
-        .await
-        .with_context(|| format!("cannot resolve {target}"))?;
-    quic::connect(addr, config)
-        .await
-        .with_context(|| format!("cannot connect to the coordinator at {target}"))
+    let timeout = Duration::try_from_secs_f64(conn.connect_timeout_secs)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .with_context(|| {
+            format!(
+                "--connect-timeout-secs {}: must be a positive number of seconds",
+                conn.connect_timeout_secs
+            )
+        })?;
+    let entries: Vec<&str> = target
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    if entries.is_empty() {
+        bail!("--coordinator '{target}': no HOST:PORT in it");
+    }
+    // Every entry at once, so a dead one costs nothing when another lives.
+    let mut attempts: futures_util::stream::FuturesUnordered<_> = entries
+        .iter()
+        .map(|entry| {
+            let config = config.clone();
+            async move {
+                let addr = quic::resolve(entry)
+                    .await
+                    .map_err(|e| format!("{entry}: cannot resolve: {e}"))?;
+                quic::connect_within(addr, config, timeout)
+                    .await
+                    .map_err(|e| format!("{entry}: {e}"))
+            }
+        })
+        .collect();
+    let mut failures = Vec::new();
+    while let Some(attempt) = futures_util::StreamExt::next(&mut attempts).await {
+        match attempt {
+            Ok(connection) => return Ok(connection),
+            Err(e) => failures.push(e),
+        }
+    }
+    bail!("cannot connect to the coordinator: {}", failures.join("; "))
 }
 
 /// Sends a request whose answer is preceded by notes, printing them as they come.

@@ -92,29 +92,80 @@ pub async fn resolve(target: &str) -> Result<SocketAddr, std::io::Error> {
         })
 }
 
-/// Connects to the coordinator at `addr`, verifying it by its fixed certificate name.
+/// Connects to the coordinator at `addr`, verifying it by its fixed
+/// certificate name, waiting up to 10 s for the handshake (an agent redials
+/// anyway; see [`connect_within`]).
 pub async fn connect(
     addr: SocketAddr,
     config: quinn::ClientConfig,
 ) -> Result<quinn::Connection, std::io::Error> {
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    connect_within(addr, config, Duration::from_secs(10)).await
+}
+
+/// Like [`connect`] with the handshake bounded by `timeout`. A host where
+/// nothing listens on the port fails at once: a probe from a connected
+/// socket races the handshake, and Linux reports the host's ICMP port
+/// unreachable on such a socket as `ConnectionRefused` (quinn's own socket
+/// is not connected, so it would wait out the timeout).
+pub async fn connect_within(
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+    timeout: Duration,
+) -> Result<quinn::Connection, std::io::Error> {
+    let mut endpoint = quinn::Endpoint::client(unspecified(addr))?;
     endpoint.set_default_client_config(config);
     let connecting = endpoint
         .connect(addr, super::pki::COORDINATOR_NAME)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from {addr}"),
-            )
-        })?
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(conn)
+    let handshake = async {
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from {addr} within {timeout:?}"),
+                )
+            })?
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    tokio::pin!(handshake);
+    tokio::select! {
+        conn = &mut handshake => conn,
+        refused = refused(addr) => match refused {
+            true => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("nothing listens at {addr} (the host answered port unreachable)"),
+            )),
+            // Silence or an answer proves nothing: the handshake decides.
+            false => handshake.await,
+        },
+    }
+}
+
+fn unspecified(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+/// Whether `addr`'s host says nothing listens on its port: an empty
+/// datagram (a QUIC endpoint ignores it) from a connected socket, and the
+/// ICMP port unreachable that comes back as `ConnectionRefused` on the
+/// next receive. False on anything else; it waits for as long as nothing
+/// comes back (a firewall may drop both ways), which the caller bounds.
+async fn refused(addr: SocketAddr) -> bool {
+    let Ok(socket) = tokio::net::UdpSocket::bind(unspecified(addr)).await else {
+        return false;
+    };
+    if socket.connect(addr).await.is_err() || socket.send(&[]).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1];
+    match socket.recv(&mut buf).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
+        // A datagram back (none is expected) or another error: no verdict.
+        Ok(_) | Err(_) => false,
+    }
 }
