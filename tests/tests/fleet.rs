@@ -40,6 +40,40 @@ fn control_plane() -> Netns {
     ctl
 }
 
+/// A coordinator on the management bridge with no hosts, for tests of what
+/// it answers by itself.
+struct LoneCoordinator {
+    ctl: Netns,
+    tls: PathBuf,
+    _work: tempfile::TempDir,
+    _coordinator: CoordinatorProcess,
+}
+
+impl LoneCoordinator {
+    fn start(prefix: &str) -> Self {
+        let work = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let tls = work.path().join("tls");
+        certs(&tls, &["init"]);
+        let ctl = control_plane();
+        let coordinator = CoordinatorProcess::start(
+            &ctl,
+            COORD,
+            &work.path().join("data"),
+            &tls,
+            &work.path().join("coordinator.log"),
+        );
+        LoneCoordinator {
+            ctl,
+            tls,
+            _work: work,
+            _coordinator: coordinator,
+        }
+    }
+}
+
 /// A host namespace on the management bridge at 198.19.0.`n`.
 fn host(ctl: &Netns, n: u8) -> Netns {
     let h = Netns::new(&format!("h{n}"));
@@ -387,20 +421,14 @@ fn one_definition_gets_each_hosts_own_console_address() {
 
 #[test]
 fn a_coordinator_address_where_nothing_listens_fails_at_once_and_a_list_skips_it() {
-    let work = tempfile::Builder::new()
-        .prefix("flt-dead-")
-        .tempdir_in("/tmp")
-        .expect("tmp");
-    let tls = work.path().join("tls");
-    certs(&tls, &["init"]);
-    let ctl = control_plane();
-    let _coordinator = CoordinatorProcess::start(
-        &ctl,
-        COORD,
-        &work.path().join("data"),
-        &tls,
-        &work.path().join("coordinator.log"),
-    );
+    // Bound in this order so they drop as separate locals did: the
+    // coordinator first, the work directory last.
+    let LoneCoordinator {
+        _work,
+        ctl,
+        tls,
+        _coordinator,
+    } = LoneCoordinator::start("flt-dead-");
     // The same host, a port where nothing listens: its port unreachable
     // ends the attempt, not the handshake timeout.
     let dead = "198.19.0.1:7444";
@@ -1646,20 +1674,14 @@ fn the_web_console_follows_the_guest_across_live_migrations() {
 
 #[test]
 fn a_coordinator_without_web_listen_issues_no_web_tickets() {
-    let work = tempfile::Builder::new()
-        .prefix("flt-noweb-")
-        .tempdir_in("/tmp")
-        .expect("tmp");
-    let tls = work.path().join("tls");
-    certs(&tls, &["init"]);
-    let ctl = control_plane();
-    let _coordinator = CoordinatorProcess::start(
-        &ctl,
-        COORD,
-        &work.path().join("data"),
-        &tls,
-        &work.path().join("coordinator.log"),
-    );
+    // Bound in this order so they drop as separate locals did: the
+    // coordinator first, the work directory last.
+    let LoneCoordinator {
+        _work,
+        ctl,
+        tls,
+        _coordinator,
+    } = LoneCoordinator::start("flt-noweb-");
     for args in [&["webconsole", "web01"][..], &["web-login"]] {
         let o = flotilla(&ctl, COORD, &tls, args);
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
