@@ -16,6 +16,10 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # tcpdump watches for it on the host side.
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+# UEFI guests boot Debian's OVMF; the conformance run serves an NBD disk with qemu-nbd.
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
+command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
+command -v losetup >/dev/null 2>&1 || need+=(mount)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
 . deploy/lib/web.sh

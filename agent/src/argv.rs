@@ -11,7 +11,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use flotilla_shared::xml::domain::{format_mac, BootDevice, CharDevice, Disk};
+use flotilla_shared::hardware::{
+    self, CharBackend, Chipset, CpuPlan, DiskBus, DiskHw, DiskKind, DiskSource, Firmware, Hw,
+    PciAddr, Refused, RngBackend,
+};
+use flotilla_shared::xml::domain::{format_mac, BootDevice};
 use flotilla_shared::xml::{Device, Domain, Graphics, GraphicsProtocol, ListenKind};
 
 use crate::nic_plan::{NicBackend, NicPlan};
@@ -42,6 +46,29 @@ pub struct QemuHost {
     pub emulator: PathBuf,
     /// KVM when /dev/kvm works, else TCG.
     pub accel: Accel,
+    /// The host's UEFI firmware, when installed.
+    pub ovmf: Option<Ovmf>,
+    /// A hugetlbfs mount, when there is one.
+    pub hugepages: Option<PathBuf>,
+}
+
+/// The host's OVMF images (Debian's `ovmf`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ovmf {
+    /// The code, mapped read-only.
+    pub code: PathBuf,
+    /// The variable store template each VM's NVRAM is copied from.
+    pub vars: PathBuf,
+}
+
+impl Ovmf {
+    /// Debian's 4 MiB OVMF build, when present under `root`.
+    pub fn find(root: &Path) -> Option<Ovmf> {
+        let dir = root.join("usr/share/OVMF");
+        let code = dir.join("OVMF_CODE_4M.fd");
+        let vars = dir.join("OVMF_VARS_4M.fd");
+        (code.exists() && vars.exists()).then_some(Ovmf { code, vars })
+    }
 }
 
 /// Files a VM's QEMU uses, all inside its state directory.
@@ -76,6 +103,11 @@ impl VmPaths {
     pub fn live_xml(&self) -> PathBuf {
         self.dir.join("live.xml")
     }
+
+    /// The VM's UEFI variable store, when its definition names none.
+    pub fn nvram(&self) -> PathBuf {
+        self.dir.join("nvram.fd")
+    }
 }
 
 /// A complete QEMU invocation.
@@ -85,17 +117,29 @@ pub struct QemuArgv {
     pub program: PathBuf,
     /// Arguments, without the program.
     pub args: Vec<String>,
+    /// A UEFI variable store to copy from its template before QEMU opens
+    /// it, when it does not exist yet: (template, store).
+    pub nvram_from: Option<(PathBuf, PathBuf)>,
 }
 
 /// Why a definition cannot become a QEMU command line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgvError {
-    /// A device or setting Flotilla does not drive yet.
-    #[error("VM '{vm}': {what} is not supported by Flotilla yet")]
-    Unsupported {
+    /// Something in the definition Flotilla does not build yet (define
+    /// refuses these too; a definition stored before that rule meets it here).
+    #[error("VM '{vm}': {refused}")]
+    Refused {
         /// The VM.
         vm: String,
-        /// What, e.g. "disk bus 'sata'".
+        /// What, by element path.
+        refused: Refused,
+    },
+    /// This host cannot provide what the definition needs.
+    #[error("VM '{vm}' cannot run on this host: it needs {what}")]
+    HostLacks {
+        /// The VM.
+        vm: String,
+        /// What, e.g. "KVM, which a host CPU model needs".
         what: String,
     },
     /// An interface was not planned by [`crate::nic_plan::plan_nics`] first.
@@ -148,35 +192,84 @@ pub fn disk_top_nodes(domain: &Domain) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `-blockdev` JSON in libvirt's shape: a protocol node for the file or
-/// device, and a format node above it unless the image is raw.
-fn blockdevs(
-    n: usize,
-    disk_type: Option<&str>,
-    path: &str,
-    format: &str,
-    readonly: bool,
-) -> Vec<String> {
-    let driver = match disk_type {
-        Some("block") => "host_device",
-        _ => "file",
-    };
-    let filename = serde_json::Value::from(path).to_string();
+/// `-blockdev` JSON in libvirt's shape: a protocol node for the file, device
+/// or NBD export, and a format node above it unless the image is raw.
+fn blockdevs(d: &DiskHw) -> Vec<String> {
+    use serde_json::{json, Map, Value};
+    let n = d.n;
     let storage = format!("flotilla-disk{n}-storage");
-    if format == "raw" {
-        return vec![format!(
-            "{{\"driver\":\"{driver}\",\"filename\":{filename},\"node-name\":\"{storage}\",\"read-only\":{readonly}}}"
-        )];
+    let mut proto = Map::new();
+    match &d.source {
+        DiskSource::File(path) => {
+            proto.insert("driver".into(), json!("file"));
+            proto.insert("filename".into(), json!(path));
+        }
+        DiskSource::Block(path) => {
+            proto.insert("driver".into(), json!("host_device"));
+            proto.insert("filename".into(), json!(path));
+        }
+        DiskSource::Nbd { host, port, export } => {
+            proto.insert("driver".into(), json!("nbd"));
+            proto.insert(
+                "server".into(),
+                json!({"type": "inet", "host": host, "port": port}),
+            );
+            if let Some(e) = export {
+                proto.insert("export".into(), json!(e));
+            }
+        }
+        DiskSource::Empty => return Vec::new(),
     }
-    let format_json = serde_json::Value::from(format).to_string();
+    proto.insert("node-name".into(), json!(storage));
+    // libvirt's cache modes as QEMU's two knobs.
+    let cache = d.cache.as_deref().map(|c| {
+        let (direct, no_flush) = match c {
+            "none" => (true, false),
+            "directsync" => (true, false),
+            "unsafe" => (false, true),
+            _ => (false, false),
+        };
+        json!({"direct": direct, "no-flush": no_flush})
+    });
+    if let Some(c) = &cache {
+        proto.insert("cache".into(), c.clone());
+    }
+    if let (Some(io), true) = (
+        &d.io,
+        matches!(d.source, DiskSource::File(_) | DiskSource::Block(_)),
+    ) {
+        proto.insert("aio".into(), json!(io));
+    }
+    let raw = d.format == "raw";
+    if raw {
+        proto.insert("read-only".into(), json!(d.readonly));
+        if let Some(dz) = &d.detect_zeroes {
+            proto.insert("detect-zeroes".into(), json!(dz));
+        }
+        if let Some(disc) = &d.discard {
+            proto.insert("discard".into(), json!(disc));
+        }
+        return vec![Value::Object(proto).to_string()];
+    }
+    proto.insert("auto-read-only".into(), json!(true));
+    proto.insert("discard".into(), json!("unmap"));
+    let mut fmt = Map::new();
+    fmt.insert("node-name".into(), json!(disk_top_node(n, &d.format)));
+    fmt.insert("read-only".into(), json!(d.readonly));
+    if let Some(c) = cache {
+        fmt.insert("cache".into(), c);
+    }
+    if let Some(disc) = &d.discard {
+        fmt.insert("discard".into(), json!(disc));
+    }
+    if let Some(dz) = &d.detect_zeroes {
+        fmt.insert("detect-zeroes".into(), json!(dz));
+    }
+    fmt.insert("driver".into(), json!(d.format));
+    fmt.insert("file".into(), json!(storage));
     vec![
-        format!(
-            "{{\"driver\":\"{driver}\",\"filename\":{filename},\"node-name\":\"{storage}\",\"auto-read-only\":true,\"discard\":\"unmap\"}}"
-        ),
-        format!(
-            "{{\"node-name\":\"{}\",\"read-only\":{readonly},\"driver\":{format_json},\"file\":\"{storage}\"}}",
-            disk_top_node(n, format)
-        ),
+        Value::Object(proto).to_string(),
+        Value::Object(fmt).to_string(),
     ]
 }
 
@@ -210,16 +303,23 @@ impl QemuArgv {
     }
 
     /// Builds the command line for `live` on `host`, with state in `paths`
-    /// and `nics` planned by [`crate::nic_plan::plan_nics`].
+    /// and `nics` planned by [`crate::nic_plan::plan_nics`]. The devices are
+    /// the definition's [`hardware::plan`], the one define accepted.
     pub fn build(
         live: &Domain,
         host: &QemuHost,
         paths: &VmPaths,
         nics: &[NicPlan],
     ) -> Result<QemuArgv, ArgvError> {
+        let hw = hardware::plan(live).map_err(|refused| ArgvError::Refused {
+            vm: live.name.clone(),
+            refused,
+        })?;
         let mut b = Builder {
             vm: live.name.clone(),
             args: Vec::new(),
+            chipset: hw.chipset,
+            dir: paths.dir.clone(),
         };
         b.push([
             "-name",
@@ -227,22 +327,76 @@ impl QemuArgv {
         ]);
         b.push(["-S"]);
         let machine = live.os.machine.as_deref().unwrap_or("pc");
-        b.push([
-            "-machine",
-            &format!("{},usb=off,dump-guest-core=off", escape_opt(machine)),
-        ]);
-        b.push(["-accel", host.accel.as_str()]);
-        if host.accel == Accel::Kvm
-            && live.cpu.as_ref().and_then(|c| c.mode.as_deref()) == Some("host-passthrough")
+        let mut machine_opts = format!("{},usb=off,dump-guest-core=off", escape_opt(machine));
+        for o in &hw.machine_opts {
+            machine_opts.push(',');
+            machine_opts.push_str(o);
+        }
+        let mut nvram_from = None;
+        if let Firmware::Efi {
+            loader,
+            nvram,
+            template,
+        } = &hw.firmware
         {
-            b.push(["-cpu", "host"]);
+            let code = match (loader, &host.ovmf) {
+                (Some(l), _) => l.clone(),
+                (None, Some(o)) => o.code.display().to_string(),
+                (None, None) => return Err(b.host_lacks("UEFI firmware (install ovmf)")),
+            };
+            let vars = nvram
+                .clone()
+                .unwrap_or_else(|| paths.nvram().display().to_string());
+            let from = match (template, &host.ovmf) {
+                (Some(t), _) => Some(PathBuf::from(t)),
+                (None, Some(o)) => Some(o.vars.clone()),
+                (None, None) => None,
+            };
+            nvram_from = from.map(|f| (f, PathBuf::from(&vars)));
+            let file = |path: &str, node: &str, ro: bool| {
+                format!(
+                    "{{\"driver\":\"file\",\"filename\":{},\"node-name\":\"{node}\",\"read-only\":{ro}}}",
+                    serde_json::Value::from(path)
+                )
+            };
+            b.push(["-blockdev", &file(&code, "flotilla-pflash0", true)]);
+            b.push(["-blockdev", &file(&vars, "flotilla-pflash1", false)]);
+            machine_opts.push_str(",pflash0=flotilla-pflash0,pflash1=flotilla-pflash1");
+        }
+        if hw.hugepages {
+            machine_opts.push_str(",memory-backend=pc.ram");
+        }
+        b.push(["-machine", &machine_opts]);
+        b.push(["-accel", host.accel.as_str()]);
+        if let Some(cpu) = b.cpu(&hw.cpu, host.accel)? {
+            b.push(["-cpu", &cpu]);
         }
         b.push(["-m", &format!("size={}k", live.memory.kib)]);
-        let max = live.vcpus();
-        let current = live.vcpu.as_ref().and_then(|v| v.current).unwrap_or(max);
+        if hw.hugepages {
+            let Some(dir) = &host.hugepages else {
+                return Err(b.host_lacks("huge pages (no hugetlbfs is mounted)"));
+            };
+            b.push([
+                "-object",
+                &format!(
+                    "memory-backend-file,id=pc.ram,mem-path={},prealloc=on,size={}",
+                    escape_path(dir),
+                    live.memory.kib * 1024
+                ),
+            ]);
+        }
+        let smp = hw.smp;
+        let dies = if smp.dies > 1 {
+            format!(",dies={}", smp.dies)
+        } else {
+            String::new()
+        };
         b.push([
             "-smp",
-            &format!("{current},maxcpus={max},sockets=1,cores={max},threads=1"),
+            &format!(
+                "{},maxcpus={},sockets={}{dies},cores={},threads={}",
+                smp.current, smp.max, smp.sockets, smp.cores, smp.threads
+            ),
         ]);
         b.push(["-uuid", &live.uuid.hyphenated().to_string()]);
         b.push(["-no-user-config", "-nodefaults"]);
@@ -255,17 +409,16 @@ impl QemuArgv {
         ]);
         b.push(["-mon", "chardev=charmonitor,id=monitor,mode=control"]);
         b.push(["-pidfile", &paths.pidfile().display().to_string()]);
-        b.push(["-display", "none"]);
-        let offset = live.clock.as_ref().and_then(|c| c.offset.as_deref());
-        b.push([
-            "-rtc",
-            if offset == Some("localtime") {
-                "base=localtime"
-            } else {
-                "base=utc"
-            },
-        ]);
-        if live.on_reboot.as_deref() == Some("destroy") {
+        if hw.dbus_display {
+            b.push(["-display", "dbus,p2p=on"]);
+        } else {
+            b.push(["-display", "none"]);
+        }
+        b.push(["-rtc", &hw.rtc]);
+        for g in &hw.globals {
+            b.push(["-global", g]);
+        }
+        if hw.no_reboot {
             b.push(["-no-reboot"]);
         }
         let order: String = live
@@ -279,79 +432,39 @@ impl QemuArgv {
                 BootDevice::Fd => 'a',
             })
             .collect();
-        if order.is_empty() {
-            b.push(["-boot", "strict=on"]);
-        } else {
-            b.push(["-boot", &format!("order={order},strict=on")]);
+        let mut boot = String::new();
+        if !order.is_empty() {
+            boot.push_str(&format!("order={order},"));
         }
-
-        let (mut disk_n, mut nic_n, mut serial_n, mut video_n) = (0, 0, 0, 0);
-        let mut has_graphics = false;
-        let mut has_video = false;
-        let mut has_serial = false;
-        for dev in &live.devices {
-            match dev {
-                Device::Emulator(_) | Device::Other(_) => {}
-                Device::Disk(d) => {
-                    b.disk(d, disk_n)?;
-                    disk_n += 1;
-                }
-                Device::Interface(_) => {
-                    let plan = nics.get(nic_n).ok_or_else(|| ArgvError::UnplannedNic {
-                        vm: live.name.clone(),
-                        index: nic_n,
-                    })?;
-                    b.nic(plan);
-                    nic_n += 1;
-                }
-                Device::Graphics(_) => has_graphics = true,
-                Device::Video(v) => {
-                    has_video = true;
-                    let driver = match v.model.as_deref().unwrap_or("vga") {
-                        "vga" => "VGA",
-                        "cirrus" => "cirrus-vga",
-                        "qxl" if video_n == 0 => "qxl-vga",
-                        "qxl" => "qxl",
-                        "virtio" if video_n == 0 => "virtio-vga",
-                        "virtio" => "virtio-gpu-pci",
-                        "bochs" => "bochs-display",
-                        "none" => continue,
-                        other => {
-                            return Err(b.unsupported(format!("video model '{other}'")));
-                        }
-                    };
-                    b.push(["-device", &format!("{driver},id=video{video_n}")]);
-                    video_n += 1;
-                }
-                Device::Serial(c) => {
-                    b.serial(c, serial_n)?;
-                    serial_n += 1;
-                    has_serial = true;
-                }
-                Device::Console(c) => {
-                    // libvirt's console on a serial target mirrors serial0.
-                    let mirrors = matches!(c.target_type.as_deref(), None | Some("serial"));
-                    if !(mirrors && has_serial) {
-                        if mirrors {
-                            b.serial(c, serial_n)?;
-                            serial_n += 1;
-                            has_serial = true;
-                        } else {
-                            return Err(b.unsupported(format!(
-                                "console target type '{}'",
-                                c.target_type.as_deref().unwrap_or_default()
-                            )));
-                        }
-                    }
-                }
+        if let Some((enable, timeout)) = hw.boot_menu {
+            boot.push_str(if enable { "menu=on," } else { "menu=off," });
+            if let Some(t) = timeout {
+                boot.push_str(&format!("splash-time={t},"));
             }
         }
-        if has_graphics && !has_video {
+        boot.push_str("strict=on");
+        b.push(["-boot", &boot]);
+        for (id, driver) in &hw.audio {
+            b.push(["-audiodev", &format!("{driver},id=audio{id}")]);
+        }
+        let audio = hw.audio.first().map_or(1, |(id, _)| *id);
+        for dev in &hw.devices {
+            b.device(dev, nics)?;
+        }
+        let has_video = hw.devices.iter().any(|d| matches!(d, Hw::Video { .. }));
+        let mut spice_n = 0;
+        for g in live.graphics() {
+            let extra = if g.protocol == GraphicsProtocol::Spice {
+                spice_n += 1;
+                hw.spice_opts.get(spice_n - 1).cloned().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            b.graphics(g, audio, &extra)?;
+        }
+        if live.graphics().next().is_some() && !has_video {
             // libvirt adds a default video device when there is a display.
             b.push(["-device", "VGA,id=video0"]);
-        }
-        for g in live.graphics() {
-            b.graphics(g)?;
         }
         // libvirt's seccomp confinement: no obsolete system calls, no
         // setuid, no fork or exec, no scheduler or affinity changes. Every fd
@@ -363,6 +476,7 @@ impl QemuArgv {
         Ok(QemuArgv {
             program: host.emulator.clone(),
             args: b.args,
+            nvram_from,
         })
     }
 }
@@ -374,6 +488,8 @@ fn escape_path(p: &Path) -> String {
 struct Builder {
     vm: String,
     args: Vec<String>,
+    chipset: Chipset,
+    dir: PathBuf,
 }
 
 impl Builder {
@@ -381,45 +497,417 @@ impl Builder {
         self.args.extend(items.iter().map(|s| s.to_string()));
     }
 
-    fn unsupported(&self, what: String) -> ArgvError {
-        ArgvError::Unsupported {
+    fn host_lacks(&self, what: &str) -> ArgvError {
+        ArgvError::HostLacks {
             vm: self.vm.clone(),
-            what,
+            what: what.to_string(),
         }
     }
 
-    fn disk(&mut self, d: &Disk, n: usize) -> Result<(), ArgvError> {
-        let Some(path) = d.source_path() else {
-            if d.device.as_deref() == Some("cdrom") {
-                // An empty CD-ROM drive.
-                self.push(["-device", &format!("ide-cd,id=disk{n}")]);
+    /// `bus=…,addr=…` for a PCI placement.
+    fn at(&self, addr: Option<PciAddr>) -> String {
+        match addr {
+            None => String::new(),
+            Some(a) => {
+                let bus = if a.bus == 0 {
+                    self.chipset.root_bus().to_string()
+                } else {
+                    format!("pci.{}", a.bus)
+                };
+                let mf = if a.multifunction {
+                    ",multifunction=on"
+                } else {
+                    ""
+                };
+                format!(",bus={bus},addr={}{mf}", a.qemu_addr())
+            }
+        }
+    }
+
+    fn cpu(&self, cpu: &CpuPlan, accel: Accel) -> Result<Option<String>, ArgvError> {
+        let with = |base: &str, flags: &[String]| {
+            let mut s = base.to_string();
+            for f in flags {
+                s.push(',');
+                s.push_str(&escape_opt(f));
+            }
+            s
+        };
+        Ok(match (cpu, accel) {
+            (CpuPlan::Default { hv }, _) if hv.is_empty() => None,
+            (CpuPlan::Default { hv }, _) => Some(with("qemu64", hv)),
+            (CpuPlan::HostPassthrough { flags }, Accel::Kvm) => Some(with("host", flags)),
+            (CpuPlan::HostModel { flags }, Accel::Kvm) => Some(with("host,migratable=on", flags)),
+            (CpuPlan::HostPassthrough { .. } | CpuPlan::HostModel { .. }, Accel::Tcg) => {
+                return Err(self.host_lacks("KVM, which a host CPU model needs"));
+            }
+            (CpuPlan::Maximum { flags }, _) => Some(with("max", flags)),
+            (CpuPlan::Named { model, flags }, _) => Some(with(&escape_opt(model), flags)),
+        })
+    }
+
+    fn chardev(&mut self, c: &CharBackend, id: &str, log: Option<&(String, Option<bool>)>) {
+        let mut s = match c {
+            CharBackend::Pty => format!("pty,id={id}"),
+            CharBackend::Null => format!("null,id={id}"),
+            CharBackend::File { path, append } => {
+                let mut s = format!("file,id={id},path={}", escape_opt(path));
+                if let Some(a) = append {
+                    s.push_str(if *a { ",append=on" } else { ",append=off" });
+                }
+                s
+            }
+            CharBackend::Unix { path, server } => {
+                let path = if path.starts_with('/') {
+                    PathBuf::from(path)
+                } else {
+                    self.dir.join(path)
+                };
+                let mut s = format!("socket,id={id},path={}", escape_path(&path));
+                if *server {
+                    s.push_str(",server=on,wait=off");
+                }
+                s
+            }
+            CharBackend::Tcp {
+                host,
+                port,
+                server,
+                telnet,
+            } => {
+                let mut s = format!(
+                    "socket,id={id},host={},port={}",
+                    escape_opt(host),
+                    escape_opt(port)
+                );
+                if *telnet {
+                    s.push_str(",telnet=on");
+                }
+                if *server {
+                    s.push_str(",server=on,wait=off");
+                }
+                s
+            }
+            CharBackend::SpiceVmc => format!("spicevmc,id={id},name=vdagent"),
+        };
+        if let Some((file, append)) = log {
+            s.push_str(&format!(",logfile={}", escape_opt(file)));
+            if let Some(a) = append {
+                s.push_str(if *a {
+                    ",logappend=on"
+                } else {
+                    ",logappend=off"
+                });
+            }
+        }
+        self.push(["-chardev", &s]);
+    }
+
+    fn device(&mut self, dev: &Hw, nics: &[NicPlan]) -> Result<(), ArgvError> {
+        let d = match dev {
+            Hw::RootPort {
+                index,
+                chassis,
+                port,
+                addr,
+            } => format!(
+                "pcie-root-port,port={port},chassis={chassis},id=pci.{index}{}",
+                self.at(Some(*addr))
+            ),
+            Hw::PciBridge {
+                index,
+                chassis,
+                addr,
+            } => format!(
+                "pci-bridge,chassis_nr={chassis},id=pci.{index}{}",
+                self.at(Some(*addr))
+            ),
+            Hw::Usb {
+                driver,
+                index,
+                ports,
+                addr,
+            } => {
+                let id = usb_id(*index);
+                let ports = match (ports, *driver) {
+                    (Some(p), "qemu-xhci" | "nec-usb-xhci") => format!(",p2={p},p3={p}"),
+                    _ => String::new(),
+                };
+                format!("{driver}{ports},id={id}{}", self.at(Some(*addr)))
+            }
+            Hw::VirtioSerial { index, ports, addr } => {
+                let max = ports.map(|p| format!(",max_ports={p}")).unwrap_or_default();
+                format!(
+                    "virtio-serial-pci,id=virtio-serial{index}{max}{}",
+                    self.at(Some(*addr))
+                )
+            }
+            Hw::Scsi {
+                driver,
+                index,
+                addr,
+            } => format!("{driver},id=scsi{index}{}", self.at(Some(*addr))),
+            Hw::Ahci { index, addr } => format!("ich9-ahci,id=sata{index}{}", self.at(Some(*addr))),
+            Hw::Disk(disk) => return self.disk(disk),
+            Hw::Nic { n, addr, boot, mtu } => {
+                let plan = nics.get(*n).ok_or_else(|| ArgvError::UnplannedNic {
+                    vm: self.vm.clone(),
+                    index: *n,
+                })?;
+                let mut extra = self.at(*addr);
+                if let Some(o) = boot {
+                    extra.push_str(&format!(",bootindex={o}"));
+                }
+                if let Some(m) = mtu {
+                    extra.push_str(&format!(",host_mtu={m}"));
+                }
+                self.nic(plan, &extra);
                 return Ok(());
             }
-            return Err(self.unsupported(format!(
-                "disk {} without a file or block source",
-                d.target_dev.as_deref().unwrap_or("?")
-            )));
+            Hw::Serial {
+                n,
+                chardev,
+                driver,
+                port,
+                log,
+            } => {
+                self.chardev(chardev, &format!("charserial{n}"), log.as_ref());
+                format!("{driver},chardev=charserial{n},id=serial{n},index={port}")
+            }
+            Hw::VirtioConsole { n, chardev, at } => {
+                self.chardev(chardev, &format!("charconsole{n}"), None);
+                format!(
+                    "virtconsole,bus=virtio-serial{}.0,nr={},chardev=charconsole{n},id=console{n}",
+                    at.0, at.1
+                )
+            }
+            Hw::Channel {
+                n,
+                chardev,
+                name,
+                at,
+            } => {
+                self.chardev(chardev, &format!("charchannel{n}"), None);
+                let name = name
+                    .as_deref()
+                    .map(|x| format!(",name={}", escape_opt(x)))
+                    .unwrap_or_default();
+                format!(
+                    "virtserialport,bus=virtio-serial{}.0,nr={},chardev=charchannel{n},id=channel{n}{name}",
+                    at.0, at.1
+                )
+            }
+            Hw::Input {
+                n,
+                driver,
+                usb_port,
+                addr,
+            } => match usb_port {
+                Some(p) => format!("{driver},id=input{n},bus=usb.0,port={p}"),
+                None => format!("{driver},id=input{n}{}", self.at(*addr)),
+            },
+            Hw::Video {
+                n,
+                driver,
+                heads,
+                ram,
+                vram,
+                vgamem,
+                addr,
+            } => {
+                let mut s = format!("{driver},id=video{n}");
+                match *driver {
+                    "qxl-vga" | "qxl" => {
+                        s.push_str(&format!(",max_outputs={}", heads.unwrap_or(1)));
+                        if let Some(r) = ram {
+                            s.push_str(&format!(",ram_size={}", r * 1024));
+                        }
+                        if let Some(v) = vram {
+                            s.push_str(&format!(",vram_size={}", v * 1024));
+                        }
+                        if let Some(v) = vgamem {
+                            s.push_str(&format!(",vgamem_mb={}", v / 1024));
+                        }
+                    }
+                    "virtio-vga" | "virtio-gpu-pci" => {
+                        if let Some(h) = heads {
+                            s.push_str(&format!(",max_outputs={h}"));
+                        }
+                    }
+                    "VGA" => {
+                        if let Some(v) = vram {
+                            s.push_str(&format!(",vgamem_mb={}", v / 1024));
+                        }
+                    }
+                    "bochs-display" => {
+                        if let Some(v) = vram {
+                            s.push_str(&format!(",vgamem={}", v * 1024));
+                        }
+                    }
+                    _ => {}
+                }
+                s.push_str(&self.at(*addr));
+                s
+            }
+            Hw::Balloon { addr, period } => {
+                let p = period
+                    .map(|p| format!(",guest-stats-polling-interval={p}"))
+                    .unwrap_or_default();
+                format!("virtio-balloon-pci,id=balloon0{p}{}", self.at(Some(*addr)))
+            }
+            Hw::Rng {
+                n,
+                backend,
+                rate,
+                addr,
+            } => {
+                let obj = match backend {
+                    RngBackend::Random(f) => {
+                        format!("rng-random,id=objrng{n},filename={}", escape_opt(f))
+                    }
+                    RngBackend::Builtin => format!("rng-builtin,id=objrng{n}"),
+                    RngBackend::Egd(c) => {
+                        self.chardev(c, &format!("charrng{n}"), None);
+                        format!("rng-egd,id=objrng{n},chardev=charrng{n}")
+                    }
+                };
+                self.push(["-object", &obj]);
+                let rate = rate
+                    .map(|(bytes, period)| format!(",max-bytes={bytes},period={period}"))
+                    .unwrap_or_default();
+                format!(
+                    "virtio-rng-pci,rng=objrng{n},id=rng{n}{rate}{}",
+                    self.at(Some(*addr))
+                )
+            }
+            Hw::Watchdog {
+                driver,
+                action,
+                addr,
+            } => {
+                self.push(["-watchdog-action", action]);
+                match driver {
+                    Some(d) => format!("{d},id=watchdog0{}", self.at(*addr)),
+                    None => return Ok(()),
+                }
+            }
+            Hw::Sound {
+                n,
+                driver,
+                hda,
+                addr,
+                audio,
+            } => {
+                if *hda {
+                    let d = format!("{driver},id=sound{n}{}", self.at(*addr));
+                    self.push(["-device", &d]);
+                    format!(
+                        "hda-duplex,id=sound{n}-codec0,bus=sound{n}.0,cad=0,audiodev=audio{audio}"
+                    )
+                } else {
+                    format!(
+                        "{driver},id=sound{n},audiodev=audio{audio}{}",
+                        self.at(*addr)
+                    )
+                }
+            }
         };
-        let format = d.driver_type.as_deref().unwrap_or("raw");
-        let readonly = d.readonly || d.device.as_deref() == Some("cdrom");
-        for blockdev in blockdevs(n, d.disk_type.as_deref(), path, format, readonly) {
-            self.push(["-blockdev", &blockdev]);
+        self.push(["-device", &d]);
+        Ok(())
+    }
+
+    fn disk(&mut self, d: &DiskHw) -> Result<(), ArgvError> {
+        let n = d.n;
+        let node = disk_top_node(n, &d.format);
+        let has_medium = d.source != DiskSource::Empty;
+        if has_medium {
+            for blockdev in blockdevs(d) {
+                self.push(["-blockdev", &blockdev]);
+            }
         }
-        let node = disk_top_node(n, format);
-        let cdrom = d.device.as_deref() == Some("cdrom");
-        let device = match (d.target_bus.as_deref().unwrap_or("virtio"), cdrom) {
-            ("virtio", false) => format!("virtio-blk-pci,drive={node},id=disk{n}"),
-            ("ide", false) => format!("ide-hd,drive={node},id=disk{n}"),
-            ("ide", true) => format!("ide-cd,drive={node},id=disk{n}"),
-            (bus, _) => return Err(self.unsupported(format!("disk bus '{bus}'"))),
+        let id = d.device_id();
+        let drive = if has_medium {
+            format!(",drive={node}")
+        } else {
+            String::new()
         };
-        self.push(["-device", &device]);
+        let cd = d.kind == DiskKind::Cdrom;
+        let mut dev = match &d.bus {
+            DiskBus::Virtio(addr) => format!("virtio-blk-pci{}{drive},id={id}", self.at(*addr)),
+            DiskBus::Sata { controller, unit } => {
+                let bus = if *controller == 0 && self.chipset == Chipset::Q35 {
+                    format!("ide.{unit}")
+                } else {
+                    format!("sata{controller}.{unit}")
+                };
+                let driver = if cd { "ide-cd" } else { "ide-hd" };
+                format!("{driver},bus={bus}{drive},id={id}")
+            }
+            DiskBus::Ide { bus, unit } => {
+                let driver = if cd { "ide-cd" } else { "ide-hd" };
+                format!("{driver},bus=ide.{bus},unit={unit}{drive},id={id}")
+            }
+            DiskBus::Scsi {
+                controller,
+                bus,
+                target,
+                unit,
+                virtio,
+            } => {
+                let driver = if cd { "scsi-cd" } else { "scsi-hd" };
+                if *virtio {
+                    format!(
+                        "{driver},bus=scsi{controller}.0,channel={bus},scsi-id={target},lun={unit}{drive},id={id}"
+                    )
+                } else {
+                    format!("{driver},bus=scsi{controller}.0,scsi-id={unit}{drive},id={id}")
+                }
+            }
+            DiskBus::Fdc { unit } => format!("floppy,unit={unit}{drive},id={id}"),
+            DiskBus::Usb { port } => {
+                let port = port
+                    .as_deref()
+                    .map(|p| format!(",port={p}"))
+                    .unwrap_or_default();
+                format!("usb-storage,bus=usb.0{port}{drive},id={id}")
+            }
+        };
+        match (d.boot, &d.bus) {
+            // A floppy drive's boot index is its controller's, per drive.
+            (Some(o), DiskBus::Fdc { unit }) => {
+                let drive = if *unit == 0 { 'A' } else { 'B' };
+                self.push(["-global", &format!("isa-fdc.bootindex{drive}={o}")]);
+            }
+            (Some(o), _) => dev.push_str(&format!(",bootindex={o}")),
+            (None, _) => {}
+        }
+        if let Some(s) = &d.serial {
+            dev.push_str(&format!(",serial={}", escape_opt(s)));
+        }
+        if let Some(w) = &d.wwn {
+            dev.push_str(&format!(
+                ",wwn=0x{}",
+                escape_opt(w.trim_start_matches("0x"))
+            ));
+        }
+        if let (Some(c), false) = (&d.cache, d.kind == DiskKind::Floppy) {
+            let wc = matches!(c.as_str(), "none" | "writeback" | "unsafe");
+            dev.push_str(if wc {
+                ",write-cache=on"
+            } else {
+                ",write-cache=off"
+            });
+        }
+        if d.shareable && matches!(d.bus, DiskBus::Scsi { .. } | DiskBus::Virtio(_)) {
+            dev.push_str(",share-rw=on");
+        }
+        self.push(["-device", &dev]);
         Ok(())
     }
 
     /// The tap or macvtap fd is already open in QEMU (see `nic_plumbing`):
     /// no script, nothing QEMU must be privileged for.
-    fn nic(&mut self, p: &NicPlan) {
+    fn nic(&mut self, p: &NicPlan, extra: &str) {
         let n = p.index;
         let netdev = match &p.backend {
             NicBackend::User => format!("user,id=hostnet{n}"),
@@ -435,44 +923,19 @@ impl Builder {
         self.push([
             "-device",
             &format!(
-                "{},netdev=hostnet{n},id=net{n},mac={}",
+                "{},netdev=hostnet{n},id=net{n},mac={}{extra}",
                 p.driver,
                 format_mac(&p.mac)
             ),
         ]);
     }
 
-    fn serial(&mut self, c: &CharDevice, n: usize) -> Result<(), ArgvError> {
-        let chardev = match c.char_type.as_str() {
-            "pty" => format!("pty,id=charserial{n}"),
-            "null" => format!("null,id=charserial{n}"),
-            "file" => {
-                let path = c
-                    .extra
-                    .children
-                    .iter()
-                    .find_map(|node| match node {
-                        flotilla_shared::xml::tree::Node::Element(e) if e.name == "source" => {
-                            e.get_attr("path").map(str::to_string)
-                        }
-                        _ => None,
-                    })
-                    .ok_or_else(|| {
-                        self.unsupported("serial type 'file' without a source path".into())
-                    })?;
-                format!("file,id=charserial{n},path={}", escape_opt(&path))
-            }
-            other => return Err(self.unsupported(format!("serial type '{other}'"))),
-        };
-        self.push(["-chardev", &chardev]);
-        self.push([
-            "-device",
-            &format!("isa-serial,chardev=charserial{n},id=serial{n}"),
-        ]);
-        Ok(())
-    }
-
-    fn graphics(&mut self, g: &Graphics) -> Result<(), ArgvError> {
+    fn graphics(
+        &mut self,
+        g: &Graphics,
+        audio: u32,
+        spice_extra: &[String],
+    ) -> Result<(), ArgvError> {
         let protocol = g.protocol.as_str();
         let unplanned = || ArgvError::Unplanned {
             vm: self.vm.clone(),
@@ -505,8 +968,7 @@ impl Builder {
                 if g.passwd.is_some() {
                     opt.push_str(",password=on");
                 }
-                opt.push_str(",audiodev=audio1");
-                self.push(["-audiodev", "none,id=audio1"]);
+                opt.push_str(&format!(",audiodev=audio{audio}"));
                 self.push(["-vnc", &opt]);
             }
             GraphicsProtocol::Spice => {
@@ -525,6 +987,10 @@ impl Builder {
                 if g.passwd.is_none() {
                     opt.push_str(",disable-ticketing=on");
                 }
+                for o in spice_extra {
+                    opt.push(',');
+                    opt.push_str(&escape_opt(o));
+                }
                 opt.push_str(",seamless-migration=on");
                 self.push(["-spice", &opt]);
             }
@@ -533,6 +999,15 @@ impl Builder {
             self.push(["-k", k]);
         }
         Ok(())
+    }
+}
+
+/// QEMU's id of USB controller `index`; libvirt calls the first `usb`.
+fn usb_id(index: u32) -> String {
+    if index == 0 {
+        "usb".into()
+    } else {
+        format!("usb{index}")
     }
 }
 
@@ -558,6 +1033,8 @@ mod tests {
         QemuHost {
             emulator: "/usr/bin/qemu-system-x86_64".into(),
             accel: Accel::Tcg,
+            ovmf: None,
+            hugepages: None,
         }
     }
 
@@ -608,10 +1085,13 @@ mod tests {
                 "tap,fd=14,id=hostnet2"
             ]
         );
-        let devices = option_after(&argv, "-device");
+        let devices: Vec<&str> = option_after(&argv, "-device")
+            .into_iter()
+            .filter(|d| !d.starts_with("piix3-usb-uhci"))
+            .collect();
         assert_eq!(
             devices[0],
-            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:aa:bb:01"
+            "virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:aa:bb:01,bus=pci.0,addr=0x2"
         );
         assert!(devices[1].starts_with("rtl8139,netdev=hostnet1,id=net1,mac=52:54:00:"));
         assert!(devices[2].starts_with("e1000e,netdev=hostnet2,id=net2,mac=52:54:00:"));
@@ -669,10 +1149,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            &option_after(&argv, "-device")[..2],
+            &option_after(&argv, "-device")[1..3],
             [
-                "virtio-blk-pci,drive=flotilla-disk0-format,id=disk0",
-                "virtio-blk-pci,drive=flotilla-disk1-storage,id=disk1"
+                "virtio-blk-pci,bus=pci.0,addr=0x2,drive=flotilla-disk0-format,id=virtio-disk0",
+                "virtio-blk-pci,bus=pci.0,addr=0x3,drive=flotilla-disk1-storage,id=virtio-disk1"
             ]
         );
         assert_eq!(
@@ -707,7 +1187,6 @@ mod tests {
             ("graphics-vnc-socket", "-vnc"),
             ("graphics-vnc-none", "-vnc"),
             ("graphics-listen-network", "-vnc"),
-            ("graphics-spice-egl-headless", "-spice"),
             ("graphics-spice-socket", "-spice"),
         ];
         for (name, flag) in cases {
@@ -763,7 +1242,12 @@ mod tests {
         );
         assert_eq!(
             option_after(&argv, "-device"),
-            ["isa-serial,chardev=charserial0,id=serial0", "VGA,id=video0"]
+            [
+                // libvirt's implied USB controller, in PIIX3's slot.
+                "piix3-usb-uhci,id=usb,bus=pci.0,addr=0x1.0x2",
+                "isa-serial,chardev=charserial0,id=serial0,index=0",
+                "VGA,id=video0"
+            ]
         );
         assert!(
             !argv.to_string().contains("hunter2"),
@@ -774,12 +1258,12 @@ mod tests {
     #[test]
     fn unsupported_devices_are_named() {
         let xml = "<domain type='kvm'><name>x</name><memory>1024</memory><os><type>hvm</type></os>\
-                   <devices><disk type='file'><source file='/a.img'/><target dev='sda' bus='sata'/></disk></devices></domain>";
+                   <devices><graphics type='egl-headless'/></devices></domain>";
         let d = Domain::parse("x.xml", xml).expect("ok").model;
-        let e = QemuArgv::build(&d, &host(), &VmPaths::new("/tmp/x"), &[]).expect_err("sata");
+        let e = QemuArgv::build(&d, &host(), &VmPaths::new("/tmp/x"), &[]).expect_err("egl");
         assert_eq!(
             e.to_string(),
-            "VM 'x': disk bus 'sata' is not supported by Flotilla yet"
+            "VM 'x': /domain/devices/graphics: graphics type 'egl-headless' is not supported by Flotilla yet"
         );
     }
 

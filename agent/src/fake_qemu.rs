@@ -67,6 +67,8 @@ pub fn sim_settings(host: &str) -> AgentSettings {
         qemu: QemuHost {
             emulator: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             accel: Accel::Tcg,
+            ovmf: None,
+            hugepages: None,
         },
         timeouts: StartTimeouts::default(),
         migration_network: None,

@@ -136,6 +136,11 @@ impl QemuHypervisor {
                 return HvResult::Failed(e);
             }
         }
+        if let Some((template, store)) = &argv.nvram_from {
+            if let Err(e) = copy_nvram(template, store).await {
+                return HvResult::Failed(e);
+            }
+        }
         let up = mode == LaunchMode::Run;
         let opened = match nic_plumbing::plumb(&name, &paths.dir, &nics, up).await {
             Ok(o) => o,
@@ -430,4 +435,28 @@ async fn create_image(image: &NewImage) -> Result<(), String> {
         image.path.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     ))
+}
+
+/// Gives a UEFI guest its own variable store, copied from the template the
+/// first time: an existing store holds the guest's boot entries and stays.
+async fn copy_nvram(template: &Path, store: &Path) -> Result<(), String> {
+    if tokio::fs::try_exists(store).await.unwrap_or(false) {
+        return Ok(());
+    }
+    if let Some(dir) = store.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let tmp = store.with_extension("fd.tmp");
+    tokio::fs::copy(template, &tmp).await.map_err(|e| {
+        format!(
+            "cannot copy the UEFI variable template {} to {}: {e}",
+            template.display(),
+            store.display()
+        )
+    })?;
+    tokio::fs::rename(&tmp, store)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", store.display()))
 }

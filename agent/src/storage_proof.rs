@@ -7,7 +7,9 @@
 //! back before it accepts the guest. Pure: the markers' contents are inputs.
 //!
 //! Read-only disks and CD-ROMs are not checked (the guest cannot write them),
-//! nor are block devices (no marker can sit beside `/dev/sdX`).
+//! nor are `<shareable/>` disks (libvirt's rule: a disk several guests write
+//! at once is on shared storage by definition), nor block devices (no marker
+//! can sit beside `/dev/sdX`).
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +44,9 @@ pub fn marker_path(image: &Path) -> PathBuf {
 pub fn writable_disks(domain: &Domain) -> Vec<WritableDisk> {
     domain
         .disks()
-        .filter(|d| !d.readonly && d.device.as_deref().is_none_or(|dev| dev == "disk"))
+        .filter(|d| {
+            !d.readonly && !d.shareable && d.device.as_deref().is_none_or(|dev| dev == "disk")
+        })
         .filter(|d| d.disk_type.as_deref().is_none_or(|t| t == "file"))
         .filter_map(|d| {
             Some(WritableDisk {
@@ -132,12 +136,13 @@ mod tests {
             <disk type='file' device='disk'><source file='/srv/base.img'/><target dev='vdb'/><readonly/></disk>\
             <disk type='file' device='cdrom'><source file='/iso/d.iso'/><target dev='sda' bus='ide'/></disk>\
             <disk type='block' device='disk'><source dev='/dev/sdb'/><target dev='vdc'/></disk>\
+            <disk type='file' device='disk'><source file='/srv/quorum.img'/><target dev='vdd'/><shareable/></disk>\
             </devices></domain>";
         Domain::parse("web.xml", xml).expect("domain").model
     }
 
     #[test]
-    fn only_writable_file_disks_need_a_proof() {
+    fn only_writable_unshared_file_disks_need_a_proof() {
         let disks = writable_disks(&domain());
         assert_eq!(
             disks,

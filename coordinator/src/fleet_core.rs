@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla_shared::hardware;
 use flotilla_shared::proto::{
     AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, DomInfo, FenceReport, HelloAck,
     HostEntry, HostFacts, MachineTypes, MigrationOutcome, MigrationProgress, NetStatus,
@@ -2395,6 +2396,21 @@ impl FleetCore {
                  with reserved value 0xFE (host devices carry the guest MAC with that first byte)"
             )));
         }
+        // As libvirt's define: implied controllers and every device's address
+        // are stored, so slots (and guest NIC names) stay put; and what
+        // Flotilla cannot build is refused now, not at start.
+        let domain = match hardware::complete(&domain).and_then(|d| {
+            hardware::plan(&d)?;
+            Ok(d)
+        }) {
+            Ok(d) => d,
+            Err(refused) => {
+                return OperatorResponse::Error(OperatorError::Unsupported {
+                    file: source,
+                    refused,
+                })
+            }
+        };
         let def = NewDefinition {
             name: domain.name.clone(),
             uuid: domain.uuid.hyphenated().to_string(),

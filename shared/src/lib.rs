@@ -9,6 +9,7 @@
 
 #[cfg(feature = "cli")]
 pub mod config_file;
+pub mod hardware;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod proto;

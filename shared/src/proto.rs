@@ -41,11 +41,13 @@ use serde::{Deserialize, Serialize};
 /// availability: host leases and fencing ([`FenceReport`],
 /// [`HelloAck::Accepted`]), VM incarnations, and the HA verbs. Version 7
 /// sends heartbeats as deltas against the last acknowledged report
-/// ([`Report`]).
-pub const PROTOCOL_VERSION: u32 = 7;
-/// The oldest version this build still accepts. Version 6 heartbeats carry
-/// bare facts, which this one would misread: refused by name.
-pub const MIN_PROTOCOL_VERSION: u32 = 7;
+/// ([`Report`]). Version 8 refuses unsupported hardware at define by
+/// element path ([`OperatorError::Unsupported`]).
+pub const PROTOCOL_VERSION: u32 = 8;
+/// The oldest version this build still accepts. A version 7 peer cannot read
+/// [`OperatorError::Unsupported`], and its agents would start definitions
+/// without the hardware plan: refused by name.
+pub const MIN_PROTOCOL_VERSION: u32 = 8;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -804,6 +806,15 @@ pub enum OperatorError {
     /// The definition was refused (file, line, element and reason).
     #[error("{0}")]
     InvalidDefinition(String),
+    /// The definition asks for hardware Flotilla does not build yet: refused
+    /// at define, each item by element path, so nothing runs with less.
+    #[error("{file}: {refused}")]
+    Unsupported {
+        /// The file the definition came from.
+        file: String,
+        /// What, by element path.
+        refused: crate::hardware::Refused,
+    },
     /// The stored definition no longer parses.
     #[error("stored definition unreadable: {0}")]
     StoredDefinitionUnreadable(String),
@@ -1454,9 +1465,10 @@ mod tests {
         // Version 1's agent messages had no sequence numbers, version 2's
         // network statuses no NIC field, version 3's migrations no storage
         // copy, version 4's host entries no committed capacity, version 5's
-        // hosts no lease, version 6's heartbeats no deltas; their frames are
-        // refused before their body is read, whatever the body.
-        for old in [1u8, 2, 3, 4, 5, 6] {
+        // hosts no lease, version 6's heartbeats no deltas, version 7 no
+        // hardware refusal; their frames are refused before their body is
+        // read, whatever the body.
+        for old in [1u8, 2, 3, 4, 5, 6, 7] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1465,14 +1477,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 7,
-                    max: 7
+                    min: 8,
+                    max: 8
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 7 to 7); \
+                    "protocol version {old} is no longer supported (this build speaks 8 to 8); \
                      upgrade the peer"
                 )
             );

@@ -96,8 +96,9 @@ fn disk() -> impl Strategy<Value = Disk> {
         proptest::option::of("/var/lib/flotilla/[a-z]{1,8}\\.qcow2"),
         proptest::option::of("vd[a-z]"),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(file, dev, readonly)| Disk {
+        .prop_map(|(file, dev, readonly, shareable)| Disk {
             disk_type: Some("file".into()),
             device: Some("disk".into()),
             driver_name: Some("qemu".into()),
@@ -110,6 +111,7 @@ fn disk() -> impl Strategy<Value = Disk> {
             target_dev: dev,
             target_extra: Extra::default(),
             readonly,
+            shareable,
             extra: Extra::default(),
         })
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use flotilla_agent::argv::{Accel, QemuHost};
+use flotilla_agent::argv::{Accel, Ovmf, QemuHost};
 use flotilla_agent::console::{ConsoleAuth, ConsoleSettings};
 use flotilla_agent::control::{self, AgentCall, Request, Response};
 use flotilla_agent::coordinator_link::{self, LinkSettings};
@@ -314,9 +314,21 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
         qemu: QemuHost {
             emulator: find_program(&cli.emulator)?,
             accel,
+            ovmf: Ovmf::find(Path::new("/")),
+            hugepages: hugetlbfs_mount(),
         },
         timeouts: StartTimeouts::default(),
         migration_network: cli.migration_network.clone(),
+    })
+}
+
+/// The first hugetlbfs mount this agent sees, for guests backed by huge pages.
+fn hugetlbfs_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "hugetlbfs").then(|| PathBuf::from(dir))
     })
 }
 

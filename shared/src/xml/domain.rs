@@ -200,6 +200,9 @@ pub struct Disk {
     pub target_extra: Extra,
     /// `<readonly/>` present.
     pub readonly: bool,
+    /// `<shareable/>` present: several guests may write it at once, so it
+    /// lives on storage they share (libvirt treats it as migration-safe).
+    pub shareable: bool,
     /// Attributes and children not interpreted.
     pub extra: Extra,
 }
@@ -639,6 +642,9 @@ fn device_element(d: &Device, flavor: XmlFlavor) -> Element {
             if disk.readonly {
                 el = el.child(Element::new("readonly"));
             }
+            if disk.shareable {
+                el = el.child(Element::new("shareable"));
+            }
             disk.extra.apply(el)
         }
         Device::Interface(i) => {
@@ -980,6 +986,7 @@ fn read_disk(mut c: Cursor<'_>) -> Result<Disk, ParseError> {
         None => (None, None, Extra::default()),
     };
     let readonly = c.child("readonly").map(Cursor::finish).is_some();
+    let shareable = c.child("shareable").map(Cursor::finish).is_some();
     Ok(Disk {
         disk_type,
         device,
@@ -993,6 +1000,7 @@ fn read_disk(mut c: Cursor<'_>) -> Result<Disk, ParseError> {
         target_bus,
         target_extra,
         readonly,
+        shareable,
         extra: c.finish(),
     })
 }
