@@ -189,6 +189,44 @@ async fn serve_request(
                 Err(refusal) => refusal,
             }
         }
+        Ok(AgentRequest::OpenSerial { name }) => {
+            tracing::info!(vm = %name, "serial console relay");
+            let chardevs = agent
+                .send(AgentCall(AgentRequest::MonitorCommand {
+                    name: name.clone(),
+                    command: "info chardev".into(),
+                }))
+                .await
+                .unwrap_or_else(|e| AgentResponse::Error(format!("agent unavailable: {e}")));
+            let opened = match chardevs {
+                AgentResponse::Done(info) => match crate::serial_relay::pty_of(&info) {
+                    Some(path) => crate::serial_relay::open(&path)
+                        .map(|pty| (pty, path.clone()))
+                        .map_err(|e| format!("cannot open the serial console {path}: {e}")),
+                    None => Err(format!(
+                        "domain '{name}' has no serial console on a pty (virsh console needs \
+                         <serial type='pty'> or <console type='pty'>)"
+                    )),
+                },
+                AgentResponse::Error(e) => Err(e),
+                other => Err(format!("unexpected answer {other:?}")),
+            };
+            match opened {
+                Ok((mut pty, path)) => {
+                    let reply = AgentReply {
+                        seq: seq.fetch_add(1, Ordering::SeqCst) + 1,
+                        response: AgentResponse::ConsoleOpened { addr: path },
+                    };
+                    if quic::write_frame(&mut send, &reply).await.is_ok() {
+                        let mut stream = tokio::io::join(recv, send);
+                        let copied = tokio::io::copy_bidirectional(&mut stream, &mut pty).await;
+                        tracing::info!(vm = %name, ?copied, "serial console relay ended");
+                    }
+                    return;
+                }
+                Err(e) => AgentResponse::Error(e),
+            }
+        }
         Ok(req) => {
             tracing::info!(request = ?RequestName(&req), "coordinator request");
             agent

@@ -997,7 +997,7 @@ impl HostCore {
             }
             // A relay turns its stream into raw bytes, so only the
             // coordinator link can carry one out ([`crate::console_relay`]).
-            Request::OpenConsole { .. } => reply(
+            Request::OpenConsole { .. } | Request::OpenSerial { .. } => reply(
                 out,
                 Response::Error(
                     "a console relay needs a stream of its own: open it from the coordinator"

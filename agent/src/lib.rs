@@ -29,6 +29,7 @@ pub mod qemu_hypervisor;
 pub mod qemu_process;
 pub mod qmp;
 pub mod resolver;
+pub mod serial_relay;
 pub mod storage_copy;
 pub mod storage_proof;
 pub mod vm_record;

@@ -92,6 +92,8 @@ pub struct ConsoleLink {
 pub struct ConsoleCall {
     /// The VM.
     pub name: String,
+    /// Its serial console rather than its VNC display.
+    pub serial: bool,
 }
 
 /// An operator's event request, with the sink for the lines.
@@ -519,6 +521,7 @@ impl Handler<ConsoleCall> for Fleet {
         self.input(Input::ConsoleRoute {
             id,
             name: call.name,
+            serial: call.serial,
         });
         Box::pin(async move {
             rx.await

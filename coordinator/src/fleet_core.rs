@@ -141,13 +141,16 @@ pub enum Input {
     },
     /// Time passed: timeouts, polls, gauges.
     Tick,
-    /// Where to reach a VM's VNC console now, for the web console; exactly
-    /// one [`Effect::ConsoleRoute`] answers it.
+    /// Where to reach a VM's VNC console now, for the web console, or its
+    /// serial console, for `flotilla console`; exactly one
+    /// [`Effect::ConsoleRoute`] answers it.
     ConsoleRoute {
         /// Its number, shared with operator requests.
         id: RequestId,
         /// The VM.
         name: String,
+        /// The serial console, which needs no VNC display.
+        serial: bool,
     },
 }
 
@@ -728,8 +731,8 @@ impl FleetCore {
                 self.publish_migration_change(now);
             }
             Input::Tick => self.tick(now),
-            Input::ConsoleRoute { id, name } => {
-                let result = self.console_route(&name, now);
+            Input::ConsoleRoute { id, name, serial } => {
+                let result = self.console_route(&name, serial, now);
                 self.effects.push(Effect::ConsoleRoute { id, result });
             }
         }
@@ -819,7 +822,12 @@ impl FleetCore {
 
     /// The host and connection that reach `name`'s VNC console, and its
     /// password. A migrating VM's console is still on its source.
-    fn console_route(&self, name: &str, now: Instant) -> Result<ConsoleTarget, OperatorError> {
+    fn console_route(
+        &self,
+        name: &str,
+        serial: bool,
+        now: Instant,
+    ) -> Result<ConsoleTarget, OperatorError> {
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let host = match &vm.life {
             VmLifecycle::Running { host } => host.clone(),
@@ -831,6 +839,14 @@ impl FleetCore {
             }
         };
         let conn = self.conn_of(&host, now)?;
+        if serial {
+            // Whether it has a serial port on a pty is its host's to say.
+            return Ok(ConsoleTarget {
+                host,
+                conn,
+                password: None,
+            });
+        }
         let row = self
             .store
             .get(name)
@@ -2274,10 +2290,10 @@ impl FleetCore {
                 self.log_host_transitions(now);
                 self.reply(id, r);
             }
-            OperatorRequest::Events { .. } => self.reply(
+            OperatorRequest::Events { .. } | OperatorRequest::Console { .. } => self.reply(
                 id,
                 OperatorResponse::Error(OperatorError::UnexpectedAnswer(
-                    "events stream notes; the shell serves them".into(),
+                    "a streaming request; the shell serves it".into(),
                 )),
             ),
             // The web shell issues tickets; one that reaches the core came

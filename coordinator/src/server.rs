@@ -12,15 +12,17 @@ use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    AgentEvent, AgentHello, ClientMessage, HelloAck, OperatorError, OperatorRequest,
-    OperatorResponse, ServerMessage,
+    AgentEvent, AgentHello, AgentReply, AgentRequest, AgentResponse, ClientMessage, HelloAck,
+    OperatorError, OperatorRequest, OperatorResponse, ServerMessage,
 };
 use flotilla_shared::report_delta::ReportReceiver;
 use tracing::Instrument as _;
 
 use std::sync::{Arc, Mutex};
 
-use crate::fleet::{Disconnected, EventsCall, Fleet, Heartbeat, OperatorCall, Register, VmExited};
+use crate::fleet::{
+    ConsoleCall, Disconnected, EventsCall, Fleet, Heartbeat, OperatorCall, Register, VmExited,
+};
 use crate::web::Web;
 
 /// A poisoned lock only means a stream task panicked mid-update; the
@@ -138,12 +140,86 @@ async fn stream(
                 None => OperatorResponse::Error(OperatorError::WebDisabled),
             })
         }
+        Ok(ClientMessage::Operator(OperatorRequest::Console { name }))
+            if who.role == Role::Operator =>
+        {
+            tracing::info!(operator = %who.name, vm = %name, "serial console");
+            match serial_console(&name, send, recv, &fleet).await {
+                Ok(()) => return,
+                Err((s, reply)) => {
+                    send = s;
+                    reply
+                }
+            }
+        }
         Ok(msg) => dispatch(msg, &peer, &fleet).await,
     };
     let _ = quic::write_frame(&mut send, &reply).await;
     let _ = send.finish();
     // Let the reply reach the peer before the stream is dropped.
     let _ = send.stopped().await;
+}
+
+/// `flotilla console`: the VM's host's agent opens its serial pty on a
+/// stream of its own, and this operator stream is joined to it byte for
+/// byte. A refusal gives the send half back for the error frame.
+async fn serial_console(
+    name: &str,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    fleet: &Addr<Fleet>,
+) -> Result<(), (quinn::SendStream, ServerMessage)> {
+    let fail = |e: OperatorError| ServerMessage::Operator(OperatorResponse::Error(e));
+    let link = match fleet
+        .send(ConsoleCall {
+            name: name.into(),
+            serial: true,
+        })
+        .await
+    {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return Err((send, fail(e))),
+        Err(e) => return Err((send, fail(OperatorError::Unavailable(e.to_string())))),
+    };
+    let agent_error = |message: String| {
+        fail(OperatorError::Agent {
+            host: link.host.clone(),
+            message,
+        })
+    };
+    let (mut a_send, mut a_recv) = match link.conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Err((send, agent_error(e.to_string()))),
+    };
+    if let Err(e) =
+        quic::write_frame(&mut a_send, &AgentRequest::OpenSerial { name: name.into() }).await
+    {
+        return Err((send, agent_error(e.to_string())));
+    }
+    let device = match quic::read_frame::<AgentReply>(&mut a_recv).await {
+        Ok(AgentReply {
+            response: AgentResponse::ConsoleOpened { addr },
+            ..
+        }) => addr,
+        Ok(AgentReply {
+            response: AgentResponse::Error(e),
+            ..
+        }) => return Err((send, agent_error(e))),
+        Ok(other) => return Err((send, agent_error(format!("unexpected answer {other:?}")))),
+        Err(e) => return Err((send, agent_error(e.to_string()))),
+    };
+    let attached = ServerMessage::Operator(OperatorResponse::ConsoleAttached {
+        host: link.host.clone(),
+        device,
+    });
+    if quic::write_frame(&mut send, &attached).await.is_err() {
+        return Ok(());
+    }
+    let mut operator = tokio::io::join(recv, send);
+    let mut agent = tokio::io::join(a_recv, a_send);
+    let copied = tokio::io::copy_bidirectional(&mut operator, &mut agent).await;
+    tracing::info!(vm = %name, ?copied, "serial console detached");
+    Ok(())
 }
 
 /// A migration answers with progress frames on the same stream, then the outcome.

@@ -146,7 +146,14 @@ impl Web {
     pub async fn ticket(&self, console: Option<String>) -> OperatorResponse {
         let (grant, path) = match console {
             Some(name) => {
-                match self.fleet.send(ConsoleCall { name: name.clone() }).await {
+                match self
+                    .fleet
+                    .send(ConsoleCall {
+                        name: name.clone(),
+                        serial: false,
+                    })
+                    .await
+                {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return OperatorResponse::Error(e),
                     Err(e) => {
@@ -384,7 +391,14 @@ async fn open_console(
     ),
     String,
 > {
-    let link = match web.fleet.send(ConsoleCall { name: name.into() }).await {
+    let link = match web
+        .fleet
+        .send(ConsoleCall {
+            name: name.into(),
+            serial: false,
+        })
+        .await
+    {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(e) => return Err(e.to_string()),

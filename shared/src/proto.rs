@@ -361,6 +361,13 @@ pub enum AgentRequest {
         /// The VM.
         name: String,
     },
+    /// Relay the VM's first serial port (its pty) over this stream, as
+    /// `virsh console` does: after [`AgentResponse::ConsoleOpened`] (naming
+    /// the pty) the stream carries the serial bytes both ways.
+    OpenSerial {
+        /// The VM.
+        name: String,
+    },
 }
 
 /// One console as reported to operators.
@@ -1252,6 +1259,13 @@ pub enum OperatorRequest {
         /// The VM.
         name: String,
     },
+    /// Attach to a VM's serial console (`virsh console`): after
+    /// [`OperatorResponse::ConsoleAttached`] the stream carries the guest's
+    /// serial bytes both ways until either side closes.
+    Console {
+        /// The VM.
+        name: String,
+    },
 }
 
 /// The scheduler's explanation of one VM's last placement.
@@ -1403,6 +1417,13 @@ pub enum OperatorResponse {
     Placements(Vec<PlacementNote>),
     /// One VM in detail.
     DomInfo(DomInfo),
+    /// A serial console is attached; its raw bytes follow on the stream.
+    ConsoleAttached {
+        /// The host the VM runs on.
+        host: String,
+        /// The serial device there (`/dev/pts/N`).
+        device: String,
+    },
     /// The request was refused or failed.
     Error(OperatorError),
 }

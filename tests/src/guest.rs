@@ -92,6 +92,43 @@ pub fn counting_boot_sector() -> [u8; 512] {
     sector
 }
 
+/// A boot sector that echoes its first serial port in upper case: every
+/// byte received on COM1 is sent back, `a`–`z` raised. A test types
+/// into the serial console and reads the guest's answer.
+pub fn serial_echo_boot_sector() -> [u8; 512] {
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        // start:
+        0xba, 0xfd, 0x03,                   // mov dx, 0x3fd    (line status)
+        // wait:
+        0xec,                               // in al, dx
+        0xa8, 0x01,                         // test al, 1       (data ready)
+        0x74, 0xfb,                         // jz wait          (-5)
+        0xba, 0xf8, 0x03,                   // mov dx, 0x3f8    (data)
+        0xec,                               // in al, dx
+        0x3c, 0x61,                         // cmp al, 'a'
+        0x72, 0x06,                         // jb send          (+6)
+        0x3c, 0x7a,                         // cmp al, 'z'
+        0x77, 0x02,                         // ja send          (+2)
+        0x2c, 0x20,                         // sub al, 0x20
+        // send:
+        0xee,                               // out dx, al
+        0xeb, 0xe7,                         // jmp start        (-25)
+    ];
+    let mut sector = [0u8; 512];
+    sector[..code.len()].copy_from_slice(code);
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    sector
+}
+
+/// A bootable 1 MiB raw disk holding [`serial_echo_boot_sector`].
+pub fn serial_echo_disk_image() -> Vec<u8> {
+    let mut image = vec![0u8; 1 << 20];
+    image[..512].copy_from_slice(&serial_echo_boot_sector());
+    image
+}
+
 /// A bootable raw disk image: the boot sector, padded to 1 MiB.
 ///
 /// SeaBIOS will not boot a one-sector disk (its geometry has zero cylinders).

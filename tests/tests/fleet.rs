@@ -867,6 +867,99 @@ fn define_counter_on(f: &Fleet, name: &str, disk: &str, graphics: &str) -> Strin
     uuid
 }
 
+#[test]
+fn flotilla_console_carries_the_serial_port_both_ways_and_ctrl_bracket_detaches() {
+    let f = fleet();
+    // A virt-install-shaped server whose system disk echoes COM1.
+    let raw = f.work.path().join("echo.raw");
+    std::fs::write(&raw, flotilla_tests::guest::serial_echo_disk_image()).expect("image");
+    let disk = f.work.path().join("echo.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &disk]);
+    let iso = f.work.path().join("debian-12.iso");
+    std::fs::write(&iso, vec![0u8; 1 << 20]).expect("iso");
+    let uuid = new_uuid();
+    let xml = flotilla_tests::virt_install_domain(
+        "echo",
+        &uuid,
+        &disk,
+        &iso,
+        "<os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>",
+    );
+    let file = f.work.path().join("echo.xml");
+    std::fs::write(&file, xml).expect("write");
+    let o = f.cli(&["define", file.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Define stored what libvirt's define would: root ports and addresses.
+    let stored = text(&f.cli(&["dumpxml", "echo"]));
+    for wanted in [
+        "model=\"pcie-root-port\"",
+        "<address type=\"pci\" domain=\"0x0000\" bus=\"0x01\"",
+        "<address type=\"drive\" controller=\"0\" bus=\"0\" target=\"0\" unit=\"0\"/>",
+        "<address type=\"virtio-serial\" controller=\"0\" bus=\"0\" port=\"1\"/>",
+    ] {
+        assert!(stored.contains(wanted), "no {wanted} in:\n{stored}");
+    }
+    let o = f.cli(&["start", "echo", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut c = f.ctl.command(&bin("flotilla"));
+    c.arg("--coordinator")
+        .arg(COORD)
+        .arg("--tls-dir")
+        .arg(&f.tls)
+        .args(["console", "echo"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("flotilla console");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = Lines::read(child.stdout.take().expect("stdout"));
+    let mut err = Lines::read(child.stderr.take().expect("stderr"));
+    err.wait_for(Duration::from_secs(10), |l| {
+        l.iter().any(|l| l.contains("Escape character is ^]"))
+    })
+    .expect("attached");
+    assert!(
+        err.seen()
+            .iter()
+            .any(|l| l.starts_with("Connected to domain 'echo' on host-a (/dev/pts/")),
+        "{:?}",
+        err.seen()
+    );
+    // The guest answers what it reads on COM1, in upper case: bytes went
+    // to the serial port and came back from it.
+    use std::io::Write;
+    stdin.write_all(b"hello flotilla\n").expect("type");
+    stdin.flush().expect("flush");
+    out.wait_for(Duration::from_secs(10), |l| {
+        l.iter().any(|l| l.contains("HELLO FLOTILLA"))
+    })
+    .expect("the guest's answer");
+    // Ctrl-] detaches; the guest keeps running.
+    stdin.write_all(&[0x1d]).expect("escape");
+    stdin.flush().expect("flush");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "console did not detach"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(qemu_pids_for(&uuid).len(), 1, "the guest stopped");
+    // A VM without a serial pty is refused by name, through its host.
+    let o = f.cli(&["console", "nosuchvm"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("failed to get domain 'nosuchvm'"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// Reads the guest's counter through the agent on host `idx`.
 fn counter(f: &Fleet, idx: usize, name: &str) -> Option<u32> {
     let (ns, dirs, host) = &f.hosts[idx];

@@ -336,65 +336,6 @@ fn every_conformance_domain_starts_or_is_refused_at_define() {
 /// note of issue 14 for what the rest need).
 const MIN_STARTED: usize = 38;
 
-/// A Debian 12 server as virt-install writes it (the NIC left out).
-fn virt_install_domain(name: &str, uuid: &str, disk: &Path, iso: &Path, os: &str) -> String {
-    format!(
-        "<domain type='kvm'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <metadata>
-    <libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>
-      <libosinfo:os id='http://debian.org/debian/12'/>
-    </libosinfo:libosinfo>
-  </metadata>
-  <memory unit='KiB'>262144</memory>
-  <currentMemory unit='KiB'>262144</currentMemory>
-  <vcpu placement='static'>2</vcpu>
-  {os}
-  <features><acpi/><apic/><vmport state='off'/></features>
-  <cpu mode='host-passthrough' check='none' migratable='on'/>
-  <clock offset='utc'>
-    <timer name='rtc' tickpolicy='catchup'/>
-    <timer name='pit' tickpolicy='delay'/>
-    <timer name='hpet' present='no'/>
-  </clock>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <pm><suspend-to-mem enabled='no'/><suspend-to-disk enabled='no'/></pm>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' discard='unmap'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <disk type='file' device='cdrom'>
-      <driver name='qemu' type='raw'/>
-      <source file='{iso}'/>
-      <target dev='sda' bus='sata'/>
-      <readonly/>
-    </disk>
-    <controller type='usb' index='0' model='qemu-xhci' ports='15'/>
-    <controller type='pci' index='0' model='pcie-root'/>
-    <controller type='virtio-serial' index='0'/>
-    <serial type='pty'><target type='isa-serial' port='0'><model name='isa-serial'/></target></serial>
-    <console type='pty'><target type='serial' port='0'/></console>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <input type='tablet' bus='usb'/>
-    <input type='mouse' bus='ps2'/>
-    <input type='keyboard' bus='ps2'/>
-    <graphics type='vnc' port='-1'><listen type='network' network='public'/></graphics>
-    <video><model type='virtio' heads='1' primary='yes'/></video>
-    <memballoon model='virtio'/>
-    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-  </devices>
-</domain>",
-        disk = disk.display(),
-        iso = iso.display()
-    )
-}
-
 fn hmp(host: &Netns, dirs: &AgentDirs, name: &str, cmd: &str) -> String {
     let mut c = agent_command(host, "srv-host", dirs);
     c.args(["ctl", "qemu-monitor-command", name, "--hmp", cmd]);
@@ -471,9 +412,12 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
         });
         assert!(o.status.success(), "{o:?}");
         let uuid = new_uuid();
-        let domain = Domain::parse("d.xml", &virt_install_domain(name, &uuid, &disk, &iso, os))
-            .expect("parses")
-            .model;
+        let domain = Domain::parse(
+            "d.xml",
+            &flotilla_tests::virt_install_domain(name, &uuid, &disk, &iso, os),
+        )
+        .expect("parses")
+        .model;
         // What define stores: implied controllers and every address.
         let stored = hardware::complete(&domain).expect("completes");
         hardware::plan(&stored).expect("nothing refused");

@@ -216,6 +216,15 @@ enum Command {
         /// The host's name, as `flotilla hosts` lists it.
         host: String,
     },
+    /// Attach to the VM's serial console, as virsh console: what the guest
+    /// writes to its first serial port appears here and what you type goes
+    /// to it. Ctrl-] detaches.
+    ///
+    /// Example: flotilla console web01
+    Console {
+        /// The VM's name.
+        name: String,
+    },
     /// Show recent fleet events; with --follow, keep streaming them.
     ///
     /// Example: flotilla events --follow
@@ -376,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::HostDrain { host, parallel } => OperatorRequest::HostDrain { host, parallel },
         Command::HostUndrain { host } => OperatorRequest::HostUndrain { host },
         Command::Events { follow } => OperatorRequest::Events { follow },
+        Command::Console { name } => return console(&cli.conn, name),
         Command::Webconsole { name } => OperatorRequest::WebTicket {
             console: Some(name),
         },
@@ -541,6 +551,120 @@ async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
         }
     }
     bail!("cannot connect to the coordinator: {}", failures.join("; "))
+}
+
+/// Ctrl-], virsh console's escape: detaches.
+const DETACH: u8 = 0x1d;
+
+/// `flotilla console NAME`: the serial console through the coordinator.
+fn console(conn: &ConnArgs, name: String) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let connection = rt.block_on(connect(conn))?;
+    let (mut send, mut recv) = rt.block_on(connection.open_bi())?;
+    rt.block_on(quic::write_frame(
+        &mut send,
+        &ClientMessage::Operator(OperatorRequest::Console { name: name.clone() }),
+    ))?;
+    match rt.block_on(quic::read_frame::<ServerMessage>(&mut recv))? {
+        ServerMessage::Operator(OperatorResponse::ConsoleAttached { host, device }) => {
+            eprintln!("Connected to domain '{name}' on {host} ({device})\r");
+            eprintln!("Escape character is ^] (Ctrl + ])\r");
+        }
+        ServerMessage::Operator(other) => return Ok(print(other, false)),
+        other => bail!("unexpected answer {other:?}"),
+    }
+    // Keystrokes go through as they are typed, like virsh's raw terminal.
+    let raw = std::io::stdin()
+        .is_terminal()
+        .then(RawTerminal::enter)
+        .flatten();
+    // stdin is read on a thread of its own: a blocking read ends with the
+    // process, and the escape is seen before anything after it is sent.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let chunk = &buf[..n];
+                    let (data, detach) = match chunk.iter().position(|b| *b == DETACH) {
+                        Some(i) => (&chunk[..i], true),
+                        None => (chunk, false),
+                    };
+                    if !data.is_empty() && tx.blocking_send(data.to_vec()).is_err() {
+                        return;
+                    }
+                    if detach {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let result: anyhow::Result<()> = rt.block_on(async move {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        loop {
+            tokio::select! {
+                n = recv.read(&mut buf) => match n? {
+                    Some(n) => {
+                        out.write_all(&buf[..n])?;
+                        out.flush()?;
+                    }
+                    None => return Ok(()),
+                },
+                chunk = rx.recv() => match chunk {
+                    Some(c) => send.write_all(&c).await?,
+                    // Detached (or stdin ended): leave the guest running.
+                    None => {
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                },
+            }
+        }
+    });
+    drop(raw);
+    eprintln!();
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The terminal in raw mode (no echo, no line editing, no signals) until
+/// dropped, set and restored with stty as the console's user would.
+struct RawTerminal(String);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        let saved = std::process::Command::new("stty")
+            .arg("-g")
+            .stdin(std::process::Stdio::inherit())
+            .output()
+            .ok()?;
+        let saved = String::from_utf8(saved.stdout).ok()?.trim().to_string();
+        std::process::Command::new("stty")
+            .args(["raw", "-echo"])
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .ok()?;
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("stty")
+            .arg(&self.0)
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    }
 }
 
 /// Sends a request whose answer is preceded by notes, printing them as they come.
@@ -749,6 +873,9 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             }
         }
         OperatorResponse::Xml(x) => print!("{x}"),
+        OperatorResponse::ConsoleAttached { host, device } => {
+            println!("console attached on {host} ({device})");
+        }
         OperatorResponse::Started {
             name,
             host,
