@@ -554,6 +554,8 @@ impl FakeHost {
             HvCall::Launch(plan) => return self.launch(*plan),
             HvCall::Qmp { vm, cmd, .. } => return self.qmp(&vm, cmd),
             HvCall::ConfirmConsoles { .. } => HvResult::Done,
+            // The simulated guests run no guest agent.
+            HvCall::GuestAgent { .. } => HvResult::Failed("no guest agent".into()),
             HvCall::Signal { vm, pid, signal } => {
                 if self.procs.get(&vm).is_some_and(|p| p.pid == pid) {
                     let reason = match signal {
@@ -734,6 +736,7 @@ impl FakeHost {
                 p.status = "paused".into();
                 HvResult::Qmp(json!({}))
             }
+            QmpCommand::SystemReset => HvResult::Qmp(json!({})),
             QmpCommand::SystemPowerdown => {
                 if !p.ignores_acpi {
                     self.exit(vm, "QEMU exited (exit status: 0)");

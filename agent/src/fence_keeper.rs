@@ -347,14 +347,11 @@ mod tests {
         assert!(!is_guest(dir, &gone));
         // A process naming both the UUID and the directory is the guest;
         // naming only the UUID (another host's copy) it is not.
-        // `sh -c 'sleep 30; :' my-uuid …`: the shell keeps these arguments.
+        // `sh -c 'read x' my-uuid …`: the shell keeps these arguments, and
+        // waits in a builtin (a forked `sleep` would briefly carry them too).
         let mut child = std::process::Command::new("sh")
-            .args([
-                "-c",
-                "sleep 30; :",
-                "my-uuid",
-                "/srv/state-a/vms/x/qemu.pid",
-            ])
+            .args(["-c", "read x", "my-uuid", "/srv/state-a/vms/x/qemu.pid"])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("sh");
         let g = HaGuest {

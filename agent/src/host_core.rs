@@ -345,10 +345,22 @@ enum QmpThen {
     MigrationStatus,
     Cancel,
     Resume,
+    Suspend,
+    Reset,
     Monitor,
 }
 
 enum Pending {
+    /// A guest agent command for `domifaddr --source agent`.
+    GuestAgent {
+        id: u64,
+    },
+    /// A record written after a suspend or resume; then the answer.
+    SuspendRecord {
+        id: u64,
+        name: String,
+        response: Response,
+    },
     Scan,
     Strays,
     NicSweep,
@@ -545,6 +557,7 @@ impl HostCore {
         self.starting
             .iter()
             .map(|name| VmSummary {
+                suspended: false,
                 name: name.clone(),
                 uuid: String::new(),
                 pid: 0,
@@ -1091,6 +1104,39 @@ impl HostCore {
                     None => self.not_running(&name),
                 };
                 reply(out, response)
+            }
+            Request::Reset { name } => {
+                self.simple_qmp(id, name, QmpCommand::SystemReset, QmpThen::Reset, out)
+            }
+            Request::Suspend { name } => {
+                self.simple_qmp(id, name, QmpCommand::Stop, QmpThen::Suspend, out)
+            }
+            Request::GuestInterfaces { name } => {
+                let socket = match self.vms.get(&name) {
+                    None => return reply(out, self.not_running(&name)),
+                    Some(vm) => Domain::parse(&name, &vm.live_xml).ok().and_then(|d| {
+                        crate::guest_agent::socket_of(&d.model, &self.paths(&name).dir)
+                    }),
+                };
+                match socket {
+                    Some(socket) => self.hv(
+                        out,
+                        Pending::GuestAgent { id },
+                        HvCall::GuestAgent {
+                            vm: name,
+                            socket,
+                            command: "guest-network-get-interfaces",
+                            timeout: Duration::from_secs(5),
+                        },
+                    ),
+                    None => reply(
+                        out,
+                        Response::Error(format!(
+                            "domain '{name}' has no guest agent channel (<channel type='unix'>\
+                             <target type='virtio' name='org.qemu.guest_agent.0'/></channel>)"
+                        )),
+                    ),
+                }
             }
             Request::DumpXml { name } => {
                 let response = match self.vms.get(&name) {
@@ -1693,6 +1739,15 @@ impl HostCore {
                 }
                 out.push(HostEffect::Reply { id, response });
             }
+            Pending::GuestAgent { id } => {
+                let response = match result {
+                    HvResult::Qmp(v) => {
+                        Response::GuestInterfaces(crate::guest_agent::interfaces(&v))
+                    }
+                    other => Response::Error(failure(&other)),
+                };
+                out.push(HostEffect::Reply { id, response });
+            }
             Pending::NetList { id } => {
                 let response = match result {
                     HvResult::Host(HostRead {
@@ -1734,11 +1789,34 @@ impl HostCore {
                 then,
             } => {
                 let was = self.vm_state(&name);
+                // An operator's suspend outlives agent and coordinator
+                // restarts: it is in the record, and reports say so.
+                let suspended = match then {
+                    QmpThen::Suspend => Some(true),
+                    QmpThen::Resume => Some(false),
+                    _ => None,
+                };
                 let response = match result {
                     HvResult::Qmp(v) => self.qmp_answer(&name, then, v),
                     other if matches!(then, QmpThen::Monitor) => Response::Error(failure(&other)),
                     other => Response::Error(format!("{cmd}: {}", failure(&other))),
                 };
+                if let (Some(flag), Response::Done(_)) = (suspended, &response) {
+                    let paths = self.paths(&name);
+                    if let Some(vm) = self.vms.get_mut(&name) {
+                        if vm.record.suspended != flag {
+                            vm.record.suspended = flag;
+                            let call = HvCall::WriteRecord {
+                                paths,
+                                record: vm.record.clone(),
+                                live_xml: None,
+                            };
+                            let pending = Pending::SuspendRecord { id, name, response };
+                            self.hv(out, pending, call);
+                            return;
+                        }
+                    }
+                }
                 let completed = was == Some(VmState::Outgoing)
                     && self.vm_state(&name) == Some(VmState::PostMigrate);
                 let devs = self.macvtaps(&name);
@@ -1966,6 +2044,12 @@ impl HostCore {
                 }
                 other => self.finish_failed(id, &name, failure(&other), out),
             },
+            Pending::SuspendRecord { id, name, response } => {
+                if let HvResult::Failed(e) = &result {
+                    tracing::error!(vm = %name, error = %e, "cannot update VM record");
+                }
+                out.push(HostEffect::Reply { id, response });
+            }
             Pending::FinishRecord { id, name } => {
                 if let HvResult::Failed(e) = &result {
                     tracing::error!(vm = %name, error = %e, "cannot update VM record");
@@ -2071,6 +2155,11 @@ impl HostCore {
                 self.set_state(name, VmState::Running);
                 Response::Done("resumed".into())
             }
+            QmpThen::Suspend => {
+                self.set_state(name, VmState::Paused);
+                Response::Done("suspended".into())
+            }
+            QmpThen::Reset => Response::Done("reset".into()),
             QmpThen::Monitor => Response::Done(v.as_str().unwrap_or_default().to_string()),
         }
     }
@@ -2172,6 +2261,7 @@ impl HostCore {
             created_images,
             incarnation,
             ha,
+            suspended: false,
         };
         let state = if incoming {
             VmState::Incoming
@@ -2541,6 +2631,7 @@ fn consoles(endpoints: &[ConsoleEndpoint]) -> Vec<ConsoleInfo> {
 
 fn summary(r: &VmRecord, state: &str) -> VmSummary {
     VmSummary {
+        suspended: r.suspended,
         name: r.name.clone(),
         uuid: r.uuid.clone(),
         pid: r.pid,

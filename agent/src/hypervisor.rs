@@ -123,6 +123,18 @@ pub enum HvCall {
         /// How long to wait for the answer.
         timeout: Duration,
     },
+    /// One command to the VM's guest agent over its channel's socket
+    /// ([`HvResult::Qmp`] with its `return`); fails when no agent answers.
+    GuestAgent {
+        /// The VM.
+        vm: String,
+        /// The channel's unix socket on this host.
+        socket: PathBuf,
+        /// The command (`guest-network-get-interfaces`).
+        command: &'static str,
+        /// How long to wait for the guest.
+        timeout: Duration,
+    },
     /// Confirm each console accepts connections (VNC: read the RFB banner).
     ConfirmConsoles {
         /// The VM.

@@ -15,6 +15,7 @@ pub mod control;
 pub mod coordinator_link;
 pub mod fake_qemu;
 pub mod fence_keeper;
+pub mod guest_agent;
 pub mod host_actor;
 pub mod host_core;
 pub mod host_networks;

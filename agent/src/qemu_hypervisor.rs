@@ -242,6 +242,20 @@ impl Hypervisor for QemuHypervisor {
                     }
                 })
             }
+            HvCall::GuestAgent {
+                socket,
+                command,
+                timeout,
+                ..
+            } => Box::pin(async move {
+                let sync_id = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_micros() as u64);
+                match crate::guest_agent::run(&socket, command, timeout, sync_id).await {
+                    Ok(v) => HvResult::Qmp(v),
+                    Err(e) => HvResult::Failed(e),
+                }
+            }),
             HvCall::ConfirmConsoles {
                 endpoints, timeout, ..
             } => Box::pin(async move {

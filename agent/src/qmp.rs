@@ -109,6 +109,8 @@ pub enum QmpCommand {
     Quit,
     /// `system_powerdown`: ACPI power button.
     SystemPowerdown,
+    /// `system_reset`: the reset button.
+    SystemReset,
     /// `query-status`: the run state (`running`, `paused`, `inmigrate`, …).
     QueryStatus,
     /// `query-migrate`: migration progress.
@@ -243,6 +245,7 @@ impl QmpCommand {
             QmpCommand::Stop => "stop",
             QmpCommand::Quit => "quit",
             QmpCommand::SystemPowerdown => "system_powerdown",
+            QmpCommand::SystemReset => "system_reset",
             QmpCommand::QueryStatus => "query-status",
             QmpCommand::QueryMigrate => "query-migrate",
             QmpCommand::MigrateIncoming { .. } => "migrate-incoming",
@@ -277,6 +280,7 @@ impl QmpCommand {
             | QmpCommand::Stop
             | QmpCommand::Quit
             | QmpCommand::SystemPowerdown
+            | QmpCommand::SystemReset
             | QmpCommand::QueryStatus
             | QmpCommand::QueryMigrate
             | QmpCommand::MigrateCancel
@@ -570,6 +574,7 @@ mod tests {
             (QmpCommand::Cont, "cont", Value::Null),
             (QmpCommand::Quit, "quit", Value::Null),
             (QmpCommand::SystemPowerdown, "system_powerdown", Value::Null),
+            (QmpCommand::SystemReset, "system_reset", Value::Null),
             (QmpCommand::MigrateCancel, "migrate_cancel", Value::Null),
             (
                 QmpCommand::Migrate {

@@ -40,6 +40,10 @@ pub struct VmRecord {
     /// lapses.
     #[serde(default)]
     pub ha: bool,
+    /// The operator suspended it (`flotilla suspend`): it stays paused
+    /// until resumed, and is no half of a migration to finish.
+    #[serde(default)]
+    pub suspended: bool,
 }
 
 impl VmRecord {

@@ -329,9 +329,16 @@ struct StartOwner {
 
 #[derive(Debug)]
 enum Ask {
-    LiveXml { security_info: bool },
+    LiveXml {
+        security_info: bool,
+    },
     Display,
     Networks,
+    /// A verb the agent answers with `Done`; the operator reads `message`.
+    Done {
+        message: String,
+    },
+    GuestInterfaces,
 }
 
 #[derive(Debug)]
@@ -506,6 +513,9 @@ pub struct FleetCore {
     /// (when its heartbeat timeout expires, host) for each host the index
     /// holds as connected: it goes unreachable without any input arriving.
     index_expiry: BTreeSet<(Instant, String)>,
+    /// VMs marked autostart and shut off when this coordinator started:
+    /// started once, when the fleet is up (`autostart_fleet`).
+    autostart: BTreeSet<String>,
 }
 
 /// `pc-i440fx-9.2` → (`pc-i440fx-`, [9, 2]), so 10.0 sorts after 9.2.
@@ -618,7 +628,13 @@ impl FleetCore {
     pub fn new(store: Arc<dyn Store>, settings: FleetSettings) -> Result<Self, StoreError> {
         let mut usage = Usage::default();
         let mut vms = BTreeMap::new();
+        let mut autostart = BTreeSet::new();
         for row in store.list()? {
+            if row.placement.is_none()
+                && Domain::parse(&row.name, &row.xml).is_ok_and(|d| d.model.autostart())
+            {
+                autostart.insert(row.name.clone());
+            }
             let fp = footprint(&row);
             let ha = is_ha(&row);
             // Fenced away and not yet running again: still owed a restart.
@@ -678,6 +694,7 @@ impl FleetCore {
             index,
             index_stale,
             index_expiry: BTreeSet::new(),
+            autostart,
         })
     }
 
@@ -800,18 +817,27 @@ impl FleetCore {
                 && h.facts
                     .vms
                     .iter()
-                    .any(|v| v.name == vm && !v.state.is_migration_half())
+                    .any(|v| v.name == vm && (v.suspended || !v.state.is_migration_half()))
         })
     }
 
-    /// What `list` shows: running only when its host reports it.
+    /// What `list` shows: running only when its host reports it, paused
+    /// when the operator suspended it.
     fn vm_state_word(
         &self,
         name: &str,
         life: &VmLifecycle,
         now: Instant,
     ) -> (&'static str, Option<String>) {
+        let suspended = |h: &str| {
+            self.hosts
+                .get(h)
+                .is_some_and(|l| l.facts.vms.iter().any(|v| v.name == name && v.suspended))
+        };
         match life.host() {
+            Some(h) if self.runs_on(h, name, now) && suspended(h) => {
+                ("paused", Some(h.to_string()))
+            }
             Some(h) if self.runs_on(h, name, now) => ("running", Some(h.to_string())),
             Some(h) if !self.hosts.get(h).is_some_and(|s| self.connected(s, now)) => {
                 ("unknown", Some(h.to_string()))
@@ -1476,6 +1502,8 @@ impl FleetCore {
             };
             match v.state {
                 VmRunState::PostMigrate => sources.push((h.clone(), conn)),
+                // Paused by the operator: no half of anything, left as it is.
+                VmRunState::Paused if v.suspended => return,
                 VmRunState::Paused => holders.push((h.clone(), conn)),
                 VmRunState::InMigrate => waiting.push((h.clone(), conn)),
                 // Paused before switchover (a storage copy) with no job to
@@ -1992,6 +2020,36 @@ impl FleetCore {
         }
     }
 
+    /// Starts the autostart VMs once the fleet is up: every known host is
+    /// connected, or one is and hosts that were up have had a heartbeat
+    /// timeout to register. Tried once, as libvirtd does at its start; a VM
+    /// the scheduler cannot place says why in the events.
+    fn autostart_fleet(&mut self, now: Instant) {
+        if self.autostart.is_empty() {
+            return;
+        }
+        let Some(armed) = self.armed_at else { return };
+        let connected = |h: &str| self.hosts.get(h).is_some_and(|l| self.connected(l, now));
+        let all_up = !self.host_rows.is_empty() && self.host_rows.keys().all(|h| connected(h));
+        let any_up = self.host_rows.keys().any(|h| connected(h));
+        if !(all_up || (any_up && now >= armed + self.settings.heartbeat_timeout)) {
+            return;
+        }
+        for vm in std::mem::take(&mut self.autostart) {
+            let off = self
+                .vms
+                .get(&vm)
+                .is_some_and(|v| v.life == VmLifecycle::ShutOff && v.pending_restart.is_none());
+            if !off || self.repairs.contains_key(&vm) {
+                continue;
+            }
+            tracing::info!(vm = %vm, "autostart");
+            if let Err(e) = self.place_and_send(now, &vm, None, None, None) {
+                self.emit(format!("vm {vm} not autostarted: {e}"));
+            }
+        }
+    }
+
     fn try_ha_restart(&mut self, now: Instant, vm: &str, from: Option<(String, Instant)>) {
         let restart = from.unwrap_or_else(|| {
             let why = self
@@ -2009,6 +2067,42 @@ impl FleetCore {
             if let Some(v) = self.vms.get_mut(vm) {
                 v.pending_restart = Some(why);
             }
+        }
+    }
+
+    /// `flotilla autostart NAME [--disable]`: edits the stored definition.
+    fn set_autostart(&mut self, name: &str, on: bool) -> OperatorResponse {
+        let row = match self.store.get(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return OperatorResponse::Error(not_found(name)),
+            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
+        };
+        let mut doc = match Domain::parse(name, &row.xml) {
+            Ok(d) => d.model,
+            Err(e) => {
+                return OperatorResponse::Error(OperatorError::StoredDefinitionUnreadable(
+                    e.to_string(),
+                ))
+            }
+        };
+        doc.set_autostart(on);
+        let xml = doc.to_xml(XmlFlavor::Inactive);
+        let updated = self.store.update_row(name, &mut |r| {
+            r.xml = xml.clone();
+            r.generation += 1;
+        });
+        match updated {
+            Ok(row) => {
+                if let Some(v) = self.vms.get_mut(name) {
+                    v.generation = row.generation;
+                }
+                OperatorResponse::Done(if on {
+                    format!("Domain '{name}' marked as autostarted")
+                } else {
+                    format!("Domain '{name}' unmarked as autostarted")
+                })
+            }
+            Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
         }
     }
 
@@ -2065,6 +2159,7 @@ impl FleetCore {
         self.fence_silent_hosts(now);
         self.reclaim_empty_destinations(now);
         self.restart_fenced(now);
+        self.autostart_fleet(now);
         self.publish_gauges(now);
         // Migrations: timeouts, and the polls that are due.
         let names: Vec<String> = self.migrations.keys().cloned().collect();
@@ -2111,8 +2206,13 @@ impl FleetCore {
                 .entry(self.host_state(&row.name, row.draining, now).as_str())
                 .or_default() += 1;
         }
-        let mut vms: BTreeMap<&'static str, u64> =
-            [("running", 0), ("shut off", 0), ("unknown", 0)].into();
+        let mut vms: BTreeMap<&'static str, u64> = [
+            ("running", 0),
+            ("paused", 0),
+            ("shut off", 0),
+            ("unknown", 0),
+        ]
+        .into();
         for (name, v) in &self.vms {
             *vms.entry(self.vm_state_word(name, &v.life, now).0)
                 .or_default() += 1;
@@ -2169,6 +2269,29 @@ impl FleetCore {
                 AgentRequest::DumpXml { name: name.clone() },
                 Ask::LiveXml { security_info },
             ),
+            OperatorRequest::Reboot { name } => {
+                let message = format!("Domain '{name}' is being reset");
+                let req = AgentRequest::Reset { name: name.clone() };
+                self.ask(now, id, &name, req, Ask::Done { message })
+            }
+            OperatorRequest::Suspend { name } => {
+                let message = format!("Domain '{name}' suspended");
+                let req = AgentRequest::Suspend { name: name.clone() };
+                self.ask(now, id, &name, req, Ask::Done { message })
+            }
+            OperatorRequest::Resume { name } => {
+                let message = format!("Domain '{name}' resumed");
+                let req = AgentRequest::Resume { name: name.clone() };
+                self.ask(now, id, &name, req, Ask::Done { message })
+            }
+            OperatorRequest::DomIfAddr { name } => {
+                let req = AgentRequest::GuestInterfaces { name: name.clone() };
+                self.ask(now, id, &name, req, Ask::GuestInterfaces)
+            }
+            OperatorRequest::SetAutostart { name, on } => {
+                let r = self.set_autostart(&name, on);
+                self.reply(id, r);
+            }
             OperatorRequest::DomDisplay { name } => self.ask(
                 now,
                 id,
@@ -3206,10 +3329,12 @@ impl FleetCore {
                 .and_then(|h| h.facts.vms.iter().find(|x| x.name == vm).cloned());
             let summary = match (there, moved) {
                 (Some(t), _) => Some(VmSummary {
+                    suspended: false,
                     state: VmRunState::Running,
                     ..t
                 }),
                 (None, Some(v)) => Some(VmSummary {
+                    suspended: false,
                     pid: 0,
                     state: VmRunState::Running,
                     consoles: Vec::new(),
@@ -3365,6 +3490,12 @@ impl FleetCore {
                     }
                     (Ask::Networks, Ok((_, AgentResponse::Networks { networks, .. }))) => {
                         OperatorResponse::Networks { host, networks }
+                    }
+                    (Ask::Done { message }, Ok((_, AgentResponse::Done(_)))) => {
+                        OperatorResponse::Done(message)
+                    }
+                    (Ask::GuestInterfaces, Ok((_, AgentResponse::GuestInterfaces(interfaces)))) => {
+                        OperatorResponse::GuestInterfaces { host, interfaces }
                     }
                     (_, Ok((_, other))) => OperatorResponse::Error(
                         OperatorError::UnexpectedAnswer(format!("{other:?}")),
@@ -3786,6 +3917,7 @@ mod tests {
             vms: vms
                 .iter()
                 .map(|(n, s)| VmSummary {
+                    suspended: false,
                     name: n.to_string(),
                     uuid: String::new(),
                     pid: 1,
@@ -4468,6 +4600,64 @@ mod tests {
         let calls = Rig::calls(&out);
         assert!(
             matches!(&calls[..], [(_, h, AgentRequest::MigrateCancel { name })] if h == "a" && name == "web"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_vm_the_operator_suspended_is_listed_paused_and_never_resumed_by_recovery() {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        r.define();
+        r.start(1);
+        // A new coordinator meets the VM paused on a: a migration's half
+        // would be resumed; the operator's suspend is left alone.
+        let mut core = FleetCore::new(r.store.clone(), r.core.settings.clone())
+            .expect("core")
+            .without_stopwatch();
+        let mut paused = facts("a", &[("web", VmRunState::Paused)]);
+        paused.vms[0].suspended = true;
+        let out = core.handle(
+            r.t0,
+            Input::Register {
+                host: "a".into(),
+                facts: paused,
+                conn: 3,
+            },
+        );
+        assert!(Rig::calls(&out).is_empty(), "{out:?}");
+        let out = core.handle(r.t0 + Duration::from_secs(1), Input::Tick);
+        assert!(Rig::calls(&out).is_empty(), "{out:?}");
+        let (id, out) = (
+            99,
+            core.handle(
+                r.t0,
+                Input::Operator {
+                    id: 99,
+                    request: OperatorRequest::List { all: true },
+                },
+            ),
+        );
+        let Some(OperatorResponse::Vms(list)) = Rig::answer(id, &out) else {
+            panic!("{out:?}")
+        };
+        assert_eq!(list[0].state, "paused");
+        // Without the operator's mark, the same report is a migration's
+        // landed half, finished so that its guest runs.
+        let mut core = FleetCore::new(r.store.clone(), r.core.settings.clone())
+            .expect("core")
+            .without_stopwatch();
+        let out = core.handle(
+            r.t0,
+            Input::Register {
+                host: "a".into(),
+                facts: facts("a", &[("web", VmRunState::Paused)]),
+                conn: 3,
+            },
+        );
+        let calls = Rig::calls(&out);
+        assert!(
+            matches!(&calls[..], [(_, h, AgentRequest::MigrateFinish { .. })] if h == "a"),
             "{out:?}"
         );
     }

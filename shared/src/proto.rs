@@ -361,6 +361,22 @@ pub enum AgentRequest {
         /// The VM.
         name: String,
     },
+    /// Reset the guest's hardware at once (`system_reset`).
+    Reset {
+        /// The VM.
+        name: String,
+    },
+    /// Pause the guest's CPUs (`stop`); [`AgentRequest::Resume`] undoes it.
+    Suspend {
+        /// The VM.
+        name: String,
+    },
+    /// Ask the guest agent (`org.qemu.guest_agent.0`) for the guest's
+    /// interfaces and addresses.
+    GuestInterfaces {
+        /// The VM.
+        name: String,
+    },
     /// Relay the VM's first serial port (its pty) over this stream, as
     /// `virsh console` does: after [`AgentResponse::ConsoleOpened`] (naming
     /// the pty) the stream carries the serial bytes both ways.
@@ -368,6 +384,47 @@ pub enum AgentRequest {
         /// The VM.
         name: String,
     },
+}
+
+/// One guest interface as its guest agent reports it
+/// (`guest-network-get-interfaces`), for `domifaddr --source agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestInterface {
+    /// The guest's name for it (`eth0`, `lo`).
+    pub name: String,
+    /// Its MAC address, when it has one.
+    pub mac: Option<String>,
+    /// Addresses with prefix length (`198.18.1.10/24`).
+    pub addresses: Vec<String>,
+}
+
+/// `virsh domifaddr`'s table: one row per address, the name and MAC on the
+/// first row of each interface.
+pub fn domifaddr_table(interfaces: &[GuestInterface]) -> String {
+    let mut out = format!(
+        " {:<10} {:<19} {:<10} {}\n{}\n",
+        "Name",
+        "MAC address",
+        "Protocol",
+        "Address",
+        "-".repeat(64)
+    );
+    for i in interfaces {
+        let mac = i.mac.as_deref().unwrap_or("-");
+        if i.addresses.is_empty() {
+            out.push_str(&format!(" {:<10} {mac:<19} {:<10} -\n", i.name, "-"));
+        }
+        for (n, a) in i.addresses.iter().enumerate() {
+            let proto = if a.contains(':') { "ipv6" } else { "ipv4" };
+            let (name, mac) = if n == 0 {
+                (i.name.as_str(), mac)
+            } else {
+                ("-", "-")
+            };
+            out.push_str(&format!(" {name:<10} {mac:<19} {proto:<10} {a}\n"));
+        }
+    }
+    out
 }
 
 /// One console as reported to operators.
@@ -399,6 +456,8 @@ pub struct VmSummary {
     /// Its definition asks for high availability: the host kills it when
     /// its lease lapses.
     pub ha: bool,
+    /// The operator suspended it: paused on purpose, not a migration's half.
+    pub suspended: bool,
 }
 
 /// A host network and what it resolves to now.
@@ -907,6 +966,8 @@ pub enum AgentResponse {
         /// Files in the networks directory that were skipped, and why.
         problems: Vec<String>,
     },
+    /// What the guest agent says of the guest's interfaces.
+    GuestInterfaces(Vec<GuestInterface>),
     /// A console relay is connected; raw RFB bytes follow on the stream.
     ConsoleOpened {
         /// The console address the host connected to.
@@ -1259,6 +1320,34 @@ pub enum OperatorRequest {
         /// The VM.
         name: String,
     },
+    /// Reset the VM's hardware at once (`virsh reset`).
+    Reboot {
+        /// The VM.
+        name: String,
+    },
+    /// Pause the VM's CPUs (`virsh suspend`).
+    Suspend {
+        /// The VM.
+        name: String,
+    },
+    /// Resume a suspended VM (`virsh resume`).
+    Resume {
+        /// The VM.
+        name: String,
+    },
+    /// The guest's interfaces and addresses from its guest agent
+    /// (`virsh domifaddr --source agent`).
+    DomIfAddr {
+        /// The VM.
+        name: String,
+    },
+    /// Start the VM when the fleet comes up, or not (`virsh autostart`).
+    SetAutostart {
+        /// The VM.
+        name: String,
+        /// On or off.
+        on: bool,
+    },
     /// Attach to a VM's serial console (`virsh console`): after
     /// [`OperatorResponse::ConsoleAttached`] the stream carries the guest's
     /// serial bytes both ways until either side closes.
@@ -1417,6 +1506,13 @@ pub enum OperatorResponse {
     Placements(Vec<PlacementNote>),
     /// One VM in detail.
     DomInfo(DomInfo),
+    /// The guest's interfaces, from its guest agent.
+    GuestInterfaces {
+        /// The host the VM runs on.
+        host: String,
+        /// What the guest agent said.
+        interfaces: Vec<GuestInterface>,
+    },
     /// A serial console is attached; its raw bytes follow on the stream.
     ConsoleAttached {
         /// The host the VM runs on.

@@ -182,6 +182,7 @@ mod tests {
 
     fn vm(name: &str, state: VmRunState, incarnation: u64) -> VmSummary {
         VmSummary {
+            suspended: false,
             name: name.into(),
             uuid: format!("uuid-{name}"),
             pid: 100,

@@ -960,6 +960,138 @@ fn flotilla_console_carries_the_serial_port_both_ways_and_ctrl_bracket_detaches(
     );
 }
 
+#[test]
+fn operator_verbs_suspend_resume_reset_list_disks_edit_and_autostart() {
+    let mut f = fleet();
+    let uuid = start_counting_on_a(&f, "worker");
+    // suspend: the counter stands still; resume: it moves again.
+    let o = f.cli(&["suspend", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Domain 'worker' suspended"),
+        "{}",
+        text(&o)
+    );
+    let paused_at = counter(&f, 0, "worker").expect("counter");
+    assert!(
+        wait_until(Duration::from_secs(5), || text(&f.cli(&["list", "--json"]))
+            .contains("\"state\": \"paused\"")),
+        "{}",
+        text(&f.cli(&["list", "--json"]))
+    );
+    assert!(
+        !wait_until(Duration::from_millis(500), || counter(&f, 0, "worker")
+            != Some(paused_at)),
+        "a suspended guest counted"
+    );
+    let o = f.cli(&["resume", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(5), || counter(&f, 0, "worker")
+            .is_some_and(|c| c > paused_at)),
+        "the resumed guest does not count"
+    );
+    // reboot resets the hardware: the guest boots again and counts from 0,
+    // in the same QEMU.
+    let before = counter(&f, 0, "worker").expect("counter");
+    let o = f.cli(&["reboot", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(&f, 0, "worker")
+            .is_some_and(|c| c < before)),
+        "no reset"
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1);
+    // domblklist names each disk's target and source.
+    let o = f.cli(&["domblklist", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let image = f.work.path().join("worker.img");
+    assert!(
+        text(&o)
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["vda", image.to_str().expect("utf8")]),
+        "{}",
+        text(&o)
+    );
+    // domifaddr asks the guest agent, which this guest has no channel for.
+    let o = f.cli(&["domifaddr", "worker", "--source", "agent"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("has no guest agent channel"),
+        "{}",
+        text(&o)
+    );
+    // edit: an editor that changes the vCPU count stores a new generation;
+    // one that adds hardware Flotilla does not build changes nothing.
+    let edit = |script: &str| {
+        let mut c = f.ctl.command(&bin("flotilla"));
+        c.env("EDITOR", script)
+            .arg("--coordinator")
+            .arg(COORD)
+            .arg("--tls-dir")
+            .arg(&f.tls)
+            .args(["edit", "worker"]);
+        output(c)
+    };
+    let o = edit("sed -i -e 's|<vcpu>1</vcpu>|<vcpu>2</vcpu>|'");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Domain 'worker' XML configuration edited."),
+        "{}",
+        text(&o)
+    );
+    let stored = text(&f.cli(&["dumpxml", "worker"]));
+    assert!(stored.contains("<vcpu>2</vcpu>"), "{stored}");
+    let o = edit("sed -i -e 's|</devices>|<hostdev mode=\"subsystem\" type=\"usb\"/></devices>|'");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("/domain/devices/hostdev: element is not supported by Flotilla yet"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("your edit is kept in"), "{}", text(&o));
+    assert_eq!(
+        text(&f.cli(&["dumpxml", "worker"])),
+        stored,
+        "a refused edit changed the definition"
+    );
+    let o = edit("true");
+    assert!(
+        text(&o).contains("XML configuration not changed"),
+        "{}",
+        text(&o)
+    );
+    // autostart: after a coordinator restart with the VM shut off, the
+    // coordinator starts it once the fleet is up.
+    let o = f.cli(&["autostart", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = f.cli(&["destroy", "worker"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(wait_until(Duration::from_secs(10), || qemu_pids_for(&uuid).is_empty()));
+    f.coordinator.kill9();
+    f.coordinator = CoordinatorProcess::start(
+        &f.ctl,
+        COORD,
+        &f.work.path().join("data"),
+        &f.tls,
+        &f.work.path().join("coordinator.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || qemu_pids_for(&uuid).len() == 1),
+        "not autostarted: {}",
+        text(&f.cli(&["events"]))
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || text(
+            &f.cli(&["list", "--json"])
+        )
+        .contains("\"state\": \"running\"")),
+        "{}",
+        text(&f.cli(&["list", "--json"]))
+    );
+}
+
 /// Reads the guest's counter through the agent on host `idx`.
 fn counter(f: &Fleet, idx: usize, name: &str) -> Option<u32> {
     let (ns, dirs, host) = &f.hosts[idx];

@@ -821,7 +821,7 @@ impl World {
             HvCall::ScanRecords { .. } | HvCall::FindStrays { .. } | HvCall::Attach { .. } => {
                 self.rng.ms(1, 20)
             }
-            HvCall::ConfirmConsoles { .. } => self.rng.ms(1, 20),
+            HvCall::ConfirmConsoles { .. } | HvCall::GuestAgent { .. } => self.rng.ms(1, 20),
             HvCall::Qmp {
                 cmd: QmpCommand::SystemPowerdown | QmpCommand::Quit,
                 ..

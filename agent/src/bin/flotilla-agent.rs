@@ -533,6 +533,7 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         }
         Response::StorageMarked(disks) => println!("{} disk(s) marked", disks.len()),
         Response::ConsoleOpened { addr } => println!("console relay to {addr}"),
+        Response::GuestInterfaces(i) => print!("{}", flotilla_shared::proto::domifaddr_table(&i)),
         Response::Migration(p) => {
             println!("status: {}", p.status);
             println!(

@@ -278,6 +278,68 @@ enum Command {
         /// The VM's name.
         name: String,
     },
+    /// Reset the VM's hardware at once, as the reset button (virsh reset).
+    ///
+    /// Example: flotilla reboot web01
+    Reboot {
+        /// The VM's name.
+        name: String,
+    },
+    /// Pause the VM's CPUs; it keeps its memory and host (virsh suspend).
+    ///
+    /// Example: flotilla suspend web01
+    Suspend {
+        /// The VM's name.
+        name: String,
+    },
+    /// Resume a suspended VM (virsh resume).
+    ///
+    /// Example: flotilla resume web01
+    Resume {
+        /// The VM's name.
+        name: String,
+    },
+    /// List the VM's disks: target and source (virsh domblklist).
+    ///
+    /// Example: flotilla domblklist web01 --details
+    Domblklist {
+        /// The VM's name.
+        name: String,
+        /// Also the disk type and device.
+        #[arg(long)]
+        details: bool,
+    },
+    /// The guest's interfaces and addresses, from its guest agent
+    /// (virsh domifaddr --source agent; the guest runs qemu-guest-agent).
+    ///
+    /// Example: flotilla domifaddr web01 --source agent
+    Domifaddr {
+        /// The VM's name.
+        name: String,
+        /// Where the addresses come from; only the guest agent is asked.
+        #[arg(long, default_value = "agent", value_parser = ["agent"])]
+        source: String,
+    },
+    /// Edit the VM's stored definition in $EDITOR, then validate and store
+    /// it as define does (virsh edit). A definition that is refused is kept
+    /// in a file whose path is printed, and nothing stored changes.
+    ///
+    /// Example: EDITOR=nano flotilla edit web01
+    Edit {
+        /// The VM's name.
+        name: String,
+    },
+    /// Start the VM whenever the coordinator starts and the fleet is up
+    /// (virsh autostart); --disable turns it off.
+    ///
+    /// Example: flotilla autostart web01
+    Autostart {
+        /// The VM's name.
+        name: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+    },
     /// Print a shell completion script.
     ///
     /// Example: flotilla completion bash > /etc/bash_completion.d/flotilla
@@ -372,6 +434,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             security_info,
         },
         Command::Domiflist { name } => return domiflist(&cli.conn, name, cli.json),
+        Command::Domblklist { name, details } => {
+            return domblklist(&cli.conn, name, details, cli.json)
+        }
+        Command::Edit { name } => return edit(&cli.conn, name),
+        Command::Reboot { name } => OperatorRequest::Reboot { name },
+        Command::Suspend { name } => OperatorRequest::Suspend { name },
+        Command::Resume { name } => OperatorRequest::Resume { name },
+        Command::Domifaddr { name, .. } => OperatorRequest::DomIfAddr { name },
+        Command::Autostart { name, disable } => {
+            OperatorRequest::SetAutostart { name, on: !disable }
+        }
         Command::Start { name, host } => OperatorRequest::Start { name, host },
         Command::Shutdown { name, timeout } => OperatorRequest::Shutdown {
             name,
@@ -437,31 +510,169 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(print(response, cli.json))
 }
 
+/// The running XML when the VM runs (it names host devices), else the
+/// stored definition; `Err` is the answer to print instead.
+fn current_xml(
+    rt: &tokio::runtime::Runtime,
+    conn: &ConnArgs,
+    name: &str,
+) -> anyhow::Result<Result<String, OperatorResponse>> {
+    let live = OperatorRequest::DumpXml {
+        name: name.to_string(),
+        live: true,
+        security_info: false,
+    };
+    Ok(match rt.block_on(ask(conn, live))? {
+        OperatorResponse::Xml(x) => Ok(x),
+        OperatorResponse::Error(_) => {
+            let stored = OperatorRequest::DumpXml {
+                name: name.to_string(),
+                live: false,
+                security_info: false,
+            };
+            match rt.block_on(ask(conn, stored))? {
+                OperatorResponse::Xml(x) => Ok(x),
+                other => Err(other),
+            }
+        }
+        other => Err(other),
+    })
+}
+
+/// `virsh domblklist [--details]`.
+fn domblklist(
+    conn: &ConnArgs,
+    name: String,
+    details: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let xml = match current_xml(&rt, conn, &name)? {
+        Ok(x) => x,
+        Err(other) => return Ok(print(other, json)),
+    };
+    let domain = flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model;
+    let rows: Vec<[String; 4]> = domain
+        .disks()
+        .map(|d| {
+            [
+                d.disk_type.clone().unwrap_or_else(|| "file".into()),
+                d.device.clone().unwrap_or_else(|| "disk".into()),
+                d.target_dev.clone().unwrap_or_else(|| "-".into()),
+                d.source_path().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|[t, dev, target, source]| {
+                serde_json::json!({"type": t, "device": dev, "target": target, "source": source})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if details {
+        println!(" {:<6} {:<7} {:<7} Source", "Type", "Device", "Target");
+        println!("{}", "-".repeat(60));
+        for [t, dev, target, source] in rows {
+            println!(" {t:<6} {dev:<7} {target:<7} {source}");
+        }
+    } else {
+        println!(" {:<7} Source", "Target");
+        println!("{}", "-".repeat(40));
+        for [_, _, target, source] in rows {
+            println!(" {target:<7} {source}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `virsh edit`: the stored definition, secrets included, through $EDITOR.
+fn edit(conn: &ConnArgs, name: String) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stored = OperatorRequest::DumpXml {
+        name: name.clone(),
+        live: false,
+        security_info: true,
+    };
+    let before = match rt.block_on(ask(conn, stored))? {
+        OperatorResponse::Xml(x) => x,
+        other => return Ok(print(other, false)),
+    };
+    let dir = std::env::temp_dir();
+    let file = dir.join(format!("flotilla-edit-{name}-{}.xml", std::process::id()));
+    {
+        use std::io::Write;
+        // The definition may hold console passwords: only this user reads it.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot create {}", file.display()))?;
+        f.write_all(before.as_bytes())?;
+    }
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".into());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&file)
+        .status()
+        .with_context(|| format!("cannot run the editor '{editor}'"))?;
+    if !status.success() {
+        bail!(
+            "the editor '{editor}' failed ({status}); nothing changed, your edit is in {}",
+            file.display()
+        );
+    }
+    let after = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    if after == before {
+        let _ = std::fs::remove_file(&file);
+        println!("Domain '{name}' XML configuration not changed.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let define = OperatorRequest::Define {
+        xml: after,
+        source: file.display().to_string(),
+    };
+    match rt.block_on(ask(conn, define))? {
+        OperatorResponse::Defined { name, warnings, .. } => {
+            let _ = std::fs::remove_file(&file);
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("Domain '{name}' XML configuration edited.");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let code = print(other, false);
+            eprintln!(
+                "error: the definition was not changed; your edit is kept in {}",
+                file.display()
+            );
+            Ok(code)
+        }
+    }
+}
+
 /// `virsh domiflist`: from the running XML when the VM runs (it names the
 /// host devices), else from the stored definition.
 fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let live = OperatorRequest::DumpXml {
-        name: name.clone(),
-        live: true,
-        security_info: false,
-    };
-    let xml = match rt.block_on(ask(conn, live))? {
-        OperatorResponse::Xml(x) => x,
-        OperatorResponse::Error(_) => {
-            let stored = OperatorRequest::DumpXml {
-                name,
-                live: false,
-                security_info: false,
-            };
-            match rt.block_on(ask(conn, stored))? {
-                OperatorResponse::Xml(x) => x,
-                other => return Ok(print(other, json)),
-            }
-        }
-        other => return Ok(print(other, json)),
+    let xml = match current_xml(&rt, conn, &name)? {
+        Ok(x) => x,
+        Err(other) => return Ok(print(other, json)),
     };
     let domain = flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model;
     let rows: Vec<[String; 5]> = domain
@@ -873,6 +1084,9 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
             }
         }
         OperatorResponse::Xml(x) => print!("{x}"),
+        OperatorResponse::GuestInterfaces { interfaces, .. } => {
+            print!("{}", flotilla_shared::proto::domifaddr_table(&interfaces));
+        }
         OperatorResponse::ConsoleAttached { host, device } => {
             println!("console attached on {host} ({device})");
         }

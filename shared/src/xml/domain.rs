@@ -376,6 +376,16 @@ impl Domain {
         super::metadata::set_ha(&mut self.extra, on);
     }
 
+    /// The coordinator starts it when the fleet comes up.
+    pub fn autostart(&self) -> bool {
+        super::metadata::autostart(&self.extra)
+    }
+
+    /// Turns autostart on or off in the definition's metadata.
+    pub fn set_autostart(&mut self, on: bool) {
+        super::metadata::set_autostart(&mut self.extra, on);
+    }
+
     /// The VNC and SPICE graphics devices.
     pub fn graphics(&self) -> impl Iterator<Item = &Graphics> {
         self.devices.iter().filter_map(|d| match d {

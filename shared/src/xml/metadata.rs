@@ -45,16 +45,19 @@ fn metadata(extra: &Extra) -> Option<&Element> {
     })
 }
 
-fn is_ha(el: &Element, metadata: &Element) -> bool {
-    local_name(el) == "ha" && namespace(el, metadata) == Some(FLOTILLA_NS)
+fn is_flotilla(el: &Element, metadata: &Element, local: &str) -> bool {
+    local_name(el) == local && namespace(el, metadata) == Some(FLOTILLA_NS)
+}
+
+/// Flotilla's `<flotilla:LOCAL>` element in `<metadata>`, if any.
+fn flotilla_element<'a>(extra: &'a Extra, local: &str) -> Option<&'a Element> {
+    let m = metadata(extra)?;
+    m.elements().find(|e| is_flotilla(e, m, local))
 }
 
 /// Whether the domain's kept children ask for high availability.
 pub fn ha(extra: &Extra) -> Result<bool, BadHa> {
-    let Some(m) = metadata(extra) else {
-        return Ok(false);
-    };
-    let Some(el) = m.elements().find(|e| is_ha(e, m)) else {
+    let Some(el) = flotilla_element(extra, "ha") else {
         return Ok(false);
     };
     match el.get_attr("restart") {
@@ -69,6 +72,21 @@ pub fn ha(extra: &Extra) -> Result<bool, BadHa> {
 /// Sets high availability on or off, adding `<metadata>` and the element
 /// when missing and keeping every other metadata child as it was.
 pub fn set_ha(extra: &mut Extra, on: bool) {
+    set_flotilla_attr(extra, "ha", "restart", if on { "on" } else { "off" });
+}
+
+/// Whether the coordinator starts the VM when the fleet comes up
+/// (`<flotilla:autostart enabled='yes'/>`, `virsh autostart`).
+pub fn autostart(extra: &Extra) -> bool {
+    flotilla_element(extra, "autostart").and_then(|e| e.get_attr("enabled")) == Some("yes")
+}
+
+/// Sets autostart on or off, as [`set_ha`] does high availability.
+pub fn set_autostart(extra: &mut Extra, on: bool) {
+    set_flotilla_attr(extra, "autostart", "enabled", if on { "yes" } else { "no" });
+}
+
+fn set_flotilla_attr(extra: &mut Extra, local: &str, attr: &str, value: &str) {
     let index = extra
         .children
         .iter()
@@ -84,20 +102,19 @@ pub fn set_ha(extra: &mut Extra, on: bool) {
         children: Vec::new(),
         ..m.clone()
     };
-    let value = if on { "on" } else { "off" };
     for n in &mut m.children {
         if let Node::Element(e) = n {
-            if is_ha(e, &parent) {
-                e.attrs.retain(|(k, _)| k != "restart");
-                e.attrs.push(("restart".into(), value.into()));
+            if is_flotilla(e, &parent, local) {
+                e.attrs.retain(|(k, _)| k != attr);
+                e.attrs.push((attr.into(), value.into()));
                 return;
             }
         }
     }
     m.children.push(Node::Element(
-        Element::new("flotilla:ha")
+        Element::new(format!("flotilla:{local}"))
             .attr("xmlns:flotilla", FLOTILLA_NS)
-            .attr("restart", value),
+            .attr(attr, value),
     ));
 }
 
@@ -112,6 +129,27 @@ mod tests {
              <os><type>hvm</type></os>{metadata}</domain>"
         );
         Domain::parse("web.xml", &xml).expect("parses").model
+    }
+
+    #[test]
+    fn autostart_is_set_and_read_beside_ha_and_other_metadata() {
+        let mut d = domain(
+            "<metadata><app:x xmlns:app='urn:app'/>\
+             <f:ha xmlns:f='urn:flotilla:domain:1' restart='on'/></metadata>",
+        );
+        assert!(!autostart(&d.extra));
+        set_autostart(&mut d.extra, true);
+        assert!(autostart(&d.extra));
+        assert_eq!(ha(&d.extra), Ok(true));
+        let again = Domain::parse("w.xml", &d.to_xml(crate::xml::XmlFlavor::Inactive))
+            .expect("parses")
+            .model;
+        assert!(autostart(&again.extra));
+        set_autostart(&mut d.extra, false);
+        assert!(!autostart(&d.extra));
+        let xml = d.to_xml(crate::xml::XmlFlavor::Inactive);
+        assert!(xml.contains("<app:x xmlns:app=\"urn:app\"/>"), "{xml}");
+        assert_eq!(xml.matches("autostart").count(), 1, "{xml}");
     }
 
     #[test]

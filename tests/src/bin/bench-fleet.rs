@@ -423,6 +423,7 @@ async fn sim_agent(
                     let answer = match req {
                         AgentRequest::Start { xml, incarnation, .. } => {
                             let vm = VmSummary {
+                                suspended: false,
                                 name: element_text(&xml, "name"),
                                 uuid: element_text(&xml, "uuid"),
                                 pid: 0,
