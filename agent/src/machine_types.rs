@@ -56,9 +56,91 @@ pub fn probe(emulator: &Path) -> MachineTypes {
     }
 }
 
+/// The named CPU models QEMU can give in full, from its answer to
+/// `query-cpu-definitions` (one QMP line among others): those with no
+/// unavailable feature, without the non-models `host`, `max` and `base`.
+pub fn usable_cpu_models(qmp_output: &str) -> Vec<String> {
+    for line in qmp_output.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(defs) = v["return"].as_array() else {
+            continue;
+        };
+        if defs.is_empty() {
+            continue;
+        }
+        let mut out: Vec<String> = defs
+            .iter()
+            .filter(|d| {
+                d["unavailable-features"]
+                    .as_array()
+                    .is_some_and(|u| u.is_empty())
+            })
+            .filter_map(|d| d["name"].as_str())
+            .filter(|n| !matches!(*n, "host" | "max" | "base"))
+            .map(str::to_string)
+            .collect();
+        out.sort();
+        return out;
+    }
+    Vec::new()
+}
+
+/// Asks `emulator` under `accel` (`kvm` or `tcg`) which CPU models this host
+/// can give in full; empty when it cannot be asked (then not a filter).
+pub fn probe_cpu_models(emulator: &Path, accel: &str) -> Vec<String> {
+    use std::io::Write;
+    let child = std::process::Command::new(emulator)
+        .args([
+            "-machine",
+            "none",
+            "-accel",
+            accel,
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-qmp", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(emulator = %emulator.display(), error = %e, "cannot list QEMU's CPU models");
+            return Vec::new();
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(
+            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-cpu-definitions\"}\n{\"execute\":\"quit\"}\n",
+        );
+    }
+    match child.wait_with_output() {
+        Ok(o) => usable_cpu_models(&String::from_utf8_lossy(&o.stdout)),
+        Err(e) => {
+            tracing::warn!(emulator = %emulator.display(), error = %e, "cannot list QEMU's CPU models");
+            Vec::new()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usable_cpu_models_are_those_missing_no_feature() {
+        let out = "{\"QMP\": {\"version\": {}}}\n{\"return\": {}}\n\
+            {\"return\": [{\"name\": \"max\", \"unavailable-features\": []}, \
+            {\"name\": \"Skylake-Server\", \"unavailable-features\": [\"avx512f\"]}, \
+            {\"name\": \"qemu64\", \"unavailable-features\": []}, \
+            {\"name\": \"EPYC\", \"unavailable-features\": []}]}\n";
+        assert_eq!(usable_cpu_models(out), ["EPYC", "qemu64"]);
+        assert!(usable_cpu_models("").is_empty());
+    }
 
     #[test]
     fn aliases_and_versioned_types_are_told_apart() {

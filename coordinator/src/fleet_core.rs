@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_shared::hardware;
 use flotilla_shared::proto::{
-    AgentRequest, AgentResponse, ConsoleInfo, CopyMode, DiskImage, DomInfo, FenceReport, HelloAck,
-    HostEntry, HostFacts, MachineTypes, MigrationOutcome, MigrationProgress, NetStatus,
+    AgentRequest, AgentResponse, ConsoleInfo, CopyMode, CpuNeed, DiskImage, DomInfo, FenceReport,
+    HelloAck, HostEntry, HostFacts, MachineTypes, MigrationOutcome, MigrationProgress, NetStatus,
     OperatorError, OperatorRequest, OperatorResponse, PlacementNote, StorageCopy, VmListEntry,
     VmRunState, VmSummary,
 };
@@ -560,6 +560,24 @@ fn xml_with_ha(xml: String, on: bool) -> String {
             d.model.to_xml(XmlFlavor::Inactive)
         }
         _ => xml,
+    }
+}
+
+/// The guest CPU a definition asks of its host (nothing, for a definition
+/// stored before define checked its hardware and that no longer plans).
+fn cpu_need(domain: &Domain) -> CpuNeed {
+    let Ok(hw) = hardware::plan(domain) else {
+        return CpuNeed::default();
+    };
+    let mode = domain
+        .cpu
+        .as_ref()
+        .and_then(|c| c.mode.clone())
+        .unwrap_or_else(|| "custom".into());
+    CpuNeed {
+        kvm: hw.cpu.needs_kvm(),
+        mode,
+        model: hw.cpu.model().map(str::to_string),
     }
 }
 
@@ -2670,6 +2688,7 @@ impl FleetCore {
                 networks: domain.listen_networks(),
                 nic_networks: domain.interface_networks(),
                 machine: domain.os.machine.clone(),
+                cpu: cpu_need(&domain),
             },
             row.xml,
             row.generation,
@@ -3930,6 +3949,7 @@ mod tests {
             machine_types: MachineTypes {
                 names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-9.2".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+                ..Default::default()
             },
             fence: Default::default(),
         }

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use flotilla_shared::proto::MachineTypes;
+use flotilla_shared::proto::{CpuNeed, MachineTypes};
 
 use crate::scheduler::{
     self, free_memory, free_vcpus, score, Decision, HostSnapshot, NoPlacement, Policy, Strategy,
@@ -68,6 +68,8 @@ struct ClassKey {
     blocked: Vec<NetId>,
     machine_names: Vec<String>,
     machine_aliases: Vec<(String, String)>,
+    kvm: bool,
+    cpu_models: Vec<String>,
     memory_mib: u64,
     cpus: u32,
 }
@@ -115,7 +117,7 @@ impl Class {
     }
 
     /// Whether this class's hosts pass every filter but capacity.
-    fn admits(&self, needs: &Needs, machine: Option<&str>) -> bool {
+    fn admits(&self, needs: &Needs, machine: Option<&str>, cpu: &CpuNeed) -> bool {
         self.key.eligible
             && needs
                 .resolved
@@ -126,6 +128,7 @@ impl Class {
                     && self.key.blocked.binary_search(n).is_err()
             })
             && machine.is_none_or(|m| self.machines.is_empty() || self.machines.has(m))
+            && self.machines.cpu_refusal(cpu).is_none()
     }
 }
 
@@ -269,7 +272,7 @@ impl HostIndex {
         let mut candidates: Vec<HostId> = Vec::new();
         let mut feasible = 0;
         for (class_id, class) in self.classes.iter().enumerate() {
-            if !class.admits(&needs, vm.machine.as_deref()) {
+            if !class.admits(&needs, vm.machine.as_deref(), &vm.cpu) {
                 continue;
             }
             let before = candidates.len();
@@ -420,6 +423,8 @@ impl HostIndex {
             blocked,
             machine_names: h.machine_types.names.clone(),
             machine_aliases: h.machine_types.aliases.clone(),
+            kvm: h.machine_types.kvm,
+            cpu_models: h.machine_types.cpu_models.clone(),
             memory_mib: h.memory_mib,
             cpus: h.cpus,
         };
@@ -479,13 +484,18 @@ mod tests {
             .collect();
         let machine_types = match g.machines {
             0 => MachineTypes::default(),
+            // An old QEMU under TCG that gives only qemu64.
             1 => MachineTypes {
                 names: vec!["pc-i440fx-7.2".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-7.2".into())],
+                kvm: false,
+                cpu_models: vec!["qemu64".into()],
             },
             _ => MachineTypes {
                 names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-7.2".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+                kvm: true,
+                cpu_models: vec!["EPYC".into(), "qemu64".into()],
             },
         };
         HostSnapshot {
@@ -603,6 +613,18 @@ mod tests {
                 0 | 1 => None,
                 2 => Some("pc-i440fx-7.2".into()),
                 _ => Some("pc-i440fx-10.0".into()),
+            },
+            cpu: match machine {
+                1 => CpuNeed {
+                    kvm: true,
+                    mode: "host-passthrough".into(),
+                    model: None,
+                },
+                2 => CpuNeed {
+                    model: Some("EPYC".into()),
+                    ..CpuNeed::default()
+                },
+                _ => CpuNeed::default(),
             },
         }
     }

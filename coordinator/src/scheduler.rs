@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_shared::proto::MachineTypes;
+use flotilla_shared::proto::{CpuNeed, MachineTypes};
 use std::fmt;
 use std::sync::Arc;
 
@@ -30,6 +30,8 @@ pub struct VmNeeds {
     pub nic_networks: Vec<String>,
     /// Its stored machine type: the host's QEMU must run it.
     pub machine: Option<String>,
+    /// The guest CPU it asks for: the host must give it in full.
+    pub cpu: CpuNeed,
 }
 
 /// A host's state as the coordinator last saw it.
@@ -122,6 +124,8 @@ pub enum Rejection {
     },
     /// Its QEMU does not run the VM's machine type.
     MissingMachine(String),
+    /// It cannot give the VM's CPU (the reason names the mode or model).
+    Cpu(String),
     /// Not enough memory left.
     Memory {
         /// What the VM needs.
@@ -152,6 +156,7 @@ impl fmt::Display for Rejection {
                 write!(f, "network '{network}' has no address: {reason}")
             }
             Rejection::MissingMachine(m) => write!(f, "its QEMU has no machine type '{m}'"),
+            Rejection::Cpu(why) => f.write_str(why),
             Rejection::NicsBlocked { network, reason } => {
                 write!(f, "network '{network}' cannot take NICs: {reason}")
             }
@@ -235,6 +240,7 @@ fn fits(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> bool {
             .iter()
             .all(|n| h.networks.contains_key(n) && !h.nic_blocked.contains_key(n))
         && runs_machine(vm, h)
+        && h.machine_types.cpu_refusal(&vm.cpu).is_none()
         && free_memory(h, p) >= vm.memory_mib
         && free_vcpus(h, p) >= vm.vcpus
 }
@@ -274,6 +280,9 @@ fn rejections(vm: &VmNeeds, h: &HostSnapshot, p: &Policy) -> Vec<Rejection> {
         out.push(Rejection::MissingMachine(
             vm.machine.clone().unwrap_or_default(),
         ));
+    }
+    if let Some(why) = h.machine_types.cpu_refusal(&vm.cpu) {
+        out.push(Rejection::Cpu(why));
     }
     let mem = free_memory(h, p);
     if mem < vm.memory_mib {
@@ -431,6 +440,7 @@ mod tests {
             vcpus,
             networks: vec!["public".into()],
             nic_networks: Vec::new(),
+            cpu: CpuNeed::default(),
             machine: None,
         }
     }
@@ -441,11 +451,13 @@ mod tests {
         old.machine_types = Arc::new(MachineTypes {
             names: vec!["pc-i440fx-7.2".into()],
             aliases: vec![("pc".into(), "pc-i440fx-7.2".into())],
+            ..Default::default()
         });
         let mut new = host("host-b", 4096, 1024, &[PUBLIC]);
         new.machine_types = Arc::new(MachineTypes {
             names: vec!["pc-i440fx-10.0".into(), "pc-i440fx-7.2".into()],
             aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+            ..Default::default()
         });
         // A host that could not ask its QEMU is not filtered.
         let unknown = host("host-c", 4096, 2048, &[PUBLIC]);
@@ -458,6 +470,50 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "no host can run VM 'web01': host-a: its QEMU has no machine type 'pc-i440fx-10.0'"
+        );
+    }
+
+    #[test]
+    fn a_host_that_cannot_give_the_guest_cpu_is_rejected_saying_why() {
+        let mut tcg = host("host-a", 4096, 0, &[PUBLIC]);
+        tcg.machine_types = Arc::new(MachineTypes {
+            cpu_models: vec!["qemu64".into()],
+            ..Default::default()
+        });
+        let mut kvm = host("host-b", 4096, 0, &[PUBLIC]);
+        kvm.machine_types = Arc::new(MachineTypes {
+            kvm: true,
+            cpu_models: vec!["EPYC".into(), "qemu64".into()],
+            ..Default::default()
+        });
+        let hosts = vec![tcg, kvm];
+        let mut needs = vm(512, 1);
+        needs.cpu = CpuNeed {
+            kvm: true,
+            mode: "host-passthrough".into(),
+            model: None,
+        };
+        let d = place(&needs, &hosts, &Policy::default()).expect("b has KVM");
+        assert_eq!(d.host, "host-b");
+        let e = place_on(&needs, "host-a", &hosts, &Policy::default()).expect_err("no KVM");
+        assert_eq!(
+            e.to_string(),
+            "no host can run VM 'web01': host-a: it cannot give a host-passthrough CPU without KVM"
+        );
+        needs.cpu = CpuNeed {
+            kvm: false,
+            mode: "custom".into(),
+            model: Some("EPYC".into()),
+        };
+        let e = place_on(&needs, "host-a", &hosts, &Policy::default()).expect_err("no EPYC");
+        assert_eq!(
+            e.to_string(),
+            "no host can run VM 'web01': host-a: it cannot give CPU model 'EPYC' in full \
+             (its QEMU or host CPU lacks it)"
+        );
+        assert_eq!(
+            place(&needs, &hosts, &Policy::default()).expect("b").host,
+            "host-b"
         );
     }
 

@@ -1015,13 +1015,19 @@ impl FenceReport {
     }
 }
 
-/// A QEMU's machine types: versioned ones, and the aliases that stand for one.
+/// What a host's QEMU can build: its machine types (versioned ones, and
+/// the aliases that stand for one) and the guest CPUs it can give.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineTypes {
     /// Machine types that are not aliases (`pc-i440fx-10.0`, `microvm`).
     pub names: Vec<String>,
     /// (alias, the type it stands for): `("pc", "pc-i440fx-10.0")`.
     pub aliases: Vec<(String, String)>,
+    /// QEMU runs guests under KVM here (host CPU models need it).
+    pub kvm: bool,
+    /// Named CPU models this host can give in full (`query-cpu-definitions`
+    /// with no unavailable feature); empty: unknown, so not a filter.
+    pub cpu_models: Vec<String>,
 }
 
 impl MachineTypes {
@@ -1042,6 +1048,30 @@ impl MachineTypes {
     pub fn is_empty(&self) -> bool {
         self.names.is_empty() && self.aliases.is_empty()
     }
+
+    /// Why this host cannot give the guest CPU `cpu` asks for, if it cannot.
+    pub fn cpu_refusal(&self, cpu: &CpuNeed) -> Option<String> {
+        if cpu.kvm && !self.kvm {
+            return Some(format!("it cannot give a {} CPU without KVM", cpu.mode));
+        }
+        match &cpu.model {
+            Some(m) if !self.cpu_models.is_empty() && !self.cpu_models.contains(m) => Some(
+                format!("it cannot give CPU model '{m}' in full (its QEMU or host CPU lacks it)"),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// The guest CPU a definition asks of its host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct CpuNeed {
+    /// `host-passthrough` or `host-model`: only KVM gives them.
+    pub kvm: bool,
+    /// The `<cpu mode>`, for messages.
+    pub mode: String,
+    /// A named model (`<cpu mode='custom'><model>`).
+    pub model: Option<String>,
 }
 
 /// The first message on an agent's connection.

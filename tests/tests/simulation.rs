@@ -1080,6 +1080,7 @@ impl World {
             machine_types: MachineTypes {
                 names: vec!["pc-i440fx-10.0".into()],
                 aliases: vec![("pc".into(), "pc-i440fx-10.0".into())],
+                ..Default::default()
             },
             fence: FenceReport {
                 keeper: true,

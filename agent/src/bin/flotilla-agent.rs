@@ -253,7 +253,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         coordinator,
         tls_dir: cli.tls_dir.clone(),
         host: settings.console.host.clone(),
-        machine_types: flotilla_agent::machine_types::probe(&settings.qemu.emulator),
+        machine_types: {
+            let mut m = flotilla_agent::machine_types::probe(&settings.qemu.emulator);
+            m.kvm = settings.qemu.accel == Accel::Kvm;
+            m.cpu_models = flotilla_agent::machine_types::probe_cpu_models(
+                &settings.qemu.emulator,
+                settings.qemu.accel.as_str(),
+            );
+            m
+        },
         state_dir: settings.state_dir.clone(),
         watchdog_secs: cli.watchdog.as_ref().map(|_| cli.watchdog_timeout_secs),
     });

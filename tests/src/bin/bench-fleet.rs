@@ -126,6 +126,7 @@ fn synthetic_vms(vms: usize) -> Vec<VmNeeds> {
                 .collect(),
             nic_networks: Vec::new(),
             machine: None,
+            cpu: Default::default(),
         })
         .collect()
 }
