@@ -120,6 +120,8 @@ pub struct QemuArgv {
     /// A UEFI variable store to copy from its template before QEMU opens
     /// it, when it does not exist yet: (template, store).
     pub nvram_from: Option<(PathBuf, PathBuf)>,
+    /// Host CPUs every QEMU thread is pinned to (`<vcpu cpuset>`).
+    pub affinity: Option<Vec<u32>>,
 }
 
 /// Why a definition cannot become a QEMU command line.
@@ -477,6 +479,7 @@ impl QemuArgv {
             program: host.emulator.clone(),
             args: b.args,
             nvram_from,
+            affinity: hw.cpuset.clone(),
         })
     }
 }
@@ -649,7 +652,13 @@ impl Builder {
             } => format!("{driver},id=scsi{index}{}", self.at(Some(*addr))),
             Hw::Ahci { index, addr } => format!("ich9-ahci,id=sata{index}{}", self.at(Some(*addr))),
             Hw::Disk(disk) => return self.disk(disk),
-            Hw::Nic { n, addr, boot, mtu } => {
+            Hw::Nic {
+                n,
+                addr,
+                boot,
+                mtu,
+                sndbuf,
+            } => {
                 let plan = nics.get(*n).ok_or_else(|| ArgvError::UnplannedNic {
                     vm: self.vm.clone(),
                     index: *n,
@@ -661,7 +670,7 @@ impl Builder {
                 if let Some(m) = mtu {
                     extra.push_str(&format!(",host_mtu={m}"));
                 }
-                self.nic(plan, &extra);
+                self.nic(plan, &extra, *sndbuf)?;
                 return Ok(());
             }
             Hw::Serial {
@@ -907,14 +916,22 @@ impl Builder {
 
     /// The tap or macvtap fd is already open in QEMU (see `nic_plumbing`):
     /// no script, nothing QEMU must be privileged for.
-    fn nic(&mut self, p: &NicPlan, extra: &str) {
+    fn nic(&mut self, p: &NicPlan, extra: &str, sndbuf: Option<u64>) -> Result<(), ArgvError> {
         let n = p.index;
         let netdev = match &p.backend {
+            NicBackend::User if sndbuf.is_some() => {
+                return Err(
+                    self.host_lacks("a tap device for <tune><sndbuf> (the NIC is type 'user')")
+                );
+            }
             NicBackend::User => format!("user,id=hostnet{n}"),
             NicBackend::Tap { .. } | NicBackend::Macvtap { .. } => {
                 let mut s = format!("tap,fd={},id=hostnet{n}", p.fd());
                 if p.vhost {
                     s.push_str(&format!(",vhost=on,vhostfd={}", p.vhost_fd()));
+                }
+                if let Some(b) = sndbuf {
+                    s.push_str(&format!(",sndbuf={b}"));
                 }
                 s
             }
@@ -928,6 +945,7 @@ impl Builder {
                 format_mac(&p.mac)
             ),
         ]);
+        Ok(())
     }
 
     fn graphics(

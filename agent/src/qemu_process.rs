@@ -83,6 +83,14 @@ pub enum LaunchError {
         /// Last lines of QEMU's stderr.
         log_tail: String,
     },
+    /// `<vcpu cpuset>` could not be applied to QEMU's threads.
+    #[error("cannot pin QEMU to CPUs {cpus:?}: {reason}")]
+    Affinity {
+        /// The CPUs asked for.
+        cpus: Vec<u32>,
+        /// Why.
+        reason: String,
+    },
     /// A QMP step failed.
     #[error("{step} failed; QEMU's last output:\n{log_tail}")]
     Qmp {
@@ -142,6 +150,35 @@ pub struct NbdExports {
     pub port: u16,
     /// (block node, export name) for each copied disk, writable.
     pub exports: Vec<(String, String)>,
+}
+
+/// Pins every thread of `pid` to `cpus` (those the kernel does not have
+/// are left out by it; none at all is an error).
+fn pin(pid: i32, cpus: &[u32]) -> Result<(), LaunchError> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let fail = |reason: String| LaunchError::Affinity {
+        cpus: cpus.to_vec(),
+        reason,
+    };
+    let mut set = CpuSet::new();
+    for c in cpus {
+        // CPUs past what a set can name cannot exist here either.
+        let _ = set.set(*c as usize);
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| fail(format!("cannot list QEMU's threads: {e}")))?;
+    for t in tasks.flatten() {
+        let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set).map_err(|e| {
+            fail(match e {
+                nix::errno::Errno::EINVAL => "none of these CPUs is online on this host".into(),
+                other => other.to_string(),
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
@@ -212,6 +249,15 @@ pub async fn launch(
             return Err(e);
         }
     };
+    if let Some(cpus) = &argv.affinity {
+        // QEMU is paused and its threads exist: each is pinned before any
+        // guest code runs, as libvirt pins a `<vcpu cpuset>` guest.
+        if let Err(e) = pin(pid, cpus) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+    }
     let qmp_step = |step: &'static str| {
         let log = paths.log();
         move |source| LaunchError::Qmp {

@@ -1050,7 +1050,16 @@ fn operator_verbs_suspend_resume_reset_list_disks_edit_and_autostart() {
         "{}",
         text(&o)
     );
-    assert!(text(&o).contains("your edit is kept in"), "{}", text(&o));
+    let kept = text(&o)
+        .split("your edit is kept in ")
+        .nth(1)
+        .map(|p| p.trim().to_string())
+        .expect("the kept file is named");
+    assert!(
+        std::fs::read_to_string(&kept).is_ok_and(|x| x.contains("<hostdev")),
+        "{kept}"
+    );
+    let _ = std::fs::remove_file(&kept);
     assert_eq!(
         text(&f.cli(&["dumpxml", "worker"])),
         stored,

@@ -8,6 +8,24 @@ use super::{
 };
 use crate::xml::Domain;
 
+#[cfg(test)]
+mod tests {
+    use super::parse_cpuset;
+
+    #[test]
+    fn cpusets_read_as_libvirt_writes_them() {
+        assert_eq!(
+            parse_cpuset("1-4,8-10,525"),
+            Some(vec![1, 2, 3, 4, 8, 9, 10, 525])
+        );
+        assert_eq!(parse_cpuset("0-3,^2"), Some(vec![0, 1, 3]));
+        assert_eq!(parse_cpuset("7"), Some(vec![7]));
+        for bad in ["", "a", "4-1", "1-", "^1", "0-99999"] {
+            assert_eq!(parse_cpuset(bad), None, "{bad}");
+        }
+    }
+}
+
 /// Reads `/domain`; `None` when something was refused (recorded in `r`).
 pub(super) fn read_domain(r: &R<'_>, domain: &Domain) -> Option<Hardware> {
     r.data_attrs(&["type", "id"]);
@@ -29,9 +47,16 @@ pub(super) fn read_domain(r: &R<'_>, domain: &Domain) -> Option<Hardware> {
         let _ = m.text();
         m.done();
     }
+    let mut cpuset = None;
     if let Some(v) = r.child("vcpu") {
         v.data_attrs(&["current"]);
         let _ = v.one_of("placement", &["static"]);
+        if let Some(set) = v.attr("cpuset") {
+            match parse_cpuset(set) {
+                Some(cpus) => cpuset = Some(cpus),
+                None => v.refuse(format!("cpuset '{set}' (not a CPU list)")),
+            }
+        }
         let _ = v.text();
         v.done();
     }
@@ -54,6 +79,7 @@ pub(super) fn read_domain(r: &R<'_>, domain: &Domain) -> Option<Hardware> {
         },
         firmware: Firmware::Bios,
         hugepages: false,
+        cpuset,
         rtc: "base=utc".into(),
         globals: Vec::new(),
         no_reboot: false,
@@ -362,6 +388,32 @@ fn read_clock(c: &R<'_>, hw: &mut Hardware) {
 }
 
 /// The device's PCI address; another kind of address is refused.
+/// libvirt's CPU list syntax: `1-4,8-20,^3,525`; `None` when malformed.
+pub(super) fn parse_cpuset(text: &str) -> Option<Vec<u32>> {
+    let mut on = std::collections::BTreeSet::new();
+    let mut off = std::collections::BTreeSet::new();
+    for part in text.split(',').map(str::trim) {
+        let (set, range) = match part.strip_prefix('^') {
+            Some(r) => (&mut off, r),
+            None => (&mut on, part),
+        };
+        match range.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b || b - a > 4096 {
+                    return None;
+                }
+                set.extend(a..=b);
+            }
+            None => {
+                set.insert(range.parse().ok()?);
+            }
+        }
+    }
+    let cpus: Vec<u32> = on.difference(&off).copied().collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
 fn pci(r: &R<'_>) -> Slot {
     let a = r.child("address")?;
     if a.attr("type") != Some("pci") {
@@ -972,11 +1024,24 @@ fn read_interface(e: &R<'_>, n: usize) -> Hw {
         b.done();
         o
     });
+    let sndbuf = e.child("tune").and_then(|t| {
+        let b = t.child("sndbuf").and_then(|b| {
+            let v = b.text().parse().ok();
+            if v.is_none() {
+                b.refuse(format!("sndbuf '{}' (not a size in bytes)", b.text()));
+            }
+            b.done();
+            v
+        });
+        t.done();
+        b
+    });
     Hw::Nic {
         n,
         addr: pci(e),
         boot,
         mtu,
+        sndbuf,
     }
 }
 

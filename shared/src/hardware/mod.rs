@@ -80,6 +80,8 @@ pub struct Hardware {
     pub firmware: Firmware,
     /// Back guest RAM with huge pages.
     pub hugepages: bool,
+    /// `<vcpu cpuset>`: host CPUs QEMU's threads are pinned to.
+    pub cpuset: Option<Vec<u32>>,
     /// `-rtc` value.
     pub rtc: String,
     /// `-global` settings (timers, power management).
@@ -255,6 +257,8 @@ pub enum Hw {
         boot: Option<u64>,
         /// `<mtu size>` the guest is told (`host_mtu`).
         mtu: Option<u64>,
+        /// `<tune><sndbuf>`: the tap's send buffer, in bytes.
+        sndbuf: Option<u64>,
     },
     /// A `<serial>` (or a `<console>` that stands for one).
     Serial {
