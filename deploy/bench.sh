@@ -42,6 +42,7 @@ ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_network.so >/dev/null 2>&
   need+=(libvirt-daemon-driver-network)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+ensure_qemu_user
 . deploy/lib/web.sh
 install_web
 

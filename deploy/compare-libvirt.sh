@@ -34,6 +34,7 @@ if [[ ${1:-} != __libvirt_half ]]; then
     need+=(libvirt-daemon-driver-network)
   . deploy/lib/install.sh
   install_missing ${need[@]+"${need[@]}"}
+  ensure_qemu_user
   if [ ! -x "$AGENT" ]; then
     echo "deploy/compare-libvirt.sh: building the agent" >&2
     cargo build --bins

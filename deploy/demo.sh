@@ -48,6 +48,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+ensure_qemu_user
 . deploy/lib/web.sh
 install_web
 

@@ -22,6 +22,7 @@ command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
+ensure_qemu_user
 . deploy/lib/web.sh
 install_web
 

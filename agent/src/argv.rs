@@ -50,6 +50,8 @@ pub struct QemuHost {
     pub ovmf: Option<Ovmf>,
     /// A hugetlbfs mount, when there is one.
     pub hugepages: Option<PathBuf>,
+    /// The user QEMU runs as (`None`: root, unconfined).
+    pub user: Option<crate::dac::QemuUser>,
 }
 
 /// The host's OVMF images (Debian's `ovmf`).
@@ -122,6 +124,14 @@ pub struct QemuArgv {
     pub nvram_from: Option<(PathBuf, PathBuf)>,
     /// Host CPUs every QEMU thread is pinned to (`<vcpu cpuset>`).
     pub affinity: Option<Vec<u32>>,
+    /// The unprivileged user QEMU runs as, when confined.
+    pub run_as: Option<crate::dac::QemuUser>,
+    /// Files QEMU opens itself (disks, the UEFI variable store, character
+    /// device files and logs): given to `run_as` before it starts.
+    pub dac: Vec<PathBuf>,
+    /// Directories made for QEMU (its huge-page files), given to `run_as`
+    /// and removed when it stops.
+    pub dac_dirs: Vec<PathBuf>,
 }
 
 /// Why a definition cannot become a QEMU command line.
@@ -374,10 +384,15 @@ impl QemuArgv {
             b.push(["-cpu", &cpu]);
         }
         b.push(["-m", &format!("size={}k", live.memory.kib)]);
+        let mut dac_dirs = Vec::new();
         if hw.hugepages {
-            let Some(dir) = &host.hugepages else {
+            let Some(mount) = &host.hugepages else {
                 return Err(b.host_lacks("huge pages (no hugetlbfs is mounted)"));
             };
+            // A directory of its own, as libvirt's per-domain one.
+            let dir = mount.join(format!("flotilla-{}", live.uuid.hyphenated()));
+            dac_dirs.push(dir.clone());
+            let dir = &dir;
             b.push([
                 "-object",
                 &format!(
@@ -475,11 +490,41 @@ impl QemuArgv {
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
+        let mut dac: Vec<PathBuf> = Vec::new();
+        for dev in &hw.devices {
+            match dev {
+                Hw::Disk(d) => match &d.source {
+                    DiskSource::File(p) | DiskSource::Block(p) => dac.push(p.into()),
+                    _ => {}
+                },
+                Hw::Serial { chardev, log, .. } => {
+                    if let CharBackend::File { path, .. } = chardev {
+                        dac.push(path.into());
+                    }
+                    if let Some((file, _)) = log {
+                        dac.push(file.into());
+                    }
+                }
+                Hw::Channel { chardev, .. } | Hw::VirtioConsole { chardev, .. } => {
+                    if let CharBackend::File { path, .. } = chardev {
+                        dac.push(path.into());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some((_, store)) = &nvram_from {
+            dac.push(store.clone());
+        }
+        dac.dedup();
         Ok(QemuArgv {
             program: host.emulator.clone(),
             args: b.args,
             nvram_from,
             affinity: hw.cpuset.clone(),
+            run_as: host.user.clone(),
+            dac,
+            dac_dirs,
         })
     }
 }
@@ -1053,6 +1098,7 @@ mod tests {
             accel: Accel::Tcg,
             ovmf: None,
             hugepages: None,
+            user: None,
         }
     }
 

@@ -69,6 +69,7 @@ pub fn sim_settings(host: &str) -> AgentSettings {
             accel: Accel::Tcg,
             ovmf: None,
             hugepages: None,
+            user: None,
         },
         timeouts: StartTimeouts::default(),
         migration_network: None,

@@ -1698,6 +1698,7 @@ impl HostCore {
                             paths: self.paths(&record.name),
                             macvtaps: record.macvtaps(),
                             images: Vec::new(),
+                            restore_owners: true,
                         };
                         self.hv(out, Pending::Ignore, call);
                     }
@@ -2223,6 +2224,7 @@ impl HostCore {
                         .filter_map(|n| n.dev.clone())
                         .collect(),
                     images: created_images.clone(),
+                    restore_owners: true,
                 };
                 self.hv(out, Pending::Ignore, call);
                 HvResult::Failed(format!("QEMU exited right after it started: {reason}"))
@@ -2359,6 +2361,7 @@ impl HostCore {
                     paths: self.paths(&record.name),
                     macvtaps: record.macvtaps(),
                     images: Vec::new(),
+                    restore_owners: true,
                 };
                 self.hv(out, Pending::Ignore, call);
             }
@@ -2470,6 +2473,7 @@ impl HostCore {
             paths: self.paths(&name),
             macvtaps: vm.record.macvtaps(),
             images: vm.record.created_images.clone(),
+            restore_owners: vm.state != VmState::PostMigrate,
         };
         self.hv(out, Pending::Ignore, call);
         // The shell only logs it for now: the coordinator learns of the exit

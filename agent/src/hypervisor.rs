@@ -174,6 +174,9 @@ pub enum HvCall {
         macvtaps: Vec<String>,
         /// Images created for a storage copy the guest never ran on.
         images: Vec<PathBuf>,
+        /// Give QEMU's files back to their owners ([`crate::dac`]); not
+        /// for a VM that migrated away, whose guest runs on them elsewhere.
+        restore_owners: bool,
     },
     /// Delete images created for a storage copy that did not happen.
     RemoveImages {

@@ -13,6 +13,7 @@ pub mod console;
 pub mod console_relay;
 pub mod control;
 pub mod coordinator_link;
+pub mod dac;
 pub mod fake_qemu;
 pub mod fence_keeper;
 pub mod guest_agent;

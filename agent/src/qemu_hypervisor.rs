@@ -295,9 +295,19 @@ impl Hypervisor for QemuHypervisor {
                 paths,
                 macvtaps,
                 images,
+                restore_owners,
                 ..
             } => {
-                for f in ["record.json", "live.xml", "qmp.sock", "qemu.pid"] {
+                if restore_owners {
+                    crate::dac::restore_recorded(&paths.dir);
+                }
+                for f in [
+                    "record.json",
+                    "live.xml",
+                    "qmp.sock",
+                    "qemu.pid",
+                    "dac.json",
+                ] {
                     let _ = std::fs::remove_file(paths.dir.join(f));
                 }
                 for image in images {

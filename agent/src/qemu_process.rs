@@ -83,6 +83,9 @@ pub enum LaunchError {
         /// Last lines of QEMU's stderr.
         log_tail: String,
     },
+    /// QEMU's user could not be given its files.
+    #[error("{0}")]
+    Access(String),
     /// `<vcpu cpuset>` could not be applied to QEMU's threads.
     #[error("cannot pin QEMU to CPUs {cpus:?}: {reason}")]
     Affinity {
@@ -201,6 +204,33 @@ pub async fn launch(
         move |source| LaunchError::Prepare { path: p, source }
     };
     std::fs::create_dir_all(&paths.dir).map_err(prepare(&paths.dir))?;
+    // Confined: QEMU's user gets its directory and files first, and gives
+    // them back if the start fails.
+    if let Some(user) = &argv.run_as {
+        crate::dac::label(&paths.dir, &argv.dac_dirs, &argv.dac, user)
+            .map_err(LaunchError::Access)?;
+    }
+    let launched = launch_labelled(argv, paths, secrets, endpoints, mode, timeouts, fds).await;
+    if launched.is_err() && argv.run_as.is_some() {
+        crate::dac::restore_recorded(&paths.dir);
+    }
+    launched
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn launch_labelled(
+    argv: &QemuArgv,
+    paths: &VmPaths,
+    secrets: &[ConsoleSecret],
+    endpoints: &[ConsoleEndpoint],
+    mode: LaunchMode,
+    timeouts: StartTimeouts,
+    fds: Vec<(OwnedFd, i32)>,
+) -> Result<Launched, LaunchError> {
+    let prepare = |path: &Path| {
+        let p = path.display().to_string();
+        move |source| LaunchError::Prepare { path: p, source }
+    };
     for stale in [paths.qmp_socket(), paths.pidfile()] {
         match std::fs::remove_file(&stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(prepare(&stale)(e)),
@@ -220,6 +250,9 @@ pub async fn launch(
         .stderr(log_err)
         // Its own process group: Ctrl-C or a kill of the agent's group spares the guest.
         .process_group(0);
+    if let Some(user) = &argv.run_as {
+        cmd.uid(user.uid).gid(user.gid);
+    }
     let mappings = fds
         .into_iter()
         .map(|(parent_fd, child_fd)| FdMapping {

@@ -41,3 +41,28 @@ install_missing() {
     apt_install qemu-system-modules-spice || apt_install -t bookworm-backports qemu-system-modules-spice
   fi
 }
+
+# QEMU runs as the unprivileged flotilla-qemu (the agent's --qemu-user),
+# whose primary group is kvm, as Debian's libvirt-qemu. A host without
+# udev (a container) gets what udev's rules give /dev/kvm, and the kvm
+# group also gets /dev/userfaultfd (post-copy migration), as libvirt gives
+# each guest's QEMU.
+ensure_qemu_user() {
+  if [ "$(id -u)" -ne 0 ]; then
+    id -u flotilla-qemu >/dev/null 2>&1 && return 0
+    echo "${0##*/}: user flotilla-qemu missing and not root to create it" >&2
+    return 1
+  fi
+  getent group kvm >/dev/null || groupadd --system kvm
+  if ! id -u flotilla-qemu >/dev/null 2>&1; then
+    echo "${0##*/}: creating user flotilla-qemu (group kvm)" >&2
+    useradd --system --gid kvm --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin flotilla-qemu
+  fi
+  local dev
+  for dev in /dev/kvm /dev/userfaultfd; do
+    if [ -c "$dev" ] && [ "$(stat -c %G "$dev")" != kvm ]; then
+      chgrp kvm "$dev" && chmod 0660 "$dev"
+    fi
+  done
+}

@@ -191,6 +191,9 @@ impl AgentDirs {
     /// New empty directories.
     pub fn new() -> AgentDirs {
         let root = tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
             .prefix("flt-")
             .tempdir_in("/tmp")
             .expect("tempdir");
@@ -768,6 +771,9 @@ impl TwoHosts {
     /// coordinator gets `coordinator_args` too.
     pub fn start(coordinator_args: &[&str]) -> TwoHosts {
         let work = tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
             .prefix("flt-bench-")
             .tempdir_in("/tmp")
             .expect("tmp");

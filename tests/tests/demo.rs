@@ -270,6 +270,9 @@ fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
     let demo = Demo {
         prefix: format!("fltd{}", std::process::id()),
         dir: tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
             .prefix("flt-demo-")
             .tempdir_in("/tmp")
             .expect("tmp"),

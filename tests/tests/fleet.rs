@@ -52,6 +52,9 @@ struct LoneCoordinator {
 impl LoneCoordinator {
     fn start(prefix: &str) -> Self {
         let work = tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
             .prefix(prefix)
             .tempdir_in("/tmp")
             .expect("tmp");
@@ -132,6 +135,7 @@ fn fleet() -> Fleet {
 /// the same path everywhere.
 fn fleet_with(private_local: bool, coordinator_args: &[&str]) -> Fleet {
     let work = tempfile::Builder::new()
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755))
         .prefix("flt-fleet-")
         .tempdir_in("/tmp")
         .expect("tmp");
@@ -452,6 +456,7 @@ fn a_coordinator_address_where_nothing_listens_fails_at_once_and_a_list_skips_it
 #[test]
 fn defines_acknowledged_before_a_kill_9_survive() {
     let work = tempfile::Builder::new()
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755))
         .prefix("flt-durable-")
         .tempdir_in("/tmp")
         .expect("tmp");

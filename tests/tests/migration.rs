@@ -193,6 +193,7 @@ fn a_destination_with_its_own_file_at_the_same_path_refuses_at_prepare() {
         ns.bridge("br0", Some(ip));
     }
     let storage = tempfile::Builder::new()
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755))
         .prefix("flt-proof-")
         .tempdir_in("/tmp")
         .expect("storage");

@@ -273,6 +273,14 @@ fn every_conformance_domain_starts_or_is_refused_at_define() {
         }
         let vm_dir = work.join(format!("conf{i}"));
         std::fs::create_dir_all(&vm_dir).expect("vm dir");
+        // QEMU, as its unprivileged user, makes the sockets the corpus
+        // names there (libvirt's per-domain directories are QEMU's too).
+        let o = output({
+            let mut c = Command::new("chown");
+            c.arg("flotilla-qemu:kvm").arg(&vm_dir);
+            c
+        });
+        assert!(o.status.success(), "{o:?}");
         Rewriter {
             dir: &vm_dir,
             host_addr: "198.18.40.1",
@@ -512,6 +520,38 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
         !seabios("debian12-uefi"),
         "{}",
         text_screen(&host, &dirs, "debian12-uefi")
+    );
+    // Confined as libvirt confines its guests: QEMU runs as flotilla-qemu
+    // under seccomp, owns its disk while it runs, and gives it back.
+    let qemu_uid = output({
+        let mut c = Command::new("id");
+        c.args(["-u", "flotilla-qemu"]);
+        c
+    });
+    let qemu_uid = String::from_utf8_lossy(&qemu_uid.stdout).trim().to_string();
+    let pid = qemu_pids_for(&uuids[0])[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), vec![qemu_uid.clone(); 4], "{status}");
+    assert_eq!(field("Seccomp:"), ["2"], "{status}");
+    let owner = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).expect("meta").uid().to_string()
+    };
+    let disk = dirs.root.path().join("debian12.qcow2");
+    assert_eq!(owner(&disk), qemu_uid);
+    assert_eq!(owner(&dirs.state().join("vms/debian12")), qemu_uid);
+    kill_vm(&uuids[0]);
+    assert!(
+        wait_until(Duration::from_secs(10), || owner(&disk) == "0"),
+        "the disk was not given back: uid {}",
+        owner(&disk)
     );
     let blocks = hmp(&host, &dirs, "debian12-uefi", "info block");
     assert!(blocks.contains("OVMF_CODE_4M.fd"), "{blocks}");

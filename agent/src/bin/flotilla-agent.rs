@@ -11,6 +11,7 @@ use flotilla_agent::argv::{Accel, Ovmf, QemuHost};
 use flotilla_agent::console::{ConsoleAuth, ConsoleSettings};
 use flotilla_agent::control::{self, AgentCall, Request, Response};
 use flotilla_agent::coordinator_link::{self, LinkSettings};
+use flotilla_agent::dac::QemuUser;
 use flotilla_agent::host_actor::{AgentSettings, HostAgent};
 use flotilla_agent::host_networks::HostNetworks;
 use flotilla_agent::qemu_process::StartTimeouts;
@@ -57,6 +58,10 @@ struct Cli {
     /// Accelerator: kvm when /dev/kvm works, else tcg.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
+    /// The unprivileged user QEMU runs as (libvirt's qemu.conf `user`); its
+    /// primary group should reach /dev/kvm. `root` runs QEMU unconfined.
+    #[arg(long, default_value = "flotilla-qemu")]
+    qemu_user: String,
     /// Start one VM on this host without a coordinator, print its live XML and console, and exit.
     #[arg(long, value_name = "FILE")]
     once_start: Option<PathBuf>,
@@ -307,6 +312,23 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             }
         }
     };
+    let user = QemuUser::resolve(&cli.qemu_user).map_err(anyhow::Error::msg)?;
+    if user.is_some() {
+        // QEMU's user passes through the state directory to its own VM's.
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(&cli.state_dir) {
+            let mode = meta.permissions().mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(
+                    &cli.state_dir,
+                    std::fs::Permissions::from_mode(mode | 0o011),
+                )
+                .with_context(|| {
+                    format!("cannot open {} to QEMU's user", cli.state_dir.display())
+                })?;
+            }
+        }
+    }
     Ok(AgentSettings {
         networks_dir: cli.networks_dir.clone(),
         state_dir: cli.state_dir.clone(),
@@ -324,6 +346,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             accel,
             ovmf: Ovmf::find(Path::new("/")),
             hugepages: hugetlbfs_mount(),
+            user,
         },
         timeouts: StartTimeouts::default(),
         migration_network: cli.migration_network.clone(),

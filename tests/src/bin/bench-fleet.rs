@@ -240,6 +240,9 @@ struct Bench {
 impl Bench {
     fn new(agents: usize, rt: &tokio::runtime::Runtime) -> Bench {
         let work = tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
             .prefix("flt-bench-fleet-")
             .tempdir_in("/tmp")
             .expect("tmp");

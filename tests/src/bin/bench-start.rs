@@ -100,6 +100,7 @@ fn main() {
         .unwrap_or(10);
     let kvm = flotilla_agent::qemu_process::kvm_usable();
     let work = tempfile::Builder::new()
+        .permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755))
         .prefix("flt-bench-start-")
         .tempdir_in("/tmp")
         .expect("tmp");
