@@ -11,17 +11,39 @@ pub struct Verdict {
     pub lines: Vec<String>,
 }
 
-/// Validates `text` read from `source` and words the verdict as the CLI prints it.
+/// Elements of a domain that only carry data: kept as written, acted on by nobody.
+const DATA_ONLY: &[&str] = &["metadata", "seclabel", "resource", "sysinfo"];
+
+/// Validates `text` read from `source` and words the verdict as the CLI
+/// prints it. A domain gets define's verdict: what Flotilla does not build
+/// is an error naming its element ([`crate::hardware::plan`]).
 pub fn validate_document(source: &str, text: &str) -> Verdict {
     match parse_any(source, text) {
-        Ok(doc) => {
-            let (kind, name, uninterpreted) = match &doc {
-                AnyDocument::Domain(d) => ("domain", d.model.name.as_str(), &d.uninterpreted),
-                AnyDocument::Network(n) => ("network", n.model.name.as_str(), &n.uninterpreted),
-            };
-            let mut lines = vec![format!("{source}: ok ({kind} {name})")];
+        Ok(AnyDocument::Domain(d)) => {
+            let name = d.model.name.as_str();
+            if let Err(refused) = crate::hardware::plan(&d.model) {
+                return Verdict {
+                    ok: false,
+                    lines: refused
+                        .0
+                        .iter()
+                        .map(|u| format!("{source}: error: {u}"))
+                        .collect(),
+                };
+            }
+            let mut lines = vec![format!("{source}: ok (domain {name})")];
+            let root = d.model.to_element(super::XmlFlavor::Inactive);
             lines.extend(
-                uninterpreted
+                root.elements()
+                    .filter(|e| DATA_ONLY.contains(&e.name.as_str()))
+                    .map(|e| format!("{source}: note: /domain/{}: kept as data", e.name)),
+            );
+            Verdict { ok: true, lines }
+        }
+        Ok(AnyDocument::Network(n)) => {
+            let mut lines = vec![format!("{source}: ok (network {})", n.model.name)];
+            lines.extend(
+                n.uninterpreted
                     .iter()
                     .map(|p| format!("{source}: warning: {p}: kept but not interpreted")),
             );
@@ -54,6 +76,34 @@ mod tests {
             vec![
                 "n.xml: ok (network public)".to_string(),
                 "n.xml: warning: /network/portgroup: kept but not interpreted".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_domain_gets_defines_verdict_and_data_is_listed() {
+        let v = validate_document(
+            "d.xml",
+            "<domain type='kvm'><name>d</name><memory>65536</memory><os><type>hvm</type></os>\
+             <metadata><x:y xmlns:x='urn:x'/></metadata>\
+             <devices><hostdev mode='subsystem' type='usb'/></devices></domain>",
+        );
+        assert!(!v.ok);
+        assert_eq!(
+            v.lines,
+            ["d.xml: error: /domain/devices/hostdev: element is not supported by Flotilla yet"]
+        );
+        let v = validate_document(
+            "d.xml",
+            "<domain type='kvm'><name>d</name><memory>65536</memory><os><type>hvm</type></os>\
+             <metadata><x:y xmlns:x='urn:x'/></metadata><devices/></domain>",
+        );
+        assert!(v.ok);
+        assert_eq!(
+            v.lines,
+            [
+                "d.xml: ok (domain d)",
+                "d.xml: note: /domain/metadata: kept as data"
             ]
         );
     }
