@@ -52,6 +52,8 @@ pub struct QemuHost {
     pub hugepages: Option<PathBuf>,
     /// The user QEMU runs as (`None`: root, unconfined).
     pub user: Option<crate::dac::QemuUser>,
+    /// Where VM cgroups go (cgroup v2 under the agent's own), if anywhere.
+    pub cgroups: Option<PathBuf>,
 }
 
 /// The host's OVMF images (Debian's `ovmf`).
@@ -132,6 +134,8 @@ pub struct QemuArgv {
     /// Directories made for QEMU (its huge-page files), given to `run_as`
     /// and removed when it stops.
     pub dac_dirs: Vec<PathBuf>,
+    /// The VM's own cgroup, QEMU moved there before the guest runs.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a definition cannot become a QEMU command line.
@@ -525,6 +529,10 @@ impl QemuArgv {
             run_as: host.user.clone(),
             dac,
             dac_dirs,
+            cgroup: host
+                .cgroups
+                .as_deref()
+                .map(|p| crate::cgroup::of_vm(p, &live.uuid.hyphenated().to_string())),
         })
     }
 }
@@ -1099,6 +1107,7 @@ mod tests {
             ovmf: None,
             hugepages: None,
             user: None,
+            cgroups: None,
         }
     }
 

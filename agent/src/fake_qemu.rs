@@ -70,6 +70,7 @@ pub fn sim_settings(host: &str) -> AgentSettings {
             ovmf: None,
             hugepages: None,
             user: None,
+            cgroups: None,
         },
         timeouts: StartTimeouts::default(),
         migration_network: None,

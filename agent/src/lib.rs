@@ -9,6 +9,7 @@
 //! [`fake_qemu::FakeQemu`].
 
 pub mod argv;
+pub mod cgroup;
 pub mod console;
 pub mod console_relay;
 pub mod control;

@@ -315,6 +315,7 @@ impl Hypervisor for QemuHypervisor {
                 }
                 Box::pin(async move {
                     nic_plumbing::delete_links(&macvtaps).await;
+                    crate::cgroup::remove_recorded(&paths.dir, Duration::from_secs(5)).await;
                     HvResult::Done
                 })
             }

@@ -282,6 +282,14 @@ async fn launch_labelled(
             return Err(e);
         }
     };
+    if let Some(cgroup) = &argv.cgroup {
+        // Paused, so every thread QEMU makes from now on is the VM's.
+        if let Err(reason) = crate::cgroup::place(cgroup, &paths.dir, pid) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(LaunchError::Access(reason));
+        }
+    }
     if let Some(cpus) = &argv.affinity {
         // QEMU is paused and its threads exist: each is pinned before any
         // guest code runs, as libvirt pins a `<vcpu cpuset>` guest.

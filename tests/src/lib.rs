@@ -225,10 +225,34 @@ impl AgentDirs {
     }
 }
 
+/// Removes the cgroup the agent made for a VM, as this process sees it
+/// (agents and tests share the cgroup namespace root here), once its QEMU
+/// has been reaped (a killed agent's QEMU is reaped by init, a moment later).
+pub fn remove_vm_cgroup(noted: &str) {
+    let Some(name) = Path::new(noted.trim()).file_name() else {
+        return;
+    };
+    for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let dir = Path::new(mount).join(name);
+        let _ = wait_until(
+            Duration::from_secs(5),
+            || !matches!(std::fs::remove_dir(&dir), Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY)),
+        );
+    }
+}
+
 impl Drop for AgentDirs {
     /// An agent that joined a coordinator left a fence keeper running
-    /// (it outlives the agent by design): it goes with the host.
+    /// (it outlives the agent by design): it goes with the host, and so do
+    /// the cgroups of VMs killed with it.
     fn drop(&mut self) {
+        if let Ok(vms) = std::fs::read_dir(self.state().join("vms")) {
+            for vm in vms.flatten() {
+                if let Ok(noted) = std::fs::read_to_string(vm.path().join("cgroup")) {
+                    remove_vm_cgroup(&noted);
+                }
+            }
+        }
         if let Ok(pid) = std::fs::read_to_string(self.state().join("fence-keeper.pid")) {
             let _ = Command::new("kill")
                 .args(["-9", pid.trim()])
@@ -306,9 +330,17 @@ pub fn virt_install_domain(name: &str, uuid: &str, disk: &Path, iso: &Path, os: 
     )
 }
 
+/// `ip netns exec` gives the agent a fresh /sys without the cgroup mounts a
+/// host's agent sees: the unified hierarchy is mounted there again, so VMs
+/// get cgroups of their own in tests as on a host.
+const CGROUP2: &str = "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null || true";
+
 /// `flotilla-agent` arguments for a host in `ns` using `dirs`.
 pub fn agent_command(ns: &Netns, host: &str, dirs: &AgentDirs) -> Command {
-    let mut c = ns.command(&bin("flotilla-agent"));
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(format!("{CGROUP2}; exec \"$0\" \"$@\""))
+        .arg(bin("flotilla-agent"));
     c.arg("--name")
         .arg(host)
         .arg("--networks-dir")
@@ -400,7 +432,11 @@ impl AgentDaemon {
             "--propagation",
             "private",
         ])
-        .args(["sh", "-c", &format!("{setup} && exec \"$0\" \"$@\"")])
+        .args([
+            "sh",
+            "-c",
+            &format!("{CGROUP2}; {setup} && exec \"$0\" \"$@\""),
+        ])
         .arg(bin("flotilla-agent"))
         .arg("--name")
         .arg(host)

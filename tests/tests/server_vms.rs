@@ -313,6 +313,11 @@ fn every_conformance_domain_starts_or_is_refused_at_define() {
             ));
         }
         kill_vm(&uuid);
+        // Started without a daemon, so nobody else removes its cgroup.
+        if let Ok(noted) = std::fs::read_to_string(dirs.state().join(format!("vms/conf{i}/cgroup")))
+        {
+            flotilla_tests::remove_vm_cgroup(&noted);
+        }
         for child in &mut scratch.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -544,6 +549,23 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(p).expect("meta").uid().to_string()
     };
+    // In a cgroup of its own (cgroup v2, under the agent's).
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let unified = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    assert!(
+        unified.ends_with(&format!("/flotilla-{}", uuids[0])),
+        "{cgroups}"
+    );
+    let mount = if Path::new("/sys/fs/cgroup/cgroup.procs").exists() {
+        "/sys/fs/cgroup"
+    } else {
+        "/sys/fs/cgroup/unified"
+    };
+    let cgroup_dir = Path::new(mount).join(unified.trim_start_matches('/'));
+    assert!(cgroup_dir.is_dir(), "{}", cgroup_dir.display());
     let disk = dirs.root.path().join("debian12.qcow2");
     assert_eq!(owner(&disk), qemu_uid);
     assert_eq!(owner(&dirs.state().join("vms/debian12")), qemu_uid);
@@ -552,6 +574,11 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
         wait_until(Duration::from_secs(10), || owner(&disk) == "0"),
         "the disk was not given back: uid {}",
         owner(&disk)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !cgroup_dir.exists()),
+        "the VM's cgroup stayed: {}",
+        cgroup_dir.display()
     );
     let blocks = hmp(&host, &dirs, "debian12-uefi", "info block");
     assert!(blocks.contains("OVMF_CODE_4M.fd"), "{blocks}");

@@ -347,6 +347,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             ovmf: Ovmf::find(Path::new("/")),
             hugepages: hugetlbfs_mount(),
             user,
+            cgroups: flotilla_agent::cgroup::parent_here(),
         },
         timeouts: StartTimeouts::default(),
         migration_network: cli.migration_network.clone(),
