@@ -52,8 +52,12 @@ pub struct QemuHost {
     pub hugepages: Option<PathBuf>,
     /// The user QEMU runs as (`None`: root, unconfined).
     pub user: Option<crate::dac::QemuUser>,
-    /// Where VM cgroups go (cgroup v2 under the agent's own), if anywhere.
-    pub cgroups: Option<PathBuf>,
+    /// Where VM cgroups go (cgroup v2 under the agent's own), if anywhere,
+    /// and this host's name, which names them.
+    pub cgroups: Option<(PathBuf, String)>,
+    /// SPICE's TLS certificates (`ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`), libvirt's `spice_tls_x509_cert_dir`.
+    pub spice_tls: Option<PathBuf>,
 }
 
 /// The host's OVMF images (Debian's `ovmf`).
@@ -481,7 +485,7 @@ impl QemuArgv {
             } else {
                 Vec::new()
             };
-            b.graphics(g, audio, &extra)?;
+            b.graphics(g, audio, &extra, host.spice_tls.as_deref())?;
         }
         if live.graphics().next().is_some() && !has_video {
             // libvirt adds a default video device when there is a display.
@@ -529,10 +533,9 @@ impl QemuArgv {
             run_as: host.user.clone(),
             dac,
             dac_dirs,
-            cgroup: host
-                .cgroups
-                .as_deref()
-                .map(|p| crate::cgroup::of_vm(p, &live.uuid.hyphenated().to_string())),
+            cgroup: host.cgroups.as_ref().map(|(parent, name)| {
+                crate::cgroup::of_vm(parent, name, &live.uuid.hyphenated().to_string())
+            }),
         })
     }
 }
@@ -1006,6 +1009,7 @@ impl Builder {
         g: &Graphics,
         audio: u32,
         spice_extra: &[String],
+        spice_tls: Option<&Path>,
     ) -> Result<(), ArgvError> {
         let protocol = g.protocol.as_str();
         let unplanned = || ArgvError::Unplanned {
@@ -1055,6 +1059,12 @@ impl Builder {
                         format!("port={port},addr={addr}")
                     }
                 };
+                if let Some(tls) = g.tls_port {
+                    let Some(dir) = spice_tls else {
+                        return Err(self.host_lacks("SPICE TLS certificates (--spice-tls-dir)"));
+                    };
+                    opt.push_str(&format!(",tls-port={tls},x509-dir={}", escape_path(dir)));
+                }
                 if g.passwd.is_none() {
                     opt.push_str(",disable-ticketing=on");
                 }
@@ -1108,6 +1118,7 @@ mod tests {
             hugepages: None,
             user: None,
             cgroups: None,
+            spice_tls: None,
         }
     }
 

@@ -25,9 +25,10 @@ pub fn parent_here() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
-/// The VM's cgroup under `parent`.
-pub fn of_vm(parent: &Path, uuid: &str) -> PathBuf {
-    parent.join(format!("flotilla-{uuid}"))
+/// The VM's cgroup under `parent`, named by host and UUID: a migration's
+/// two QEMUs are never in one cgroup, even where hosts share a machine.
+pub fn of_vm(parent: &Path, host: &str, uuid: &str) -> PathBuf {
+    parent.join(format!("flotilla-{host}-{uuid}"))
 }
 
 /// The file beside the VM's record that names its cgroup.
@@ -90,13 +91,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vm_cgroup_is_named_by_uuid_under_the_parent() {
+    fn a_vm_cgroup_is_named_by_host_and_uuid_under_the_parent() {
         assert_eq!(
             of_vm(
                 Path::new("/sys/fs/cgroup/system.slice/flotilla-agent.service"),
+                "host-a",
                 "u-1"
             ),
-            PathBuf::from("/sys/fs/cgroup/system.slice/flotilla-agent.service/flotilla-u-1")
+            PathBuf::from("/sys/fs/cgroup/system.slice/flotilla-agent.service/flotilla-host-a-u-1")
         );
     }
 
@@ -111,7 +113,12 @@ mod tests {
             .spawn()
             .expect("sleep");
         let uuid = format!("test-{}", std::process::id());
-        let placed = place(&of_vm(&parent, &uuid), dir.path(), child.id() as i32).expect("placed");
+        let placed = place(
+            &of_vm(&parent, "test", &uuid),
+            dir.path(),
+            child.id() as i32,
+        )
+        .expect("placed");
         let procs = std::fs::read_to_string(placed.join("cgroup.procs")).expect("procs");
         assert_eq!(procs.trim(), child.id().to_string());
         // Killed but not yet reaped: the removal waits for the reaping.

@@ -39,6 +39,9 @@ pub struct ConsoleSettings {
     pub spice_listen: String,
     /// Policy for unauthenticated consoles on non-loopback addresses.
     pub console_auth: ConsoleAuth,
+    /// SPICE TLS certificates are installed (libvirt's `spice_tls`): an
+    /// autoport SPICE display gets a TLS port too.
+    pub spice_tls: bool,
 }
 
 impl Default for ConsoleSettings {
@@ -48,6 +51,7 @@ impl Default for ConsoleSettings {
             vnc_listen: "127.0.0.1".into(),
             spice_listen: "127.0.0.1".into(),
             console_auth: ConsoleAuth::Warn,
+            spice_tls: false,
         }
     }
 }
@@ -154,8 +158,11 @@ pub enum ConsoleError {
     /// A listen address that is not an IP address.
     #[error("graphics listen address '{0}' is not an IP address")]
     BadAddress(String),
-    /// SPICE TLS needs certificates Flotilla does not manage yet.
-    #[error("VM '{0}': SPICE tlsPort needs TLS certificates, which Flotilla does not manage yet")]
+    /// SPICE TLS asked of a host without its certificates.
+    #[error(
+        "VM '{0}': SPICE tlsPort needs TLS certificates on this host \
+         (flotilla-agent --spice-tls-dir with ca-cert.pem, server-cert.pem, server-key.pem)"
+    )]
     SpiceTls(String),
     /// `console_auth = "require"` refused an open console.
     #[error(
@@ -242,7 +249,7 @@ fn plan_inner(
             });
         }
         seen.push(g.protocol);
-        if g.protocol == GraphicsProtocol::Spice && g.tls_port.is_some() {
+        if g.protocol == GraphicsProtocol::Spice && g.tls_port.is_some() && !settings.spice_tls {
             return Err(ConsoleError::SpiceTls(vm.clone()));
         }
         let default_listen = match g.protocol {
@@ -331,6 +338,40 @@ fn plan_inner(
             }
             (_, None) => ConsoleTarget::None,
         };
+        // SPICE's TLS port: the one asked for, or (autoport on a host with
+        // SPICE TLS) the next free display port, as libvirt allocates it.
+        if g.protocol == GraphicsProtocol::Spice
+            && matches!(endpoint_target, ConsoleTarget::Tcp { .. })
+        {
+            let fixed = g.tls_port.filter(|p| *p > 0 && !g.autoport);
+            let tls = match fixed {
+                Some(p) => {
+                    let p = u16::try_from(p).map_err(|_| ConsoleError::VncPortRange)?;
+                    if !ports.reserve(p) {
+                        return Err(ConsoleError::PortInUse {
+                            vm: vm.clone(),
+                            protocol,
+                            port: p,
+                            host: settings.host.clone(),
+                        });
+                    }
+                    Some(p)
+                }
+                None if settings.spice_tls => {
+                    Some(ports.allocate(DISPLAY_PORTS, probe).ok_or_else(|| {
+                        ConsoleError::NoFreePort {
+                            what: "display",
+                            host: settings.host.clone(),
+                        }
+                    })?)
+                }
+                None => None,
+            };
+            if let Some(p) = tls {
+                taken.push(p);
+                g.tls_port = Some(i32::from(p));
+            }
+        }
         if g.websocket == Some(-1) {
             let ws =
                 ports
@@ -409,6 +450,44 @@ mod tests {
             ports,
             &mut |_| true,
         )
+    }
+
+    #[test]
+    fn spice_tls_ports_are_reserved_or_allocated_only_where_certificates_are() {
+        let tls = ConsoleSettings {
+            spice_tls: true,
+            ..ConsoleSettings::default()
+        };
+        let fixed = domain(
+            "<graphics type='spice' port='5903' tlsPort='5904' autoport='no'>\
+             <listen type='network' network='public'/></graphics>",
+        );
+        let e = plan(
+            &fixed,
+            &ConsoleSettings::default(),
+            &mut PortAllocator::new(),
+        )
+        .expect_err("no certificates");
+        assert_eq!(e, ConsoleError::SpiceTls("web01".into()));
+        let mut ports = PortAllocator::new();
+        let p = plan(&fixed, &tls, &mut ports).expect("plan");
+        let g = p.live.graphics().next().expect("spice");
+        assert_eq!((g.port, g.tls_port), (Some(5903), Some(5904)));
+        assert!(!ports.reserve(5904), "the TLS port is taken");
+        // Autoport on a host with certificates: both ports allocated.
+        let auto = domain(
+            "<graphics type='spice' autoport='yes'><listen type='network' network='public'/></graphics>",
+        );
+        let p = plan(&auto, &tls, &mut PortAllocator::new()).expect("plan");
+        let g = p.live.graphics().next().expect("spice");
+        assert_eq!((g.port, g.tls_port), (Some(5900), Some(5901)));
+        let p = plan(
+            &auto,
+            &ConsoleSettings::default(),
+            &mut PortAllocator::new(),
+        )
+        .expect("plan");
+        assert_eq!(p.live.graphics().next().expect("spice").tls_port, None);
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn sim_settings(host: &str) -> AgentSettings {
             hugepages: None,
             user: None,
             cgroups: None,
+            spice_tls: None,
         },
         timeouts: StartTimeouts::default(),
         migration_network: None,

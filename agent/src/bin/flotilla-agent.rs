@@ -58,6 +58,11 @@ struct Cli {
     /// Accelerator: kvm when /dev/kvm works, else tcg.
     #[arg(long, value_enum, default_value = "auto")]
     accel: AccelChoice,
+    /// SPICE's TLS certificates (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, readable by QEMU's user), libvirt's
+    /// spice_tls_x509_cert_dir: SPICE displays then get a TLS port.
+    #[arg(long)]
+    spice_tls_dir: Option<PathBuf>,
     /// The unprivileged user QEMU runs as (libvirt's qemu.conf `user`); its
     /// primary group should reach /dev/kvm. `root` runs QEMU unconfined.
     #[arg(long, default_value = "flotilla-qemu")]
@@ -329,6 +334,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             }
         }
     }
+    let cgroups = flotilla_agent::cgroup::parent_here().map(|p| (p, host.clone()));
     Ok(AgentSettings {
         networks_dir: cli.networks_dir.clone(),
         state_dir: cli.state_dir.clone(),
@@ -340,6 +346,7 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
                 AuthPolicy::Warn => ConsoleAuth::Warn,
                 AuthPolicy::Require => ConsoleAuth::Require,
             },
+            spice_tls: cli.spice_tls_dir.is_some(),
         },
         qemu: QemuHost {
             emulator: find_program(&cli.emulator)?,
@@ -347,7 +354,8 @@ fn settings(cli: &Cli) -> anyhow::Result<AgentSettings> {
             ovmf: Ovmf::find(Path::new("/")),
             hugepages: hugetlbfs_mount(),
             user,
-            cgroups: flotilla_agent::cgroup::parent_here(),
+            cgroups,
+            spice_tls: cli.spice_tls_dir.clone(),
         },
         timeouts: StartTimeouts::default(),
         migration_network: cli.migration_network.clone(),

@@ -1225,6 +1225,7 @@ fn read_graphics(e: &R<'_>, hw: &mut Hardware) {
             let mut opts = Vec::new();
             e.data_attrs(&[
                 "port",
+                "tlsPort",
                 "autoport",
                 "listen",
                 "passwd",
@@ -1232,12 +1233,12 @@ fn read_graphics(e: &R<'_>, hw: &mut Hardware) {
                 "passwdValidTo",
                 "connected",
             ]);
-            // TLS needs certificates QEMU can read, which Flotilla does not
-            // hand out yet.
-            if let Some(p) = e.attr("tlsPort") {
-                e.refuse(format!("SPICE over TLS (tlsPort='{p}')"));
+            // The certificates are the host's (`--spice-tls-dir`).
+            match e.one_of("defaultMode", &["any", "secure", "insecure"]) {
+                Some("secure") => opts.push("tls-channel=default".into()),
+                Some("insecure") => opts.push("plaintext-channel=default".into()),
+                _ => {}
             }
-            let _ = e.one_of("defaultMode", &["any", "insecure"]);
             e.data_children(&["listen"]);
             for (child, attr, opt) in [
                 ("image", "compression", "image-compression"),
@@ -1276,7 +1277,7 @@ fn read_graphics(e: &R<'_>, hw: &mut Hardware) {
             for c in e.children("channel") {
                 let name = c.attr("name").unwrap_or_default().to_string();
                 match c.one_of("mode", &["secure", "insecure", "any"]) {
-                    Some("secure") => c.refuse(format!("SPICE channel '{name}' over TLS")),
+                    Some("secure") => opts.push(format!("tls-channel={name}")),
                     Some("insecure") => opts.push(format!("plaintext-channel={name}")),
                     _ => {}
                 }
