@@ -248,6 +248,22 @@ impl Drop for AgentDirs {
     fn drop(&mut self) {
         if let Ok(vms) = std::fs::read_dir(self.state().join("vms")) {
             for vm in vms.flatten() {
+                // A VM left running (an agent started it and exited) goes
+                // first: its cgroup can only be removed once it is gone.
+                if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
+                    // Only while that pid is still this VM's QEMU.
+                    let ours =
+                        std::fs::read(format!("/proc/{}/cmdline", pid.trim())).is_ok_and(|c| {
+                            let dir = vm.path().display().to_string();
+                            c.windows(dir.len()).any(|w| w == dir.as_bytes())
+                        });
+                    if ours {
+                        let _ = Command::new("kill")
+                            .args(["-9", pid.trim()])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
                 if let Ok(noted) = std::fs::read_to_string(vm.path().join("cgroup")) {
                     remove_vm_cgroup(&noted);
                 }
