@@ -92,14 +92,21 @@ impl VmPaths {
         VmPaths { dir: dir.into() }
     }
 
+    /// What QEMU itself creates (its monitor and other sockets, its
+    /// pidfile): the only directory QEMU's user may write. The VM's own
+    /// directory, with the records the agent trusts, stays root's.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
     /// The QMP monitor socket.
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.run_dir().join("qmp.sock")
     }
 
     /// QEMU's pidfile.
     pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.run_dir().join("qemu.pid")
     }
 
     /// QEMU's stderr log.
@@ -132,9 +139,12 @@ pub struct QemuArgv {
     pub affinity: Option<Vec<u32>>,
     /// The unprivileged user QEMU runs as, when confined.
     pub run_as: Option<crate::dac::QemuUser>,
-    /// Files QEMU opens itself (disks, the UEFI variable store, character
-    /// device files and logs): given to `run_as` before it starts.
+    /// Files QEMU opens itself and that must exist (disks, the UEFI
+    /// variable store): given to `run_as` before it starts.
     pub dac: Vec<PathBuf>,
+    /// Files QEMU writes (character device files, logs): created empty
+    /// when missing, then given to `run_as`.
+    pub dac_logs: Vec<PathBuf>,
     /// Directories made for QEMU (its huge-page files), given to `run_as`
     /// and removed when it stops.
     pub dac_dirs: Vec<PathBuf>,
@@ -339,7 +349,7 @@ impl QemuArgv {
             vm: live.name.clone(),
             args: Vec::new(),
             chipset: hw.chipset,
-            dir: paths.dir.clone(),
+            dir: paths.run_dir(),
         };
         b.push([
             "-name",
@@ -476,7 +486,8 @@ impl QemuArgv {
         for dev in &hw.devices {
             b.device(dev, nics)?;
         }
-        let has_video = hw.devices.iter().any(|d| matches!(d, Hw::Video { .. }));
+        // `<video><model type='none'/>` is a video element too: no default VGA.
+        let has_video = live.devices.iter().any(|d| matches!(d, Device::Video(_)));
         let mut spice_n = 0;
         for g in live.graphics() {
             let extra = if g.protocol == GraphicsProtocol::Spice {
@@ -498,7 +509,7 @@ impl QemuArgv {
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
-        let mut dac: Vec<PathBuf> = Vec::new();
+        let (mut dac, mut dac_logs): (Vec<PathBuf>, Vec<PathBuf>) = (Vec::new(), Vec::new());
         for dev in &hw.devices {
             match dev {
                 Hw::Disk(d) => match &d.source {
@@ -507,15 +518,15 @@ impl QemuArgv {
                 },
                 Hw::Serial { chardev, log, .. } => {
                     if let CharBackend::File { path, .. } = chardev {
-                        dac.push(path.into());
+                        dac_logs.push(path.into());
                     }
                     if let Some((file, _)) = log {
-                        dac.push(file.into());
+                        dac_logs.push(file.into());
                     }
                 }
                 Hw::Channel { chardev, .. } | Hw::VirtioConsole { chardev, .. } => {
                     if let CharBackend::File { path, .. } = chardev {
-                        dac.push(path.into());
+                        dac_logs.push(path.into());
                     }
                 }
                 _ => {}
@@ -525,6 +536,7 @@ impl QemuArgv {
             dac.push(store.clone());
         }
         dac.dedup();
+        dac_logs.dedup();
         Ok(QemuArgv {
             program: host.emulator.clone(),
             args: b.args,
@@ -532,6 +544,7 @@ impl QemuArgv {
             affinity: hw.cpuset.clone(),
             run_as: host.user.clone(),
             dac,
+            dac_logs,
             dac_dirs,
             cgroup: host.cgroups.as_ref().map(|(parent, name)| {
                 crate::cgroup::of_vm(parent, name, &live.uuid.hyphenated().to_string())
@@ -785,10 +798,10 @@ impl Builder {
                     "qxl-vga" | "qxl" => {
                         s.push_str(&format!(",max_outputs={}", heads.unwrap_or(1)));
                         if let Some(r) = ram {
-                            s.push_str(&format!(",ram_size={}", r * 1024));
+                            s.push_str(&format!(",ram_size={}", r.saturating_mul(1024)));
                         }
                         if let Some(v) = vram {
-                            s.push_str(&format!(",vram_size={}", v * 1024));
+                            s.push_str(&format!(",vram_size={}", v.saturating_mul(1024)));
                         }
                         if let Some(v) = vgamem {
                             s.push_str(&format!(",vgamem_mb={}", v / 1024));
@@ -806,7 +819,7 @@ impl Builder {
                     }
                     "bochs-display" => {
                         if let Some(v) = vram {
-                            s.push_str(&format!(",vgamem={}", v * 1024));
+                            s.push_str(&format!(",vgamem={}", v.saturating_mul(1024)));
                         }
                     }
                     _ => {}
@@ -1322,7 +1335,7 @@ mod tests {
         assert!(argv.args.contains(&"-S".to_string()));
         assert_eq!(
             option_after(&argv, "-chardev")[0],
-            "socket,id=charmonitor,path=/run/flt/vms/d/qmp.sock,server=on,wait=off"
+            "socket,id=charmonitor,path=/run/flt/vms/d/run/qmp.sock,server=on,wait=off"
         );
         assert_eq!(
             option_after(&argv, "-device"),
@@ -1371,7 +1384,7 @@ mod tests {
             prop_assert_eq!(blockdev["node-name"].as_str(), Some("flotilla-disk0-storage"));
             let chardev = split_opts(option_after(&argv, "-chardev")[0]);
             prop_assert_eq!(chardev.len(), 5);
-            prop_assert_eq!(&chardev[2], &format!("path=/run/{name}/qmp.sock"));
+            prop_assert_eq!(&chardev[2], &format!("path=/run/{name}/run/qmp.sock"));
         }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! The VM cgroups sit under the agent's own (cgroup v2): with systemd that
 //! is the agent's service, whose subtree `Delegate=yes` hands to the agent.
-//! QEMU is moved there while it is still paused, so every thread it makes
-//! is accounted to the VM, and the cgroup is removed once QEMU has exited.
+//! QEMU is moved there once its monitor answers, before the guest runs
+//! (its own start-up stays counted where the agent is), and the cgroup is
+//! removed once QEMU has exited.
 //! Its path is kept beside the VM's record (`cgroup`), so an agent
 //! restarted in between still removes it.
 

@@ -58,59 +58,90 @@ pub struct Owner {
     pub made: bool,
 }
 
-/// Where the original owners are kept, beside the VM's record.
+/// Where the original owners are kept, beside the VM's record (in the
+/// VM's directory, which QEMU's user cannot write).
 pub fn owners_file(vm_dir: &Path) -> PathBuf {
     vm_dir.join("dac.json")
 }
 
-/// Gives `user` the VM's directory (QEMU makes its sockets there), each of
-/// `dirs` (made for it), and each of `files` (created empty first when
-/// missing, as a log QEMU appends to); returns the owners it replaced,
-/// already written to [`owners_file`].
+/// Prepares what QEMU opens itself, before it starts: `run_dir` (where it
+/// makes its sockets and pidfile) and `dirs` (made for it) are created,
+/// and with a `user`, given to that user along with each of `files` (which
+/// must exist) and `logs` (created empty when missing). The owners it
+/// replaced, and the directories it made, are written to [`owners_file`]
+/// in the root-owned `vm_dir`; on any failure everything is given back.
 pub fn label(
     vm_dir: &Path,
+    run_dir: &Path,
     dirs: &[PathBuf],
     files: &[PathBuf],
-    user: &QemuUser,
+    logs: &[PathBuf],
+    user: Option<&QemuUser>,
 ) -> Result<Vec<Owner>, String> {
-    use std::os::unix::fs::MetadataExt;
-    let to = (Some(Uid::from_raw(user.uid)), Some(Gid::from_raw(user.gid)));
-    let give = |p: &Path| {
-        chown(p, to.0, to.1)
-            .map_err(|e| format!("cannot give {} to {}: {e}", p.display(), user.name))
-    };
-    give(vm_dir)?;
     let mut owners = Vec::new();
+    let result = label_into(&mut owners, run_dir, dirs, files, logs, user).and_then(|()| {
+        let json = serde_json::to_vec(&owners).map_err(|e| e.to_string())?;
+        crate::vm_record::write_atomic(&owners_file(vm_dir), &json)
+            .map_err(|e| format!("cannot record the owners of QEMU's files: {e}"))
+    });
+    match result {
+        Ok(()) => Ok(owners),
+        Err(e) => {
+            restore(&owners);
+            Err(e)
+        }
+    }
+}
+
+fn label_into(
+    owners: &mut Vec<Owner>,
+    run_dir: &Path,
+    dirs: &[PathBuf],
+    files: &[PathBuf],
+    logs: &[PathBuf],
+    user: Option<&QemuUser>,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let give = |p: &Path| match user {
+        Some(u) => chown(p, Some(Uid::from_raw(u.uid)), Some(Gid::from_raw(u.gid)))
+            .map_err(|e| format!("cannot give {} to {}: {e}", p.display(), u.name)),
+        None => Ok(()),
+    };
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    give(run_dir)?;
     for d in dirs {
         let made = !d.exists();
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-        if let Err(e) = give(d) {
-            restore(&owners);
-            return Err(e);
-        }
         owners.push(Owner {
             path: d.clone(),
             uid: 0,
             gid: 0,
             made,
         });
+        give(d)?;
     }
-    for f in files {
-        if !f.exists() {
+    let Some(user) = user else {
+        return Ok(());
+    };
+    for log in logs {
+        if !log.exists() {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(f)
-                .map_err(|e| format!("cannot create {}: {e}", f.display()))?;
+                .open(log)
+                .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         }
-        let meta = std::fs::metadata(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    }
+    for f in files.iter().chain(logs) {
+        // A file that is not there is QEMU's to report, naming it.
+        let Ok(meta) = std::fs::metadata(f) else {
+            continue;
+        };
         if (meta.uid(), meta.gid()) == (user.uid, user.gid) {
             continue;
         }
-        if let Err(e) = chown(f, to.0, to.1) {
-            restore(&owners);
-            return Err(format!("cannot give {} to {}: {e}", f.display(), user.name));
-        }
+        give(f)?;
         owners.push(Owner {
             path: f.clone(),
             uid: meta.uid(),
@@ -118,12 +149,7 @@ pub fn label(
             made: false,
         });
     }
-    let json = serde_json::to_vec(&owners).map_err(|e| e.to_string())?;
-    if let Err(e) = crate::vm_record::write_atomic(&owners_file(vm_dir), &json) {
-        restore(&owners);
-        return Err(format!("cannot record the owners of QEMU's files: {e}"));
-    }
-    Ok(owners)
+    Ok(())
 }
 
 /// Gives each file back to its owner; a file gone is not an error.
@@ -184,22 +210,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let vm = dir.path().join("vm");
         std::fs::create_dir(&vm).expect("vm dir");
+        let run = vm.join("run");
         let disk = dir.path().join("disk.img");
         std::fs::write(&disk, b"x").expect("disk");
         chown(&disk, Some(Uid::from_raw(0)), Some(Gid::from_raw(4))).expect("chown");
         let log = dir.path().join("serial.log");
         let huge = dir.path().join("hugepages/flotilla-vm");
+        let missing = dir.path().join("no-such-disk.img");
         let owners = label(
             &vm,
+            &run,
             std::slice::from_ref(&huge),
-            &[disk.clone(), log.clone()],
-            &user,
+            &[disk.clone(), missing.clone()],
+            std::slice::from_ref(&log),
+            Some(&user),
         )
         .expect("label");
         let uid_of = |p: &Path| std::fs::metadata(p).expect("meta").uid();
         assert_eq!(uid_of(&disk), user.uid);
-        assert_eq!(uid_of(&vm), user.uid);
+        assert_eq!(uid_of(&run), user.uid);
+        assert_eq!(uid_of(&vm), 0, "the records' directory stays root's");
         assert!(log.exists(), "a missing log is created for QEMU");
+        assert!(!missing.exists(), "a missing disk is not made up");
         assert_eq!(uid_of(&huge), user.uid);
         assert_eq!(
             owners[1],

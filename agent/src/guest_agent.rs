@@ -14,7 +14,10 @@ use flotilla_shared::hardware::{self, CharBackend, Hw};
 use flotilla_shared::proto::GuestInterface;
 use flotilla_shared::xml::Domain;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// Most a guest may send in one exchange: the guest is not trusted.
+const MAX_ANSWER: u64 = 1 << 20;
 
 /// The guest agent's well-known port name.
 pub const GUEST_AGENT_PORT: &str = "org.qemu.guest_agent.0";
@@ -81,7 +84,7 @@ pub async fn run(
             )
         })?;
         let (r, mut w) = stream.into_split();
-        let mut lines = BufReader::new(r).lines();
+        let mut lines = BufReader::new(r.take(MAX_ANSWER)).lines();
         let sync = json!({"execute": "guest-sync", "arguments": {"id": sync_id}});
         w.write_all(format!("{sync}\n").as_bytes())
             .await
@@ -91,7 +94,7 @@ pub async fn run(
                 .next_line()
                 .await
                 .map_err(|e| e.to_string())?
-                .ok_or("the guest agent channel closed")?;
+                .ok_or("the guest agent channel closed (or sent more than 1 MiB)")?;
             let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
             if v["return"].as_u64() == Some(sync_id) {
                 break;

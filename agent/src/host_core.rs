@@ -1115,7 +1115,7 @@ impl HostCore {
                 let socket = match self.vms.get(&name) {
                     None => return reply(out, self.not_running(&name)),
                     Some(vm) => Domain::parse(&name, &vm.live_xml).ok().and_then(|d| {
-                        crate::guest_agent::socket_of(&d.model, &self.paths(&name).dir)
+                        crate::guest_agent::socket_of(&d.model, &self.paths(&name).run_dir())
                     }),
                 };
                 match socket {
@@ -1279,7 +1279,7 @@ impl HostCore {
             &self.networks.networks,
             &table,
             &self.settings.console,
-            &paths.dir,
+            &paths.run_dir(),
             &mut self.ports,
             &mut *self.probe,
         ) {

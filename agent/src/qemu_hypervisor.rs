@@ -301,15 +301,11 @@ impl Hypervisor for QemuHypervisor {
                 if restore_owners {
                     crate::dac::restore_recorded(&paths.dir);
                 }
-                for f in [
-                    "record.json",
-                    "live.xml",
-                    "qmp.sock",
-                    "qemu.pid",
-                    "dac.json",
-                ] {
+                for f in ["record.json", "live.xml", "dac.json"] {
                     let _ = std::fs::remove_file(paths.dir.join(f));
                 }
+                let _ = std::fs::remove_file(paths.qmp_socket());
+                let _ = std::fs::remove_file(paths.pidfile());
                 for image in images {
                     let _ = std::fs::remove_file(image);
                 }

@@ -174,12 +174,14 @@ fn pin(pid: i32, cpus: &[u32]) -> Result<(), LaunchError> {
         let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set).map_err(|e| {
-            fail(match e {
-                nix::errno::Errno::EINVAL => "none of these CPUs is online on this host".into(),
-                other => other.to_string(),
-            })
-        })?;
+        match sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+            // A thread that ended while the list was read.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(nix::errno::Errno::EINVAL) => {
+                return Err(fail("none of these CPUs is online on this host".into()))
+            }
+            Err(other) => return Err(fail(other.to_string())),
+        }
     }
     Ok(())
 }
@@ -204,15 +206,21 @@ pub async fn launch(
         move |source| LaunchError::Prepare { path: p, source }
     };
     std::fs::create_dir_all(&paths.dir).map_err(prepare(&paths.dir))?;
-    // Confined: QEMU's user gets its directory and files first, and gives
-    // them back if the start fails.
-    if let Some(user) = &argv.run_as {
-        crate::dac::label(&paths.dir, &argv.dac_dirs, &argv.dac, user)
-            .map_err(LaunchError::Access)?;
-    }
+    // QEMU's directory and files first (given to its user when confined);
+    // all given back, and its cgroup removed, if the start fails.
+    crate::dac::label(
+        &paths.dir,
+        &paths.run_dir(),
+        &argv.dac_dirs,
+        &argv.dac,
+        &argv.dac_logs,
+        argv.run_as.as_ref(),
+    )
+    .map_err(LaunchError::Access)?;
     let launched = launch_labelled(argv, paths, secrets, endpoints, mode, timeouts, fds).await;
-    if launched.is_err() && argv.run_as.is_some() {
+    if launched.is_err() {
         crate::dac::restore_recorded(&paths.dir);
+        crate::cgroup::remove_recorded(&paths.dir, Duration::from_secs(5)).await;
     }
     launched
 }
@@ -283,7 +291,8 @@ async fn launch_labelled(
         }
     };
     if let Some(cgroup) = &argv.cgroup {
-        // Paused, so every thread QEMU makes from now on is the VM's.
+        // Before the guest runs (QEMU's own start-up, memory included, was
+        // counted where the agent is).
         if let Err(reason) = crate::cgroup::place(cgroup, &paths.dir, pid) {
             let _ = child.start_kill();
             let _ = child.wait().await;

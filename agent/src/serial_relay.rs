@@ -12,12 +12,16 @@ use nix::fcntl::OFlag;
 use tokio::net::unix::pipe;
 
 /// The pty of the VM's console, from `info chardev`: the first serial port
-/// (`charserial0`), else a virtio console (`charconsole0`).
+/// (`charserial0`), else a virtio console (`charconsole0`). Only a
+/// `/dev/pts/N` path is taken: the answer comes from QEMU, which the agent
+/// (root) must not be led into opening some other terminal for.
 pub fn pty_of(info_chardev: &str) -> Option<String> {
     let find = |label: &str| {
         info_chardev.lines().find_map(|l| {
             let rest = l.trim().strip_prefix(label)?.strip_prefix(": filename=")?;
-            rest.strip_prefix("pty:").map(|p| p.trim().to_string())
+            let path = rest.strip_prefix("pty:")?.trim();
+            let n = path.strip_prefix("/dev/pts/")?;
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| path.to_string())
         })
     };
     find("charserial0").or_else(|| find("charconsole0"))
@@ -55,6 +59,18 @@ mod tests {
         assert_eq!(pty_of(virtio).as_deref(), Some("/dev/pts/9"));
         let file = "charserial0: filename=file:/tmp/serial.log\n";
         assert_eq!(pty_of(file), None);
+        for odd in [
+            "pty:/dev/tty1",
+            "pty:/dev/pts/../tty1",
+            "pty:/dev/pts/",
+            "pty:/etc/shadow",
+        ] {
+            assert_eq!(
+                pty_of(&format!("charserial0: filename={odd}\n")),
+                None,
+                "{odd}"
+            );
+        }
         assert_eq!(pty_of(""), None);
     }
 }

@@ -2,7 +2,8 @@
 //! can find its QEMU processes again.
 //!
 //! Layout of a VM's state directory (`STATE/vms/NAME/`): `record.json` (this
-//! record), `live.xml`, `qmp.sock`, `qemu.pid`, `qemu.log`. The record is
+//! record), `live.xml`, `qemu.log`, and `run/` (QEMU's own: `qmp.sock`,
+//! `qemu.pid`, other sockets). The record is
 //! written atomically (temp file + rename) after QEMU has started and before
 //! the start is reported, so a crash never leaves a VM the agent cannot find.
 

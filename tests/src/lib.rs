@@ -250,7 +250,7 @@ impl Drop for AgentDirs {
             for vm in vms.flatten() {
                 // A VM left running (an agent started it and exited) goes
                 // first: its cgroup can only be removed once it is gone.
-                if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
+                if let Ok(pid) = std::fs::read_to_string(vm.path().join("run/qemu.pid")) {
                     // Only while that pid is still this VM's QEMU.
                     let ours =
                         std::fs::read(format!("/proc/{}/cmdline", pid.trim())).is_ok_and(|c| {

@@ -544,7 +544,7 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
         pci()
     );
     // The guest-agent channel listens in the VM's state directory.
-    let agent_socket = dirs.state().join("vms/debian12/org.qemu.guest_agent.0");
+    let agent_socket = dirs.state().join("vms/debian12/run/org.qemu.guest_agent.0");
     assert!(agent_socket.exists(), "{}", agent_socket.display());
     // The BIOS guest's screen is SeaBIOS's banner, "SeaBIOS (version …)"
     // (the counting guest writes its count over the first word); the UEFI
@@ -603,7 +603,10 @@ fn a_virt_install_server_starts_with_every_device_and_its_uefi_copy_boots_ovmf()
     assert!(cgroup_dir.is_dir(), "{}", cgroup_dir.display());
     let disk = dirs.root.path().join("debian12.qcow2");
     assert_eq!(owner(&disk), qemu_uid);
-    assert_eq!(owner(&dirs.state().join("vms/debian12")), qemu_uid);
+    // QEMU's own directory is its user's; the one with the agent's records
+    // is not.
+    assert_eq!(owner(&dirs.state().join("vms/debian12/run")), qemu_uid);
+    assert_eq!(owner(&dirs.state().join("vms/debian12")), "0");
     kill_vm(&uuids[0]);
     assert!(
         wait_until(Duration::from_secs(10), || owner(&disk) == "0"),

@@ -112,9 +112,19 @@ pub fn complete(domain: &Domain) -> Result<Domain, Refused> {
     assign_drive_addresses(devices);
     assign_port_addresses(devices);
     assign_pci_addresses(devices, chipset)?;
-    Domain::from_element("(completed definition)", &root)
-        .map(|d| d.model)
-        .map_err(|e| refused(&e.path, e.reason.to_string()))
+    // Only the devices change: they are read back, the rest stays as it was
+    // (a model built in code may hold a name no document could).
+    let devices = Element::new("domain")
+        .attr("type", domain.domain_type.as_str())
+        .child(Element::new("name").text("d"))
+        .child(Element::new("memory").text("1"))
+        .child(Element::new("os").child(Element::new("type").text("hvm")))
+        .child(devices.clone());
+    let read = Domain::from_element("(completed definition)", &devices)
+        .map_err(|e| refused(&e.path, e.reason.to_string()))?;
+    let mut out = domain.clone();
+    out.devices = read.model.devices;
+    Ok(out)
 }
 
 fn refused(path: &str, what: String) -> Refused {
@@ -175,7 +185,9 @@ fn disk_index(dev: &str) -> Option<u64> {
     }
     let mut n: u64 = 0;
     for c in letters.chars() {
-        n = n * 26 + u64::from(c as u8 - b'a') + 1;
+        n = n
+            .checked_mul(26)?
+            .checked_add(u64::from(c as u8 - b'a') + 1)?;
     }
     Some(n - 1)
 }
@@ -371,8 +383,12 @@ fn pci_need(e: &Element, chipset: Chipset, first_video: bool) -> Option<PciNeed>
         "disk" => (target_bus(e).unwrap_or("virtio") == "virtio").then_some(PciNeed::Express),
         "controller" => match (e.get_attr("type"), e.get_attr("model")) {
             (Some("usb"), Some("none")) => None,
-            // PIIX3's own UHCI, at 01.2.
-            (Some("usb"), Some("piix3-uhci") | None) if chipset == Chipset::I440fx => None,
+            // PIIX3's own UHCI, at 01.2 (only the first controller).
+            (Some("usb"), Some("piix3-uhci") | None)
+                if chipset == Chipset::I440fx && e.get_attr("index").unwrap_or("0") == "0" =>
+            {
+                None
+            }
             (Some("usb"), Some("piix3-uhci")) => Some(PciNeed::Conventional),
             (Some("usb"), _) => Some(PciNeed::Express),
             (Some("virtio-serial"), _) => Some(PciNeed::Express),
@@ -443,9 +459,13 @@ fn assign_pci_addresses(devices: &mut Element, chipset: Chipset) -> Result<(), R
         Chipset::I440fx => 2,
         Chipset::Q35 => 1,
     };
+    // libvirt marks the primary display on its `<model primary='yes'>`.
     let first_video = devices
         .elements()
-        .position(|e| e.name == "video" && e.get_attr("primary") == Some("yes"))
+        .position(|e| {
+            e.name == "video"
+                && child(e, "model").and_then(|m| m.get_attr("primary")) == Some("yes")
+        })
         .or_else(|| devices.elements().position(|e| e.name == "video"));
     // Slots that hold root ports, which may take more of them.
     let mut port_slots: BTreeSet<u64> = BTreeSet::new();
@@ -465,7 +485,10 @@ fn assign_pci_addresses(devices: &mut Element, chipset: Chipset) -> Result<(), R
                     ));
                 }
                 taken.insert((a.bus, a.slot, a.function));
-                if e.get_attr("model") == Some("pcie-root-port") {
+                // A slot takes more root ports only when it is multifunction.
+                if e.get_attr("model") == Some("pcie-root-port")
+                    && (a.function > 0 || a.multifunction)
+                {
                     port_slots.insert(a.slot);
                 }
             }

@@ -314,16 +314,19 @@ fn read_cpu(cpu: Option<&R<'_>>, smp: &mut Smp, mut flags: Vec<String>) -> CpuPl
         name
     });
     if let Some(t) = c.child("topology") {
-        let n = |k: &str| t.num(k).map(|v| v as u32);
+        let n = |k: &str| t.num(k).and_then(|v| u32::try_from(v).ok());
         let sockets = n("sockets").unwrap_or(1);
         let dies = n("dies").unwrap_or(1);
         let cores = n("cores").unwrap_or(1);
         let threads = n("threads").unwrap_or(1);
         let _ = t.one_of("clusters", &["1"]);
-        if sockets * dies * cores * threads != smp.max {
+        let total = [sockets, dies, cores, threads]
+            .into_iter()
+            .try_fold(1u32, u32::checked_mul);
+        if total != Some(smp.max) {
             t.refuse(format!(
                 "a topology of {} vCPUs for {} vCPUs",
-                sockets * dies * cores * threads,
+                total.map_or_else(|| "too many".to_string(), |t| t.to_string()),
                 smp.max
             ));
         }
@@ -634,6 +637,11 @@ fn read_devices(d: &R<'_>, hw: &mut Hardware) {
                     let driver = match model {
                         Some("i6300esb") => Some("i6300esb"),
                         Some("ib700") => Some("ib700"),
+                        // ICH9's own TCO watchdog: q35 only.
+                        Some("itco") if hw.chipset == Chipset::I440fx => {
+                            e.refuse("watchdog model 'itco' on an i440fx machine");
+                            None
+                        }
                         _ => None,
                     };
                     if model.is_some() {
@@ -649,7 +657,9 @@ fn read_devices(d: &R<'_>, hw: &mut Hardware) {
                 }
                 "memballoon" => {
                     let model = e.one_of("model", &["virtio", "none"]);
-                    let _ = e.flag("autodeflate").filter(|on| !on);
+                    if e.flag("autodeflate") == Some(true) {
+                        e.refuse("balloon autodeflate");
+                    }
                     let period = e.child("stats").and_then(|s| {
                         let p = s.num("period");
                         s.done();
@@ -739,6 +749,7 @@ fn read_controller(e: &R<'_>, chipset: Chipset) -> Option<Hw> {
         ("usb", Some("none")) => None,
         ("usb", m) => {
             let ports = e.num("ports");
+            let builtin = chipset == Chipset::I440fx && index == 0;
             let driver = match (m, chipset) {
                 (Some("qemu-xhci"), _) => "qemu-xhci",
                 (Some("nec-xhci"), _) => "nec-usb-xhci",
@@ -751,7 +762,7 @@ fn read_controller(e: &R<'_>, chipset: Chipset) -> Option<Hw> {
                 }
             };
             let addr = match (driver, addr) {
-                ("piix3-usb-uhci", None) if chipset == Chipset::I440fx => PciAddr {
+                ("piix3-usb-uhci", None) if builtin => PciAddr {
                     bus: 0,
                     slot: 1,
                     function: 2,
@@ -768,7 +779,9 @@ fn read_controller(e: &R<'_>, chipset: Chipset) -> Option<Hw> {
         }
         ("virtio-serial", None) => {
             let ports = e.num("ports");
-            let _ = e.num("vectors");
+            if let Some(v) = e.attr("vectors") {
+                e.refuse(format!("virtio-serial vectors='{v}'"));
+            }
             Some(Hw::VirtioSerial {
                 index,
                 ports,
@@ -919,6 +932,9 @@ fn read_disk(e: &R<'_>, n: usize, scsi_virtio: &[u64]) -> Option<DiskHw> {
     });
     let wwn = e.child("wwn").map(|x| {
         let s = x.text();
+        if !matches!(bus_name, "scsi" | "ide" | "sata") {
+            x.refuse(format!("a WWN on bus '{bus_name}'"));
+        }
         x.done();
         s
     });
