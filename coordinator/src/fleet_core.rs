@@ -318,6 +318,9 @@ struct VmEntry {
     pending_restart: Option<String>,
     /// See [`VmRow::ha_running`].
     ha_running: bool,
+    /// The guest CPU its definition asks of a host, read once per definition
+    /// rather than on every placement.
+    cpu: CpuNeed,
 }
 
 /// Who a start answers to.
@@ -563,6 +566,11 @@ fn xml_with_ha(xml: String, on: bool) -> String {
     }
 }
 
+/// The guest CPU a stored definition asks of its host.
+fn row_cpu_need(row: &VmRow) -> CpuNeed {
+    Domain::parse(&row.name, &row.xml).map_or_else(|_| CpuNeed::default(), |d| cpu_need(&d.model))
+}
+
 /// The guest CPU a definition asks of its host (nothing, for a definition
 /// stored before define checked its hardware and that no longer plans).
 fn cpu_need(domain: &Domain) -> CpuNeed {
@@ -648,6 +656,7 @@ impl FleetCore {
         let mut vms = BTreeMap::new();
         let mut autostart = BTreeSet::new();
         for row in store.list()? {
+            let cpu = row_cpu_need(&row);
             if row.placement.is_none()
                 && Domain::parse(&row.name, &row.xml).is_ok_and(|d| d.model.autostart())
             {
@@ -678,6 +687,7 @@ impl FleetCore {
                     incarnation: row.incarnation,
                     pending_restart,
                     ha_running: row.ha_running,
+                    cpu,
                 },
             );
         }
@@ -2568,6 +2578,7 @@ impl FleetCore {
                 })
             }
         };
+        let cpu = cpu_need(&domain);
         let def = NewDefinition {
             name: domain.name.clone(),
             uuid: domain.uuid.hyphenated().to_string(),
@@ -2586,6 +2597,7 @@ impl FleetCore {
                         if v.life == VmLifecycle::ShutOff {
                             v.footprint = fp;
                         }
+                        v.cpu = cpu.clone();
                     }
                     None => {
                         self.vms.insert(
@@ -2601,6 +2613,7 @@ impl FleetCore {
                                 incarnation: row.incarnation,
                                 pending_restart: None,
                                 ha_running: false,
+                                cpu: cpu.clone(),
                             },
                         );
                     }
@@ -2688,7 +2701,11 @@ impl FleetCore {
                 networks: domain.listen_networks(),
                 nic_networks: domain.interface_networks(),
                 machine: domain.os.machine.clone(),
-                cpu: cpu_need(&domain),
+                cpu: self
+                    .vms
+                    .get(name)
+                    .map(|v| v.cpu.clone())
+                    .unwrap_or_default(),
             },
             row.xml,
             row.generation,
@@ -4622,6 +4639,52 @@ mod tests {
             matches!(&calls[..], [(_, h, AgentRequest::MigrateCancel { name })] if h == "a" && name == "web"),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn a_host_cpu_definition_is_not_placed_where_there_is_no_kvm_and_unsupported_hardware_is_refused_at_define(
+    ) {
+        let mut r = Rig::new();
+        r.register("a", 1, &[]);
+        let (id, out) = r.op(OperatorRequest::Define {
+            xml: XML.replace("</os>", "</os><cpu mode='host-passthrough'/>"),
+            source: "web.xml".into(),
+        });
+        assert!(matches!(
+            Rig::answer(id, &out),
+            Some(OperatorResponse::Defined { .. })
+        ));
+        let (id, out) = r.op(OperatorRequest::Start {
+            name: "web".into(),
+            host: None,
+        });
+        let Some(OperatorResponse::Error(OperatorError::NoPlacement { explanation })) =
+            Rig::answer(id, &out)
+        else {
+            panic!("{out:?}")
+        };
+        assert!(
+            explanation.contains("a: it cannot give a host-passthrough CPU without KVM"),
+            "{explanation}"
+        );
+        // Hardware Flotilla does not build is refused at define, by path,
+        // and the stored definition stays as it was.
+        let before = r.store.get("web").expect("get").expect("row");
+        let (id, out) = r.op(OperatorRequest::Define {
+            xml: XML.replace(
+                "</os>",
+                "</os><devices><hostdev mode='subsystem' type='usb'/></devices>",
+            ),
+            source: "web.xml".into(),
+        });
+        let Some(OperatorResponse::Error(OperatorError::Unsupported { file, refused })) =
+            Rig::answer(id, &out)
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(file, "web.xml");
+        assert_eq!(refused.0[0].path, "/domain/devices/hostdev");
+        assert_eq!(r.store.get("web").expect("get").expect("row"), before);
     }
 
     #[test]
