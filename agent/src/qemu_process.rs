@@ -186,6 +186,12 @@ fn pin(pid: i32, cpus: &[u32]) -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// The error for a path the launch could not prepare.
+fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let path = path.display().to_string();
+    move |source| LaunchError::Prepare { path, source }
+}
+
 /// Spawns QEMU paused, applies `secrets`, then either resumes it and confirms
 /// `endpoints`, or (incoming migration) starts listening for the stream.
 ///
@@ -201,10 +207,6 @@ pub async fn launch(
     timeouts: StartTimeouts,
     fds: Vec<(OwnedFd, i32)>,
 ) -> Result<Launched, LaunchError> {
-    let prepare = |path: &Path| {
-        let p = path.display().to_string();
-        move |source| LaunchError::Prepare { path: p, source }
-    };
     std::fs::create_dir_all(&paths.dir).map_err(prepare(&paths.dir))?;
     // QEMU's directory and files first (given to its user when confined);
     // all given back, and its cgroup removed, if the start fails.
@@ -235,10 +237,6 @@ async fn launch_labelled(
     timeouts: StartTimeouts,
     fds: Vec<(OwnedFd, i32)>,
 ) -> Result<Launched, LaunchError> {
-    let prepare = |path: &Path| {
-        let p = path.display().to_string();
-        move |source| LaunchError::Prepare { path: p, source }
-    };
     for stale in [paths.qmp_socket(), paths.pidfile()] {
         match std::fs::remove_file(&stale) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(prepare(&stale)(e)),

@@ -2098,71 +2098,53 @@ impl FleetCore {
         }
     }
 
-    /// `flotilla autostart NAME [--disable]`: edits the stored definition.
-    fn set_autostart(&mut self, name: &str, on: bool) -> OperatorResponse {
+    /// Edits `name`'s stored definition in place (a new generation): the
+    /// stored row, or why not.
+    fn edit_stored(
+        &mut self,
+        name: &str,
+        edit: impl FnOnce(&mut Domain),
+    ) -> Result<VmRow, Box<OperatorError>> {
         let row = match self.store.get(name) {
             Ok(Some(r)) => r,
-            Ok(None) => return OperatorResponse::Error(not_found(name)),
-            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
+            Ok(None) => return Err(Box::new(not_found(name))),
+            Err(e) => return Err(Box::new(OperatorError::Store(e.to_string()))),
         };
-        let mut doc = match Domain::parse(name, &row.xml) {
-            Ok(d) => d.model,
-            Err(e) => {
-                return OperatorResponse::Error(OperatorError::StoredDefinitionUnreadable(
-                    e.to_string(),
-                ))
-            }
-        };
-        doc.set_autostart(on);
+        let mut doc = Domain::parse(name, &row.xml)
+            .map_err(|e| Box::new(OperatorError::StoredDefinitionUnreadable(e.to_string())))?
+            .model;
+        edit(&mut doc);
         let xml = doc.to_xml(XmlFlavor::Inactive);
-        let updated = self.store.update_row(name, &mut |r| {
-            r.xml = xml.clone();
-            r.generation += 1;
-        });
-        match updated {
-            Ok(row) => {
-                if let Some(v) = self.vms.get_mut(name) {
-                    v.generation = row.generation;
-                }
-                OperatorResponse::Done(if on {
-                    format!("Domain '{name}' marked as autostarted")
-                } else {
-                    format!("Domain '{name}' unmarked as autostarted")
-                })
-            }
-            Err(e) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
+        let row = self
+            .store
+            .update_row(name, &mut |r| {
+                r.xml = xml.clone();
+                r.generation += 1;
+            })
+            .map_err(|e| Box::new(OperatorError::Store(e.to_string())))?;
+        if let Some(v) = self.vms.get_mut(name) {
+            v.generation = row.generation;
+        }
+        Ok(row)
+    }
+
+    /// `flotilla autostart NAME [--disable]`: edits the stored definition.
+    fn set_autostart(&mut self, name: &str, on: bool) -> OperatorResponse {
+        match self.edit_stored(name, |d| d.set_autostart(on)) {
+            Ok(_) if on => OperatorResponse::Done(format!("Domain '{name}' marked as autostarted")),
+            Ok(_) => OperatorResponse::Done(format!("Domain '{name}' unmarked as autostarted")),
+            Err(e) => OperatorResponse::Error(*e),
         }
     }
 
     /// `flotilla ha NAME on|off`: edits the stored definition.
     fn set_ha(&mut self, name: &str, on: bool) -> OperatorResponse {
-        let row = match self.store.get(name) {
-            Ok(Some(r)) => r,
-            Ok(None) => return OperatorResponse::Error(not_found(name)),
-            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
-        };
-        let mut doc = match Domain::parse(name, &row.xml) {
-            Ok(d) => d.model,
-            Err(e) => {
-                return OperatorResponse::Error(OperatorError::StoredDefinitionUnreadable(
-                    e.to_string(),
-                ))
-            }
-        };
-        doc.set_ha(on);
-        let xml = doc.to_xml(XmlFlavor::Inactive);
-        let updated = self.store.update_row(name, &mut |r| {
-            r.xml = xml.clone();
-            r.generation += 1;
-        });
-        let row = match updated {
-            Ok(r) => r,
-            Err(e) => return OperatorResponse::Error(OperatorError::Store(e.to_string())),
-        };
+        if let Err(e) = self.edit_stored(name, |d| d.set_ha(on)) {
+            return OperatorResponse::Error(*e);
+        }
         let running = match self.vms.get_mut(name) {
             Some(v) => {
                 v.ha = on;
-                v.generation = row.generation;
                 if !on {
                     v.pending_restart = None;
                 }
