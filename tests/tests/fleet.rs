@@ -997,7 +997,14 @@ fn operator_verbs_suspend_resume_reset_list_disks_edit_and_autostart() {
         "the resumed guest does not count"
     );
     // reboot resets the hardware: the guest boots again and counts from 0,
-    // in the same QEMU.
+    // in the same QEMU. It first counts long enough that its count after
+    // the reset stays below this one for a good while, however slowly the
+    // samples come.
+    assert!(
+        wait_until(Duration::from_secs(30), || counter(&f, 0, "worker")
+            .is_some_and(|c| c > 3000)),
+        "the guest does not count on"
+    );
     let before = counter(&f, 0, "worker").expect("counter");
     let o = f.cli(&["reboot", "worker"]);
     assert!(o.status.success(), "{}", text(&o));
