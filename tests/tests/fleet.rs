@@ -106,6 +106,18 @@ impl Fleet {
     fn cli(&self, args: &[&str]) -> Output {
         flotilla(&self.ctl, COORD, &self.tls, args)
     }
+
+    /// The coordinator dies (kill -9) and starts again on the same store.
+    fn restart_coordinator(&mut self) {
+        self.coordinator.kill9();
+        self.coordinator = CoordinatorProcess::start(
+            &self.ctl,
+            COORD,
+            &self.work.path().join("data"),
+            &self.tls,
+            &self.work.path().join("coordinator.log"),
+        );
+    }
 }
 
 impl Drop for Fleet {
@@ -693,14 +705,7 @@ fn restarts_converge_without_starting_twice_and_silent_hosts_go_unreachable() {
     assert!(o.status.success(), "{}", text(&o));
 
     // The coordinator dies and comes back: the host's report is the truth.
-    f.coordinator.kill9();
-    f.coordinator = CoordinatorProcess::start(
-        &f.ctl,
-        COORD,
-        &f.work.path().join("data"),
-        &f.tls,
-        &f.work.path().join("coordinator.log"),
-    );
+    f.restart_coordinator();
     assert!(
         wait_until(Duration::from_secs(20), || {
             let l = text(&f.cli(&["list", "--json"]));
@@ -942,18 +947,15 @@ fn flotilla_console_carries_the_serial_port_both_ways_and_ctrl_bracket_detaches(
     // Ctrl-] detaches; the guest keeps running.
     stdin.write_all(&[0x1d]).expect("escape");
     stdin.flush().expect("flush");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "console did not detach"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status:?}");
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            status = child.try_wait().expect("wait");
+            status.is_some()
+        }),
+        "console did not detach"
+    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert_eq!(qemu_pids_for(&uuid).len(), 1, "the guest stopped");
     // A VM without a serial pty is refused by name, through its host.
     let o = f.cli(&["console", "nosuchvm"]);
@@ -1090,14 +1092,7 @@ fn operator_verbs_suspend_resume_reset_list_disks_edit_and_autostart() {
     let o = f.cli(&["destroy", "worker"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(wait_until(Duration::from_secs(10), || qemu_pids_for(&uuid).is_empty()));
-    f.coordinator.kill9();
-    f.coordinator = CoordinatorProcess::start(
-        &f.ctl,
-        COORD,
-        &f.work.path().join("data"),
-        &f.tls,
-        &f.work.path().join("coordinator.log"),
-    );
+    f.restart_coordinator();
     assert!(
         wait_until(Duration::from_secs(30), || qemu_pids_for(&uuid).len() == 1),
         "not autostarted: {}",

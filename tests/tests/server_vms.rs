@@ -8,13 +8,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_shared::hardware;
 use flotilla_shared::xml::tree::{Element, Node};
 use flotilla_shared::xml::{Domain, XmlFlavor};
 use flotilla_tests::{
-    agent_command, new_uuid, output, qemu_pids_for, AgentDaemon, AgentDirs, Netns,
+    agent_command, new_uuid, output, qemu_pids_for, wait_until, AgentDaemon, AgentDirs, Netns,
 };
 
 fn corpus() -> Option<PathBuf> {
@@ -30,10 +30,7 @@ fn kill_vm(uuid: &str) {
     for pid in qemu_pids_for(uuid) {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !qemu_pids_for(uuid).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _ = wait_until(Duration::from_secs(10), || qemu_pids_for(uuid).is_empty());
 }
 
 /// What the test set up outside the agent, undone on drop even on failure.
@@ -158,18 +155,14 @@ impl Rewriter<'_> {
             .stderr(Stdio::null());
             self.scratch.children.push(c.spawn().expect("qemu-nbd"));
             let ns = self.ns.name.clone();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
+            let _ = wait_until(Duration::from_secs(10), || {
                 let o = output({
                     let mut c = Command::new("ip");
                     c.args(["netns", "exec", &ns, "ss", "-ltn", "sport = :10809"]);
                     c
                 });
-                if String::from_utf8_lossy(&o.stdout).contains("10809") {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                String::from_utf8_lossy(&o.stdout).contains("10809")
+            });
         }
     }
 
@@ -412,17 +405,6 @@ fn text_screen(host: &Netns, dirs: &AgentDirs, name: &str) -> String {
             }
         })
         .collect()
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 #[test]

@@ -510,6 +510,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(print(response, cli.json))
 }
 
+/// [`current_xml`], read as a domain.
+fn current_domain(
+    conn: &ConnArgs,
+    name: &str,
+) -> anyhow::Result<Result<flotilla_shared::xml::Domain, OperatorResponse>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(match current_xml(&rt, conn, name)? {
+        Ok(xml) => Ok(flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model),
+        Err(other) => Err(other),
+    })
+}
+
 /// The running XML when the VM runs (it names host devices), else the
 /// stored definition; `Err` is the answer to print instead.
 fn current_xml(
@@ -546,14 +560,10 @@ fn domblklist(
     details: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let xml = match current_xml(&rt, conn, &name)? {
-        Ok(x) => x,
+    let domain = match current_domain(conn, &name)? {
+        Ok(d) => d,
         Err(other) => return Ok(print(other, json)),
     };
-    let domain = flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model;
     let rows: Vec<[String; 4]> = domain
         .disks()
         .map(|d| {
@@ -667,14 +677,10 @@ fn edit(conn: &ConnArgs, name: String) -> anyhow::Result<ExitCode> {
 /// `virsh domiflist`: from the running XML when the VM runs (it names the
 /// host devices), else from the stored definition.
 fn domiflist(conn: &ConnArgs, name: String, json: bool) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let xml = match current_xml(&rt, conn, &name)? {
-        Ok(x) => x,
+    let domain = match current_domain(conn, &name)? {
+        Ok(d) => d,
         Err(other) => return Ok(print(other, json)),
     };
-    let domain = flotilla_shared::xml::Domain::parse("the coordinator's answer", &xml)?.model;
     let rows: Vec<[String; 5]> = domain
         .interfaces()
         .map(|i| {
