@@ -5,6 +5,12 @@
 //! coordinator's requests, each on its own QUIC stream, through the same
 //! [`HostAgent`] actor the local control socket uses. A lost connection is
 //! redialled with exponential backoff; VMs keep running meanwhile.
+//!
+//! With several coordinators (`--coordinator A,B,C`) every entry is dialled
+//! at once and the first handshake wins; a follower answers the
+//! registration with the leader's address, which is dialled next. The agent
+//! keeps the highest fencing epoch it was registered under and refuses a
+//! coordinator with a lower one: a deposed leader cannot take the host back.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +32,7 @@ use crate::host_actor::{CoordinatorRoute, HostAgent, RenewLease};
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
-    /// `HOST:PORT` of the coordinator.
+    /// `HOST:PORT` of the coordinator, or several separated by commas.
     pub coordinator: String,
     /// Directory with `ca.pem` and `agent-HOST.pem`.
     pub tls_dir: PathBuf,
@@ -55,6 +61,17 @@ pub enum LinkError {
     /// The coordinator refused the registration.
     #[error("coordinator refused registration: {0}")]
     Refused(String),
+    /// A follower answered; the leader is named when one is elected.
+    #[error("coordinator is not the leader (leader: {})", .0.as_deref().unwrap_or("none elected yet"))]
+    NotLeader(Option<String>),
+    /// The coordinator leads under an older epoch than one this host saw.
+    #[error("coordinator's epoch {offered} is older than {seen}, which this host already registered under: refusing a deposed leader")]
+    StaleEpoch {
+        /// What it offered.
+        offered: u64,
+        /// The highest seen.
+        seen: u64,
+    },
     /// The connection closed.
     #[error("coordinator connection closed: {0}")]
     Closed(String),
@@ -63,10 +80,24 @@ pub enum LinkError {
 /// Keeps this host registered with the coordinator, forever.
 pub async fn run(settings: LinkSettings, agent: Addr<HostAgent>) {
     let mut backoff = Duration::from_millis(250);
+    let mut link = Link::default();
     loop {
-        match session(&settings, &agent, &mut backoff).await {
+        match session(&settings, &agent, &mut backoff, &mut link).await {
             Ok(()) => {}
+            Err(LinkError::NotLeader(named)) => {
+                // Straight to the named leader; while none is elected, the
+                // usual backoff (capped low: an election takes a second).
+                let retry = named.is_none() || named == link.leader;
+                tracing::info!(leader = ?named, "registered with a follower; moving to the leader");
+                link.leader = named;
+                if retry {
+                    tokio::time::sleep(backoff.min(Duration::from_millis(500))).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                continue;
+            }
             Err(e) => {
+                link.leader = None;
                 tracing::warn!(coordinator = %settings.coordinator, error = %e, retry_in = ?backoff, "coordinator link down")
             }
         }
@@ -75,18 +106,71 @@ pub async fn run(settings: LinkSettings, agent: Addr<HostAgent>) {
     }
 }
 
+/// What the link remembers between sessions.
+#[derive(Debug, Default)]
+struct Link {
+    /// The leader a follower named, dialled first next time.
+    leader: Option<String>,
+    /// The highest fencing epoch this host registered under.
+    epoch: u64,
+}
+
+/// The first of `entries` to complete a handshake, dialled all at once.
+async fn dial(
+    entries: &[String],
+    config: quinn::ClientConfig,
+) -> Result<(std::net::SocketAddr, quinn::Connection), LinkError> {
+    let mut attempts: futures_util::stream::FuturesUnordered<_> = entries
+        .iter()
+        .map(|entry| {
+            let config = config.clone();
+            async move {
+                let addr = quic::resolve(entry)
+                    .await
+                    .map_err(|e| LinkError::Connect(entry.clone(), e))?;
+                let conn = quic::connect(addr, config)
+                    .await
+                    .map_err(|e| LinkError::Connect(entry.clone(), e))?;
+                Ok((addr, conn))
+            }
+        })
+        .collect();
+    let mut last = None;
+    while let Some(attempt) = futures_util::StreamExt::next(&mut attempts).await {
+        match attempt {
+            Ok(found) => return Ok(found),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        LinkError::Connect(
+            String::new(),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no coordinator given"),
+        )
+    }))
+}
+
 async fn session(
     settings: &LinkSettings,
     agent: &Addr<HostAgent>,
     backoff: &mut Duration,
+    link: &mut Link,
 ) -> Result<(), LinkError> {
     let config = tls::client_config(&settings.tls_dir, Role::Agent, &settings.host)?;
-    let addr = quic::resolve(&settings.coordinator)
-        .await
-        .map_err(|e| LinkError::Connect(settings.coordinator.clone(), e))?;
-    let conn = quic::connect(addr, config)
-        .await
-        .map_err(|e| LinkError::Connect(settings.coordinator.clone(), e))?;
+    let listed: Vec<String> = settings
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    let (addr, conn) = match &link.leader {
+        Some(leader) => match dial(std::slice::from_ref(leader), config.clone()).await {
+            Ok(found) => found,
+            Err(_) => dial(&listed, config).await?,
+        },
+        None => dial(&listed, config).await?,
+    };
     if let Some(local) = route_source(addr) {
         agent.do_send(CoordinatorRoute(local));
     }
@@ -105,11 +189,26 @@ async fn session(
             heartbeat_secs,
             lease_ms,
             stale,
-        }) => (
-            Duration::from_secs(heartbeat_secs.max(1)),
-            Duration::from_millis(lease_ms),
-            stale,
-        ),
+            epoch,
+        }) => {
+            if epoch < link.epoch {
+                conn.close(1u32.into(), b"stale epoch");
+                return Err(LinkError::StaleEpoch {
+                    offered: epoch,
+                    seen: link.epoch,
+                });
+            }
+            link.epoch = epoch;
+            (
+                Duration::from_secs(heartbeat_secs.max(1)),
+                Duration::from_millis(lease_ms),
+                stale,
+            )
+        }
+        ServerMessage::Hello(HelloAck::NotLeader { leader }) => {
+            conn.close(0u32.into(), b"not the leader");
+            return Err(LinkError::NotLeader(leader));
+        }
         ServerMessage::Hello(HelloAck::Refused(r)) => return Err(LinkError::Refused(r)),
         other => return Err(LinkError::Refused(format!("unexpected answer {other:?}"))),
     };
@@ -120,7 +219,7 @@ async fn session(
         let _ = agent.send(AgentCall(AgentRequest::Destroy { name })).await;
     }
     agent.do_send(RenewLease(sent + lease));
-    tracing::info!(coordinator = %settings.coordinator, "registered with coordinator");
+    tracing::info!(coordinator = %addr, epoch = link.epoch, "registered with coordinator");
     *backoff = Duration::from_millis(250);
     let mut tick = tokio::time::interval(interval);
     // The registration's facts are number 0 of this connection's sequence.
@@ -140,11 +239,15 @@ async fn session(
                 let report = reports.report(seq, gather_facts(agent, settings).await);
                 let sent = Instant::now();
                 // An unanswered heartbeat means the coordinator is gone: redial
-                // now rather than at the transport's idle timeout.
+                // now rather than at the transport's idle timeout, and soon
+                // enough that another coordinator renews the lease before
+                // it runs out (a third of it is left for that).
                 let ack: ServerMessage = quic::call(
                     &conn,
                     &ClientMessage::Event(AgentEvent::Heartbeat { seq, report }),
-                    (interval * 3).max(Duration::from_secs(3)),
+                    (interval * 3)
+                        .max(Duration::from_secs(3))
+                        .min((lease / 3).max(Duration::from_secs(1))),
                 )
                 .await?;
                 if ack != ServerMessage::Ack {

@@ -586,6 +586,7 @@ mod tests {
             policy: Policy::default(),
             token_seed: 7,
             fencing: Default::default(),
+            epoch: 0,
         };
         // Empty mirrors would overcommit hosts and undrain drained ones.
         match Fleet::new(std::sync::Arc::new(Unreadable), settings) {

@@ -80,6 +80,9 @@ pub struct FleetSettings {
     pub token_seed: u64,
     /// Leases and when a silent host counts as fenced.
     pub fencing: FencePolicy,
+    /// The fencing epoch agents are told (0 with one coordinator; the etcd
+    /// revision the leadership began at with several).
+    pub epoch: u64,
 }
 
 /// Something that happened, for the core to decide on.
@@ -589,11 +592,11 @@ fn cpu_need(domain: &Domain) -> CpuNeed {
     }
 }
 
-fn is_ha(row: &VmRow) -> bool {
+pub(crate) fn is_ha(row: &VmRow) -> bool {
     Domain::parse(&row.name, &row.xml).is_ok_and(|d| d.model.ha())
 }
 
-fn footprint(row: &VmRow) -> Footprint {
+pub(crate) fn footprint(row: &VmRow) -> Footprint {
     Domain::parse(&row.name, &row.xml).map_or_else(
         |_| Footprint::default(),
         |d| Footprint {
@@ -606,7 +609,7 @@ fn footprint(row: &VmRow) -> Footprint {
 /// A definition as `dumpxml` shows it without `--security-info`: no
 /// console passwords. XML that does not parse is not shown at all, rather
 /// than shown with its secrets.
-fn shown_xml(xml: &str, flavor: XmlFlavor) -> OperatorResponse {
+pub(crate) fn shown_xml(xml: &str, flavor: XmlFlavor) -> OperatorResponse {
     match Domain::parse("the definition", xml) {
         Ok(mut d) => {
             d.model.hide_secrets();
@@ -616,7 +619,7 @@ fn shown_xml(xml: &str, flavor: XmlFlavor) -> OperatorResponse {
     }
 }
 
-fn not_found(name: &str) -> OperatorError {
+pub(crate) fn not_found(name: &str) -> OperatorError {
     OperatorError::NoSuchDomain {
         name: name.to_string(),
     }
@@ -1190,6 +1193,7 @@ impl FleetCore {
                 heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
                 lease_ms: self.settings.fencing.lease.as_millis() as u64,
                 stale,
+                epoch: self.settings.epoch,
             },
         });
     }
@@ -2427,6 +2431,13 @@ impl FleetCore {
                 id,
                 OperatorResponse::Error(OperatorError::UnexpectedAnswer(
                     "a streaming request; the shell serves it".into(),
+                )),
+            ),
+            // The control plane is the server's to describe.
+            OperatorRequest::Cluster => self.reply(
+                id,
+                OperatorResponse::Error(OperatorError::UnexpectedAnswer(
+                    "the cluster view is the server's; the core does not see it".into(),
                 )),
             ),
             // The web shell issues tickets; one that reaches the core came
@@ -3983,6 +3994,7 @@ mod tests {
                     policy: Policy::default(),
                     token_seed: 7,
                     fencing: Default::default(),
+                    epoch: 0,
                 },
             )
             .expect("core")

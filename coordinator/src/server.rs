@@ -7,6 +7,11 @@
 //! error reply and ends that stream only. Each agent connection keeps the
 //! last report it acknowledged, and heartbeats (deltas against it) are
 //! expanded to whole facts here, before the fleet sees them.
+//!
+//! With several coordinators ([`crate::leadership`]) a follower serves too:
+//! it sends agents to the leader, answers read-only verbs from the store
+//! ([`crate::follower`]) and names the leader for every other verb. Each
+//! stream is served in the role the coordinator has when it arrives.
 
 use actix::prelude::*;
 use flotilla_shared::net::pki::{Identity, Role};
@@ -23,7 +28,48 @@ use std::sync::{Arc, Mutex};
 use crate::fleet::{
     ConsoleCall, Disconnected, EventsCall, Fleet, Heartbeat, OperatorCall, Register, VmExited,
 };
+use crate::leadership::ClusterView;
 use crate::web::Web;
+
+/// The part this coordinator plays: a follower becomes the leader at most
+/// once, and a leader never goes back (it stops when its lease is lost).
+#[derive(Clone)]
+pub enum Serving {
+    /// Another coordinator leads (or none yet).
+    Follower,
+    /// This one leads: the fleet and its web pages.
+    Leader {
+        /// The fleet actor.
+        fleet: Addr<Fleet>,
+        /// The web console, when served.
+        web: Option<Arc<Web>>,
+    },
+}
+
+/// The role, and the view of the control plane behind `flotilla cluster`.
+pub struct Plane {
+    /// The role now.
+    pub role: tokio::sync::watch::Receiver<Serving>,
+    /// The coordinators and the store.
+    pub cluster: Arc<ClusterView>,
+}
+
+impl Plane {
+    /// One coordinator that leads from the start (the redb store).
+    pub fn single(address: String, fleet: Addr<Fleet>, web: Option<Arc<Web>>) -> Arc<Plane> {
+        let (tx, role) = tokio::sync::watch::channel(Serving::Leader { fleet, web });
+        // Never changes: the receiver keeps the value after the sender is gone.
+        drop(tx);
+        Arc::new(Plane {
+            role,
+            cluster: Arc::new(ClusterView::Single { address }),
+        })
+    }
+
+    fn role(&self) -> Serving {
+        self.role.borrow().clone()
+    }
+}
 
 /// A poisoned lock only means a stream task panicked mid-update; the
 /// receiver's state is still one acknowledged report.
@@ -33,15 +79,14 @@ fn lock(reports: &Reports) -> std::sync::MutexGuard<'_, ReportReceiver> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Accepts connections until the endpoint closes. `web` issues web tickets
-/// when the coordinator serves web pages.
-pub async fn serve(endpoint: quinn::Endpoint, fleet: Addr<Fleet>, web: Option<Arc<Web>>) {
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, plane: Arc<Plane>) {
     while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(connection(incoming, fleet.clone(), web.clone()));
+        tokio::spawn(connection(incoming, plane.clone()));
     }
 }
 
-async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>, web: Option<Arc<Web>>) {
+async fn connection(incoming: quinn::Incoming, plane: Arc<Plane>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -67,22 +112,21 @@ async fn connection(incoming: quinn::Incoming, fleet: Addr<Fleet>, web: Option<A
     async move {
         tracing::debug!("connected");
         while let Ok((send, recv)) = conn.accept_bi().await {
-            tokio::spawn(
-                stream(
-                    send,
-                    recv,
-                    Peer {
-                        who: who.clone(),
-                        conn: conn.clone(),
-                        reports: reports.clone(),
-                    },
-                    fleet.clone(),
-                    web.clone(),
-                )
-                .in_current_span(),
-            );
+            let peer = Peer {
+                who: who.clone(),
+                conn: conn.clone(),
+                reports: reports.clone(),
+            };
+            match plane.role() {
+                Serving::Leader { fleet, web } => tokio::spawn(
+                    stream(send, recv, peer, fleet, web, plane.clone()).in_current_span(),
+                ),
+                Serving::Follower => tokio::spawn(
+                    follower_stream(send, recv, peer.who, plane.clone()).in_current_span(),
+                ),
+            };
         }
-        if who.role == Role::Agent {
+        if let (Role::Agent, Serving::Leader { fleet, .. }) = (who.role, plane.role()) {
             fleet.do_send(Disconnected {
                 host: who.name.clone(),
                 stable_id: conn.stable_id(),
@@ -110,12 +154,16 @@ async fn stream(
     peer: Peer,
     fleet: Addr<Fleet>,
     web: Option<Arc<Web>>,
+    plane: Arc<Plane>,
 ) {
     let who = &peer.who;
     let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
         Err(e) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::BadRequest(
             e.to_string(),
         ))),
+        Ok(ClientMessage::Operator(OperatorRequest::Cluster)) if who.role == Role::Operator => {
+            ServerMessage::Operator(OperatorResponse::Cluster(plane.cluster.status().await))
+        }
         Ok(ClientMessage::Operator(request @ OperatorRequest::Migrate { .. }))
             if who.role == Role::Operator =>
         {
@@ -158,6 +206,61 @@ async fn stream(
     let _ = send.finish();
     // Let the reply reach the peer before the stream is dropped.
     let _ = send.stopped().await;
+}
+
+/// A stream to a follower: agents are sent to the leader, read-only verbs
+/// are answered from the store, and the rest name the leader.
+async fn follower_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    who: Identity,
+    plane: Arc<Plane>,
+) {
+    let reply = match quic::read_frame::<ClientMessage>(&mut recv).await {
+        Err(e) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::BadRequest(
+            e.to_string(),
+        ))),
+        Ok(ClientMessage::Hello(_) | ClientMessage::Event(_)) if who.role == Role::Agent => {
+            ServerMessage::Hello(HelloAck::NotLeader {
+                leader: plane.cluster.leader().await,
+            })
+        }
+        Ok(ClientMessage::Operator(OperatorRequest::Cluster)) if who.role == Role::Operator => {
+            ServerMessage::Operator(OperatorResponse::Cluster(plane.cluster.status().await))
+        }
+        Ok(ClientMessage::Operator(request)) if who.role == Role::Operator => {
+            ServerMessage::Operator(follower_answer(request, &plane).await)
+        }
+        Ok(_) => ServerMessage::Operator(OperatorResponse::Error(OperatorError::PermissionDenied(
+            format!(
+                "certificate '{}' ({:?}) cannot send this",
+                who.name, who.role
+            ),
+        ))),
+    };
+    let _ = quic::write_frame(&mut send, &reply).await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+async fn follower_answer(request: OperatorRequest, plane: &Plane) -> OperatorResponse {
+    let store = match plane.cluster.store() {
+        Some(s) if crate::follower::answers(&request) => s,
+        _ => {
+            let leader = plane.cluster.leader().await;
+            return crate::follower::answer(request, &[], &[], leader);
+        }
+    };
+    let rows = tokio::task::spawn_blocking(move || {
+        use crate::store::Store as _;
+        Ok::<_, crate::store::StoreError>((store.list()?, store.hosts()?))
+    })
+    .await;
+    match rows {
+        Ok(Ok((vms, hosts))) => crate::follower::answer(request, &vms, &hosts, None),
+        Ok(Err(e)) => OperatorResponse::Error(OperatorError::Store(e.to_string())),
+        Err(e) => OperatorResponse::Error(OperatorError::Unavailable(e.to_string())),
+    }
 }
 
 /// `flotilla console`: the VM's host's agent opens its serial pty on a

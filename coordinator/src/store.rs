@@ -1,7 +1,8 @@
 //! The coordinator's durable state, behind the [`Store`] trait.
 //!
-//! Today the backend is redb, embedded in `--data-dir`; the trait is small so
-//! a replicated backend can replace it without touching callers. A write is
+//! The default backend is redb, embedded in `--data-dir`; the trait is small
+//! so the replicated backend ([`crate::etcd_store`], `--store etcd`) replaces
+//! it without touching callers. A write is
 //! durable when the call returns (redb commits with `Durability::Immediate`),
 //! so an operator who heard "ok" never loses a definition to a crash.
 //!
@@ -32,7 +33,7 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
 const UUIDS: TableDefinition<&str, &str> = TableDefinition::new("uuids");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
-const SCHEMA_VERSION: &str = "1";
+pub(crate) const SCHEMA_VERSION: &str = "1";
 
 /// A stored VM: its definition and where the fleet wants it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +120,16 @@ pub enum StoreError {
     /// No such VM.
     #[error("failed to get domain '{0}': no domain with matching name")]
     NotFound(String),
+    /// This coordinator's leadership ended before the write (etcd refused
+    /// the transaction on the election key): nothing was written.
+    #[error("store: write refused: this coordinator is no longer the leader (its election key of epoch {epoch} is gone)")]
+    Fenced {
+        /// The epoch it led in.
+        epoch: i64,
+    },
+    /// A follower does not write.
+    #[error("store: this coordinator is a follower and does not write")]
+    NotLeader,
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {
@@ -127,8 +138,10 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
 
 /// The row a define stores over `existing` (the row of that name, if any),
 /// with `uuid_holder` the name that holds the new UUID, if any: names and
-/// UUIDs stay unique, and a redefinition keeps where the VM runs.
-fn defined_row(
+/// UUIDs stay unique, and a redefinition keeps where the VM runs. The same
+/// XML again changes nothing (not even the generation), so a client that
+/// retries a define whose answer it lost cannot apply it twice.
+pub(crate) fn defined_row(
     existing: Option<VmRow>,
     uuid_holder: Option<&str>,
     def: NewDefinition,
@@ -148,6 +161,9 @@ fn defined_row(
                 uuid: def.uuid,
             });
         }
+    }
+    if let Some(e) = existing.as_ref().filter(|e| e.xml == def.xml) {
+        return Ok(e.clone());
     }
     Ok(VmRow {
         generation: existing.as_ref().map_or(1, |e| e.generation + 1),
@@ -532,9 +548,13 @@ mod tests {
             let s = RedbStore::open(dir.path()).expect("open");
             assert_eq!(s.define(def("web01", "u1")).expect("define").generation, 1);
             assert_eq!(
-                s.define(def("web01", "u1")).expect("redefine").generation,
-                2
+                s.define(def("web01", "u1")).expect("same again").generation,
+                1,
+                "the same XML again is a no-op: a retried define is not applied twice"
             );
+            let mut changed = def("web01", "u1");
+            changed.xml.push_str("<!-- edited -->");
+            assert_eq!(s.define(changed).expect("redefine").generation, 2);
             let e = s.define(def("web01", "u2")).expect_err("name taken");
             assert_eq!(e.to_string(), "domain 'web01' already exists with uuid u1");
             let e = s.define(def("web02", "u1")).expect_err("uuid taken");

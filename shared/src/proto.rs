@@ -42,12 +42,15 @@ use serde::{Deserialize, Serialize};
 /// [`HelloAck::Accepted`]), VM incarnations, and the HA verbs. Version 7
 /// sends heartbeats as deltas against the last acknowledged report
 /// ([`Report`]). Version 8 refuses unsupported hardware at define by
-/// element path ([`OperatorError::Unsupported`]).
-pub const PROTOCOL_VERSION: u32 = 8;
-/// The oldest version this build still accepts. A version 7 peer cannot read
-/// [`OperatorError::Unsupported`], and its agents would start definitions
-/// without the hardware plan: refused by name.
-pub const MIN_PROTOCOL_VERSION: u32 = 8;
+/// element path ([`OperatorError::Unsupported`]). Version 9 runs several
+/// coordinators: a fencing epoch in [`HelloAck::Accepted`], followers'
+/// redirections ([`HelloAck::NotLeader`], [`OperatorError::NotLeader`]) and
+/// [`OperatorRequest::Cluster`].
+pub const PROTOCOL_VERSION: u32 = 9;
+/// The oldest version this build still accepts. A version 8 agent cannot
+/// read the fencing epoch, so it could register with a deposed leader:
+/// refused by name.
+pub const MIN_PROTOCOL_VERSION: u32 = 9;
 /// Largest frame accepted, in bytes (payload, without the length prefix).
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
@@ -921,6 +924,13 @@ pub enum OperatorError {
     /// The coordinator cannot take requests now.
     #[error("coordinator unavailable: {0}")]
     Unavailable(String),
+    /// This coordinator is a follower and the verb changes the fleet: ask
+    /// the leader.
+    #[error("this coordinator is not the leader{}", match leader { Some(l) => format!("; the leader is {l}"), None => "; no leader is elected yet".to_string() })]
+    NotLeader {
+        /// The leader's address, when one is elected.
+        leader: Option<String>,
+    },
     /// An answer this build does not expect.
     #[error("unexpected answer {0}")]
     UnexpectedAnswer(String),
@@ -1096,9 +1106,19 @@ pub enum HelloAck {
         /// the host and restarted them elsewhere (a newer incarnation). The
         /// agent kills these before it serves anything else.
         stale: Vec<String>,
+        /// The coordinator's fencing epoch: 0 with one coordinator, the
+        /// etcd revision its leadership began at with several. An agent
+        /// never registers with a lower epoch than one it has seen, so a
+        /// deposed leader cannot take a host back.
+        epoch: u64,
     },
     /// Refused, with the reason.
     Refused(String),
+    /// This coordinator is a follower: register with the leader.
+    NotLeader {
+        /// The leader's address, when one is elected.
+        leader: Option<String>,
+    },
 }
 
 /// Unsolicited agent → coordinator messages, each acknowledged.
@@ -1378,6 +1398,8 @@ pub enum OperatorRequest {
         /// On or off.
         on: bool,
     },
+    /// The coordinators, which one leads, and the store under them.
+    Cluster,
     /// Attach to a VM's serial console (`virsh console`): after
     /// [`OperatorResponse::ConsoleAttached`] the stream carries the guest's
     /// serial bytes both ways until either side closes.
@@ -1550,8 +1572,53 @@ pub enum OperatorResponse {
         /// The serial device there (`/dev/pts/N`).
         device: String,
     },
+    /// The control plane.
+    Cluster(ClusterStatus),
     /// The request was refused or failed.
     Error(OperatorError),
+}
+
+/// The control plane as one coordinator sees it (`flotilla cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// `redb` (one coordinator) or `etcd`.
+    pub store: String,
+    /// The coordinator that answered.
+    pub answered_by: String,
+    /// Every coordinator that is up, by address.
+    pub coordinators: Vec<CoordinatorEntry>,
+    /// etcd's members (empty on redb).
+    pub members: Vec<EtcdMember>,
+}
+
+/// One coordinator in [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorEntry {
+    /// Its QUIC address.
+    pub address: String,
+    /// It is the leader.
+    pub leader: bool,
+    /// The leader's fencing epoch (0 on a follower).
+    pub epoch: u64,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// One etcd member in [`ClusterStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdMember {
+    /// Its name.
+    pub name: String,
+    /// Its id, in hex as etcdctl prints it.
+    pub id: String,
+    /// Its client URLs.
+    pub client_urls: Vec<String>,
+    /// It answered a status request.
+    pub healthy: bool,
+    /// It is etcd's raft leader.
+    pub raft_leader: bool,
+    /// What was wrong, when it did not answer.
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod control_plane;
 pub mod guest;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -114,6 +115,19 @@ impl Netns {
         })
         .join()
         .expect("netns thread")
+    }
+
+    /// Runs `f` on a thread that has joined this namespace, without waiting.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
     }
 
     /// A command that runs inside this namespace.

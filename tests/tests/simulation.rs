@@ -159,6 +159,9 @@ struct HostSim {
     /// The current connection's registration was acknowledged: as the real
     /// agent, it serves the coordinator's requests only from then on.
     registered: bool,
+    /// The highest coordinator epoch this host registered under: as the
+    /// real agent, it refuses a coordinator with a lower one.
+    epoch_seen: u64,
     /// A heartbeat sent at this time and not yet answered.
     heartbeat_out: Option<Duration>,
     dialing: bool,
@@ -396,6 +399,7 @@ fn settings() -> FleetSettings {
             clock_rate_bound: CLOCK_RATE_BOUND,
             margin: Duration::from_secs(2),
         },
+        epoch: 0,
     }
 }
 
@@ -443,6 +447,7 @@ fn sim_host(i: usize, fabric: &FakeFabric) -> HostSim {
         gather: None,
         session: None,
         registered: false,
+        epoch_seen: 0,
         heartbeat_out: None,
         dialing: false,
         cut_out: false,
@@ -559,7 +564,12 @@ impl World {
     // ------------------------------------------------------------ coordinator
 
     fn start_core(&mut self) {
-        match FleetCore::new(self.store.clone(), settings()) {
+        // Each restart is a new leadership with a newer epoch, as with etcd.
+        let settings = FleetSettings {
+            epoch: self.epoch,
+            ..settings()
+        };
+        match FleetCore::new(self.store.clone(), settings) {
             Ok(core) => self.core = Some(core.without_stopwatch()),
             Err(e) => panic!("seed {}: core cannot start: {e}", self.seed),
         }
@@ -1564,8 +1574,16 @@ impl World {
                 }
                 match ack {
                     HelloAck::Accepted {
-                        lease_ms, stale, ..
+                        lease_ms,
+                        stale,
+                        epoch,
+                        ..
                     } => {
+                        if epoch < self.hosts[host].epoch_seen {
+                            self.kill_conn(conn, "refused: a deposed coordinator's epoch");
+                            return Ok(());
+                        }
+                        self.hosts[host].epoch_seen = epoch;
                         self.hosts[host].dialing = false;
                         self.hosts[host].registered = true;
                         let lease = Duration::from_millis(lease_ms);
@@ -1595,6 +1613,10 @@ impl World {
                     }
                     HelloAck::Refused(e) => {
                         self.kill_conn(conn, &format!("refused: {e}"));
+                    }
+                    // One coordinator here: it always leads.
+                    HelloAck::NotLeader { .. } => {
+                        self.kill_conn(conn, "not the leader");
                     }
                 }
             }

@@ -70,7 +70,9 @@ struct Cli {
     /// Start one VM on this host without a coordinator, print its live XML and console, and exit.
     #[arg(long, value_name = "FILE")]
     once_start: Option<PathBuf>,
-    /// The coordinator, HOST:PORT; without it the agent runs standalone.
+    /// The coordinator, HOST:PORT, or several separated by commas (all are
+    /// dialled; a follower names the leader); without it the agent runs
+    /// standalone.
     #[arg(long, env = "FLOTILLA_COORDINATOR")]
     coordinator: Option<String>,
     /// Directory written by `flotilla certs` (needs ca.pem and agent-NAME.pem).

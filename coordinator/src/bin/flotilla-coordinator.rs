@@ -9,11 +9,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::{CommandFactory, Parser, ValueEnum};
+use flotilla_coordinator::etcd_store::{self, EtcdSettings, EtcdStore, EtcdTls};
 use flotilla_coordinator::fencing::FencePolicy;
 use flotilla_coordinator::fleet::{Fleet, FleetSettings};
+use flotilla_coordinator::leadership::{ClusterView, EtcdCluster, Session};
 use flotilla_coordinator::scheduler::{Policy, Strategy};
-use flotilla_coordinator::server;
-use flotilla_coordinator::store::RedbStore;
+use flotilla_coordinator::server::{self, Plane, Serving};
+use flotilla_coordinator::store::{RedbStore, Store};
 use flotilla_coordinator::web::WebSettings;
 use flotilla_shared::config_file;
 use flotilla_shared::net::{quic, tls};
@@ -39,6 +41,35 @@ struct Cli {
     /// Directory of the embedded store.
     #[arg(long, default_value = "/var/lib/flotilla-coordinator")]
     data_dir: PathBuf,
+    /// Where the fleet's state lives: the embedded redb (one coordinator),
+    /// or etcd, shared by several coordinators of which one leads.
+    #[arg(long, value_enum, default_value = "redb")]
+    store: StoreArg,
+    /// etcd's client URLs, comma-separated (with --store etcd).
+    #[arg(long, value_delimiter = ',', value_name = "URL,…")]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this fleet in etcd.
+    #[arg(long, default_value = "/flotilla")]
+    etcd_prefix: String,
+    /// CA certificate that signed etcd's certificates (PEM); with
+    /// --etcd-cert and --etcd-key, etcd is reached over TLS.
+    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// This coordinator's etcd client certificate (PEM).
+    #[arg(long, requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    /// This coordinator's etcd client key (PEM).
+    #[arg(long, requires = "etcd_ca")]
+    etcd_key: Option<PathBuf>,
+    /// Seconds of the leader's etcd lease: a dead leader is replaced this
+    /// long after its last keep-alive. etcd raises it to its own minimum
+    /// (1.5 election timeouts, rounded up).
+    #[arg(long, default_value_t = 1)]
+    leader_lease_secs: u64,
+    /// The address agents and operators reach this coordinator at, as
+    /// followers name it (default: --listen, which must then not be 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Directory written by `flotilla certs`.
     #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
     tls_dir: PathBuf,
@@ -92,6 +123,12 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreArg {
+    Redb,
+    Etcd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,13 +195,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// How a coordinator stops on its own: its etcd lease can no longer be
+/// trusted, so it may not act as leader (its supervisor restarts it as a
+/// follower). Distinct from 2, a setup error.
+const EXIT_LEASE_LOST: u8 = 3;
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.metrics_listen {
         flotilla_shared::net::metrics::serve(addr)?;
         tracing::info!(%addr, "metrics at /metrics");
     }
-    let store = RedbStore::open(&cli.data_dir)
-        .with_context(|| format!("opening store in {}", cli.data_dir.display()))?;
     let server_config = tls::server_config(&cli.tls_dir)?;
     // QUIC and TLS get a multi-threaded runtime of their own: with ten
     // thousand agents, packets and handshakes are most of the work, and the
@@ -209,9 +249,161 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &std::collections::hash_map::RandomState::new(),
             std::process::id(),
         ),
+        epoch: 0,
     };
-    let fleet = Fleet::new(Arc::new(store), settings)
-        .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?;
+    let advertise = match (&cli.advertise, cli.listen.ip().is_unspecified()) {
+        (Some(a), _) => a.clone(),
+        (None, false) => cli.listen.to_string(),
+        (None, true) if cli.store == StoreArg::Etcd => bail!(
+            "--listen {} is on every address: say which one followers name with --advertise HOST:{}",
+            cli.listen,
+            cli.listen.port()
+        ),
+        (None, true) => cli.listen.to_string(),
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    match cli.store {
+        StoreArg::Redb => {
+            let store = RedbStore::open(&cli.data_dir)
+                .with_context(|| format!("opening store in {}", cli.data_dir.display()))?;
+            let (fleet, web) = lead(&cli, Arc::new(store), settings)
+                .with_context(|| format!("cannot load the store in {}", cli.data_dir.display()))?;
+            let plane = Plane::single(advertise, fleet, web);
+            tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
+            let serving = quic_rt.spawn(server::serve(endpoint.clone(), plane));
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+                _ = serving => {}
+            }
+        }
+        StoreArg::Etcd => {
+            let etcd = EtcdSettings {
+                endpoints: cli.etcd_endpoints.clone(),
+                prefix: cli.etcd_prefix.clone(),
+                tls: match (&cli.etcd_ca, &cli.etcd_cert, &cli.etcd_key) {
+                    (Some(ca), Some(cert), Some(key)) => Some(EtcdTls {
+                        ca: ca.clone(),
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }),
+                    _ => None,
+                },
+            };
+            if etcd.endpoints.is_empty() {
+                bail!("--store etcd needs --etcd-endpoints URL[,URL…]");
+            }
+            // etcd's gRPC connections and the lease's keep-alives run here,
+            // apart from QUIC and from the fleet core's blocking store calls.
+            let etcd_rt = Arc::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("etcd")
+                    .enable_all()
+                    .build()
+                    .context("cannot start the etcd runtime")?,
+            );
+            let (client, campaign_client) = {
+                let etcd = etcd.clone();
+                etcd_rt
+                    .spawn(async move {
+                        Ok::<_, flotilla_coordinator::store::StoreError>((
+                            etcd_store::connect(&etcd, true).await?,
+                            etcd_store::connect(&etcd, false).await?,
+                        ))
+                    })
+                    .await??
+            };
+            let session = {
+                let (client, prefix, address) =
+                    (client.clone(), cli.etcd_prefix.clone(), advertise.clone());
+                let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
+                etcd_rt
+                    .spawn(async move {
+                        Session::open(client, &prefix, &address, ttl, |why| {
+                            eprintln!("flotilla-coordinator: etcd lease lost ({why}); stopping so no deposed leader acts");
+                            std::process::exit(i32::from(EXIT_LEASE_LOST));
+                        })
+                        .await
+                    })
+                    .await??
+            };
+            let deposed = Arc::new(tokio::sync::Notify::new());
+            let reader = EtcdStore::new(
+                client.clone(),
+                &cli.etcd_prefix,
+                None,
+                etcd_rt.clone(),
+                deposed.clone(),
+            )?;
+            let (role_tx, role) = tokio::sync::watch::channel(Serving::Follower);
+            let plane = Arc::new(Plane {
+                role,
+                cluster: Arc::new(ClusterView::Etcd(Box::new(EtcdCluster {
+                    client: client.clone(),
+                    settings: etcd.clone(),
+                    address: advertise.clone(),
+                    store: Arc::new(reader),
+                }))),
+            });
+            tracing::info!(listen = %cli.listen, endpoints = %cli.etcd_endpoints.join(","), "coordinator listening as a follower; campaigning");
+            let serving = quic_rt.spawn(server::serve(endpoint.clone(), plane));
+            let session = Arc::new(session);
+            let campaign = {
+                let session = session.clone();
+                etcd_rt.spawn(async move { session.campaign(&campaign_client).await })
+            };
+            let leading = async {
+                let fence = campaign.await?;
+                let epoch = fence.revision;
+                let store = EtcdStore::new(
+                    client.clone(),
+                    &cli.etcd_prefix,
+                    Some(fence),
+                    etcd_rt.clone(),
+                    deposed.clone(),
+                )?;
+                let settings = FleetSettings {
+                    epoch: u64::try_from(epoch).unwrap_or(0),
+                    ..settings
+                };
+                let (fleet, web) = lead(&cli, Arc::new(store), settings)?;
+                tracing::info!(epoch, "elected leader");
+                let _ = role_tx.send(Serving::Leader { fleet, web });
+                std::future::pending::<anyhow::Result<()>>().await
+            };
+            let stopped = tokio::select! {
+                _ = term.recv() => Ok(()),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = serving => Ok(()),
+                r = leading => r,
+                _ = deposed.notified() => {
+                    eprintln!("flotilla-coordinator: etcd refused a write: this coordinator is no longer the leader; stopping");
+                    std::process::exit(i32::from(EXIT_LEASE_LOST));
+                }
+            };
+            // A planned stop hands leadership over at once.
+            let closing = session.clone();
+            let _ = etcd_rt.spawn(async move { closing.close().await }).await;
+            stopped?;
+            // Not dropped here: dropping a runtime inside another one panics.
+            std::mem::forget(etcd_rt);
+        }
+    }
+    endpoint.close(0u32.into(), b"coordinator stopping");
+    // Not dropped: dropping a runtime from inside another one panics.
+    quic_rt.shutdown_background();
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Loads the fleet from `store` and starts it, with its web pages when asked.
+fn lead(
+    cli: &Cli,
+    store: Arc<dyn Store>,
+    settings: FleetSettings,
+) -> anyhow::Result<(Addr<Fleet>, Option<Arc<flotilla_coordinator::web::Web>>)> {
+    let fleet = Fleet::new(store, settings)?;
     let moves = fleet.moves();
     let fleet = fleet.start();
     let web = match cli.web_listen {
@@ -237,19 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing::info!(listen = %cli.listen, data_dir = %cli.data_dir.display(), "coordinator listening");
-    let serving = quic_rt.spawn(server::serve(endpoint.clone(), fleet, web));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = serving => {}
-    }
-    endpoint.close(0u32.into(), b"coordinator stopping");
-    // Not dropped: dropping a runtime from inside another one panics.
-    quic_rt.shutdown_background();
-    tracing::info!("coordinator stopped");
-    Ok(())
+    Ok((fleet, web))
 }
 
 #[cfg(test)]

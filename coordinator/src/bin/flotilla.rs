@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use flotilla_shared::net::pki::{self, Role};
 use flotilla_shared::net::{quic, tls};
 use flotilla_shared::proto::{
-    ClientMessage, CopyMode, MigrationOutcome, OperatorRequest, OperatorResponse, ServerMessage,
+    ClientMessage, CopyMode, MigrationOutcome, OperatorError, OperatorRequest, OperatorResponse,
+    ServerMessage,
 };
 use flotilla_shared::xml::validate::validate_document;
 
@@ -41,6 +42,12 @@ struct ConnArgs {
     /// listens fails at once.
     #[arg(long, global = true, default_value_t = 1.0)]
     connect_timeout_secs: f64,
+    /// Seconds a request keeps trying while coordinators elect a leader:
+    /// a follower's "not the leader" is followed to the leader, and a
+    /// request that is safe to repeat (reads, `define`, `ha`, `autostart`)
+    /// is sent again when its coordinator dies before answering.
+    #[arg(long, global = true, default_value_t = 15.0)]
+    retry_secs: f64,
     /// Directory written by `flotilla certs`.
     #[arg(long, global = true, env = "FLOTILLA_TLS_DIR")]
     tls_dir: Option<PathBuf>,
@@ -67,6 +74,11 @@ enum Command {
     /// Create and issue certificates.
     #[command(subcommand)]
     Certs(Certs),
+    /// The coordinators, which one leads and its fencing epoch, and the
+    /// etcd members under them with their health.
+    ///
+    /// Example: flotilla --coordinator 198.18.0.1:7443,198.18.0.2:7443 cluster
+    Cluster,
     /// Store a VM definition (libvirt domain XML).
     ///
     /// Example: flotilla define web01.xml
@@ -464,6 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::WebLogin => OperatorRequest::WebTicket { console: None },
         Command::Placements => OperatorRequest::Placements,
+        Command::Cluster => OperatorRequest::Cluster,
         Command::Ha { name, state } => OperatorRequest::SetHa {
             name,
             on: state == "on",
@@ -724,6 +737,19 @@ async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
     let Some(target) = &conn.coordinator else {
         bail!("no coordinator: pass --coordinator HOST:PORT or set FLOTILLA_COORDINATOR");
     };
+    let entries: Vec<&str> = target
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    if entries.is_empty() {
+        bail!("--coordinator '{target}': no HOST:PORT in it");
+    }
+    connect_any(conn, &entries).await
+}
+
+/// The first of `entries` to complete a handshake.
+async fn connect_any(conn: &ConnArgs, entries: &[&str]) -> anyhow::Result<quinn::Connection> {
     let Some(dir) = &conn.tls_dir else {
         bail!("no certificates: pass --tls-dir DIR or set FLOTILLA_TLS_DIR");
     };
@@ -737,14 +763,6 @@ async fn connect(conn: &ConnArgs) -> anyhow::Result<quinn::Connection> {
                 conn.connect_timeout_secs
             )
         })?;
-    let entries: Vec<&str> = target
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .collect();
-    if entries.is_empty() {
-        bail!("--coordinator '{target}': no HOST:PORT in it");
-    }
     // Every entry at once, so a dead one costs nothing when another lives.
     let mut attempts: futures_util::stream::FuturesUnordered<_> = entries
         .iter()
@@ -998,20 +1016,79 @@ async fn migrate(
     }
 }
 
+/// Whether sending `request` twice does what sending it once does: only
+/// such a request is sent again when its coordinator died before answering
+/// (a define of the same XML changes nothing the second time).
+fn safe_to_repeat(request: &OperatorRequest) -> bool {
+    matches!(
+        request,
+        OperatorRequest::Define { .. }
+            | OperatorRequest::List { .. }
+            | OperatorRequest::DumpXml { .. }
+            | OperatorRequest::DomInfo { .. }
+            | OperatorRequest::DomDisplay { .. }
+            | OperatorRequest::Hosts
+            | OperatorRequest::NetList { .. }
+            | OperatorRequest::Placements
+            | OperatorRequest::Cluster
+            | OperatorRequest::SetHa { .. }
+            | OperatorRequest::SetAutostart { .. }
+            | OperatorRequest::HostUndrain { .. }
+    )
+}
+
 async fn ask(conn: &ConnArgs, request: OperatorRequest) -> anyhow::Result<OperatorResponse> {
     let target = conn.coordinator.clone().unwrap_or_default();
-    let connection = connect(conn).await?;
-    let reply: ServerMessage = quic::call(
-        &connection,
-        &ClientMessage::Operator(request),
-        Duration::from_secs(300),
-    )
-    .await
-    .with_context(|| format!("coordinator at {target}"))?;
-    connection.close(0u32.into(), b"done");
-    match reply {
-        ServerMessage::Operator(r) => Ok(r),
-        other => bail!("unexpected answer {other:?}"),
+    let retry = Duration::try_from_secs_f64(conn.retry_secs).with_context(|| {
+        format!(
+            "--retry-secs {}: must be a number of seconds",
+            conn.retry_secs
+        )
+    })?;
+    let deadline = std::time::Instant::now() + retry;
+    // Where a follower said the leader is.
+    let mut leader: Option<String> = None;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let connection = match &leader {
+            Some(l) => match connect_any(conn, &[l.as_str()]).await {
+                Ok(c) => c,
+                // Named a moment ago and gone now: back to the list.
+                Err(_) => connect(conn).await?,
+            },
+            None => connect(conn).await?,
+        };
+        let peer = connection.remote_address();
+        let message = ClientMessage::Operator(request.clone());
+        let reply = tokio::select! {
+            r = quic::call::<_, ServerMessage>(&connection, &message, Duration::from_secs(300)) => r,
+            () = quic::until_gone(peer) => Err(flotilla_shared::proto::FrameError::Stream(
+                format!("coordinator {peer} went away before answering (its port is closed)"),
+            )),
+        };
+        connection.close(0u32.into(), b"done");
+        let more_time = std::time::Instant::now() < deadline;
+        match reply {
+            Ok(ServerMessage::Operator(OperatorResponse::Error(OperatorError::NotLeader {
+                leader: named,
+            }))) if more_time => {
+                if named.is_none() || named == leader {
+                    // An election is under way: ask again shortly.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                leader = named;
+            }
+            Ok(ServerMessage::Operator(r)) => return Ok(r),
+            Ok(other) => bail!("unexpected answer {other:?}"),
+            Err(e) if more_time && safe_to_repeat(&request) => {
+                tracing::debug!(error = %e, "coordinator went away before answering; asking again");
+                leader = None;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e).with_context(|| format!("coordinator at {target}")),
+        }
     }
 }
 
@@ -1023,7 +1100,12 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
         _ => false,
     };
     if json {
-        match serde_json::to_string_pretty(&response) {
+        // `cluster --json`: one object per coordinator, as scripts expect.
+        let text = match &response {
+            OperatorResponse::Cluster(c) => serde_json::to_string_pretty(&c.coordinators),
+            _ => serde_json::to_string_pretty(&response),
+        };
+        match text {
             Ok(s) => println!("{s}"),
             Err(e) => eprintln!("error: {e}"),
         }
@@ -1052,6 +1134,38 @@ fn print(response: OperatorResponse, json: bool) -> ExitCode {
         OperatorResponse::Placements(notes) => {
             for n in notes {
                 println!("{:<20} {}", n.name, n.explanation);
+            }
+        }
+        OperatorResponse::Cluster(c) => {
+            println!("store: {} (answered by {})", c.store, c.answered_by);
+            println!(
+                "{:<24} {:<9} {:>10} {:>8}",
+                "COORDINATOR", "ROLE", "EPOCH", "PID"
+            );
+            for k in &c.coordinators {
+                let role = if k.leader { "leader" } else { "follower" };
+                println!("{:<24} {role:<9} {:>10} {:>8}", k.address, k.epoch, k.pid);
+            }
+            if !c.members.is_empty() {
+                println!();
+                println!(
+                    "{:<12} {:<18} {:<9} {:<6} CLIENT URLS",
+                    "ETCD MEMBER", "ID", "HEALTH", "RAFT"
+                );
+                for m in &c.members {
+                    let health = if m.healthy { "healthy" } else { "down" };
+                    let raft = if m.raft_leader { "leader" } else { "" };
+                    println!(
+                        "{:<12} {:<18} {health:<9} {raft:<6} {}{}",
+                        m.name,
+                        m.id,
+                        m.client_urls.join(","),
+                        m.error
+                            .as_ref()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
         OperatorResponse::Done(m) if m.is_empty() => {}

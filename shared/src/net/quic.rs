@@ -142,6 +142,20 @@ pub async fn connect_within(
     }
 }
 
+/// Returns once `addr`'s host says nothing listens on its port any more
+/// (the peer process died and its port closed), probing five times a
+/// second; pends forever while the port stays open. Raced against a call,
+/// it turns a dead coordinator into a failure within a fifth of a second,
+/// where QUIC would wait for its idle timeout.
+pub async fn until_gone(addr: SocketAddr) {
+    let every = Duration::from_millis(200);
+    loop {
+        if let Ok(true) = tokio::time::timeout(every, refused(addr)).await {
+            return;
+        }
+    }
+}
+
 fn unspecified(addr: SocketAddr) -> SocketAddr {
     if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
