@@ -35,6 +35,11 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# etcd-client compiles etcd's protocol files with protoc at build time;
+# bench-failover and bench-fleet's etcd rows run a 3-member etcd.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
 # libvirt from bookworm-backports ships its network driver on its own.

@@ -27,6 +27,8 @@ if [[ ${1:-} != __libvirt_half ]]; then
   command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
+  # etcd-client compiles etcd's protocol files with protoc at build time.
+  command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
   command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
   command -v libvirtd >/dev/null 2>&1 || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
   # libvirt from bookworm-backports ships its network driver on its own.

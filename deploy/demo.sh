@@ -45,6 +45,8 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# etcd-client compiles etcd's protocol files with protoc at build time.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}

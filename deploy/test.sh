@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Flotilla's whole test suite, installing what the end-to-end tests need
-# (QEMU, its iPXE ROMs, iproute2, tcpdump; for the web console chromium,
+# (QEMU, its iPXE ROMs, iproute2, tcpdump, etcd, protoc; for the web console chromium,
 # node, and noVNC and puppeteer-core from npm) first when they are missing.
 # Run as root: the end-to-end tests create network namespaces and start QEMU
 # inside them.
@@ -20,6 +20,12 @@ command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
+# The control-plane tests run a 3-member etcd (etcd-server) and ask it with
+# etcdctl (etcd-client); etcd-client the crate compiles etcd's protocol
+# files with protoc at build time.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
 ensure_qemu_user

@@ -320,3 +320,214 @@ fn three_clis_define_300_vms_through_a_leader_kill_and_each_is_stored_once() {
     let leaders = cp.cluster().iter().filter(|c| c["leader"] == true).count();
     assert_eq!(leaders, 1);
 }
+
+/// Two hosts on the control plane's bridge, their agents listing all three
+/// coordinators.
+struct Hosts {
+    nss: Vec<flotilla_tests::Netns>,
+    _far: flotilla_tests::Netns,
+    dirs: Vec<flotilla_tests::AgentDirs>,
+    _agents: Vec<flotilla_tests::AgentDaemon>,
+}
+
+fn hosts_on(cp: &ControlPlane) -> Hosts {
+    let (a, b, far) = flotilla_tests::public_and_fabric("cg");
+    cp.ns
+        .veth_to("mg11", None, Some("cp0"), &a, "mgmt0", "198.18.9.11/24");
+    cp.ns
+        .veth_to("mg12", None, Some("cp0"), &b, "mgmt0", "198.18.9.12/24");
+    let tls = cp.tls.to_str().expect("utf-8").to_string();
+    let list = cp.coordinators();
+    let mut dirs_of = Vec::new();
+    let mut agents = Vec::new();
+    for (ns, name, public) in [
+        (&a, "host-a", flotilla_tests::PUBLIC_BRIDGE),
+        (
+            &b,
+            "host-b",
+            "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>",
+        ),
+    ] {
+        let mut c = std::process::Command::new(flotilla_tests::bin("flotilla"));
+        c.args(["certs", "issue", "--agent", name, "--dir"])
+            .arg(&cp.tls);
+        assert!(flotilla_tests::output(c).status.success());
+        let dirs = flotilla_tests::AgentDirs::new();
+        dirs.network("public", public);
+        dirs.network(
+            "migration",
+            "<network><name>migration</name><forward mode='bridge' dev='fab0'/></network>",
+        );
+        agents.push(flotilla_tests::AgentDaemon::start(
+            ns,
+            name,
+            &dirs,
+            &[
+                "--coordinator",
+                &list,
+                "--tls-dir",
+                &tls,
+                "--migration-network",
+                "migration",
+            ],
+        ));
+        dirs_of.push(dirs);
+    }
+    let hosts = Hosts {
+        nss: vec![a, b],
+        _far: far,
+        dirs: dirs_of,
+        _agents: agents,
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || connected(cp) == 2),
+        "hosts did not register with the leader"
+    );
+    hosts
+}
+
+/// Hosts the leader counts as connected (a follower's `hosts` says "stored").
+fn connected(cp: &ControlPlane) -> usize {
+    let Some(leader) = cp.wait_leader(Duration::from_secs(5)) else {
+        return 0;
+    };
+    let addr = format!("{}:7443", control_plane::address(leader));
+    let o = flotilla_tests::flotilla(&cp.ns, &addr, &cp.tls, &["--retry-secs", "0", "hosts"]);
+    String::from_utf8_lossy(&o.stdout)
+        .matches(" connected ")
+        .count()
+}
+
+fn counter(hosts: &Hosts, idx: usize, name: &str) -> Option<u32> {
+    let mut c =
+        flotilla_tests::agent_command(&hosts.nss[idx], ["host-a", "host-b"][idx], &hosts.dirs[idx]);
+    c.args(["ctl", "qemu-monitor-command", name, "--hmp"])
+        .arg(format!(
+            "xp /1wx {:#x}",
+            flotilla_tests::guest::COUNTER_ADDR
+        ));
+    let o = flotilla_tests::output(c);
+    flotilla_tests::guest::parse_xp_word(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// Whether the guest counts on host `idx` (its counter moves).
+fn counts_on(hosts: &Hosts, idx: usize, name: &str) -> bool {
+    let Some(before) = counter(hosts, idx, name) else {
+        return false;
+    };
+    wait_until(Duration::from_secs(5), || {
+        counter(hosts, idx, name).is_some_and(|c| c > before)
+    })
+}
+
+/// Kills the leader, waits for another, restarts the killed one as its
+/// supervisor would; the new leader's index.
+fn kill_the_leader(cp: &mut ControlPlane) -> usize {
+    let old = cp.wait_leader(Duration::from_secs(20)).expect("a leader");
+    cp.kill_coordinator(old);
+    let new = cp
+        .wait_leader(Duration::from_secs(20))
+        .expect("a new leader");
+    assert_ne!(new, old);
+    cp.start_coordinator(old);
+    new
+}
+
+#[test]
+fn a_guest_runs_untouched_through_ten_leader_kills_and_a_migration_cut_by_one_ends_with_one_copy() {
+    let mut cp = ControlPlane::start("cpguest", &[]);
+    let hosts = hosts_on(&cp);
+    let raw = cp.dir.path().join("counter.raw");
+    std::fs::write(&raw, flotilla_tests::guest::counting_disk_image()).expect("image");
+    let uuid = flotilla_tests::new_uuid();
+    let devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <graphics type='vnc'><listen type='network' network='public'/></graphics>",
+        raw.display()
+    );
+    let xml = flotilla_tests::domain_xml("keeper", &uuid, &devices).replace(
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>",
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>",
+    );
+    let file = cp.dir.path().join("keeper.xml");
+    std::fs::write(&file, xml).expect("write");
+    let o = cp.cli(&["define", file.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cp.cli(&["start", "keeper", "--host", "host-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(counts_on(&hosts, 0, "keeper") || counts_on(&hosts, 0, "keeper"));
+    let qemu = flotilla_tests::qemu_pids_for(&uuid);
+    assert_eq!(qemu.len(), 1);
+    let vnc = || {
+        hosts.nss[0].run(|| {
+            flotilla_tests::rfb_banner("198.18.1.1".parse().expect("ip"), 5900)
+                .is_ok_and(|b| b.starts_with("RFB 003.00"))
+        })
+    };
+    assert!(vnc(), "console answers");
+    let mut epochs = vec![cp.epoch()];
+    for kill in 0..10 {
+        kill_the_leader(&mut cp);
+        assert!(
+            wait_until(Duration::from_secs(20), || connected(&cp) == 2),
+            "kill {kill}: the hosts did not move to the new leader"
+        );
+        epochs.push(cp.epoch());
+        assert_eq!(
+            flotilla_tests::qemu_pids_for(&uuid),
+            qemu,
+            "kill {kill}: the guest's QEMU changed"
+        );
+        assert!(
+            counts_on(&hosts, 0, "keeper"),
+            "kill {kill}: the guest stopped counting"
+        );
+        assert!(vnc(), "kill {kill}: the console stopped answering");
+    }
+    assert!(
+        epochs.windows(2).all(|w| w[1] > w[0]),
+        "every leader has a newer epoch: {epochs:?}"
+    );
+
+    // A migration the leader's death cuts short ends with exactly one copy.
+    let mut migrate = cp.ns.command(&flotilla_tests::bin("flotilla"));
+    migrate
+        .args(["--coordinator", &cp.coordinators(), "--tls-dir"])
+        .arg(&cp.tls)
+        .args(["migrate", "keeper", "--to", "host-b", "--bandwidth", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = migrate.spawn().expect("migrate");
+    let mut lines = flotilla_tests::Lines::read(child.stderr.take().expect("stderr"));
+    lines
+        .wait_for(Duration::from_secs(20), |seen| {
+            seen.iter().any(|l| l.contains("progress"))
+        })
+        .expect("the migration is under way");
+    kill_the_leader(&mut cp);
+    let _ = child.wait();
+    let settled = wait_until(Duration::from_secs(60), || {
+        let list = cp.cli(&["--json", "list"]);
+        let running_on: Option<String> = serde_json::from_slice::<serde_json::Value>(&list.stdout)
+            .ok()
+            .and_then(|v| {
+                v["Vms"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["name"] == "keeper")
+                    .and_then(|e| {
+                        (e["state"] == "running").then(|| e["host"].as_str().map(str::to_string))?
+                    })
+            });
+        flotilla_tests::qemu_pids_for(&uuid).len() == 1 && running_on.is_some()
+    });
+    assert!(settled, "the migration did not settle to one running copy");
+    let on_b = flotilla_tests::qemu_runs_in(&hosts.nss[1], &uuid);
+    let idx = usize::from(on_b);
+    assert!(counts_on(&hosts, idx, "keeper"), "the one copy runs");
+    eprintln!(
+        "migration cut by a leader kill ended on host-{}",
+        if on_b { "b" } else { "a" }
+    );
+}

@@ -32,7 +32,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ConnArgs {
     /// The coordinator, HOST:PORT, or several separated by commas: all are
     /// dialled at once and the first to answer is used.
@@ -514,13 +514,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let response = match request {
-        OperatorRequest::Migrate { .. } => rt.block_on(migrate(&cli.conn, request, cli.json))?,
-        OperatorRequest::HostDrain { .. } | OperatorRequest::Events { .. } => {
-            rt.block_on(streamed(&cli.conn, request, cli.json))?
-        }
+        OperatorRequest::Migrate { .. }
+        | OperatorRequest::HostDrain { .. }
+        | OperatorRequest::Events { .. } => rt.block_on(at_the_leader(&cli.conn, |conn| {
+            let request = request.clone();
+            async move {
+                match request {
+                    OperatorRequest::Migrate { .. } => migrate(&conn, request, cli.json).await,
+                    _ => streamed(&conn, request, cli.json).await,
+                }
+            }
+        }))?,
         _ => rt.block_on(ask(&cli.conn, request))?,
     };
     Ok(print(response, cli.json))
+}
+
+/// Runs a streaming request (`call`) against the coordinators, following a
+/// follower's "not the leader" to the leader for up to `--retry-secs`. A
+/// follower acts on none of these, so sending again is safe.
+async fn at_the_leader<F, Fut>(conn: &ConnArgs, call: F) -> anyhow::Result<OperatorResponse>
+where
+    F: Fn(ConnArgs) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<OperatorResponse>>,
+{
+    let deadline = std::time::Instant::now()
+        + Duration::try_from_secs_f64(conn.retry_secs).unwrap_or_default();
+    let mut target = conn.clone();
+    loop {
+        match call(target.clone()).await? {
+            OperatorResponse::Error(OperatorError::NotLeader { leader })
+                if std::time::Instant::now() < deadline =>
+            {
+                target.coordinator = match leader {
+                    Some(l) => Some(l),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        conn.coordinator.clone()
+                    }
+                };
+            }
+            r => return Ok(r),
+        }
+    }
 }
 
 /// [`current_xml`], read as a domain.
@@ -807,6 +843,15 @@ fn console(conn: &ConnArgs, name: String) -> anyhow::Result<ExitCode> {
         ServerMessage::Operator(OperatorResponse::ConsoleAttached { host, device }) => {
             eprintln!("Connected to domain '{name}' on {host} ({device})\r");
             eprintln!("Escape character is ^] (Ctrl + ])\r");
+        }
+        ServerMessage::Operator(OperatorResponse::Error(OperatorError::NotLeader {
+            leader: Some(leader),
+        })) if conn.coordinator.as_deref() != Some(leader.as_str()) => {
+            // A follower: attach through the leader it names.
+            let mut at_leader = conn.clone();
+            at_leader.coordinator = Some(leader);
+            drop(rt);
+            return console(&at_leader, name);
         }
         ServerMessage::Operator(other) => return Ok(print(other, false)),
         other => bail!("unexpected answer {other:?}"),
