@@ -43,6 +43,9 @@ use crate::store::{defined_row, HostRow, NewDefinition, Store, StoreError, VmRow
 
 /// How long one etcd call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Calls that could not connect, tried again on another member (a dead
+/// member is tried at most once or twice among three).
+const CONNECT_RETRIES: usize = 10;
 /// Compare-and-swap retries before a write gives up (only another writer
 /// changing the same row in between makes one fail, and fencing leaves
 /// none).
@@ -127,6 +130,13 @@ pub async fn connect(settings: &EtcdSettings, timed: bool) -> Result<Client, Sto
                 settings.endpoints.join(",")
             ))
         })
+}
+
+/// Whether a call failed before anything was sent: the transport could not
+/// connect to the member it picked.
+pub(crate) fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("tcp connect error") || text.contains("Connection refused")
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {
@@ -220,17 +230,42 @@ impl EtcdStore {
         }
     }
 
+    /// Runs one etcd call, again on another member when it could not even
+    /// connect to the one it picked (a dead member stays in the client's
+    /// list): such a call never reached etcd, so repeating it is safe.
+    fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: Fn(etcd_client::KvClient) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
+    {
+        self.wait(async {
+            let mut attempt = 0;
+            loop {
+                match f(self.client.kv_client()).await {
+                    Err(e) if attempt < CONNECT_RETRIES && never_sent(&e) => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    r => return r.map_err(backend),
+                }
+            }
+        })
+    }
+
     fn get_kv(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let r = self.wait(kv.get(key, None)).map_err(backend)?;
+        let r = self.call(|mut kv| {
+            let key = key.clone();
+            async move { kv.get(key, None).await }
+        })?;
         Ok(r.kvs().first().cloned())
     }
 
     fn get_prefix(&self, prefix: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let r = self
-            .wait(kv.get(prefix, Some(GetOptions::new().with_prefix())))
-            .map_err(backend)?;
+        let r = self.call(|mut kv| {
+            let prefix = prefix.clone();
+            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        })?;
         Ok(r.kvs().to_vec())
     }
 
@@ -250,8 +285,10 @@ impl EtcdStore {
                 fence.revision,
             )])
             .and_then([TxnOp::txn(txn)]);
-        let mut kv = self.client.kv_client();
-        let r = self.wait(kv.txn(outer)).map_err(backend)?;
+        let r = self.call(|mut kv| {
+            let outer = outer.clone();
+            async move { kv.txn(outer).await }
+        })?;
         if !r.succeeded() {
             tracing::error!(
                 epoch = fence.revision,

@@ -36,8 +36,13 @@ use crate::store::StoreError;
 pub enum Verdict {
     /// Keep going.
     Held,
-    /// Stop: the reason.
+    /// Unconfirmed for too long: etcd may have expired it (or be electing
+    /// its own leader, when no lease expires). A leader must stop; a
+    /// follower, which acts on nothing, keeps trying.
     Lost(String),
+    /// etcd says the lease is gone: nothing this process holds under it
+    /// (announcement, campaign) exists any more.
+    Expired,
 }
 
 /// Tracks a lease from its keep-alive answers. A lease is alive until the
@@ -85,7 +90,7 @@ impl LeaseWatch {
     pub fn answered(&mut self, ttl_left: i64) -> Verdict {
         let sent = self.in_flight.pop_front();
         if ttl_left <= 0 {
-            return Verdict::Lost("etcd says the lease expired".into());
+            return Verdict::Expired;
         }
         if let Some(sent) = sent {
             self.renewed_at = self.renewed_at.max(sent);
@@ -137,14 +142,15 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
 
 impl Session {
     /// Grants the lease (`ttl`, or etcd's minimum if larger), announces
-    /// `address` under it, and keeps it alive; `lost` runs once when the
-    /// lease can no longer be trusted. Call on the runtime that made `client`.
+    /// `address` under it, and keeps it alive; `lost` runs with each
+    /// [`Verdict::Lost`] (once per episode) and with [`Verdict::Expired`],
+    /// after which the keep-alives stop. Call on the runtime that made `client`.
     pub async fn open(
         client: Client,
         prefix: &str,
         address: &str,
         ttl: Duration,
-        lost: impl FnOnce(String) + Send + 'static,
+        lost: impl Fn(Verdict) + Send + 'static,
     ) -> Result<Session, StoreError> {
         let sent = Instant::now();
         let grant = client
@@ -227,14 +233,17 @@ async fn keep_alive(
     client: Client,
     lease: i64,
     mut watch: LeaseWatch,
-    lost: impl FnOnce(String) + Send + 'static,
+    lost: impl Fn(Verdict) + Send + 'static,
 ) {
     let mut tick = tokio::time::interval(watch.period());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stream = None;
-    let verdict = loop {
+    // Reported once per episode of silence.
+    let mut reported = false;
+    loop {
         if stream.is_none() {
-            // The first request goes out with the stream itself.
+            // The first request goes out with the stream itself. A stream
+            // broken by a dead member is opened again at once, on another.
             let sent = Instant::now();
             match client.lease_client().keep_alive(lease).await {
                 Ok(s) => {
@@ -244,11 +253,17 @@ async fn keep_alive(
                 Err(e) => tracing::warn!(error = %e, "cannot open the lease keep-alive stream"),
             }
         }
-        if let Verdict::Lost(why) = watch.check(Instant::now()) {
-            break why;
+        match watch.check(Instant::now()) {
+            Verdict::Held => reported = false,
+            verdict if !reported => {
+                tracing::error!(?verdict, "coordinator lease unconfirmed");
+                reported = true;
+                lost(verdict);
+            }
+            _ => {}
         }
         let Some((keeper, answers)) = stream.as_mut() else {
-            tick.tick().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         tokio::select! {
@@ -262,16 +277,16 @@ async fn keep_alive(
             // Cancel-safe: a message is either returned or left in the stream.
             answer = answers.message() => match answer {
                 Ok(Some(a)) => {
-                    if let Verdict::Lost(why) = watch.answered(a.ttl()) {
-                        break why;
+                    if watch.answered(a.ttl()) == Verdict::Expired {
+                        tracing::error!("etcd says this coordinator's lease expired");
+                        lost(Verdict::Expired);
+                        return;
                     }
                 }
                 Ok(None) | Err(_) => { watch.stream_lost(); stream = None; }
             }
         }
-    };
-    tracing::error!(reason = %verdict, "coordinator lease lost");
-    lost(verdict);
+    }
 }
 
 /// What `flotilla cluster` shows, and whom followers name as the leader.
@@ -454,9 +469,6 @@ mod tests {
         assert!(matches!(w.check(t0 + ms(1467)), Verdict::Lost(_)));
         // etcd saying the lease is gone ends it at once.
         w.sent(t0 + ms(900));
-        assert_eq!(
-            w.answered(0),
-            Verdict::Lost("etcd says the lease expired".into())
-        );
+        assert_eq!(w.answered(0), Verdict::Expired);
     }
 }

@@ -12,7 +12,7 @@ use clap::{CommandFactory, Parser, ValueEnum};
 use flotilla_coordinator::etcd_store::{self, EtcdSettings, EtcdStore, EtcdTls};
 use flotilla_coordinator::fencing::FencePolicy;
 use flotilla_coordinator::fleet::{Fleet, FleetSettings};
-use flotilla_coordinator::leadership::{ClusterView, EtcdCluster, Session};
+use flotilla_coordinator::leadership::{ClusterView, EtcdCluster, Session, Verdict};
 use flotilla_coordinator::scheduler::{Policy, Strategy};
 use flotilla_coordinator::server::{self, Plane, Serving};
 use flotilla_coordinator::store::{RedbStore, Store};
@@ -314,15 +314,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await??
             };
+            let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let session = {
                 let (client, prefix, address) =
                     (client.clone(), cli.etcd_prefix.clone(), advertise.clone());
                 let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
+                let leading = leading.clone();
                 etcd_rt
                     .spawn(async move {
-                        Session::open(client, &prefix, &address, ttl, |why| {
-                            eprintln!("flotilla-coordinator: etcd lease lost ({why}); stopping so no deposed leader acts");
-                            std::process::exit(i32::from(EXIT_LEASE_LOST));
+                        Session::open(client, &prefix, &address, ttl, move |verdict| {
+                            let leader = leading.load(std::sync::atomic::Ordering::SeqCst);
+                            if leader || verdict == Verdict::Expired {
+                                eprintln!("flotilla-coordinator: etcd lease lost ({verdict:?}); stopping so no deposed leader acts");
+                                std::process::exit(i32::from(EXIT_LEASE_LOST));
+                            }
                         })
                         .await
                     })
@@ -353,7 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let session = session.clone();
                 etcd_rt.spawn(async move { session.campaign(&campaign_client).await })
             };
-            let leading = async {
+            let leading_fleet = async {
                 let fence = campaign.await?;
                 let epoch = fence.revision;
                 let store = EtcdStore::new(
@@ -367,6 +372,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     epoch: u64::try_from(epoch).unwrap_or(0),
                     ..settings
                 };
+                // From here on, a lease that goes unconfirmed stops the process.
+                leading.store(true, std::sync::atomic::Ordering::SeqCst);
                 let (fleet, web) = lead(&cli, Arc::new(store), settings)?;
                 tracing::info!(epoch, "elected leader");
                 let _ = role_tx.send(Serving::Leader { fleet, web });
@@ -376,7 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = term.recv() => Ok(()),
                 _ = tokio::signal::ctrl_c() => Ok(()),
                 _ = serving => Ok(()),
-                r = leading => r,
+                r = leading_fleet => r,
                 _ = deposed.notified() => {
                     eprintln!("flotilla-coordinator: etcd refused a write: this coordinator is no longer the leader; stopping");
                     std::process::exit(i32::from(EXIT_LEASE_LOST));
