@@ -90,6 +90,9 @@ async fn connection(incoming: quinn::Incoming, plane: Arc<Plane>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
+        // A client that raced several coordinators closes the handshakes
+        // it did not need: nothing to report.
+        Err(quinn::ConnectionError::ApplicationClosed(_)) => return,
         Err(e) => {
             tracing::info!(%remote, error = %e, "handshake refused");
             return;

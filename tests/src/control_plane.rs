@@ -5,7 +5,10 @@
 //! coordinator `i` listen on address `i`, as they would share a machine in
 //! a deployment. Host namespaces join the bridge with [`Netns::veth_to`].
 //! etcd runs with a 50 ms heartbeat and a 500 ms election timeout, so the
-//! coordinators' 1 s leader lease is not raised to etcd's minimum.
+//! coordinators' 1 s leader lease is not raised to etcd's minimum, and with
+//! TLS as deploy/README.md sets it up: every member's certificate comes
+//! from the fleet's CA (`flotilla certs issue --etcd`), clients and peers
+//! must present one, and coordinator `i` dials etcd with member `i`'s.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -58,6 +61,20 @@ impl ControlPlane {
         let mut c = Command::new(bin("flotilla"));
         c.args(["certs", "init", "--dir"]).arg(&tls);
         assert!(output(c).status.success(), "certs init");
+        for i in 0..3 {
+            // Every member's certificate names all three addresses: etcd
+            // checks a peer's certificate against the address it dials
+            // from, and in one namespace the kernel picks 198.18.9.1 as
+            // the source for all three (on separate machines, each
+            // member's own address is enough).
+            let mut c = Command::new(bin("flotilla"));
+            c.args(["certs", "issue", "--etcd", &format!("e{i}")]);
+            for j in 0..3 {
+                c.args(["--san", &address(j)]);
+            }
+            c.arg("--dir").arg(&tls);
+            assert!(output(c).status.success(), "certs issue --etcd");
+        }
         let mut cp = ControlPlane {
             ns,
             dir,
@@ -72,7 +89,8 @@ impl ControlPlane {
         let endpoints = cp.endpoints();
         let healthy = wait_until(Duration::from_secs(30), || {
             let mut c = cp.ns.command(Path::new("etcdctl"));
-            c.args(["--endpoints", &endpoints, "endpoint", "health"]);
+            c.args(["--endpoints", &endpoints, "endpoint", "health"])
+                .args(cp.etcdctl_tls(0));
             output(c).status.success()
         });
         assert!(healthy, "etcd did not come up: {}", cp.log("etcd-0"));
@@ -82,9 +100,27 @@ impl ControlPlane {
     /// etcd's client URLs.
     pub fn endpoints(&self) -> String {
         (0..3)
-            .map(|i| format!("http://{}:2379", address(i)))
+            .map(|i| format!("https://{}:2379", address(i)))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Member `i`'s certificate and key (coordinator `i` dials etcd with them).
+    pub fn etcd_cert(&self, i: usize) -> (PathBuf, PathBuf) {
+        (
+            self.tls.join(format!("etcd-e{i}.pem")),
+            self.tls.join(format!("etcd-e{i}-key.pem")),
+        )
+    }
+
+    /// etcdctl's TLS flags, as member `i`.
+    pub fn etcdctl_tls(&self, i: usize) -> Vec<String> {
+        let (cert, key) = self.etcd_cert(i);
+        vec![
+            format!("--cacert={}", self.tls.join("ca.pem").display()),
+            format!("--cert={}", cert.display()),
+            format!("--key={}", key.display()),
+        ]
     }
 
     /// The coordinators' addresses, as agents and operators list them.
@@ -115,23 +151,33 @@ impl ControlPlane {
     /// Starts etcd member `i` (again, after a kill, with its data).
     pub fn start_etcd(&mut self, i: usize) {
         let cluster = (0..3)
-            .map(|j| format!("e{j}=http://{}:2380", address(j)))
+            .map(|j| format!("e{j}=https://{}:2380", address(j)))
             .collect::<Vec<_>>()
             .join(",");
         let a = address(i);
+        let (cert, key) = self.etcd_cert(i);
+        let ca = self.tls.join("ca.pem");
         let mut c = self.ns.command(Path::new("etcd"));
         c.args(["--name", &format!("e{i}")])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("etcd-{i}")))
+            .arg(format!("--cert-file={}", cert.display()))
+            .arg(format!("--key-file={}", key.display()))
+            .arg(format!("--trusted-ca-file={}", ca.display()))
+            .arg("--client-cert-auth")
+            .arg(format!("--peer-cert-file={}", cert.display()))
+            .arg(format!("--peer-key-file={}", key.display()))
+            .arg(format!("--peer-trusted-ca-file={}", ca.display()))
+            .arg("--peer-client-cert-auth")
             .args([
                 "--listen-client-urls",
-                &format!("http://{a}:2379"),
+                &format!("https://{a}:2379"),
                 "--advertise-client-urls",
-                &format!("http://{a}:2379"),
+                &format!("https://{a}:2379"),
                 "--listen-peer-urls",
-                &format!("http://{a}:2380"),
+                &format!("https://{a}:2380"),
                 "--initial-advertise-peer-urls",
-                &format!("http://{a}:2380"),
+                &format!("https://{a}:2380"),
                 "--initial-cluster",
                 &cluster,
                 "--initial-cluster-state",
@@ -162,6 +208,7 @@ impl ControlPlane {
     /// Starts coordinator `i` (again, after a kill: as its supervisor would).
     pub fn start_coordinator(&mut self, i: usize) {
         let a = address(i);
+        let (cert, key) = self.etcd_cert(i);
         let mut c = self.ns.command(&bin("flotilla-coordinator"));
         c.args([
             "--listen",
@@ -177,6 +224,12 @@ impl ControlPlane {
         ])
         .arg("--tls-dir")
         .arg(&self.tls)
+        .arg("--etcd-ca")
+        .arg(self.tls.join("ca.pem"))
+        .arg("--etcd-cert")
+        .arg(cert)
+        .arg("--etcd-key")
+        .arg(key)
         .arg("--data-dir")
         .arg(self.dir.path().join(format!("unused-{i}")))
         .args(&self.coordinator_args)

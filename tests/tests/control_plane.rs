@@ -43,6 +43,12 @@ fn listed(cp: &ControlPlane) -> Vec<serde_json::Value> {
 fn the_etcd_store_fences_a_deposed_leader_and_swaps_rows_by_revision() {
     let cp = ControlPlane::etcd_only("cpfence", &[]);
     let endpoints: Vec<String> = cp.endpoints().split(',').map(str::to_string).collect();
+    let (cert, key) = cp.etcd_cert(0);
+    let tls = flotilla_coordinator::etcd_store::EtcdTls {
+        ca: cp.tls.join("ca.pem"),
+        cert,
+        key,
+    };
     cp.ns.run(move || {
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()
@@ -54,7 +60,7 @@ fn the_etcd_store_fences_a_deposed_leader_and_swaps_rows_by_revision() {
         let settings = EtcdSettings {
             endpoints,
             prefix: "/fence-test".into(),
-            tls: None,
+            tls: Some(tls),
         };
         let (client, campaign_client, admin) = rt.block_on(async {
             (
@@ -313,10 +319,20 @@ fn three_clis_define_300_vms_through_a_leader_kill_and_each_is_stored_once() {
         "leader {} killed: elected after {:?} s, first write after {:?} s",
         run.killed, run.elected_after, run.first_write_after
     );
-    assert!(run.first_write_after.is_some(), "the new leader wrote");
+    assert!(
+        run.first_write_after.is_some(),
+        "the new leader wrote: {}\n{}",
+        cp.log("coordinator-1"),
+        cp.log("coordinator-2")
+    );
     // The new leader's fleet answers, and the killed one rejoins as a follower.
     cp.start_coordinator(run.killed);
-    assert!(wait_until(Duration::from_secs(20), || cp.cluster().len() == 3));
+    assert!(
+        wait_until(Duration::from_secs(20), || cp.cluster().len() == 3),
+        "{:?}\n{}",
+        cp.cluster(),
+        cp.log(&format!("coordinator-{}", run.killed))
+    );
     let leaders = cp.cluster().iter().filter(|c| c["leader"] == true).count();
     assert_eq!(leaders, 1);
 }

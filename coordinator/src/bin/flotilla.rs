@@ -378,23 +378,31 @@ enum Certs {
         #[arg(long)]
         san: Vec<String>,
     },
-    /// Issue a certificate for an agent host or an operator.
+    /// Issue a certificate for an agent host, an operator or an etcd member.
     ///
     /// Example: flotilla certs issue --dir /etc/flotilla/tls --agent host-a
+    ///          flotilla certs issue --dir /etc/flotilla/tls --etcd node1 --san 10.0.0.1
     Issue {
         /// The TLS directory `certs init` created; it holds the CA key.
         #[arg(long)]
         dir: PathBuf,
         #[arg(
             long,
-            conflicts_with = "operator",
-            required_unless_present = "operator"
+            conflicts_with_all = ["operator", "etcd"],
+            required_unless_present_any = ["operator", "etcd"]
         )]
         /// An agent certificate for this host name.
         agent: Option<String>,
         /// An operator certificate with this name.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "etcd")]
         operator: Option<String>,
+        /// An etcd member's certificate (server, peer and client use; the
+        /// coordinator on the same node dials etcd with it too).
+        #[arg(long, requires = "san")]
+        etcd: Option<String>,
+        /// The etcd member's addresses or DNS names.
+        #[arg(long, requires = "etcd")]
+        san: Vec<String>,
     },
 }
 
@@ -1367,12 +1375,22 @@ fn certs(c: Certs) -> anyhow::Result<()> {
             agent: Some(host),
             ..
         } => pki::issue(&dir, Role::Agent, &host, &[])?,
+        // Before --operator: the global --operator (default "admin") fills
+        // that field whether or not it was given here.
+        Certs::Issue {
+            dir,
+            etcd: Some(name),
+            san,
+            ..
+        } => pki::issue_etcd(&dir, &name, &san)?,
         Certs::Issue {
             dir,
             operator: Some(name),
             ..
         } => pki::issue(&dir, Role::Operator, &name, &[])?,
-        Certs::Issue { .. } => bail!("certs issue needs --agent HOST or --operator NAME"),
+        Certs::Issue { .. } => {
+            bail!("certs issue needs --agent HOST, --operator NAME or --etcd NAME --san ADDR")
+        }
     };
     for p in written {
         println!("wrote {}", p.display());

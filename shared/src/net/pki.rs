@@ -216,3 +216,36 @@ pub fn issue(
     std::fs::write(&paths.cert, cert.pem()).map_err(io(&paths.cert))?;
     Ok(vec![paths.cert, paths.key])
 }
+
+/// Issues an etcd member's certificate, `etcd-NAME.pem` and its key, signed
+/// by the fleet CA in `dir`: server and client use (etcd serves clients and
+/// peers with it and dials peers with it; the coordinator beside it dials
+/// etcd with it), with `sans` (addresses or DNS names) as its names.
+pub fn issue_etcd(dir: &Path, name: &str, sans: &[String]) -> Result<Vec<PathBuf>, PkiError> {
+    valid_name(name)?;
+    let ca_pem = std::fs::read_to_string(ca_cert_path(dir)).map_err(io(&ca_cert_path(dir)))?;
+    let ca_key_pem = std::fs::read_to_string(ca_key_path(dir)).map_err(io(&ca_key_path(dir)))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Flotilla");
+    dn.push(DnType::OrganizationalUnitName, "etcd");
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let cert_path = dir.join(format!("etcd-{name}.pem"));
+    let key_path = dir.join(format!("etcd-{name}-key.pem"));
+    write_private(&key_path, &key.serialize_pem())?;
+    std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
+    Ok(vec![cert_path, key_path])
+}

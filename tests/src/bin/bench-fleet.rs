@@ -11,9 +11,13 @@
 //!
 //! ```text
 //! target/release/bench-fleet scheduler [VMS]
-//! target/release/bench-fleet fanin [N ...]
-//! target/release/bench-fleet fleet-start [VMS] [AGENTS]
+//! target/release/bench-fleet fanin [N ...] [etcd]
+//! target/release/bench-fleet fleet-start [VMS] [AGENTS] [etcd]
 //! ```
+//!
+//! With `etcd`, the coordinator keeps its state in a three-member etcd
+//! (`--store etcd`, as `flotilla_tests::control_plane` runs it) instead of
+//! its embedded redb.
 //!
 //! Each prints a markdown table.
 
@@ -34,28 +38,56 @@ use flotilla_shared::proto::{
     ServerMessage, VmRunState, VmSummary,
 };
 use flotilla_shared::report_delta::ReportSender;
-use flotilla_tests::{cpu_seconds, flotilla, quantile, rss_mib, CoordinatorProcess, Netns};
+use flotilla_tests::control_plane::ControlPlane;
+use flotilla_tests::{
+    cpu_seconds, flotilla, quantile, rss_mib, wait_until, CoordinatorProcess, Netns,
+};
 
 const NETWORKS: [&str; 5] = ["public", "storage", "backup", "tenant-a", "tenant-b"];
 
+/// Where the coordinator keeps its state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Redb,
+    Etcd,
+}
+
+impl Backend {
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Redb => "redb",
+            Backend::Etcd => "etcd (3 members)",
+        }
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let backend = if args.iter().any(|a| a == "etcd") {
+        args.retain(|a| a != "etcd");
+        Backend::Etcd
+    } else {
+        Backend::Redb
+    };
     let num =
         |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     match args.first().map(String::as_str) {
         Some("scheduler") => scheduler_bench(num(1, 100_000)),
         Some("fanin") => {
             let ns: Vec<usize> = args[1..].iter().filter_map(|a| a.parse().ok()).collect();
-            fanin_bench(if ns.is_empty() {
-                vec![100, 1000, 5000]
-            } else {
-                ns
-            });
+            fanin_bench(
+                if ns.is_empty() {
+                    vec![100, 1000, 5000]
+                } else {
+                    ns
+                },
+                backend,
+            );
         }
-        Some("fleet-start") => fleet_start_bench(num(1, 10_000), num(2, 1000)),
+        Some("fleet-start") => fleet_start_bench(num(1, 10_000), num(2, 1000), backend),
         _ => {
             eprintln!(
-                "usage: bench-fleet scheduler [VMS] | fanin [N ...] | fleet-start [VMS] [AGENTS]"
+                "usage: bench-fleet scheduler [VMS] | fanin [N ...] [etcd] | fleet-start [VMS] [AGENTS] [etcd]"
             );
             std::process::exit(2);
         }
@@ -229,7 +261,8 @@ struct Stats {
 
 /// A test fleet: a coordinator in a namespace and a client endpoint in it.
 struct Bench {
-    ns: Netns,
+    /// The namespace, and with etcd the members in it.
+    place: Place,
     coordinator: CoordinatorProcess,
     addr: SocketAddr,
     tls: std::path::PathBuf,
@@ -237,8 +270,21 @@ struct Bench {
     _work: tempfile::TempDir,
 }
 
+/// Where the coordinator runs.
+enum Place {
+    Alone(Netns),
+    OnEtcd(ControlPlane),
+}
+
 impl Bench {
-    fn new(agents: usize, rt: &tokio::runtime::Runtime) -> Bench {
+    fn ns(&self) -> &Netns {
+        match &self.place {
+            Place::Alone(ns) => ns,
+            Place::OnEtcd(cp) => &cp.ns,
+        }
+    }
+
+    fn new(agents: usize, rt: &tokio::runtime::Runtime, backend: Backend) -> Bench {
         let work = tempfile::Builder::new()
             .permissions(
                 <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
@@ -251,28 +297,71 @@ impl Bench {
         for i in 0..agents {
             pki::issue(&tls, pki::Role::Agent, &sim_name(i), &[]).expect("issue");
         }
-        let ns = Netns::new("bfleet");
-        let addr: SocketAddr = "127.0.0.1:7443".parse().expect("addr");
+        let (place, addr, store_args): (Place, SocketAddr, Vec<String>) = match backend {
+            Backend::Redb => (
+                Place::Alone(Netns::new("bfleet")),
+                "127.0.0.1:7443".parse().expect("addr"),
+                Vec::new(),
+            ),
+            Backend::Etcd => {
+                let cp = ControlPlane::etcd_only("bfleetetcd", &[]);
+                let endpoints = cp.endpoints();
+                let (cert, key) = cp.etcd_cert(0);
+                let args = vec![
+                    "--store".into(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    endpoints,
+                    "--etcd-ca".into(),
+                    cp.tls.join("ca.pem").display().to_string(),
+                    "--etcd-cert".into(),
+                    cert.display().to_string(),
+                    "--etcd-key".into(),
+                    key.display().to_string(),
+                ];
+                (
+                    Place::OnEtcd(cp),
+                    "198.18.9.1:7443".parse().expect("addr"),
+                    args,
+                )
+            }
+        };
+        let mut flags: Vec<&str> = vec![
+            "--heartbeat-secs",
+            "1",
+            "--lease-secs",
+            "8",
+            "--heartbeat-timeout-secs",
+            "10",
+        ];
+        flags.extend(store_args.iter().map(String::as_str));
+        let ns = match &place {
+            Place::Alone(ns) => ns,
+            Place::OnEtcd(cp) => &cp.ns,
+        };
         let coordinator = CoordinatorProcess::start_with(
-            &ns,
+            ns,
             &addr.to_string(),
             &work.path().join("data"),
             &tls,
             &work.path().join("coordinator.log"),
-            &[
-                "--heartbeat-secs",
-                "1",
-                "--lease-secs",
-                "8",
-                "--heartbeat-timeout-secs",
-                "10",
-            ],
+            &flags,
         );
+        if backend == Backend::Etcd {
+            // Answering is not leading: agents register only with the leader.
+            let leads = wait_until(Duration::from_secs(30), || {
+                String::from_utf8_lossy(
+                    &flotilla(ns, &addr.to_string(), &tls, &["--json", "cluster"]).stdout,
+                )
+                .contains("\"leader\": true")
+            });
+            assert!(leads, "the coordinator never led");
+        }
         // The socket is made inside the namespace, so all its traffic stays there.
         // One socket for every simulated agent: it needs the buffers the
         // coordinator's has.
-        let socket =
-            ns.run(|| quic::fan_in_socket("127.0.0.1:0".parse().expect("addr")).expect("bind"));
+        let local: SocketAddr = SocketAddr::new(addr.ip(), 0);
+        let socket = ns.run(move || quic::fan_in_socket(local).expect("bind"));
         let endpoint = {
             let _guard = rt.enter();
             quinn::Endpoint::new(
@@ -284,7 +373,7 @@ impl Bench {
             .expect("endpoint")
         };
         Bench {
-            ns,
+            place,
             coordinator,
             addr,
             tls,
@@ -523,15 +612,15 @@ fn probe_xml(name: &str) -> String {
     )
 }
 
-fn fanin_bench(sizes: Vec<usize>) {
-    println!("| agents | register all s | coordinator CPU % | coordinator RSS MiB | heartbeat p50 ms | p99 ms | `flotilla start` median ms (range) | redials | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+fn fanin_bench(sizes: Vec<usize>, backend: Backend) {
+    println!("| store | agents | register all s | coordinator CPU % | coordinator RSS MiB | heartbeat p50 ms | p99 ms | `flotilla start` median ms (range) | redials | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("rt");
-        let bench = Arc::new(Bench::new(n, &rt));
+        let bench = Arc::new(Bench::new(n, &rt, backend));
         let stats = Arc::new(Stats::default());
         let registering = start_agents(&bench, &rt, n, &stats);
         // Let heartbeats settle into their spread, then measure a window.
@@ -553,7 +642,7 @@ fn fanin_bench(sizes: Vec<usize>) {
         let xml = bench._work.path().join("probe.xml");
         std::fs::write(&xml, probe_xml("probe")).expect("xml");
         let define = flotilla(
-            &bench.ns,
+            bench.ns(),
             &bench.addr.to_string(),
             &bench.tls,
             &["define", &xml.to_string_lossy()],
@@ -567,7 +656,7 @@ fn fanin_bench(sizes: Vec<usize>) {
         for _ in 0..5 {
             let t = Instant::now();
             let o = flotilla(
-                &bench.ns,
+                bench.ns(),
                 &bench.addr.to_string(),
                 &bench.tls,
                 &["start", "probe"],
@@ -575,7 +664,7 @@ fn fanin_bench(sizes: Vec<usize>) {
             starts.push(t.elapsed().as_secs_f64() * 1000.0);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let o = flotilla(
-                &bench.ns,
+                bench.ns(),
                 &bench.addr.to_string(),
                 &bench.tls,
                 &["destroy", "probe"],
@@ -587,7 +676,8 @@ fn fanin_bench(sizes: Vec<usize>) {
         let errors = stats.failures.lock().expect("lock").len();
         let redials = stats.redials.load(std::sync::atomic::Ordering::Relaxed);
         println!(
-            "| {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {redials} | {errors} |",
+            "| {} | {n} | {:.1} | {cpu_pct:.1} | {rss:.0} | {:.1} | {:.1} | {:.0} ({min:.0}–{max:.0}) | {redials} | {errors} |",
+            backend.label(),
             registering.as_secs_f64(),
             quantile(&beats, 0.5),
             quantile(&beats, 0.99),
@@ -639,12 +729,12 @@ fn run_all(
     })
 }
 
-fn fleet_start_bench(vms: usize, agents: usize) {
+fn fleet_start_bench(vms: usize, agents: usize, backend: Backend) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("rt");
-    let bench = Arc::new(Bench::new(agents, &rt));
+    let bench = Arc::new(Bench::new(agents, &rt, backend));
     let stats = Arc::new(Stats::default());
     start_agents(&bench, &rt, agents, &stats);
     let conn = rt.block_on(bench.connect(pki::Role::Operator, "admin"));
@@ -669,10 +759,11 @@ fn fleet_start_bench(vms: usize, agents: usize) {
     let (ms, errors) = run_all(&rt, &conn, starts, 64);
     let start_s = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(bench.pid()) - cpu0;
-    println!("| VMs | agents | define/s | start/s end to end | start p50 ms | p99 ms | coordinator CPU s | RSS MiB | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| store | VMs | agents | define/s | start/s end to end | start p50 ms | p99 ms | coordinator CPU s | RSS MiB | errors |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {vms} | {agents} | {:.0} | {:.0} | {:.1} | {:.1} | {cpu:.1} | {:.0} | {} |",
+        "| {} | {vms} | {agents} | {:.0} | {:.0} | {:.1} | {:.1} | {cpu:.1} | {:.0} | {} |",
+        backend.label(),
         vms as f64 / define_s,
         vms as f64 / start_s,
         quantile(&ms, 0.5),
