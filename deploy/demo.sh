@@ -7,6 +7,11 @@
 # browser's page follows the guest there by itself.
 #
 #   deploy/demo.sh        build, bring the fleet up, run the demo (as root)
+#   deploy/demo.sh --ha-control-plane
+#                         the same fleet under three coordinators on a
+#                         three-member etcd (TLS from the fleet's CA): the
+#                         leader is killed while the guest runs, another
+#                         takes over, and the guest migrates afterwards
 #   deploy/demo.sh down   remove every namespace and process it made
 #
 # Addresses come from 198.18.0.0/15 and exist only inside the namespaces.
@@ -32,6 +37,12 @@ down() {
   rm -rf "$DEMO/run"
 }
 
+HA=0
+if [ "${1:-}" = --ha-control-plane ]; then
+  HA=1
+  COORD=198.19.0.1:7443,198.19.0.2:7443,198.19.0.3:7443
+fi
+
 if [ "${1:-}" = down ]; then
   down
   echo "demo fleet removed (screenshots kept in $DEMO/screenshots)"
@@ -48,6 +59,10 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # etcd-client compiles etcd's protocol files with protoc at build time.
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 python3 -c 'import venv' 2>/dev/null || need+=(python3-venv)
+if [ $HA = 1 ]; then
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+fi
 . deploy/lib/install.sh
 install_missing ${need[@]+"${need[@]}"}
 ensure_qemu_user
@@ -103,10 +118,11 @@ ip -n $P-far link set eth0 up
 echo "<network><name>public</name><forward mode='bridge' dev='uplink0'/></network>" > "$RUN/host-c/nets/public.xml"
 echo "  host-c: public = macvtap-style uplink0 at 198.18.3.1"
 
-step "certificates, coordinator (embedded store), agents"
 "$BIN/flotilla" certs init --dir "$RUN/tls" >/dev/null
 for h in host-a host-b host-c; do "$BIN/flotilla" certs issue --dir "$RUN/tls" --agent "$h" >/dev/null; done
 # Each daemon reads a config file, as under systemd (deploy/config/*.toml).
+if [ $HA = 0 ]; then
+step "certificates, coordinator (embedded store), agents"
 cat > "$RUN/coordinator.toml" <<TOML
 listen = "$COORD"
 data-dir = "$RUN/data"
@@ -118,6 +134,52 @@ novnc-dir = "$ROOT/deploy/web/node_modules/@novnc/novnc"
 TOML
 setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --config "$RUN/coordinator.toml" \
   >"$RUN/logs/coordinator.log" 2>&1 < /dev/null &
+else
+step "certificates, three etcd members and three coordinators (deploy/README.md §7), agents"
+ip -n $P-ctl addr add 198.19.0.2/24 dev fleet0
+ip -n $P-ctl addr add 198.19.0.3/24 dev fleet0
+cluster=
+for i in 1 2 3; do cluster+="${cluster:+,}node$i=https://198.19.0.$i:2380"; done
+endpoints='"https://198.19.0.1:2379", "https://198.19.0.2:2379", "https://198.19.0.3:2379"'
+for i in 1 2 3; do
+  # On one machine the kernel dials every peer from 198.19.0.1, and etcd
+  # checks a peer's certificate against that address: each certificate
+  # names all three (on separate machines, its own address is enough).
+  "$BIN/flotilla" certs issue --dir "$RUN/tls" --etcd "node$i" \
+    --san 198.19.0.1 --san 198.19.0.2 --san 198.19.0.3 >/dev/null
+  # deploy/config/etcd.env's settings, as flags.
+  setsid ip netns exec $P-ctl etcd --name "node$i" --data-dir "$RUN/etcd-$i" \
+    --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token flotilla \
+    --listen-client-urls "https://198.19.0.$i:2379" --advertise-client-urls "https://198.19.0.$i:2379" \
+    --listen-peer-urls "https://198.19.0.$i:2380" --initial-advertise-peer-urls "https://198.19.0.$i:2380" \
+    --cert-file "$RUN/tls/etcd-node$i.pem" --key-file "$RUN/tls/etcd-node$i-key.pem" \
+    --trusted-ca-file "$RUN/tls/ca.pem" --client-cert-auth \
+    --peer-cert-file "$RUN/tls/etcd-node$i.pem" --peer-key-file "$RUN/tls/etcd-node$i-key.pem" \
+    --peer-trusted-ca-file "$RUN/tls/ca.pem" --peer-client-cert-auth \
+    --heartbeat-interval 50 --election-timeout 500 --logger zap --log-level warn \
+    >"$RUN/logs/etcd-$i.log" 2>&1 < /dev/null &
+done
+start_coordinator() { # node number
+  local i=$1
+  cat > "$RUN/coordinator-$i.toml" <<TOML
+listen = "198.19.0.$i:7443"
+advertise = "198.19.0.$i:7443"
+store = "etcd"
+etcd-endpoints = [$endpoints]
+etcd-ca = "$RUN/tls/ca.pem"
+etcd-cert = "$RUN/tls/etcd-node$i.pem"
+etcd-key = "$RUN/tls/etcd-node$i-key.pem"
+data-dir = "$RUN/data-$i"
+tls-dir = "$RUN/tls"
+heartbeat-secs = 1
+metrics-listen = "198.19.0.$i:9464"
+TOML
+  setsid ip netns exec $P-ctl "$BIN/flotilla-coordinator" --config "$RUN/coordinator-$i.toml" \
+    >>"$RUN/logs/coordinator-$i.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/coordinator-$i.pid"
+}
+for i in 1 2 3; do start_coordinator $i; done
+fi
 n=11
 for h in host-a host-b host-c; do
   cat > "$RUN/$h/agent.toml" <<TOML
@@ -134,11 +196,18 @@ TOML
   n=$((n + 1))
 done
 fl() { ip netns exec $P-ctl "$BIN/flotilla" --coordinator $COORD --tls-dir "$RUN/tls" "$@"; }
-for _ in $(seq 100); do
-  [ "$(fl hosts 2>/dev/null | grep -c ' connected ')" = 3 ] && break
+# The leader's address (a follower's `hosts` shows what etcd stores, not who is connected).
+leader() {
+  fl --json --retry-secs 0 cluster 2>/dev/null | python3 -c '
+import json, sys
+print(next((c["address"] for c in json.load(sys.stdin) if c["leader"]), ""))' 2>/dev/null || true
+}
+hosts_live() { ip netns exec $P-ctl "$BIN/flotilla" --coordinator "$(leader)" --tls-dir "$RUN/tls" hosts; }
+for _ in $(seq 150); do
+  [ "$(hosts_live 2>/dev/null | grep -c ' connected ')" = 3 ] && break
   sleep 0.2
 done
-fl hosts
+hosts_live
 
 step "define and start the demo VM (its console and NIC are on network 'public')"
 "$BIN/counting-guest" "$RUN/guest.img"
@@ -190,6 +259,63 @@ shot() { # name [vm]
 }
 step "the console, through a real VNC client"
 first=$(shot before-migration)
+
+if [ $HA = 1 ]; then
+  step "the control plane: three coordinators, one leader, on a three-member etcd"
+  fl cluster
+  old=$(leader)
+  i=${old%:7443}; i=${i##*.}
+  pid_before=$(pgrep -f -- "-uuid $(fl --json dominfo demo | python3 -c 'import json,sys; print(json.load(sys.stdin)["DomInfo"]["entry"]["uuid"])')" | head -1)
+  host=$(fl --json list | python3 -c 'import json,sys; print([v["host"] for v in json.load(sys.stdin)["Vms"] if v["name"]=="demo"][0])')
+  c_before=$(counter "$host")
+  step "kill -9 the leader ($old) while the guest runs"
+  killed=$(date +%s.%N)
+  kill -9 "$(cat "$RUN/coordinator-$i.pid")"
+  new=
+  for _ in $(seq 200); do
+    new=$(leader)
+    [ -n "$new" ] && [ "$new" != "$old" ] && break
+    sleep 0.05
+  done
+  [ -n "$new" ] && [ "$new" != "$old" ] || { echo "demo: no new leader" >&2; exit 1; }
+  echo "$new leads $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$killed" "$(date +%s.%N)") s after the kill"
+  for _ in $(seq 150); do
+    [ "$(hosts_live 2>/dev/null | grep -c ' connected ')" = 3 ] && break
+    sleep 0.2
+  done
+  hosts_live
+  pid_after=$(pgrep -f -- "-uuid $(fl --json dominfo demo | python3 -c 'import json,sys; print(json.load(sys.stdin)["DomInfo"]["entry"]["uuid"])')" | head -1)
+  c_after=$(counter "$host")
+  echo "the guest's QEMU: pid $pid_before before, $pid_after after; its counter: $c_before, then $c_after"
+  [ "$pid_before" = "$pid_after" ] && [ "$c_after" -gt "$c_before" ] || { echo "demo: the guest was disturbed" >&2; exit 1; }
+  step "the killed coordinator comes back as a follower (its supervisor's job under systemd)"
+  start_coordinator "$i"
+  for _ in $(seq 100); do
+    [ "$(fl --json --retry-secs 0 cluster 2>/dev/null | grep -c '"address"')" = 3 ] && break
+    sleep 0.1
+  done
+  fl cluster
+  step "live migration under the new leader"
+  fl migrate demo --max-downtime 300
+  second=$(shot after-migration)
+  fl list
+  if [ "$first" = "$second" ]; then echo "demo: console address did not change" >&2; exit 1; fi
+  cat <<MSG
+
+Three coordinators on etcd: the leader was killed, $new took over, and the
+guest never noticed (same QEMU, counter moving); then it migrated.
+Console before: $first   after: $second
+
+Keep playing:
+  export FLOTILLA_COORDINATOR=$COORD FLOTILLA_TLS_DIR=$RUN/tls
+  ip netns exec $P-ctl $BIN/flotilla cluster
+  ip netns exec $P-ctl $BIN/flotilla list
+Logs: $RUN/logs/
+Tear down:
+  deploy/demo.sh down
+MSG
+  exit 0
+fi
 
 step "the console in a browser: noVNC through the coordinator (chromium, headless)"
 # tests/web/browser.mjs drives chromium: one JSON command per line in, one

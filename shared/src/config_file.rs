@@ -192,6 +192,27 @@ pub fn merged_argv(
         source,
     })?;
     let from_file = config_args(&path, &text, command, |n| std::env::var_os(n))?;
+    // A flag given on the command line replaces the file's key outright,
+    // also for a flag that takes a list (where a later occurrence would add
+    // to the file's values rather than replace them).
+    let given: Vec<String> = argv
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .take_while(|a| a != "--")
+        .filter_map(|a| {
+            a.strip_prefix("--")
+                .map(|l| l.split('=').next().unwrap_or(l).to_string())
+        })
+        .collect();
+    let from_file: Vec<OsString> = from_file
+        .into_iter()
+        .filter(|a| {
+            let a = a.to_string_lossy();
+            let long = a.trim_start_matches("--").split('=').next().unwrap_or("");
+            !given.iter().any(|g| g == long)
+        })
+        .collect();
     let mut merged = Vec::with_capacity(argv.len() + from_file.len());
     let mut rest = argv.into_iter();
     merged.extend(rest.next());

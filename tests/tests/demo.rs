@@ -299,3 +299,62 @@ fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
         "down keeps the screenshots"
     );
 }
+
+#[test]
+fn the_ha_control_plane_demo_survives_a_leader_kill_and_tears_down_completely() {
+    let demo = Demo {
+        prefix: format!("flth{}", std::process::id()),
+        dir: tempfile::Builder::new()
+            .permissions(
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )
+            .prefix("flt-hademo-")
+            .tempdir_in("/tmp")
+            .expect("tmp"),
+    };
+    let o = demo.script(&["--ha-control-plane"]);
+    let out = text(&o);
+    assert!(
+        o.status.success(),
+        "demo.sh --ha-control-plane failed:\n{out}"
+    );
+    // Three coordinators, then a new leader after the kill, and the guest
+    // kept its QEMU and kept counting.
+    assert!(out.contains("store: etcd (answered by 198.19.0."), "{out}");
+    assert!(out.matches(" leader ").count() >= 2, "{out}");
+    let took_over = out
+        .lines()
+        .find(|l| l.contains(" leads ") && l.ends_with(" s after the kill"))
+        .unwrap_or_else(|| panic!("no takeover line:\n{out}"));
+    let secs: f64 = took_over
+        .split_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{took_over}"));
+    assert!(secs > 0.0, "{took_over}");
+    let guest = out
+        .lines()
+        .find(|l| l.starts_with("the guest's QEMU: pid "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let words: Vec<&str> = guest.split_whitespace().collect();
+    assert_eq!(
+        words[4], words[6],
+        "the same QEMU before and after: {guest}"
+    );
+    let shown = displays(&out);
+    assert_eq!(shown.len(), 2, "{out}");
+    assert_ne!(
+        shown[0].1, shown[1].1,
+        "the guest migrated under the new leader: {out}"
+    );
+    assert!(out.contains("completed in"), "{out}");
+
+    let o = demo.script(&["down"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(demo.namespaces().is_empty(), "{:?}", demo.namespaces());
+    assert!(
+        wait_until(Duration::from_secs(5), || demo.processes().is_empty()),
+        "left running: {:?}",
+        demo.processes()
+    );
+}

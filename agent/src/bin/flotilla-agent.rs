@@ -71,10 +71,10 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     once_start: Option<PathBuf>,
     /// The coordinator, HOST:PORT, or several separated by commas (all are
-    /// dialled; a follower names the leader); without it the agent runs
-    /// standalone.
-    #[arg(long, env = "FLOTILLA_COORDINATOR")]
-    coordinator: Option<String>,
+    /// dialled; a follower names the leader; in TOML, a list); without it
+    /// the agent runs standalone.
+    #[arg(long, env = "FLOTILLA_COORDINATOR", value_delimiter = ',')]
+    coordinator: Vec<String>,
     /// Directory written by `flotilla certs` (needs ca.pem and agent-NAME.pem).
     #[arg(long, env = "FLOTILLA_TLS_DIR", default_value = "/etc/flotilla/tls")]
     tls_dir: PathBuf,
@@ -261,22 +261,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(file) = &cli.once_start {
         return sys.block_on(once_start(settings, networks, file));
     }
-    let link = cli.coordinator.clone().map(|coordinator| LinkSettings {
-        coordinator,
-        tls_dir: cli.tls_dir.clone(),
-        host: settings.console.host.clone(),
-        machine_types: {
-            let mut m = flotilla_agent::machine_types::probe(&settings.qemu.emulator);
-            m.kvm = settings.qemu.accel == Accel::Kvm;
-            m.cpu_models = flotilla_agent::machine_types::probe_cpu_models(
-                &settings.qemu.emulator,
-                settings.qemu.accel.as_str(),
-            );
-            m
-        },
-        state_dir: settings.state_dir.clone(),
-        watchdog_secs: cli.watchdog.as_ref().map(|_| cli.watchdog_timeout_secs),
-    });
+    let link = (!cli.coordinator.is_empty())
+        .then(|| cli.coordinator.join(","))
+        .map(|coordinator| LinkSettings {
+            coordinator,
+            tls_dir: cli.tls_dir.clone(),
+            host: settings.console.host.clone(),
+            machine_types: {
+                let mut m = flotilla_agent::machine_types::probe(&settings.qemu.emulator);
+                m.kvm = settings.qemu.accel == Accel::Kvm;
+                m.cpu_models = flotilla_agent::machine_types::probe_cpu_models(
+                    &settings.qemu.emulator,
+                    settings.qemu.accel.as_str(),
+                );
+                m
+            },
+            state_dir: settings.state_dir.clone(),
+            watchdog_secs: cli.watchdog.as_ref().map(|_| cli.watchdog_timeout_secs),
+        });
     let watchdog = match &cli.watchdog {
         Some(path) => Some(
             flotilla_agent::watchdog::Watchdog::open(path, cli.watchdog_timeout_secs)
@@ -648,11 +650,23 @@ mod tests {
     fn the_shipped_example_config_is_read_and_flags_win() {
         let cli = with_example(&[]);
         assert_eq!(cli.networks_dir, PathBuf::from("/etc/flotilla/networks"));
+        assert_eq!(cli.coordinator, ["flotilla-coordinator.example.net:7443"]);
         assert_eq!(cli.migration_network.as_deref(), Some("mgmt"));
         assert!(matches!(cli.log_format, LogFormat::Json));
         assert_eq!(cli.metrics_listen, "0.0.0.0:9465".parse().ok());
-        let cli = with_example(&["--state-dir", "/srv/state", "--log-format=text"]);
+        let cli = with_example(&[
+            "--state-dir",
+            "/srv/state",
+            "--log-format=text",
+            "--coordinator",
+            "a:7443,b:7443",
+        ]);
         assert_eq!(cli.state_dir, PathBuf::from("/srv/state"));
+        assert_eq!(
+            cli.coordinator,
+            ["a:7443", "b:7443"],
+            "the flag replaces the file's list"
+        );
         assert!(matches!(cli.log_format, LogFormat::Text));
         assert_eq!(cli.networks_dir, PathBuf::from("/etc/flotilla/networks"));
     }

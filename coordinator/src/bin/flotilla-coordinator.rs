@@ -45,7 +45,7 @@ struct Cli {
     /// or etcd, shared by several coordinators of which one leads.
     #[arg(long, value_enum, default_value = "redb")]
     store: StoreArg,
-    /// etcd's client URLs, comma-separated (with --store etcd).
+    /// etcd's client URLs, comma-separated (with --store etcd; in TOML, a list).
     #[arg(long, value_delimiter = ',', value_name = "URL,…")]
     etcd_endpoints: Vec<String>,
     /// Key prefix of this fleet in etcd.
@@ -303,35 +303,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .build()
                     .context("cannot start the etcd runtime")?,
             );
-            let (client, campaign_client) = {
-                let etcd = etcd.clone();
-                etcd_rt
-                    .spawn(async move {
-                        Ok::<_, flotilla_coordinator::store::StoreError>((
-                            etcd_store::connect(&etcd, true).await?,
-                            etcd_store::connect(&etcd, false).await?,
-                        ))
-                    })
-                    .await??
-            };
+            // Never dropped: its last handle would otherwise go inside the
+            // actor system's runtime, where dropping a runtime panics.
+            std::mem::forget(etcd_rt.clone());
             let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let session = {
-                let (client, prefix, address) =
-                    (client.clone(), cli.etcd_prefix.clone(), advertise.clone());
-                let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
-                let leading = leading.clone();
-                etcd_rt
-                    .spawn(async move {
-                        Session::open(client, &prefix, &address, ttl, move |verdict| {
+            // etcd may come up after this process (a node's boot, the
+            // demo): wait for it, saying why, as an agent waits for us.
+            let mut pause = Duration::from_millis(200);
+            let (client, campaign_client, session) = loop {
+                let attempt = {
+                    let etcd = etcd.clone();
+                    let (prefix, address) = (cli.etcd_prefix.clone(), advertise.clone());
+                    let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
+                    let leading = leading.clone();
+                    etcd_rt.spawn(async move {
+                        let client = etcd_store::connect(&etcd, true).await?;
+                        let campaign_client = etcd_store::connect(&etcd, false).await?;
+                        let session = Session::open(client.clone(), &prefix, &address, ttl, move |verdict| {
                             let leader = leading.load(std::sync::atomic::Ordering::SeqCst);
                             if leader || verdict == Verdict::Expired {
                                 eprintln!("flotilla-coordinator: etcd lease lost ({verdict:?}); stopping so no deposed leader acts");
                                 std::process::exit(i32::from(EXIT_LEASE_LOST));
                             }
                         })
-                        .await
+                        .await?;
+                        Ok::<_, flotilla_coordinator::store::StoreError>((client, campaign_client, session))
                     })
-                    .await??
+                };
+                let outcome = tokio::select! {
+                    r = attempt => r?,
+                    _ = term.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                };
+                match outcome {
+                    Ok(up) => break up,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?pause, "etcd not reachable yet");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
             };
             let deposed = Arc::new(tokio::sync::Notify::new());
             let reader = EtcdStore::new(
@@ -393,8 +404,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let closing = session.clone();
             let _ = etcd_rt.spawn(async move { closing.close().await }).await;
             stopped?;
-            // Not dropped here: dropping a runtime inside another one panics.
-            std::mem::forget(etcd_rt);
         }
     }
     endpoint.close(0u32.into(), b"coordinator stopping");
@@ -470,6 +479,33 @@ mod tests {
              needs to renew it before it stops starting VMs"
         );
         assert!(lease(-1.0, 2).is_err());
+    }
+
+    #[test]
+    fn etcd_endpoints_come_as_a_toml_list_or_a_comma_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "store = \"etcd\"\netcd-endpoints = [\"https://a:2379\", \"https://b:2379\"]\n",
+        )
+        .expect("write");
+        let argv = vec![
+            OsString::from("flotilla-coordinator"),
+            "--config".into(),
+            file.into_os_string(),
+        ];
+        let merged = config_file::merged_argv(argv, &Cli::command()).expect("merged");
+        let cli = Cli::try_parse_from(merged).expect("parse");
+        assert!(cli.store == StoreArg::Etcd);
+        assert_eq!(cli.etcd_endpoints, ["https://a:2379", "https://b:2379"]);
+        let cli = Cli::try_parse_from([
+            "flotilla-coordinator",
+            "--etcd-endpoints",
+            "https://a:2379,https://b:2379",
+        ])
+        .expect("parse");
+        assert_eq!(cli.etcd_endpoints, ["https://a:2379", "https://b:2379"]);
     }
 
     #[test]
