@@ -22,8 +22,11 @@
 //! | `P/coordinators/ADDRESS`     | [`CoordinatorInfo`] as JSON   | each coordinator, leased|
 //!
 //! Durability: etcd acknowledges a transaction once a quorum has it on disk,
-//! so a write is durable when the call returns and group commit
-//! ([`Store::begin_group`]) has nothing to add.
+//! so a write is durable when the call returns. Inside a group
+//! ([`Store::begin_group`]) writes wait in memory (reads see them) and
+//! [`Store::end_group`] commits them together, as few transactions as
+//! etcd's limits allow; the fleet's core sends none of the batch's effects
+//! before that returned, as with redb's group fsync.
 //!
 //! [`Store`] is synchronous (the fleet's core thread calls it); the calls
 //! block on a runtime of this store's own, which also carries the gRPC
@@ -143,11 +146,30 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T, StoreError> {
-    serde_json::from_slice(kv.value()).map_err(|e| {
+/// A stored value: its key, bytes and `mod_revision` (0 for a value written
+/// in the open group and not committed yet).
+#[derive(Debug, Clone)]
+struct Entry {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    mod_revision: i64,
+}
+
+impl From<&KeyValue> for Entry {
+    fn from(kv: &KeyValue) -> Entry {
+        Entry {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(e: &Entry) -> Result<T, StoreError> {
+    serde_json::from_slice(&e.value).map_err(|err| {
         StoreError::Backend(format!(
-            "etcd: key {}: {e}",
-            String::from_utf8_lossy(kv.key())
+            "etcd: key {}: {err}",
+            String::from_utf8_lossy(&e.key)
         ))
     })
 }
@@ -156,7 +178,21 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(backend)
 }
 
+/// Operations per transaction when a group is committed: etcd refuses more
+/// than `--max-txn-ops` (128 by default) in one.
+const GROUP_OPS: usize = 100;
+/// Bytes per transaction when a group is committed, well under etcd's
+/// 1.5 MiB request limit.
+const GROUP_BYTES: usize = 1 << 20;
+
 /// The etcd backend: reads from anywhere, writes only under its [`Fence`].
+///
+/// Group commit: between [`Store::begin_group`] and [`Store::end_group`]
+/// writes go to `pending` (reads see them) and `end_group` sends them as
+/// few fenced transactions as etcd's limits allow, so a batch of inputs
+/// costs one consensus round instead of one per write. No compare-and-swap
+/// is needed inside a group: the fence already makes this coordinator
+/// etcd's only writer.
 pub struct EtcdStore {
     client: Client,
     prefix: String,
@@ -166,7 +202,20 @@ pub struct EtcdStore {
     /// Told when a write found the fence gone, so the process demotes
     /// itself at once rather than at its next lease check.
     deposed: Arc<tokio::sync::Notify>,
+    /// A group is open.
+    grouped: std::sync::atomic::AtomicBool,
+    /// Writes of the open group, by key: a value, or `None` for a delete.
+    pending: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// The leader's copy of every row (definitions, UUIDs, hosts), read once
+    /// at election: the fence makes it etcd's only writer, so nothing
+    /// changes these keys behind it, and reads cost no round trip. Each
+    /// write still compares the `mod_revision` this copy holds. `None` on a
+    /// follower, which reads etcd.
+    rows: Option<std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, Entry>>>,
 }
+
+/// The tables a leader keeps a copy of.
+const TABLES: [&str; 3] = ["definitions", "uuids", "hosts"];
 
 impl EtcdStore {
     /// A store over `client` (made on `rt`), writing under `fence` when given.
@@ -183,9 +232,37 @@ impl EtcdStore {
             fence,
             rt,
             deposed,
+            grouped: std::sync::atomic::AtomicBool::new(false),
+            pending: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            rows: None,
         };
         store.check_schema()?;
-        Ok(store)
+        if store.fence.is_none() {
+            return Ok(store);
+        }
+        let mut rows = std::collections::BTreeMap::new();
+        for table in TABLES {
+            for e in store.read_prefix(store.table(table))? {
+                rows.insert(e.key.clone(), e);
+            }
+        }
+        Ok(EtcdStore {
+            rows: Some(std::sync::Mutex::new(rows)),
+            ..store
+        })
+    }
+
+    fn rows(
+        &self,
+    ) -> Option<std::sync::MutexGuard<'_, std::collections::BTreeMap<Vec<u8>, Entry>>> {
+        self.rows
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether the leader's copy holds `key`'s table.
+    fn copied(&self, key: &[u8]) -> bool {
+        self.rows.is_some() && TABLES.iter().any(|t| key.starts_with(&self.table(t)))
     }
 
     fn key(&self, table: &str, name: &str) -> Vec<u8> {
@@ -194,6 +271,18 @@ impl EtcdStore {
 
     fn table(&self, table: &str) -> Vec<u8> {
         format!("{}/{table}/", self.prefix).into_bytes()
+    }
+
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn grouped(&self) -> bool {
+        self.grouped.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Runs `f` to completion on this store's runtime, also when called
@@ -212,11 +301,10 @@ impl EtcdStore {
 
     fn check_schema(&self) -> Result<(), StoreError> {
         let key = self.key("meta", "schema");
-        let found = self.get_kv(key.clone())?;
-        match found {
-            Some(kv) if kv.value() == SCHEMA_VERSION.as_bytes() => Ok(()),
-            Some(kv) => Err(StoreError::Schema {
-                found: String::from_utf8_lossy(kv.value()).into_owned(),
+        match self.read(&key)? {
+            Some(e) if e.value == SCHEMA_VERSION.as_bytes() => Ok(()),
+            Some(e) => Err(StoreError::Schema {
+                found: String::from_utf8_lossy(&e.value).into_owned(),
                 expected: SCHEMA_VERSION,
             }),
             None if self.fence.is_some() => {
@@ -253,26 +341,72 @@ impl EtcdStore {
         })
     }
 
-    fn get_kv(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
+    /// One key, as the open group left it or else as etcd has it.
+    fn read(&self, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        if let Some(written) = self.pending().get(key) {
+            return Ok(written.as_ref().map(|value| Entry {
+                key: key.to_vec(),
+                value: value.clone(),
+                mod_revision: 0,
+            }));
+        }
+        if self.copied(key) {
+            return Ok(self.rows().and_then(|rows| rows.get(key).cloned()));
+        }
         let r = self.call(|mut kv| {
-            let key = key.clone();
+            let key = key.to_vec();
             async move { kv.get(key, None).await }
         })?;
-        Ok(r.kvs().first().cloned())
+        Ok(r.kvs().first().map(Entry::from))
     }
 
-    fn get_prefix(&self, prefix: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
-        let r = self.call(|mut kv| {
-            let prefix = prefix.clone();
-            async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
-        })?;
-        Ok(r.kvs().to_vec())
+    /// Every key under `prefix`, by key, with the open group's writes.
+    fn read_prefix(&self, prefix: Vec<u8>) -> Result<Vec<Entry>, StoreError> {
+        let mut merged: std::collections::BTreeMap<Vec<u8>, Entry> = match self.rows() {
+            Some(rows) if self.copied(&prefix) => rows
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+            _ => {
+                let r = self.call(|mut kv| {
+                    let prefix = prefix.clone();
+                    async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+                })?;
+                r.kvs()
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), Entry::from(kv)))
+                    .collect()
+            }
+        };
+        for (key, written) in self.pending().range(prefix.clone()..) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            match written {
+                Some(value) => {
+                    merged.insert(
+                        key.clone(),
+                        Entry {
+                            key: key.clone(),
+                            value: value.clone(),
+                            mod_revision: 0,
+                        },
+                    );
+                }
+                None => {
+                    merged.remove(key);
+                }
+            }
+        }
+        Ok(merged.into_values().collect())
     }
 
-    /// Commits `txn` under the fence: `Ok(true)` when its own comparisons
-    /// held, `Ok(false)` when one of them failed (a concurrent change: read
-    /// again), [`StoreError::Fenced`] when the leadership is gone.
-    fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+    /// Commits `txn` under the fence: the revision it was committed at when
+    /// its own comparisons held, `None` when one of them failed (a
+    /// concurrent change: read again), [`StoreError::Fenced`] when the
+    /// leadership is gone.
+    fn commit(&self, txn: Txn) -> Result<Option<i64>, StoreError> {
         let Some(fence) = &self.fence else {
             return Err(StoreError::NotLeader);
         };
@@ -299,54 +433,94 @@ impl EtcdStore {
                 epoch: fence.revision,
             });
         }
+        let revision = r.header().map_or(0, |h| h.revision());
         match r.op_responses().into_iter().next() {
-            Some(TxnOpResponse::Txn(inner)) => Ok(inner.succeeded()),
+            Some(TxnOpResponse::Txn(inner)) => Ok(inner.succeeded().then_some(revision)),
             other => Err(StoreError::Backend(format!(
                 "etcd: unexpected transaction answer {other:?}"
             ))),
         }
     }
 
-    /// Reads a row, changes it and writes it back if nobody wrote it in
-    /// between, retrying otherwise.
-    fn cas_row(&self, name: &str, change: &mut dyn FnMut(&mut VmRow)) -> Result<VmRow, StoreError> {
-        let key = self.key("definitions", name);
-        for _ in 0..CAS_ATTEMPTS {
-            let Some(kv) = self.get_kv(key.clone())? else {
-                return Err(StoreError::NotFound(name.to_string()));
-            };
-            let mut row: VmRow = decode(&kv)?;
-            change(&mut row);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::put(key.clone(), encode(&row)?, None)]);
-            if self.commit(txn)? {
-                return Ok(row);
+    /// Writes `ops` (key → value, or `None` to delete) if every `seen`
+    /// entry is unchanged: at once, or into the open group (committed at its
+    /// end with the same comparisons). `Ok(false)` when something changed
+    /// meanwhile.
+    fn write(
+        &self,
+        seen: &[(Vec<u8>, Option<&Entry>)],
+        ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<bool, StoreError> {
+        if self.fence.is_none() {
+            return Err(StoreError::NotLeader);
+        }
+        if self.grouped() {
+            self.pending().extend(ops);
+            return Ok(true);
+        }
+        let compares: Vec<Compare> = seen
+            .iter()
+            .map(|(key, entry)| unchanged(key.clone(), entry.map(|e| e.mod_revision)))
+            .collect();
+        let Some(revision) = self.commit(Txn::new().when(compares).and_then(puts(&ops)))? else {
+            // Someone wrote behind the leader's copy (an operator with
+            // etcdctl): read those keys again so the retry builds on them.
+            self.refresh(seen.iter().map(|(k, _)| k.clone()))?;
+            return Ok(false);
+        };
+        self.remember(ops, revision);
+        Ok(true)
+    }
+
+    /// Reads `keys` from etcd into the leader's copy.
+    fn refresh(&self, keys: impl Iterator<Item = Vec<u8>>) -> Result<(), StoreError> {
+        if self.rows.is_none() {
+            return Ok(());
+        }
+        for key in keys {
+            let r = self.call(|mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })?;
+            if let Some(mut rows) = self.rows() {
+                match r.kvs().first() {
+                    Some(kv) => rows.insert(key, Entry::from(kv)),
+                    None => rows.remove(&key),
+                };
             }
         }
-        Err(StoreError::Backend(format!(
-            "etcd: definition '{name}' kept changing under {CAS_ATTEMPTS} attempts to update it"
-        )))
+        Ok(())
+    }
+
+    /// Updates the leader's copy with writes etcd committed at `revision`.
+    fn remember(&self, ops: Vec<(Vec<u8>, Option<Vec<u8>>)>, revision: i64) {
+        if let Some(mut rows) = self.rows() {
+            for (key, value) in ops {
+                match value {
+                    Some(value) => {
+                        rows.insert(
+                            key.clone(),
+                            Entry {
+                                key,
+                                value,
+                                mod_revision: revision,
+                            },
+                        );
+                    }
+                    None => {
+                        rows.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
     /// Every coordinator that announced itself and still holds its lease.
     pub fn coordinators(&self) -> Result<Vec<CoordinatorInfo>, StoreError> {
-        self.get_prefix(self.table("coordinators"))?
+        self.read_prefix(self.table("coordinators"))?
             .iter()
             .map(decode)
             .collect()
-    }
-}
-
-/// The version-0 comparison for an absent key, the `mod_revision` one for a present one.
-fn unchanged(key: Vec<u8>, seen: Option<&KeyValue>) -> Compare {
-    match seen {
-        Some(kv) => Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision()),
-        None => Compare::version(key, CompareOp::Equal, 0),
     }
 }
 
@@ -355,27 +529,26 @@ impl Store for EtcdStore {
         let key = self.key("definitions", &def.name);
         let uuid_key = self.key("uuids", &def.uuid);
         for _ in 0..CAS_ATTEMPTS {
-            let existing_kv = self.get_kv(key.clone())?;
-            let holder_kv = self.get_kv(uuid_key.clone())?;
-            let existing: Option<VmRow> = existing_kv.as_ref().map(decode).transpose()?;
-            let holder = holder_kv
+            let existing_entry = self.read(&key)?;
+            let holder_entry = self.read(&uuid_key)?;
+            let existing: Option<VmRow> = existing_entry.as_ref().map(decode).transpose()?;
+            let holder = holder_entry
                 .as_ref()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
-            let unchanged_row = existing.clone();
+                .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+            let before = existing.clone();
             let row = defined_row(existing, holder.as_deref(), def.clone())?;
-            if Some(&row) == unchanged_row.as_ref() {
+            if Some(&row) == before.as_ref() {
                 return Ok(row);
             }
-            let txn = Txn::new()
-                .when([
-                    unchanged(key.clone(), existing_kv.as_ref()),
-                    unchanged(uuid_key.clone(), holder_kv.as_ref()),
-                ])
-                .and_then([
-                    TxnOp::put(key.clone(), encode(&row)?, None),
-                    TxnOp::put(uuid_key.clone(), row.name.clone(), None),
-                ]);
-            if self.commit(txn)? {
+            let seen = [
+                (key.clone(), existing_entry.as_ref()),
+                (uuid_key.clone(), holder_entry.as_ref()),
+            ];
+            let ops = vec![
+                (key.clone(), Some(encode(&row)?)),
+                (uuid_key.clone(), Some(row.name.clone().into_bytes())),
+            ];
+            if self.write(&seen, ops)? {
                 return Ok(row);
             }
         }
@@ -388,21 +561,12 @@ impl Store for EtcdStore {
     fn undefine(&self, name: &str) -> Result<(), StoreError> {
         let key = self.key("definitions", name);
         for _ in 0..CAS_ATTEMPTS {
-            let Some(kv) = self.get_kv(key.clone())? else {
+            let Some(entry) = self.read(&key)? else {
                 return Err(StoreError::NotFound(name.to_string()));
             };
-            let row: VmRow = decode(&kv)?;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([
-                    TxnOp::delete(key.clone(), None),
-                    TxnOp::delete(self.key("uuids", &row.uuid), None),
-                ]);
-            if self.commit(txn)? {
+            let row: VmRow = decode(&entry)?;
+            let ops = vec![(key.clone(), None), (self.key("uuids", &row.uuid), None)];
+            if self.write(&[(key.clone(), Some(&entry))], ops)? {
                 return Ok(());
             }
         }
@@ -412,15 +576,15 @@ impl Store for EtcdStore {
     }
 
     fn get(&self, name: &str) -> Result<Option<VmRow>, StoreError> {
-        self.get_kv(self.key("definitions", name))?
+        self.read(&self.key("definitions", name))?
             .as_ref()
             .map(decode)
             .transpose()
     }
 
     fn list(&self) -> Result<Vec<VmRow>, StoreError> {
-        // etcd sorts by key, so this is by name as redb's is.
-        self.get_prefix(self.table("definitions"))?
+        // By key, so by name as redb lists them.
+        self.read_prefix(self.table("definitions"))?
             .iter()
             .map(decode)
             .collect()
@@ -431,29 +595,105 @@ impl Store for EtcdStore {
         name: &str,
         change: &mut dyn FnMut(&mut VmRow),
     ) -> Result<VmRow, StoreError> {
-        self.cas_row(name, change)
+        let key = self.key("definitions", name);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(entry) = self.read(&key)? else {
+                return Err(StoreError::NotFound(name.to_string()));
+            };
+            let mut row: VmRow = decode(&entry)?;
+            change(&mut row);
+            let ops = vec![(key.clone(), Some(encode(&row)?))];
+            if self.write(&[(key.clone(), Some(&entry))], ops)? {
+                return Ok(row);
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "etcd: definition '{name}' kept changing under {CAS_ATTEMPTS} attempts to update it"
+        )))
     }
 
     fn put_host(&self, host: &HostRow, _durable: bool) -> Result<(), StoreError> {
-        let txn = Txn::new().and_then([TxnOp::put(
-            self.key("hosts", &host.name),
-            encode(host)?,
-            None,
-        )]);
-        self.commit(txn).map(|_| ())
+        let ops = vec![(self.key("hosts", &host.name), Some(encode(host)?))];
+        self.write(&[], ops).map(|_| ())
     }
 
     fn get_host(&self, name: &str) -> Result<Option<HostRow>, StoreError> {
-        self.get_kv(self.key("hosts", name))?
+        self.read(&self.key("hosts", name))?
             .as_ref()
             .map(decode)
             .transpose()
     }
 
     fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
-        self.get_prefix(self.table("hosts"))?
+        self.read_prefix(self.table("hosts"))?
             .iter()
             .map(decode)
             .collect()
     }
+
+    fn begin_group(&self) {
+        self.grouped
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn end_group(&self) -> Result<(), StoreError> {
+        self.grouped
+            .store(false, std::sync::atomic::Ordering::Release);
+        let pending: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            std::mem::take(&mut *self.pending()).into_iter().collect();
+        // In chunks within etcd's limits, each fenced and comparing every key
+        // with the revision the leader's copy holds. Should one fail, the
+        // caller stops the process (the core believes them all).
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut rest = pending.into_iter().peekable();
+        while let Some((key, value)) = rest.next() {
+            bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+            chunk.push((key, value));
+            if chunk.len() >= GROUP_OPS || bytes >= GROUP_BYTES || rest.peek().is_none() {
+                let ops = std::mem::take(&mut chunk);
+                bytes = 0;
+                let compares: Vec<Compare> = {
+                    let rows = self.rows();
+                    ops.iter()
+                        .map(|(key, _)| {
+                            let seen = rows
+                                .as_ref()
+                                .and_then(|r| r.get(key))
+                                .map(|e| e.mod_revision);
+                            unchanged(key.clone(), seen)
+                        })
+                        .collect()
+                };
+                match self.commit(Txn::new().when(compares).and_then(puts(&ops)))? {
+                    Some(revision) => self.remember(ops, revision),
+                    None => {
+                        return Err(StoreError::Backend(
+                            "etcd: a group's rows changed behind the leader; refusing to overwrite them"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The comparison that a key is as last seen: its `mod_revision`, or absent.
+fn unchanged(key: Vec<u8>, mod_revision: Option<i64>) -> Compare {
+    match mod_revision {
+        Some(r) => Compare::mod_revision(key, CompareOp::Equal, r),
+        None => Compare::version(key, CompareOp::Equal, 0),
+    }
+}
+
+/// Puts and deletes for `ops`.
+fn puts(ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<TxnOp> {
+    ops.iter()
+        .map(|(key, value)| match value {
+            Some(v) => TxnOp::put(key.clone(), v.clone(), None),
+            None => TxnOp::delete(key.clone(), None),
+        })
+        .collect()
 }

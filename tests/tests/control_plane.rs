@@ -121,6 +121,32 @@ fn the_etcd_store_fences_a_deposed_leader_and_swaps_rows_by_revision() {
         )
         .expect("host");
 
+        // A write behind the leader's back (etcdctl, say) is not lost: the
+        // leader's next change compares the row's revision, fails, reads it
+        // again and builds on it.
+        rt.block_on(async {
+            let key = "/fence-test/definitions/web";
+            let mut row: serde_json::Value = serde_json::from_slice(
+                admin.kv_client().get(key, None).await.expect("get").kvs()[0].value(),
+            )
+            .expect("json");
+            row["incarnation"] = 7.into();
+            admin
+                .kv_client()
+                .put(key, serde_json::to_vec(&row).expect("json"), None)
+                .await
+                .expect("put behind the leader");
+        });
+        let swapped = a
+            .set_placement("web", Some("host-b".into()), true)
+            .expect("place again");
+        assert_eq!(
+            (swapped.incarnation, swapped.placement.as_deref()),
+            (7, Some("host-b"))
+        );
+        a.set_placement("web", Some("host-a".into()), true)
+            .expect("place back");
+
         // A follower reads but never writes.
         let follower = EtcdStore::new(
             client.clone(),
@@ -135,6 +161,31 @@ fn the_etcd_store_fences_a_deposed_leader_and_swaps_rows_by_revision() {
             follower.define(definition("x", "u-x")),
             Err(StoreError::NotLeader)
         ));
+
+        // A group: its writes are read back at once and reach etcd together
+        // at its end.
+        a.begin_group();
+        a.define(definition("grouped", "u-grouped"))
+            .expect("define in a group");
+        a.set_placement("grouped", Some("host-a".into()), true)
+            .expect("place in a group");
+        assert_eq!(
+            a.get("grouped").expect("get").and_then(|r| r.placement),
+            Some("host-a".into())
+        );
+        assert_eq!(a.list().expect("list").len(), 2);
+        assert!(
+            follower.get("grouped").expect("get").is_none(),
+            "not in etcd before the group ends"
+        );
+        a.end_group().expect("end group");
+        let stored = follower.get("grouped").expect("get").expect("in etcd");
+        assert_eq!(
+            (stored.generation, stored.placement.as_deref()),
+            (1, Some("host-a"))
+        );
+        a.undefine("grouped").expect("undefine");
+        assert!(follower.get("grouped").expect("get").is_none());
 
         // A's lease ends as it would while A is paused past its TTL; B is elected.
         rt.block_on(async {
