@@ -115,6 +115,16 @@ struct Link {
     epoch: u64,
 }
 
+/// The epoch to keep after a coordinator accepted this host under
+/// `offered`, having seen `seen` before: a lower one is a deposed leader's.
+fn admit_epoch(seen: u64, offered: u64) -> Result<u64, LinkError> {
+    if offered < seen {
+        Err(LinkError::StaleEpoch { offered, seen })
+    } else {
+        Ok(offered)
+    }
+}
+
 /// The first of `entries` to complete a handshake, dialled all at once.
 async fn dial(
     entries: &[String],
@@ -191,14 +201,13 @@ async fn session(
             stale,
             epoch,
         }) => {
-            if epoch < link.epoch {
-                conn.close(1u32.into(), b"stale epoch");
-                return Err(LinkError::StaleEpoch {
-                    offered: epoch,
-                    seen: link.epoch,
-                });
-            }
-            link.epoch = epoch;
+            link.epoch = match admit_epoch(link.epoch, epoch) {
+                Ok(e) => e,
+                Err(e) => {
+                    conn.close(1u32.into(), b"stale epoch");
+                    return Err(e);
+                }
+            };
             (
                 Duration::from_secs(heartbeat_secs.max(1)),
                 Duration::from_millis(lease_ms),
@@ -406,4 +415,24 @@ fn memory_mib() -> u64 {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_with_an_older_epoch_than_one_seen_is_refused() {
+        assert_eq!(admit_epoch(0, 0).ok(), Some(0), "one coordinator: always 0");
+        assert_eq!(admit_epoch(0, 17).ok(), Some(17));
+        assert_eq!(admit_epoch(17, 17).ok(), Some(17), "the same leader again");
+        assert_eq!(admit_epoch(17, 40).ok(), Some(40), "a newer leader");
+        assert!(matches!(
+            admit_epoch(40, 17),
+            Err(LinkError::StaleEpoch {
+                offered: 17,
+                seen: 40
+            })
+        ));
+    }
 }

@@ -4859,6 +4859,74 @@ mod tests {
     }
 
     #[test]
+    fn a_new_leader_rearms_ha_deadlines_at_full_length_and_tells_hosts_its_epoch() {
+        let r = ha_web_on_a_and_b_free();
+        let ms = Duration::from_millis;
+        // The leader dies 9 s after host a was last heard; another loads
+        // the same store (etcd) and has heard from nobody yet.
+        let takeover = r.t0 + ms(9_000);
+        let mut core = FleetCore::new(
+            r.store.clone(),
+            FleetSettings {
+                heartbeat: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(5),
+                policy: Policy::default(),
+                token_seed: 8,
+                fencing: Default::default(),
+                epoch: 42,
+            },
+        )
+        .expect("core")
+        .without_stopwatch();
+        let out = core.handle(
+            takeover,
+            Input::Register {
+                host: "b".into(),
+                facts: HostFacts {
+                    fence: FenceReport {
+                        keeper: true,
+                        watchdog_secs: None,
+                    },
+                    ..facts("b", &[])
+                },
+                conn: 5,
+            },
+        );
+        assert!(out.iter().any(|e| matches!(
+            e,
+            Effect::Hello {
+                ack: HelloAck::Accepted { epoch: 42, .. },
+                ..
+            }
+        )));
+        // Its own clock starts at its start: not the old leader's deadline
+        // (10.008 s after a was last heard), but a full one from takeover.
+        // b keeps reporting throughout.
+        for (seq, at) in [(1, 1_008), (2, 4_000), (3, 8_000), (4, 10_007)] {
+            let out = core.handle(
+                takeover + ms(at),
+                Input::Report {
+                    host: "b".into(),
+                    conn: 5,
+                    seq,
+                    facts: HostFacts {
+                        fence: FenceReport {
+                            keeper: true,
+                            watchdog_secs: None,
+                        },
+                        ..facts("b", &[])
+                    },
+                },
+            );
+            assert!(starts(&out).is_empty(), "restarted early");
+            let out = core.handle(takeover + ms(at), Input::Tick);
+            assert!(starts(&out).is_empty(), "restarted early");
+        }
+        let out = core.handle(takeover + ms(10_008), Input::Tick);
+        assert_eq!(starts(&out), vec![("b".to_string(), 1)]);
+    }
+
+    #[test]
     fn a_host_without_a_fence_gets_no_restart_until_an_operator_vouches() {
         let mut r = Rig::new();
         r.register("a", 1, &[]);
