@@ -1109,7 +1109,8 @@ mod tests {
                 now,
                 3,
                 Request::MigrateFinish {
-                    name: "web01".into()
+                    name: "web01".into(),
+                    paused: false
                 }
             ),
             Response::Done("Domain 'web01' resumed on host h2".into())

@@ -244,6 +244,9 @@ struct Vm {
     /// Disks this source mirrors to a destination (targets).
     mirrors: Vec<String>,
     stops: Vec<StopWait>,
+    /// A destination told to finish without resuming: the operator had
+    /// suspended the guest on its source.
+    finish_paused: bool,
 }
 
 impl Vm {
@@ -997,7 +1000,21 @@ impl HostCore {
             Request::MigrateCancel { name } => {
                 self.simple_qmp(id, name, QmpCommand::MigrateCancel, QmpThen::Cancel, out)
             }
-            Request::Resume { name } => {
+            Request::Resume {
+                name,
+                operator: false,
+            } if self.vms.get(&name).is_some_and(|v| v.record.suspended) => {
+                // A migration gives the guest back to its source, which the
+                // operator had suspended: it holds the guest, paused.
+                self.set_state(&name, VmState::Paused);
+                reply(
+                    out,
+                    Response::Done(format!(
+                        "Domain '{name}' kept paused: suspended by the operator"
+                    )),
+                )
+            }
+            Request::Resume { name, .. } => {
                 // A source resumed after its migration completed had its
                 // macvtaps taken down; they come back before its CPUs do.
                 let devs = self.macvtaps(&name);
@@ -1024,10 +1041,11 @@ impl HostCore {
                 QmpThen::Monitor,
                 out,
             ),
-            Request::MigrateFinish { name } => {
-                if !self.vms.contains_key(&name) {
+            Request::MigrateFinish { name, paused } => {
+                let Some(vm) = self.vms.get_mut(&name) else {
                     return reply(out, self.not_running(&name));
-                }
+                };
+                vm.finish_paused = paused;
                 self.poll_finish(id, &name, now + FINISH_DEADLINE, out);
             }
             Request::Shutdown { name, timeout_secs } => {
@@ -1676,6 +1694,7 @@ impl HostCore {
                                 nbd_port: None,
                                 mirrors: Vec::new(),
                                 stops: Vec::new(),
+                                finish_paused: false,
                             },
                         );
                         self.qmp(
@@ -2123,6 +2142,21 @@ impl HostCore {
     /// macvtaps stay down until then, so nothing with the guest's MAC leaves
     /// this host while the source still runs.
     fn finish_resume(&mut self, id: u64, name: String, out: &mut Vec<HostEffect>) {
+        if let Some(vm) = self.vms.get_mut(&name).filter(|v| v.finish_paused) {
+            // Suspended by the operator: it lands paused, and stays so
+            // (recorded, so agent restarts and reports keep saying so).
+            // Its macvtaps come up when `resume` starts its CPUs.
+            vm.record.suspended = true;
+            let endpoints = vm.record.endpoints.clone();
+            self.set_state(&name, VmState::Paused);
+            let call = HvCall::ConfirmConsoles {
+                vm: name.clone(),
+                endpoints,
+                timeout: self.settings.timeouts.console,
+            };
+            self.hv(out, Pending::FinishConsoles { id, name }, call);
+            return;
+        }
         let devs = self.macvtaps(&name);
         if devs.is_empty() {
             let pending = Pending::FinishCont {
@@ -2167,10 +2201,16 @@ impl HostCore {
 
     fn finish_ok(&mut self, id: u64, name: &str, out: &mut Vec<HostEffect>) {
         let host = self.host().to_string();
-        tracing::info!(vm = %name, host = %host, "incoming migration finished; VM running");
+        let message = if self.vm_state(name) == Some(VmState::Paused) {
+            tracing::info!(vm = %name, host = %host, "incoming migration finished; VM kept paused (suspended)");
+            format!("Domain '{name}' kept paused on host {host}: suspended by the operator")
+        } else {
+            tracing::info!(vm = %name, host = %host, "incoming migration finished; VM running");
+            format!("Domain '{name}' resumed on host {host}")
+        };
         out.push(HostEffect::Reply {
             id,
-            response: Response::Done(format!("Domain '{name}' resumed on host {host}")),
+            response: Response::Done(message),
         });
     }
 
@@ -2301,6 +2341,7 @@ impl HostCore {
                 nbd_port: nbd.map(|n| n.port),
                 mirrors: Vec::new(),
                 stops: Vec::new(),
+                finish_paused: false,
             },
         );
         metrics::gauge!("flotilla_agent_vms").set(self.vms.len() as f64);
@@ -2916,7 +2957,7 @@ mod tests {
                 "Requested operation is not valid: domain 'nope' is not running on host h1".into(),
             ),
             (
-                Request::MigrateFinish { name: "nope".into() },
+                Request::MigrateFinish { name: "nope".into(), paused: false },
                 "Requested operation is not valid: domain 'nope' is not running on host h1".into(),
             ),
             (
@@ -3273,6 +3314,7 @@ mod tests {
                 2,
                 Request::MigrateFinish {
                     name: "web01".into(),
+                    paused: false,
                 },
             ),
         );
@@ -3420,7 +3462,10 @@ mod tests {
         let out = drive(&mut a, &mut src, t0, req(5, status));
         assert!(matches!(reply(&out), Response::Migration(p) if p.status == "completed"));
         assert_eq!(src.devices().get("macvtap0").map(|d| d.up), Some(false));
-        let finish = Request::MigrateFinish { name: "one".into() };
+        let finish = Request::MigrateFinish {
+            name: "one".into(),
+            paused: false,
+        };
         let out = drive(&mut b, &mut dst, t0, req(2, finish));
         assert!(matches!(reply(&out), Response::Done(_)), "{out:?}");
         assert_eq!(dst.devices().get("macvtap0").map(|d| d.up), Some(true));
@@ -3441,7 +3486,13 @@ mod tests {
             &mut a,
             &mut src,
             t0,
-            req(6, Request::Resume { name: "one".into() }),
+            req(
+                6,
+                Request::Resume {
+                    name: "one".into(),
+                    operator: true,
+                },
+            ),
         );
         assert!(matches!(reply(&out), Response::Done(_)), "{out:?}");
         assert_eq!(src.devices().get("macvtap0").map(|d| d.up), Some(true));
@@ -3599,6 +3650,7 @@ mod tests {
                 2,
                 Request::MigrateFinish {
                     name: "web01".into(),
+                    paused: false,
                 },
             ),
         );
@@ -3780,6 +3832,7 @@ mod tests {
             (
                 Request::Resume {
                     name: "web01".into(),
+                    operator: true,
                 },
                 Response::Done("resumed".into()),
             ),

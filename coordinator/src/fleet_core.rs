@@ -344,6 +344,14 @@ enum Ask {
     Done {
         message: String,
     },
+    /// `suspend` (`paused`) or `resume`: as `Done`, and the host's view of
+    /// the VM says so at once, so a migration asked for right after
+    /// carries the operator's wish without waiting for a heartbeat.
+    Pause {
+        message: String,
+        vm: String,
+        paused: bool,
+    },
     GuestInterfaces,
 }
 
@@ -1595,6 +1603,7 @@ impl FleetCore {
                     tracing::warn!(vm, host = %host, "resuming the source of an interrupted migration");
                     let request = AgentRequest::Resume {
                         name: vm.to_string(),
+                        operator: false,
                     };
                     self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
                 } else {
@@ -1617,8 +1626,10 @@ impl FleetCore {
                     self.remove_half(&other, c, vm, "an unfinished destination with no source");
                 }
                 tracing::warn!(vm, host = %host, "resuming the destination of an interrupted migration");
+                // The source is gone, and with it what the operator wanted.
                 let request = AgentRequest::MigrateFinish {
                     name: vm.to_string(),
+                    paused: false,
                 };
                 self.call(&host, conn, request, Purpose::Resume { vm: vm.to_string() });
             }
@@ -2289,14 +2300,25 @@ impl FleetCore {
                 self.ask(now, id, &name, req, Ask::Done { message })
             }
             OperatorRequest::Suspend { name } => {
-                let message = format!("Domain '{name}' suspended");
+                let ask = Ask::Pause {
+                    message: format!("Domain '{name}' suspended"),
+                    vm: name.clone(),
+                    paused: true,
+                };
                 let req = AgentRequest::Suspend { name: name.clone() };
-                self.ask(now, id, &name, req, Ask::Done { message })
+                self.ask(now, id, &name, req, ask)
             }
             OperatorRequest::Resume { name } => {
-                let message = format!("Domain '{name}' resumed");
-                let req = AgentRequest::Resume { name: name.clone() };
-                self.ask(now, id, &name, req, Ask::Done { message })
+                let ask = Ask::Pause {
+                    message: format!("Domain '{name}' resumed"),
+                    vm: name.clone(),
+                    paused: false,
+                };
+                let req = AgentRequest::Resume {
+                    name: name.clone(),
+                    operator: true,
+                };
+                self.ask(now, id, &name, req, ask)
             }
             OperatorRequest::DomIfAddr { name } => {
                 let req = AgentRequest::GuestInterfaces { name: name.clone() };
@@ -3123,9 +3145,20 @@ impl FleetCore {
                     Some((source.clone(), AgentRequest::MigrateCancel { name }))
                 }
                 Command::FinishDestination => {
-                    Some((dest.clone(), AgentRequest::MigrateFinish { name }))
+                    // An operator's suspend travels with the guest.
+                    let paused = self
+                        .hosts
+                        .get(&source)
+                        .is_some_and(|h| h.facts.vms.iter().any(|v| v.name == name && v.suspended));
+                    Some((dest.clone(), AgentRequest::MigrateFinish { name, paused }))
                 }
-                Command::ResumeSource => Some((source.clone(), AgentRequest::Resume { name })),
+                Command::ResumeSource => Some((
+                    source.clone(),
+                    AgentRequest::Resume {
+                        name,
+                        operator: false,
+                    },
+                )),
                 Command::QuitSource => Some((source.clone(), AgentRequest::Destroy { name })),
                 Command::DestroyDestination => Some((dest.clone(), AgentRequest::Destroy { name })),
                 _ => None,
@@ -3521,6 +3554,16 @@ impl FleetCore {
                         OperatorResponse::Networks { host, networks }
                     }
                     (Ask::Done { message }, Ok((_, AgentResponse::Done(_)))) => {
+                        OperatorResponse::Done(message)
+                    }
+                    (Ask::Pause { message, vm, paused }, Ok((_, AgentResponse::Done(_)))) => {
+                        if let Some(v) = self
+                            .hosts
+                            .get_mut(&host)
+                            .and_then(|h| h.facts.vms.iter_mut().find(|v| v.name == vm))
+                        {
+                            v.suspended = paused;
+                        }
                         OperatorResponse::Done(message)
                     }
                     (Ask::GuestInterfaces, Ok((_, AgentResponse::GuestInterfaces(interfaces)))) => {

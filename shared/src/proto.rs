@@ -343,11 +343,19 @@ pub enum AgentRequest {
     MigrateFinish {
         /// The VM.
         name: String,
+        /// The operator had suspended it on the source: it stays paused
+        /// here (and recorded suspended), as libvirt keeps a paused domain
+        /// paused across a migration.
+        paused: bool,
     },
-    /// `cont` a paused VM (a source whose destination failed).
+    /// `cont` a paused VM: the operator's `resume`, or a migration's
+    /// source taken back (`operator` false), which an operator's suspend
+    /// keeps paused.
     Resume {
         /// The VM.
         name: String,
+        /// The operator asked (virsh resume); else a migration rolls back.
+        operator: bool,
     },
     /// Run a human monitor command (`virsh qemu-monitor-command --hmp`).
     MonitorCommand {

@@ -968,6 +968,41 @@ fn flotilla_console_carries_the_serial_port_both_ways_and_ctrl_bracket_detaches(
 }
 
 #[test]
+fn a_suspended_guest_migrates_paused_and_counts_again_only_when_resumed() {
+    let f = fleet();
+    let uuid = start_counting_on_a(&f, "sleeper");
+    let o = f.cli(&["suspend", "sleeper"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let paused_at = counter(&f, 0, "sleeper").expect("counter");
+    // As libvirt: a paused domain stays paused across a migration.
+    let o = f.cli(&["migrate", "sleeper", "--to", "host-b"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let listed = |f: &Fleet| text(&f.cli(&["list", "--json"]));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let l = listed(&f);
+            l.contains("\"state\": \"paused\"") && l.contains("\"host\": \"host-b\"")
+        }),
+        "{}",
+        listed(&f)
+    );
+    assert_eq!(qemu_pids_for(&uuid).len(), 1, "one copy");
+    assert_eq!(
+        counter(&f, 1, "sleeper"),
+        Some(paused_at),
+        "its memory came along"
+    );
+    assert!(
+        !wait_until(Duration::from_millis(500), || counter(&f, 1, "sleeper")
+            != Some(paused_at)),
+        "the migrated guest runs although it was suspended"
+    );
+    let o = f.cli(&["resume", "sleeper"]);
+    assert!(o.status.success(), "{}", text(&o));
+    runs_only_on(&f, 1, "sleeper", &uuid);
+}
+
+#[test]
 fn operator_verbs_suspend_resume_reset_list_disks_edit_and_autostart() {
     let mut f = fleet();
     let uuid = start_counting_on_a(&f, "worker");

@@ -539,8 +539,14 @@ async fn ctl(state_dir: &Path, verb: &Ctl, json: bool) -> anyhow::Result<ExitCod
         },
         Ctl::MigrationStatus { name } => Request::MigrationStatus { name: name.clone() },
         Ctl::MigrateCancel { name } => Request::MigrateCancel { name: name.clone() },
-        Ctl::MigrateFinish { name } => Request::MigrateFinish { name: name.clone() },
-        Ctl::Resume { name } => Request::Resume { name: name.clone() },
+        Ctl::MigrateFinish { name } => Request::MigrateFinish {
+            name: name.clone(),
+            paused: false,
+        },
+        Ctl::Resume { name } => Request::Resume {
+            name: name.clone(),
+            operator: true,
+        },
         Ctl::QemuMonitorCommand { name, hmp } => Request::MonitorCommand {
             name: name.clone(),
             command: hmp.clone(),

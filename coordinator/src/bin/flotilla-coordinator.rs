@@ -278,138 +278,160 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         StoreArg::Etcd => {
-            let etcd = EtcdSettings {
-                endpoints: cli.etcd_endpoints.clone(),
-                prefix: cli.etcd_prefix.clone(),
-                tls: match (&cli.etcd_ca, &cli.etcd_cert, &cli.etcd_key) {
-                    (Some(ca), Some(cert), Some(key)) => Some(EtcdTls {
-                        ca: ca.clone(),
-                        cert: cert.clone(),
-                        key: key.clone(),
-                    }),
-                    _ => None,
-                },
-            };
-            if etcd.endpoints.is_empty() {
-                bail!("--store etcd needs --etcd-endpoints URL[,URL…]");
-            }
-            // etcd's gRPC connections and the lease's keep-alives run here,
-            // apart from QUIC and from the fleet core's blocking store calls.
-            let etcd_rt = Arc::new(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("etcd")
-                    .enable_all()
-                    .build()
-                    .context("cannot start the etcd runtime")?,
-            );
-            // Never dropped: its last handle would otherwise go inside the
-            // actor system's runtime, where dropping a runtime panics.
-            std::mem::forget(etcd_rt.clone());
-            let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            // etcd may come up after this process (a node's boot, the
-            // demo): wait for it, saying why, as an agent waits for us.
-            let mut pause = Duration::from_millis(200);
-            let (client, campaign_client, session) = loop {
-                let attempt = {
-                    let etcd = etcd.clone();
-                    let (prefix, address) = (cli.etcd_prefix.clone(), advertise.clone());
-                    let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
-                    let leading = leading.clone();
-                    etcd_rt.spawn(async move {
-                        let client = etcd_store::connect(&etcd, true).await?;
-                        let campaign_client = etcd_store::connect(&etcd, false).await?;
-                        let session = Session::open(client.clone(), &prefix, &address, ttl, move |verdict| {
-                            let leader = leading.load(std::sync::atomic::Ordering::SeqCst);
-                            if leader || verdict == Verdict::Expired {
-                                eprintln!("flotilla-coordinator: etcd lease lost ({verdict:?}); stopping so no deposed leader acts");
-                                std::process::exit(i32::from(EXIT_LEASE_LOST));
-                            }
-                        })
-                        .await?;
-                        Ok::<_, flotilla_coordinator::store::StoreError>((client, campaign_client, session))
-                    })
-                };
-                let outcome = tokio::select! {
-                    r = attempt => r?,
-                    _ = term.recv() => return Ok(()),
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                };
-                match outcome {
-                    Ok(up) => break up,
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?pause, "etcd not reachable yet");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                }
-            };
-            let deposed = Arc::new(tokio::sync::Notify::new());
-            let reader = EtcdStore::new(
-                client.clone(),
-                &cli.etcd_prefix,
-                None,
-                etcd_rt.clone(),
-                deposed.clone(),
-            )?;
-            let (role_tx, role) = tokio::sync::watch::channel(Serving::Follower);
-            let plane = Arc::new(Plane {
-                role,
-                cluster: Arc::new(ClusterView::Etcd(Box::new(EtcdCluster {
-                    client: client.clone(),
-                    settings: etcd.clone(),
-                    address: advertise.clone(),
-                    store: Arc::new(reader),
-                }))),
-            });
-            tracing::info!(listen = %cli.listen, endpoints = %cli.etcd_endpoints.join(","), "coordinator listening as a follower; campaigning");
-            let serving = quic_rt.spawn(server::serve(endpoint.clone(), plane));
-            let session = Arc::new(session);
-            let campaign = {
-                let session = session.clone();
-                etcd_rt.spawn(async move { session.campaign(&campaign_client).await })
-            };
-            let leading_fleet = async {
-                let fence = campaign.await?;
-                let epoch = fence.revision;
-                let store = EtcdStore::new(
-                    client.clone(),
-                    &cli.etcd_prefix,
-                    Some(fence),
-                    etcd_rt.clone(),
-                    deposed.clone(),
-                )?;
-                let settings = FleetSettings {
-                    epoch: u64::try_from(epoch).unwrap_or(0),
-                    ..settings
-                };
-                // From here on, a lease that goes unconfirmed stops the process.
-                leading.store(true, std::sync::atomic::Ordering::SeqCst);
-                let (fleet, web) = lead(&cli, Arc::new(store), settings)?;
-                tracing::info!(epoch, "elected leader");
-                let _ = role_tx.send(Serving::Leader { fleet, web });
-                std::future::pending::<anyhow::Result<()>>().await
-            };
-            let stopped = tokio::select! {
-                _ = term.recv() => Ok(()),
-                _ = tokio::signal::ctrl_c() => Ok(()),
-                _ = serving => Ok(()),
-                r = leading_fleet => r,
-                _ = deposed.notified() => {
-                    eprintln!("flotilla-coordinator: etcd refused a write: this coordinator is no longer the leader; stopping");
-                    std::process::exit(i32::from(EXIT_LEASE_LOST));
-                }
-            };
-            // A planned stop hands leadership over at once.
-            let closing = session.clone();
-            let _ = etcd_rt.spawn(async move { closing.close().await }).await;
-            stopped?;
+            on_etcd(
+                &cli,
+                settings,
+                advertise,
+                endpoint.clone(),
+                &quic_rt,
+                &mut term,
+            )
+            .await?;
         }
     }
     endpoint.close(0u32.into(), b"coordinator stopping");
     // Not dropped: dropping a runtime from inside another one panics.
     quic_rt.shutdown_background();
     tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Serves as one of several coordinators on etcd: a follower at once, the
+/// leader once elected, until a signal (or a lost lease, which exits).
+async fn on_etcd(
+    cli: &Cli,
+    settings: FleetSettings,
+    advertise: String,
+    endpoint: quinn::Endpoint,
+    quic_rt: &tokio::runtime::Runtime,
+    term: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let etcd = EtcdSettings {
+        endpoints: cli.etcd_endpoints.clone(),
+        prefix: cli.etcd_prefix.clone(),
+        tls: match (&cli.etcd_ca, &cli.etcd_cert, &cli.etcd_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(EtcdTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
+    };
+    if etcd.endpoints.is_empty() {
+        bail!("--store etcd needs --etcd-endpoints URL[,URL…]");
+    }
+    // etcd's gRPC connections and the lease's keep-alives run here,
+    // apart from QUIC and from the fleet core's blocking store calls.
+    let etcd_rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .context("cannot start the etcd runtime")?,
+    );
+    // Never dropped: its last handle would otherwise go inside the
+    // actor system's runtime, where dropping a runtime panics.
+    std::mem::forget(etcd_rt.clone());
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // etcd may come up after this process (a node's boot, the
+    // demo): wait for it, saying why, as an agent waits for us.
+    let mut pause = Duration::from_millis(200);
+    let (client, campaign_client, session) = loop {
+        let attempt = {
+            let etcd = etcd.clone();
+            let (prefix, address) = (cli.etcd_prefix.clone(), advertise.clone());
+            let ttl = Duration::from_secs(cli.leader_lease_secs.max(1));
+            let leading = leading.clone();
+            etcd_rt.spawn(async move {
+                let client = etcd_store::connect(&etcd, true).await?;
+                let campaign_client = etcd_store::connect(&etcd, false).await?;
+                let session = Session::open(client.clone(), &prefix, &address, ttl, move |verdict| {
+                    let leader = leading.load(std::sync::atomic::Ordering::SeqCst);
+                    if leader || verdict == Verdict::Expired {
+                        eprintln!("flotilla-coordinator: etcd lease lost ({verdict:?}); stopping so no deposed leader acts");
+                        std::process::exit(i32::from(EXIT_LEASE_LOST));
+                    }
+                })
+                .await?;
+                Ok::<_, flotilla_coordinator::store::StoreError>((client, campaign_client, session))
+            })
+        };
+        let outcome = tokio::select! {
+            r = attempt => r?,
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match outcome {
+            Ok(up) => break up,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "etcd not reachable yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let deposed = Arc::new(tokio::sync::Notify::new());
+    let reader = EtcdStore::new(
+        client.clone(),
+        &cli.etcd_prefix,
+        None,
+        etcd_rt.clone(),
+        deposed.clone(),
+    )?;
+    let (role_tx, role) = tokio::sync::watch::channel(Serving::Follower);
+    let plane = Arc::new(Plane {
+        role,
+        cluster: Arc::new(ClusterView::Etcd(Box::new(EtcdCluster {
+            client: client.clone(),
+            settings: etcd.clone(),
+            address: advertise.clone(),
+            store: Arc::new(reader),
+        }))),
+    });
+    tracing::info!(listen = %cli.listen, endpoints = %cli.etcd_endpoints.join(","), "coordinator listening as a follower; campaigning");
+    let serving = quic_rt.spawn(server::serve(endpoint.clone(), plane));
+    let session = Arc::new(session);
+    let campaign = {
+        let session = session.clone();
+        etcd_rt.spawn(async move { session.campaign(&campaign_client).await })
+    };
+    let leading_fleet = async {
+        let fence = campaign.await?;
+        let epoch = fence.revision;
+        let store = EtcdStore::new(
+            client.clone(),
+            &cli.etcd_prefix,
+            Some(fence),
+            etcd_rt.clone(),
+            deposed.clone(),
+        )?;
+        let settings = FleetSettings {
+            epoch: u64::try_from(epoch).unwrap_or(0),
+            ..settings
+        };
+        // From here on, a lease that goes unconfirmed stops the process.
+        leading.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (fleet, web) = lead(cli, Arc::new(store), settings)?;
+        tracing::info!(epoch, "elected leader");
+        let _ = role_tx.send(Serving::Leader { fleet, web });
+        std::future::pending::<anyhow::Result<()>>().await
+    };
+    let stopped = tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = serving => Ok(()),
+        r = leading_fleet => r,
+        _ = deposed.notified() => {
+            eprintln!("flotilla-coordinator: etcd refused a write: this coordinator is no longer the leader; stopping");
+            std::process::exit(i32::from(EXIT_LEASE_LOST));
+        }
+    };
+    // A planned stop hands leadership over at once.
+    let closing = session.clone();
+    let _ = etcd_rt.spawn(async move { closing.close().await }).await;
+    stopped?;
     Ok(())
 }
 
