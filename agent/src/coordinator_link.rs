@@ -125,39 +125,21 @@ fn admit_epoch(seen: u64, offered: u64) -> Result<u64, LinkError> {
     }
 }
 
-/// The first of `entries` to complete a handshake, dialled all at once.
+/// The first of `entries` to complete a handshake, dialled all at once;
+/// the agent redials anyway, so each may take 10 s.
 async fn dial(
     entries: &[String],
     config: quinn::ClientConfig,
 ) -> Result<(std::net::SocketAddr, quinn::Connection), LinkError> {
-    let mut attempts: futures_util::stream::FuturesUnordered<_> = entries
-        .iter()
-        .map(|entry| {
-            let config = config.clone();
-            async move {
-                let addr = quic::resolve(entry)
-                    .await
-                    .map_err(|e| LinkError::Connect(entry.clone(), e))?;
-                let conn = quic::connect(addr, config)
-                    .await
-                    .map_err(|e| LinkError::Connect(entry.clone(), e))?;
-                Ok((addr, conn))
-            }
+    let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+    quic::connect_first(&entries, config, Duration::from_secs(10))
+        .await
+        .map_err(|failures| {
+            LinkError::Connect(
+                entries.join(","),
+                std::io::Error::other(failures.join("; ")),
+            )
         })
-        .collect();
-    let mut last = None;
-    while let Some(attempt) = futures_util::StreamExt::next(&mut attempts).await {
-        match attempt {
-            Ok(found) => return Ok(found),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        LinkError::Connect(
-            String::new(),
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no coordinator given"),
-        )
-    }))
 }
 
 async fn session(

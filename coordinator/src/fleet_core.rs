@@ -3556,7 +3556,14 @@ impl FleetCore {
                     (Ask::Done { message }, Ok((_, AgentResponse::Done(_)))) => {
                         OperatorResponse::Done(message)
                     }
-                    (Ask::Pause { message, vm, paused }, Ok((_, AgentResponse::Done(_)))) => {
+                    (
+                        Ask::Pause {
+                            message,
+                            vm,
+                            paused,
+                        },
+                        Ok((_, AgentResponse::Done(_))),
+                    ) => {
                         if let Some(v) = self
                             .hosts
                             .get_mut(&host)

@@ -19,6 +19,33 @@ struct Demo {
 }
 
 impl Demo {
+    /// A demo with namespaces named `{label}{pid}-…` and its work folder
+    /// under /tmp (searchable by QEMU's user).
+    fn new(label: &str, dir_prefix: &str) -> Demo {
+        Demo {
+            prefix: format!("{label}{}", std::process::id()),
+            dir: tempfile::Builder::new()
+                .permissions(
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+                )
+                .prefix(dir_prefix)
+                .tempdir_in("/tmp")
+                .expect("tmp"),
+        }
+    }
+
+    /// `demo.sh down`, and nothing of the demo is left.
+    fn tear_down(&self) {
+        let o = self.script(&["down"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(self.namespaces().is_empty(), "{:?}", self.namespaces());
+        assert!(
+            wait_until(Duration::from_secs(5), || self.processes().is_empty()),
+            "left running: {:?}",
+            self.processes()
+        );
+    }
+
     fn script(&self, args: &[&str]) -> Output {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         Command::new("timeout")
@@ -267,16 +294,7 @@ fn check_a_demo_run(demo: &Demo, o: &Output) {
 
 #[test]
 fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
-    let demo = Demo {
-        prefix: format!("fltd{}", std::process::id()),
-        dir: tempfile::Builder::new()
-            .permissions(
-                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
-            )
-            .prefix("flt-demo-")
-            .tempdir_in("/tmp")
-            .expect("tmp"),
-    };
+    let demo = Demo::new("fltd", "flt-demo-");
     let first = demo.script(&[]);
     check_a_demo_run(&demo, &first);
 
@@ -285,14 +303,7 @@ fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
     check_a_demo_run(&demo, &second);
     assert_eq!(demo.namespaces().len(), 5, "{:?}", demo.namespaces());
 
-    let o = demo.script(&["down"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(demo.namespaces().is_empty(), "{:?}", demo.namespaces());
-    assert!(
-        wait_until(Duration::from_secs(5), || demo.processes().is_empty()),
-        "left running: {:?}",
-        demo.processes()
-    );
+    demo.tear_down();
     let screenshots = demo.dir.path().join("screenshots");
     assert!(
         screenshots.join("after-migration.png").exists(),
@@ -302,16 +313,7 @@ fn the_demo_runs_end_to_end_twice_and_tears_down_completely() {
 
 #[test]
 fn the_ha_control_plane_demo_survives_a_leader_kill_and_tears_down_completely() {
-    let demo = Demo {
-        prefix: format!("flth{}", std::process::id()),
-        dir: tempfile::Builder::new()
-            .permissions(
-                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
-            )
-            .prefix("flt-hademo-")
-            .tempdir_in("/tmp")
-            .expect("tmp"),
-    };
+    let demo = Demo::new("flth", "flt-hademo-");
     let o = demo.script(&["--ha-control-plane"]);
     let out = text(&o);
     assert!(
@@ -349,12 +351,5 @@ fn the_ha_control_plane_demo_survives_a_leader_kill_and_tears_down_completely() 
     );
     assert!(out.contains("completed in"), "{out}");
 
-    let o = demo.script(&["down"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(demo.namespaces().is_empty(), "{:?}", demo.namespaces());
-    assert!(
-        wait_until(Duration::from_secs(5), || demo.processes().is_empty()),
-        "left running: {:?}",
-        demo.processes()
-    );
+    demo.tear_down();
 }

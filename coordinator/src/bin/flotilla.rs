@@ -807,29 +807,10 @@ async fn connect_any(conn: &ConnArgs, entries: &[&str]) -> anyhow::Result<quinn:
                 conn.connect_timeout_secs
             )
         })?;
-    // Every entry at once, so a dead one costs nothing when another lives.
-    let mut attempts: futures_util::stream::FuturesUnordered<_> = entries
-        .iter()
-        .map(|entry| {
-            let config = config.clone();
-            async move {
-                let addr = quic::resolve(entry)
-                    .await
-                    .map_err(|e| format!("{entry}: cannot resolve: {e}"))?;
-                quic::connect_within(addr, config, timeout)
-                    .await
-                    .map_err(|e| format!("{entry}: {e}"))
-            }
-        })
-        .collect();
-    let mut failures = Vec::new();
-    while let Some(attempt) = futures_util::StreamExt::next(&mut attempts).await {
-        match attempt {
-            Ok(connection) => return Ok(connection),
-            Err(e) => failures.push(e),
-        }
+    match quic::connect_first(entries, config, timeout).await {
+        Ok((_, connection)) => Ok(connection),
+        Err(failures) => bail!("cannot connect to the coordinator: {}", failures.join("; ")),
     }
-    bail!("cannot connect to the coordinator: {}", failures.join("; "))
 }
 
 /// Ctrl-], virsh console's escape: detaches.

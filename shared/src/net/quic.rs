@@ -142,6 +142,40 @@ pub async fn connect_within(
     }
 }
 
+/// The first of `entries` (`HOST:PORT` each) to complete a handshake
+/// within `timeout`, all dialled at once so that a dead entry costs nothing
+/// while another lives: its address and connection, or each entry's
+/// failure as `ENTRY: why`.
+pub async fn connect_first(
+    entries: &[&str],
+    config: quinn::ClientConfig,
+    timeout: Duration,
+) -> Result<(SocketAddr, quinn::Connection), Vec<String>> {
+    let mut attempts = tokio::task::JoinSet::new();
+    for entry in entries {
+        let (entry, config) = (entry.to_string(), config.clone());
+        attempts.spawn(async move {
+            let addr = resolve(&entry)
+                .await
+                .map_err(|e| format!("{entry}: cannot resolve: {e}"))?;
+            connect_within(addr, config, timeout)
+                .await
+                .map(|conn| (addr, conn))
+                .map_err(|e| format!("{entry}: {e}"))
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(attempt) = attempts.join_next().await {
+        match attempt {
+            // The rest are aborted as the set drops.
+            Ok(Ok(found)) => return Ok(found),
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(format!("dial task: {e}")),
+        }
+    }
+    Err(failures)
+}
+
 /// Returns once `addr`'s host says nothing listens on its port any more
 /// (the peer process died and its port closed), probing five times a
 /// second; pends forever while the port stays open. Raced against a call,
