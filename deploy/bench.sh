@@ -77,7 +77,7 @@ section "2c. Web console across live migration" "$BIN/bench-webconsole" 10
 section "2d. HA failover after a host is cut off" "$BIN/bench-ha" 10
 section "2e. Coordinator leader failover on etcd" "$BIN/bench-failover" 10
 section "3. Scheduler throughput (pure module)" "$BIN/bench-fleet" scheduler 100000
-section "4. Coordinator fan-in" "$BIN/bench-fleet" fanin 100 1000 5000 10000
+section "4. Coordinator fan-in" "$BIN/bench-fleet" fanin 100 1000 5000
 section "4b. Coordinator fan-in on etcd" "$BIN/bench-fleet" fanin 100 1000 5000 etcd
 section "5. Fleet start throughput" "$BIN/bench-fleet" fleet-start 10000 1000
 section "5b. Fleet start throughput on etcd" "$BIN/bench-fleet" fleet-start 10000 1000 etcd
