@@ -29,8 +29,8 @@
 //! before that returned, as with redb's group fsync.
 //!
 //! [`Store`] is synchronous (the fleet's core thread calls it); the calls
-//! block on a runtime of this store's own, which also carries the gRPC
-//! connection.
+//! block on the runtime the store is given, which also carries the gRPC
+//! connections and the lease's keep-alives.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -46,8 +46,8 @@ use crate::store::{defined_row, HostRow, NewDefinition, Store, StoreError, VmRow
 
 /// How long one etcd call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Calls that could not connect, tried again on another member (a dead
-/// member is tried at most once or twice among three).
+/// Calls that could not connect, tried again (20 ms apart) until the
+/// client picks a member that lives.
 const CONNECT_RETRIES: usize = 10;
 /// Compare-and-swap retries before a write gives up (only another writer
 /// changing the same row in between makes one fail, and fencing leaves

@@ -411,7 +411,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flt-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("d.toml");
-        std::fs::write(&file, "state-dir = '/file'\n").expect("write");
+        std::fs::write(&file, "state-dir = '/file'\nheartbeat-secs = 7\n").expect("write");
         let argv = os(&[
             "daemon",
             "--config",
@@ -419,7 +419,10 @@ mod tests {
             "--state-dir=/cli",
         ]);
         let merged = merged_argv(argv, &daemon()).expect("merged");
-        assert_eq!(merged[1], OsString::from("--state-dir=/file"));
+        // The file's keys come first; one the command line gives is left
+        // out (a flag replaces the key, lists included).
+        assert_eq!(merged[1], OsString::from("--heartbeat-secs=7"));
+        assert!(!merged.contains(&OsString::from("--state-dir=/file")));
         let m = daemon().try_get_matches_from(merged).expect("parses");
         assert_eq!(
             m.get_one::<String>("state-dir").map(String::as_str),

@@ -1688,9 +1688,9 @@ mod tests {
         // network statuses no NIC field, version 3's migrations no storage
         // copy, version 4's host entries no committed capacity, version 5's
         // hosts no lease, version 6's heartbeats no deltas, version 7 no
-        // hardware refusal; their frames are refused before their body is
-        // read, whatever the body.
-        for old in [1u8, 2, 3, 4, 5, 6, 7] {
+        // hardware refusal, version 8 no fencing epoch; their frames are
+        // refused before their body is read, whatever the body.
+        for old in [1u8, 2, 3, 4, 5, 6, 7, 8] {
             let mut bytes =
                 encode_frame(&ClientMessage::Operator(OperatorRequest::Hosts)).expect("encode");
             bytes[4] = old;
@@ -1699,14 +1699,14 @@ mod tests {
                 e,
                 FrameError::Retired {
                     got: u32::from(old),
-                    min: 8,
-                    max: 8
+                    min: 9,
+                    max: 9
                 }
             );
             assert_eq!(
                 e.to_string(),
                 format!(
-                    "protocol version {old} is no longer supported (this build speaks 8 to 8); \
+                    "protocol version {old} is no longer supported (this build speaks 9 to 9); \
                      upgrade the peer"
                 )
             );
