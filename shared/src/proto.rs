@@ -45,7 +45,8 @@ use serde::{Deserialize, Serialize};
 /// element path ([`OperatorError::Unsupported`]). Version 9 runs several
 /// coordinators: a fencing epoch in [`HelloAck::Accepted`], followers'
 /// redirections ([`HelloAck::NotLeader`], [`OperatorError::NotLeader`]) and
-/// [`OperatorRequest::Cluster`].
+/// [`OperatorRequest::Cluster`]; it also carries an operator's suspend
+/// across a migration (`MigrateFinish::paused`, `Resume::operator`).
 pub const PROTOCOL_VERSION: u32 = 9;
 /// The oldest version this build still accepts. A version 8 agent cannot
 /// read the fencing epoch, so it could register with a deposed leader:
