@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{bin, flotilla, output, wait_until, Netns};
 
@@ -254,17 +254,20 @@ impl ControlPlane {
 
     /// Waits for coordinator `i` to exit on its own; its exit code.
     pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(c) = self.coordinators[i].as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.coordinators[i] = None;
-                    return status.code();
+        let mut code = None;
+        let exited = wait_until(timeout, || {
+            match self.coordinators[i].as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => {
+                    code = status.code();
+                    true
                 }
+                _ => false,
             }
-            std::thread::sleep(Duration::from_millis(20));
+        });
+        if exited {
+            self.coordinators[i] = None;
         }
-        None
+        code
     }
 
     /// `flotilla` with every coordinator listed.
