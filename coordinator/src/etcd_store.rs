@@ -514,14 +514,6 @@ impl EtcdStore {
             }
         }
     }
-
-    /// Every coordinator that announced itself and still holds its lease.
-    pub fn coordinators(&self) -> Result<Vec<CoordinatorInfo>, StoreError> {
-        self.read_prefix(self.table("coordinators"))?
-            .iter()
-            .map(decode)
-            .collect()
-    }
 }
 
 impl Store for EtcdStore {

@@ -69,11 +69,6 @@ impl LeaseWatch {
         }
     }
 
-    /// The lease's TTL.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// How often to send keep-alives: four per TTL, so one lost answer
     /// costs a quarter of it.
     pub fn period(&self) -> Duration {
